@@ -1,0 +1,65 @@
+//! The shard format shared by `prep` (writer) and `train` (reader).
+//!
+//! A shard directory holds `shard-NNNNN.arrow` files (Arrow IPC *file* format, uncompressed,
+//! 64-byte aligned buffers, so a reader maps them and uses the column buffers in place), optional
+//! `shard-NNNNN.parquet` twins for pandas/datasets users, `manifest.json` (written last: a
+//! directory without it is incomplete) and `rejected.jsonl`. Columns are described in
+//! [`schema`] and in `schemas/shard.schema.json`.
+
+pub mod manifest;
+pub mod reader;
+pub mod schema;
+pub mod writer;
+
+pub use manifest::{Manifest, ShardEntry};
+pub use reader::{SampleView, ShardDir, ShardReader};
+pub use schema::{shard_schema, Sample};
+pub use writer::{ShardSetWriter, WriterOptions};
+
+/// Errors of the shard format (I/O, Arrow, a file that does not follow the schema).
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: Arrow error: {source}")]
+    Arrow {
+        path: String,
+        #[source]
+        source: arrow_schema::ArrowError,
+    },
+    #[error("{path}: Parquet error: {source}")]
+    Parquet {
+        path: String,
+        #[source]
+        source: parquet::errors::ParquetError,
+    },
+    #[error("{path}: not a cpmv shard: {reason}")]
+    Format { path: String, reason: String },
+    #[error("{path}: invalid manifest: {reason}")]
+    Manifest { path: String, reason: String },
+}
+
+impl ShardError {
+    pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Self {
+        ShardError::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+    pub(crate) fn arrow(path: &std::path::Path, source: arrow_schema::ArrowError) -> Self {
+        ShardError::Arrow {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+    pub(crate) fn format(path: &std::path::Path, reason: impl Into<String>) -> Self {
+        ShardError::Format {
+            path: path.display().to_string(),
+            reason: reason.into(),
+        }
+    }
+}

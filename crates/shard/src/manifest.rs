@@ -1,0 +1,158 @@
+//! `manifest.json`: what a shard directory holds and how it was made.
+//!
+//! The trainer compares the fingerprints with the model directory it is given (a different
+//! tokenizer or slicing setting is refused); people read the counts. Documented in
+//! `schemas/manifest.schema.json`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ShardError;
+
+/// File name of the manifest inside a shard directory.
+pub const MANIFEST_FILE: &str = "manifest.json";
+/// File name of the rejection report inside a shard directory.
+pub const REJECTED_FILE: &str = "rejected.jsonl";
+/// Value of [`Manifest::format`].
+pub const FORMAT_NAME: &str = "cpmv-shards";
+/// Current [`Manifest::format_version`].
+pub const FORMAT_VERSION: u32 = 1;
+
+/// One shard of the set.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ShardEntry {
+    /// Arrow IPC file name (relative to the directory), absent with `--format parquet`.
+    pub file: Option<String>,
+    /// Parquet twin, when written.
+    pub parquet: Option<String>,
+    pub rows: u64,
+    pub packs: u64,
+    /// `pack` value of the shard's first row.
+    pub first_pack: u32,
+    /// Size of the Arrow file in bytes.
+    pub bytes: u64,
+}
+
+/// sha256 digests that identify what the samples depend on.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Fingerprints {
+    /// Of the model directory's `tokenizer.json` bytes.
+    pub tokenizer: String,
+    /// Of the chat template text used for training (empty string's digest when none).
+    pub chat_template: String,
+    /// Of the canonical JSON of every setting that changes the samples (`settings`).
+    pub settings: String,
+}
+
+/// An input data file.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InputFile {
+    pub path: String,
+    pub bytes: u64,
+    pub samples: u64,
+    pub written: u64,
+    pub rejected: u64,
+}
+
+/// Sample counts; `read == written + rejected`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Counts {
+    pub read: u64,
+    pub written: u64,
+    pub rejected: u64,
+    /// Rejections by machine-readable reason.
+    pub rejected_by_reason: BTreeMap<String, u64>,
+}
+
+/// Token totals over the written samples.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TokenTotals {
+    pub total: u64,
+    /// Tokens with a label (loss-carrying).
+    pub supervised: u64,
+    /// Image placeholder tokens (inside image bounds).
+    pub image: u64,
+    pub images: u64,
+    pub slices: u64,
+    pub max_sample: u64,
+}
+
+/// How samples were grouped into packs.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Packing {
+    pub enabled: bool,
+    pub max_length: u32,
+    pub max_slices_per_pack: u32,
+    pub packs: u64,
+    /// Tokens written / (packs × max_length).
+    pub fill_ratio: f64,
+}
+
+/// The whole manifest.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub format: String,
+    pub format_version: u32,
+    /// Name and version of the tool that wrote the set.
+    pub tool: String,
+    /// Model directory, version and llm type the samples were made for.
+    pub model: ModelInfo,
+    pub fingerprints: Fingerprints,
+    /// Every setting that changes the samples (hashed into `fingerprints.settings`).
+    pub settings: serde_json::Value,
+    pub inputs: Vec<InputFile>,
+    pub counts: Counts,
+    pub tokens: TokenTotals,
+    pub packing: Packing,
+    pub shards: Vec<ShardEntry>,
+}
+
+/// The model the samples were made for.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ModelInfo {
+    pub dir: String,
+    pub version: String,
+    pub llm_type: String,
+}
+
+impl Manifest {
+    /// Reads `dir/manifest.json`. A directory without one is an unfinished or foreign run.
+    pub fn load(dir: &Path) -> Result<Manifest, ShardError> {
+        let path = dir.join(MANIFEST_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                ShardError::Manifest {
+                    path: path.display().to_string(),
+                    reason: "missing: the directory is not a finished shard set".into(),
+                }
+            } else {
+                ShardError::io(&path, e)
+            }
+        })?;
+        let m: Manifest = serde_json::from_str(&text).map_err(|e| ShardError::Manifest {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        if m.format != FORMAT_NAME || m.format_version != FORMAT_VERSION {
+            return Err(ShardError::Manifest {
+                path: path.display().to_string(),
+                reason: format!(
+                    "format {} v{} (this build reads {FORMAT_NAME} v{FORMAT_VERSION})",
+                    m.format, m.format_version
+                ),
+            });
+        }
+        Ok(m)
+    }
+
+    /// Writes `dir/manifest.json` atomically (temporary file, then rename).
+    pub fn save(&self, dir: &Path) -> Result<(), ShardError> {
+        let path = dir.join(MANIFEST_FILE);
+        let tmp = dir.join(format!("{MANIFEST_FILE}.partial"));
+        let text = serde_json::to_string_pretty(self).expect("manifest serialises");
+        std::fs::write(&tmp, text + "\n").map_err(|e| ShardError::io(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| ShardError::io(&path, e))
+    }
+}

@@ -1,0 +1,355 @@
+//! Zero-copy reading of shards: the file is memory-mapped and Arrow arrays point into the map.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Int32Type, UInt32Type};
+use arrow_array::{Array, RecordBatch};
+use arrow_buffer::Buffer;
+use arrow_ipc::convert::try_fb_to_schema;
+use arrow_ipc::reader::{read_footer_length, FileDecoder};
+use arrow_ipc::root_as_footer;
+
+use crate::manifest::Manifest;
+use crate::schema::{col, shard_schema};
+use crate::ShardError;
+
+/// One memory-mapped shard file.
+pub struct ShardReader {
+    path: PathBuf,
+    batches: Vec<RecordBatch>,
+    /// Row index where each batch starts, plus the total at the end.
+    starts: Vec<usize>,
+    map: Buffer,
+}
+
+/// A borrowed view of one row. Slices point into the memory map.
+#[derive(Debug, Clone)]
+pub struct SampleView<'a> {
+    pub id: &'a str,
+    pub input_ids: &'a [i32],
+    pub labels: &'a [i32],
+    pub image_bound: Vec<[i32; 2]>,
+    pub tgt_sizes: Vec<[i32; 2]>,
+    /// One u8 RGB HWC buffer per slice.
+    pub pixel_values: Vec<&'a [u8]>,
+    pub num_tokens: i32,
+    pub pack: u32,
+}
+
+impl ShardReader {
+    /// Maps `path` and decodes its footer and record-batch headers (no data is copied).
+    pub fn open(path: &Path) -> Result<ShardReader, ShardError> {
+        let file = std::fs::File::open(path).map_err(|e| ShardError::io(path, e))?;
+        // SAFETY: shard files are written once and never modified in place (they are renamed
+        // into place when complete); mapping them read-only is sound as long as no one edits
+        // them while we read, which the format forbids.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ShardError::io(path, e))?;
+        let map = Buffer::from(bytes::Bytes::from_owner(mmap));
+        if map.len() < 10 + 6 || &map[..6] != b"ARROW1" {
+            return Err(ShardError::format(path, "not an Arrow IPC file"));
+        }
+        let trailer_start = map.len() - 10;
+        let footer_len = read_footer_length(map[trailer_start..].try_into().expect("10 bytes"))
+            .map_err(|e| ShardError::arrow(path, e))?;
+        let footer = root_as_footer(&map[trailer_start - footer_len..trailer_start])
+            .map_err(|e| ShardError::format(path, format!("bad footer: {e}")))?;
+        let schema = try_fb_to_schema(
+            footer
+                .schema()
+                .ok_or_else(|| ShardError::format(path, "footer without schema"))?,
+        )
+        .map_err(|e| ShardError::arrow(path, e))?;
+        let expected = shard_schema();
+        if schema.fields() != expected.fields() {
+            return Err(ShardError::format(
+                path,
+                format!("columns differ from the shard schema: found {schema:?}"),
+            ));
+        }
+        let decoder = FileDecoder::new(Arc::new(schema), footer.version());
+        let mut batches = Vec::new();
+        let mut starts = vec![0];
+        for block in footer.recordBatches().into_iter().flatten() {
+            let len = block.bodyLength() as usize + block.metaDataLength() as usize;
+            let data = map.slice_with_length(block.offset() as usize, len);
+            let batch = decoder
+                .read_record_batch(block, &data)
+                .map_err(|e| ShardError::arrow(path, e))?
+                .ok_or_else(|| ShardError::format(path, "empty record batch block"))?;
+            starts.push(starts.last().copied().unwrap_or(0) + batch.num_rows());
+            batches.push(batch);
+        }
+        Ok(ShardReader {
+            path: path.to_path_buf(),
+            batches,
+            starts,
+            map,
+        })
+    }
+
+    /// Path of the file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Number of rows (samples).
+    pub fn len(&self) -> usize {
+        *self.starts.last().unwrap_or(&0)
+    }
+
+    /// True when the shard has no rows.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The record batches, for column-wise access.
+    pub fn batches(&self) -> &[RecordBatch] {
+        &self.batches
+    }
+
+    /// The mapped file's bytes (tests use it to prove that columns are not copies).
+    pub fn mapped_bytes(&self) -> &[u8] {
+        self.map.as_slice()
+    }
+
+    /// Row `i`, or `None` past the end.
+    pub fn sample(&self, i: usize) -> Option<SampleView<'_>> {
+        if i >= self.len() {
+            return None;
+        }
+        let b = self.starts.partition_point(|&s| s <= i) - 1;
+        let batch = &self.batches[b];
+        let r = i - self.starts[b];
+        Some(view(batch, r))
+    }
+
+    /// All rows in order.
+    pub fn samples(&self) -> impl Iterator<Item = SampleView<'_>> + '_ {
+        (0..self.len()).filter_map(move |i| self.sample(i))
+    }
+}
+
+fn list_i32<'a>(batch: &'a RecordBatch, name: &str, r: usize) -> &'a [i32] {
+    let list = batch
+        .column_by_name(name)
+        .expect("schema checked on open")
+        .as_list::<i32>();
+    let offsets = list.value_offsets();
+    let (s, e) = (offsets[r] as usize, offsets[r + 1] as usize);
+    let values = list.values().as_primitive::<Int32Type>();
+    &values.values()[s..e]
+}
+
+fn pairs(batch: &RecordBatch, name: &str, r: usize) -> Vec<[i32; 2]> {
+    let list = batch
+        .column_by_name(name)
+        .expect("schema checked on open")
+        .as_list::<i32>();
+    let offsets = list.value_offsets();
+    let (s, e) = (offsets[r] as usize, offsets[r + 1] as usize);
+    let fsl = list.values().as_fixed_size_list();
+    let flat = fsl.values().as_primitive::<Int32Type>().values();
+    let base = fsl.offset();
+    (s..e)
+        .map(|k| [flat[(base + k) * 2], flat[(base + k) * 2 + 1]])
+        .collect()
+}
+
+fn view(batch: &RecordBatch, r: usize) -> SampleView<'_> {
+    let id = batch
+        .column_by_name(col::ID)
+        .expect("schema checked on open")
+        .as_string::<i32>()
+        .value(r);
+    let pix = batch
+        .column_by_name(col::PIXEL_VALUES)
+        .expect("schema checked on open")
+        .as_list::<i32>();
+    let offsets = pix.value_offsets();
+    let bin = pix.values().as_binary::<i64>();
+    let pixel_values = (offsets[r] as usize..offsets[r + 1] as usize)
+        .map(|k| bin.value(k))
+        .collect();
+    let num_tokens = batch
+        .column_by_name(col::NUM_TOKENS)
+        .expect("schema checked on open")
+        .as_primitive::<Int32Type>()
+        .value(r);
+    let pack = batch
+        .column_by_name(col::PACK)
+        .expect("schema checked on open")
+        .as_primitive::<UInt32Type>()
+        .value(r);
+    SampleView {
+        id,
+        input_ids: list_i32(batch, col::INPUT_IDS, r),
+        labels: list_i32(batch, col::LABELS, r),
+        image_bound: pairs(batch, col::IMAGE_BOUND, r),
+        tgt_sizes: pairs(batch, col::TGT_SIZES, r),
+        pixel_values,
+        num_tokens,
+        pack,
+    }
+}
+
+/// A finished shard directory: its manifest and every Arrow shard it lists, mapped.
+pub struct ShardDir {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    pub shards: Vec<ShardReader>,
+}
+
+impl ShardDir {
+    /// Opens `dir`; fails when the manifest is missing (unfinished run) or a listed shard is
+    /// missing or malformed.
+    pub fn open(dir: &Path) -> Result<ShardDir, ShardError> {
+        let manifest = Manifest::load(dir)?;
+        let mut shards = Vec::new();
+        for entry in &manifest.shards {
+            let Some(file) = &entry.file else { continue };
+            let reader = ShardReader::open(&dir.join(file))?;
+            if reader.len() as u64 != entry.rows {
+                return Err(ShardError::format(
+                    reader.path(),
+                    format!("{} rows, the manifest says {}", reader.len(), entry.rows),
+                ));
+            }
+            shards.push(reader);
+        }
+        Ok(ShardDir {
+            dir: dir.to_path_buf(),
+            manifest,
+            shards,
+        })
+    }
+
+    /// Total rows over all shards.
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(ShardReader::len).sum()
+    }
+
+    /// True when no shard has rows.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every row of every shard, in order.
+    pub fn samples(&self) -> impl Iterator<Item = SampleView<'_>> + '_ {
+        self.shards.iter().flat_map(|s| s.samples())
+    }
+
+    /// Row `i` counted over all shards.
+    pub fn sample(&self, mut i: usize) -> Option<SampleView<'_>> {
+        for s in &self.shards {
+            if i < s.len() {
+                return s.sample(i);
+            }
+            i -= s.len();
+        }
+        None
+    }
+
+    /// The first row whose id is `id`.
+    pub fn find_id(&self, id: &str) -> Option<SampleView<'_>> {
+        self.samples().find(|s| s.id == id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::Sample;
+    use crate::writer::{ShardSetWriter, WriterOptions};
+
+    fn sample(id: &str, n: usize, slices: usize) -> Sample {
+        Sample {
+            id: id.into(),
+            input_ids: (0..n as i32).collect(),
+            labels: (0..n as i32)
+                .map(|v| if v % 2 == 0 { -100 } else { v })
+                .collect(),
+            image_bound: (0..slices as i32).map(|k| [k * 3 + 1, k * 3 + 2]).collect(),
+            tgt_sizes: (0..slices as i32).map(|k| [1, k + 1]).collect(),
+            pixel_values: (0..slices)
+                .map(|k| vec![k as u8; 14 * 14 * (k + 1) * 3])
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn round_trip_is_zero_copy_and_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = WriterOptions {
+            max_shard_bytes: 1000,
+            max_batch_rows: 2,
+            parquet: true,
+            ..Default::default()
+        };
+        let mut w = ShardSetWriter::new(dir.path(), opts);
+        let written: Vec<Vec<Sample>> = vec![
+            vec![sample("a", 5, 1), sample("b", 3, 0)],
+            vec![sample("c", 9, 2)],
+            vec![sample("d", 1, 0), sample("e", 4, 3), sample("f", 2, 1)],
+        ];
+        for (p, pack) in written.iter().enumerate() {
+            w.write_pack(p as u32, pack.clone()).unwrap();
+        }
+        let entries = w.finish().unwrap();
+        assert!(
+            entries.len() >= 2,
+            "small max_shard_bytes must split shards"
+        );
+        assert!(!std::fs::read_dir(dir.path()).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .ends_with(".partial")));
+
+        let mut rows = Vec::new();
+        for e in &entries {
+            let r = ShardReader::open(&dir.path().join(e.file.as_ref().unwrap())).unwrap();
+            assert_eq!(r.len() as u64, e.rows);
+            let map = r.mapped_bytes().as_ptr_range();
+            for s in r.samples() {
+                assert!(
+                    map.contains(&(s.input_ids.as_ptr() as *const u8)),
+                    "input_ids not mapped"
+                );
+                for p in &s.pixel_values {
+                    assert!(map.contains(&p.as_ptr()), "pixels not mapped");
+                }
+                rows.push((
+                    s.pack,
+                    Sample {
+                        id: s.id.to_string(),
+                        input_ids: s.input_ids.to_vec(),
+                        labels: s.labels.to_vec(),
+                        image_bound: s.image_bound.clone(),
+                        tgt_sizes: s.tgt_sizes.clone(),
+                        pixel_values: s.pixel_values.iter().map(|p| p.to_vec()).collect(),
+                    },
+                ));
+            }
+        }
+        let expected: Vec<(u32, Sample)> = written
+            .into_iter()
+            .enumerate()
+            .flat_map(|(p, v)| v.into_iter().map(move |s| (p as u32, s)))
+            .collect();
+        assert_eq!(rows, expected);
+    }
+
+    #[test]
+    fn foreign_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.arrow");
+        std::fs::write(&p, b"definitely not arrow data").unwrap();
+        assert!(matches!(
+            ShardReader::open(&p),
+            Err(ShardError::Format { .. })
+        ));
+        assert!(ShardDir::open(dir.path()).is_err());
+    }
+}
