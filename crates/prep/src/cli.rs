@@ -1,0 +1,236 @@
+//! Command-line interface of the `prep` binary (the binary itself only calls [`main`]).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::build::{build, reasons_by_count, BuildError};
+use crate::config::{BuildOptions, OnError, OutputFormat, PrepPreset};
+use crate::model::LlmType;
+use crate::placeholder::ImageIdMode;
+
+/// Exit status: all samples written.
+pub const EXIT_OK: u8 = 0;
+/// Exit status: an error stopped the run (bad arguments, unreadable model or data file).
+pub const EXIT_ERROR: u8 = 1;
+/// Exit status: finished, but some samples were rejected (see rejected.jsonl).
+pub const EXIT_REJECTED: u8 = 3;
+/// Exit status: `--on-error fail` stopped at a bad sample.
+pub const EXIT_SAMPLE_FAILED: u8 = 4;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "prep",
+    version,
+    about = "Prepare MiniCPM-V fine-tuning data as packed Arrow shards"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Validate, slice, tokenize and pack samples into shards (exit 0: all written, 3: some
+    /// rejected, 4: stopped by --on-error fail, 1: error).
+    Build(BuildArgs),
+}
+
+#[derive(Args, Debug)]
+struct BuildArgs {
+    /// Training data: a JSON list (the reference format) or JSONL. Repeatable.
+    #[arg(long = "data", required = true)]
+    data: Vec<PathBuf>,
+    /// Hugging Face MiniCPM-V checkpoint directory (config.json, tokenizer files).
+    #[arg(long)]
+    model: PathBuf,
+    /// Output directory for shards, manifest.json and rejected.jsonl.
+    #[arg(long)]
+    out: PathBuf,
+    /// Preset (pipelines/*.toml); its [prep] table sets defaults that flags override.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Base folder of relative image paths (default: each data file's folder).
+    #[arg(long)]
+    image_root: Option<PathBuf>,
+    /// Override the llm type detected from config.json.
+    #[arg(long, value_parser = parse_llm)]
+    llm_type: Option<LlmType>,
+    /// Maximum slices per image (default: the checkpoint's, 9).
+    #[arg(long)]
+    max_slice_nums: Option<u32>,
+    /// Side of the overview and slices in pixels (default: the checkpoint's, 448).
+    #[arg(long)]
+    scale_resolution: Option<u32>,
+    /// Vision patch size (default: the checkpoint's, 14).
+    #[arg(long)]
+    patch_size: Option<u32>,
+    /// Placeholder tokens per image or slice (default: the checkpoint's query_num).
+    #[arg(long)]
+    query_num: Option<u32>,
+    /// Maximum tokens per sample and per pack (default 2048).
+    #[arg(long)]
+    max_length: Option<usize>,
+    /// Cut over-long samples after their last image (while supervision remains) instead of
+    /// rejecting them.
+    #[arg(long)]
+    truncate: bool,
+    /// 2.6 image ids: `reference` (fine-tune code: sliced images only) or `inference`.
+    #[arg(long, value_enum)]
+    image_id_mode: Option<ImageIdModeArg>,
+    /// Apply EXIF orientation (changes pixels; the reference does not).
+    #[arg(long)]
+    exif_transpose: bool,
+    /// One sample per pack (no packing).
+    #[arg(long)]
+    no_pack: bool,
+    /// Upper bound on image slices per pack (0 = none).
+    #[arg(long)]
+    max_slices_per_pack: Option<usize>,
+    /// Samples per packing window (best-fit decreasing within it).
+    #[arg(long)]
+    pack_window: Option<usize>,
+    /// Files to write.
+    #[arg(long, value_enum)]
+    format: Option<OutputFormat>,
+    /// Start a new shard after this many MiB.
+    #[arg(long)]
+    shard_size_mb: Option<u64>,
+    /// `skip` bad samples (report them) or `fail` at the first.
+    #[arg(long, value_enum)]
+    on_error: Option<OnError>,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Replace a previous shard set in --out.
+    #[arg(long)]
+    overwrite: bool,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum ImageIdModeArg {
+    Reference,
+    Inference,
+}
+
+fn parse_llm(s: &str) -> Result<LlmType, String> {
+    s.parse()
+}
+
+impl BuildArgs {
+    fn options(self) -> Result<BuildOptions, String> {
+        let base = match &self.config {
+            Some(p) => PrepPreset::load(p)?,
+            None => PrepPreset::default(),
+        };
+        let flags = PrepPreset {
+            llm_type: self.llm_type,
+            max_slice_nums: self.max_slice_nums,
+            scale_resolution: self.scale_resolution,
+            patch_size: self.patch_size,
+            query_num: self.query_num,
+            max_length: self.max_length,
+            truncate: self.truncate.then_some(true),
+            image_id_mode: self.image_id_mode.map(|m| match m {
+                ImageIdModeArg::Reference => ImageIdMode::Reference,
+                ImageIdModeArg::Inference => ImageIdMode::Inference,
+            }),
+            exif_transpose: self.exif_transpose.then_some(true),
+            pack: self.no_pack.then_some(false),
+            max_slices_per_pack: self.max_slices_per_pack,
+            pack_window: self.pack_window,
+            format: self.format,
+            shard_size_mb: self.shard_size_mb,
+            on_error: self.on_error,
+        };
+        Ok(BuildOptions {
+            data: self.data,
+            image_root: self.image_root,
+            model: self.model,
+            out: self.out,
+            prep: base.overlay(flags),
+            threads: self.threads,
+            overwrite: self.overwrite,
+            progress: !self.quiet,
+        })
+    }
+}
+
+fn run_build(args: BuildArgs) -> u8 {
+    let opts = match args.options() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_ERROR;
+        }
+    };
+    match build(&opts) {
+        Ok(report) => {
+            let m = &report.manifest;
+            let secs = report.elapsed.as_secs_f64().max(1e-9);
+            println!(
+                "read {} samples: {} written, {} rejected ({:.1} s, {:.0} samples/s, {:.1} MB/s of input)",
+                m.counts.read,
+                m.counts.written,
+                m.counts.rejected,
+                secs,
+                m.counts.read as f64 / secs,
+                report.input_bytes as f64 / secs / 1e6
+            );
+            for (reason, n) in reasons_by_count(&m.counts.rejected_by_reason) {
+                println!("  rejected {n:>8}  {reason}");
+            }
+            println!(
+                "tokens: {} total, {} supervised, {} image; {} images, {} slices",
+                m.tokens.total,
+                m.tokens.supervised,
+                m.tokens.image,
+                m.tokens.images,
+                m.tokens.slices
+            );
+            println!(
+                "packs: {} (max length {}, fill {:.1}%), {} shard(s) in {}",
+                m.packing.packs,
+                m.packing.max_length,
+                m.packing.fill_ratio * 100.0,
+                m.shards.len(),
+                opts.out.display()
+            );
+            if m.counts.rejected > 0 {
+                println!(
+                    "rejected samples are listed in {}",
+                    opts.out.join(cpmv_shard::manifest::REJECTED_FILE).display()
+                );
+                EXIT_REJECTED
+            } else {
+                EXIT_OK
+            }
+        }
+        Err(e @ BuildError::Sample { .. }) => {
+            eprintln!("error: {e}");
+            EXIT_SAMPLE_FAILED
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                eprintln!("  caused by: {s}");
+                src = s.source();
+            }
+            EXIT_ERROR
+        }
+    }
+}
+
+/// Entry point of the `prep` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Build(args) => run_build(args),
+    };
+    ExitCode::from(code)
+}

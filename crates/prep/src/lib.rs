@@ -1,0 +1,23 @@
+//! `prep`: MiniCPM-V training JSON + a checkpoint directory → packed Arrow shards.
+//!
+//! The modules follow the data: [`input`] streams raw samples, [`sample`] validates them and
+//! places images, [`placeholder`] and [`template`] turn them into token ids, labels and image
+//! bounds exactly as the reference does, [`process`] adds the pixels, [`pack`] groups rows and
+//! [`build`] runs the whole thing in parallel and writes shards through `cpmv-shard`.
+
+pub mod build;
+pub mod cli;
+pub mod config;
+pub mod input;
+pub mod model;
+pub mod pack;
+pub mod placeholder;
+pub mod process;
+pub mod reject;
+pub mod sample;
+pub mod template;
+
+pub use build::{build, BuildError, BuildReport};
+pub use config::{BuildOptions, PrepPreset};
+pub use model::{LlmType, ModelDir};
+pub use process::{Processor, SampleSettings};

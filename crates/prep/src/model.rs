@@ -1,0 +1,343 @@
+//! A Hugging Face MiniCPM-V checkpoint directory, as far as data preparation needs it: the llm
+//! type (which template), the slicing and placeholder settings, and the tokenizer with the ids of
+//! the special tokens the templates and image bounds rely on.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tokenizers::Tokenizer;
+
+use cpmv_image::SliceConfig;
+
+/// The language-model family, which decides the chat template and the placeholder schema.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LlmType {
+    /// MiniCPM-V 2.0 (MiniCPM-2.4B): `<用户>`/`<AI>` pieces, old placeholder schema.
+    Minicpm,
+    /// MiniCPM-Llama3-V 2.5: Llama-3 headers, old placeholder schema.
+    Llama3,
+    /// MiniCPM-V 2.6 (Qwen2): the checkpoint's ChatML template, `<slice>` per slice, image ids.
+    Qwen,
+}
+
+impl LlmType {
+    /// The name used on the command line and in files.
+    pub fn name(self) -> &'static str {
+        match self {
+            LlmType::Minicpm => "minicpm",
+            LlmType::Llama3 => "llama3",
+            LlmType::Qwen => "qwen",
+        }
+    }
+
+    /// The MiniCPM-V version that uses this llm type.
+    pub fn version(self) -> &'static str {
+        match self {
+            LlmType::Minicpm => "2.0",
+            LlmType::Llama3 => "2.5",
+            LlmType::Qwen => "2.6",
+        }
+    }
+
+    /// The 2.6 ("new") schema: each slice wrapped in `<slice>…</slice>` and counted as a bound.
+    pub fn new_schema(self) -> bool {
+        self == LlmType::Qwen
+    }
+}
+
+impl std::str::FromStr for LlmType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "minicpm" => Ok(LlmType::Minicpm),
+            "llama3" => Ok(LlmType::Llama3),
+            "qwen" => Ok(LlmType::Qwen),
+            other => Err(format!(
+                "unknown llm type {other:?} (expected minicpm, llama3 or qwen)"
+            )),
+        }
+    }
+}
+
+/// Why a model directory cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid JSON: {source}")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{path}: cannot load tokenizer: {message}")]
+    Tokenizer { path: PathBuf, message: String },
+    #[error("{dir}: cannot tell the llm type: {reason}; pass --llm-type minicpm|llama3|qwen")]
+    UnknownLlmType { dir: PathBuf, reason: String },
+    #[error("{path}: the tokenizer has no token {token:?}, which the {llm} template needs")]
+    MissingToken {
+        path: PathBuf,
+        token: String,
+        llm: &'static str,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// Ids of the tokens the templates, placeholders and bounds need.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpecialTokens {
+    pub im_start: u32,
+    pub im_end: u32,
+    pub slice_start: u32,
+    pub slice_end: u32,
+    pub unk: u32,
+    /// `eos_token` of tokenizer_config.json.
+    pub eos: u32,
+    /// The label placed after the last supervised token of a turn when the next token is not
+    /// supervised: `<|eot_id|>` for llama3 (its tokenizer has `eot_id`), else `eos`.
+    pub turn_end_label: u32,
+    /// llama3: `<|start_header_id|>`, `<|end_header_id|>`, `<|eot_id|>`; qwen: `<|im_start|>`,
+    /// `<|im_end|>`. The word token "assistant" for both.
+    pub header_start: Option<u32>,
+    pub header_end: Option<u32>,
+    pub turn_end: Option<u32>,
+    pub assistant: Option<u32>,
+}
+
+/// The strings of the special tokens (placeholders are built as text, as the reference does).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenStrings {
+    pub unk: String,
+    pub eos: String,
+    pub bos: Option<String>,
+}
+
+/// Everything `prep` reads from a checkpoint directory.
+pub struct ModelDir {
+    pub dir: PathBuf,
+    pub llm_type: LlmType,
+    /// Slicing settings from config.json (falling back to preprocessor_config.json).
+    pub slice: SliceConfig,
+    /// Placeholder tokens per image or slice.
+    pub query_num: u32,
+    /// Whether the checkpoint's vision tower takes patch strips (2.5, 2.6).
+    pub batch_vision: bool,
+    pub tokenizer: Tokenizer,
+    pub tokens: SpecialTokens,
+    pub strings: TokenStrings,
+    /// The checkpoint's own chat template (tokenizer_config.json), if any.
+    pub chat_template: Option<String>,
+    /// sha256 of tokenizer.json.
+    pub tokenizer_sha256: String,
+}
+
+fn read_json(path: &Path) -> Result<Value, ModelError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    serde_json::from_str(&text).map_err(|e| ModelError::Json {
+        path: path.to_path_buf(),
+        source: e,
+    })
+}
+
+fn read_json_opt(path: &Path) -> Result<Option<Value>, ModelError> {
+    if path.exists() {
+        read_json(path).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+/// A special-token entry of tokenizer_config.json: a string or `{"content": ...}`.
+fn token_string(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_string),
+        _ => None,
+    }
+}
+
+/// Detects the llm type from config.json: its `version` (2.0 / 2.5 / 2.6), else the MiniCPM
+/// LLM's `scale_emb` (V2.0's config has no version). Anything else is an error, never a guess.
+pub fn detect_llm_type(dir: &Path, config: &Value) -> Result<LlmType, ModelError> {
+    let unknown = |reason: String| ModelError::UnknownLlmType {
+        dir: dir.to_path_buf(),
+        reason,
+    };
+    if let Some(v) = config.get("version") {
+        let text = match v {
+            Value::Number(n) => n.to_string(),
+            Value::String(s) => s.clone(),
+            other => return Err(unknown(format!("config.json has version {other}"))),
+        };
+        return match text.trim() {
+            "2" | "2.0" => Ok(LlmType::Minicpm),
+            "2.5" => Ok(LlmType::Llama3),
+            "2.6" => Ok(LlmType::Qwen),
+            other => Err(unknown(format!(
+                "config.json has version {other}; supported: 2.0, 2.5, 2.6"
+            ))),
+        };
+    }
+    if config.get("scale_emb").is_some() && config.get("dim_model_base").is_some() {
+        return Ok(LlmType::Minicpm);
+    }
+    Err(unknown(
+        "config.json has no `version` and is not a MiniCPM-V 2.0 config (no scale_emb)".into(),
+    ))
+}
+
+fn get_u32(v: Option<&Value>, key: &str) -> Option<u32> {
+    v.and_then(|v| v.get(key))
+        .and_then(Value::as_u64)
+        .map(|x| x as u32)
+}
+
+impl ModelDir {
+    /// Reads `dir`; `llm_override` replaces the detected llm type.
+    pub fn load(dir: &Path, llm_override: Option<LlmType>) -> Result<ModelDir, ModelError> {
+        let config = read_json(&dir.join("config.json"))?;
+        let preproc = read_json_opt(&dir.join("preprocessor_config.json"))?;
+        let tok_config_path = dir.join("tokenizer_config.json");
+        let tok_config = read_json(&tok_config_path)?;
+        let llm_type = match llm_override {
+            Some(t) => t,
+            None => detect_llm_type(dir, &config)?,
+        };
+
+        // Slicing: config.json's slice_config (2.5/2.6), its top-level keys (2.0), then
+        // preprocessor_config.json, then the reference's defaults.
+        let slice_cfg = config.get("slice_config");
+        let pick = |key: &str, default: u32| {
+            get_u32(slice_cfg, key)
+                .or_else(|| get_u32(Some(&config), key))
+                .or_else(|| get_u32(preproc.as_ref(), key))
+                .unwrap_or(default)
+        };
+        let slice = SliceConfig {
+            max_slice_nums: pick("max_slice_nums", 9),
+            scale_resolution: pick("scale_resolution", 448),
+            patch_size: pick("patch_size", 14),
+        };
+        let query_num = get_u32(Some(&config), "query_num")
+            .or_else(|| get_u32(preproc.as_ref(), "image_feature_size"))
+            .unwrap_or(64);
+        let batch_vision = config
+            .get("batch_vision_input")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+
+        let tok_path = dir.join("tokenizer.json");
+        let tok_bytes = std::fs::read(&tok_path).map_err(|e| ModelError::Io {
+            path: tok_path.clone(),
+            source: e,
+        })?;
+        let tokenizer = Tokenizer::from_bytes(&tok_bytes).map_err(|e| ModelError::Tokenizer {
+            path: tok_path.clone(),
+            message: e.to_string(),
+        })?;
+        let tokenizer_sha256 = hex::encode(Sha256::digest(&tok_bytes));
+
+        let field = |key: &str| tok_config.get(key).and_then(token_string);
+        let unk = field("unk_token").ok_or_else(|| ModelError::Invalid {
+            path: tok_config_path.clone(),
+            message: "no unk_token (the image placeholder is made of it)".into(),
+        })?;
+        let eos = field("eos_token").ok_or_else(|| ModelError::Invalid {
+            path: tok_config_path.clone(),
+            message: "no eos_token".into(),
+        })?;
+        let bos = field("bos_token");
+        let chat_template = match tok_config.get("chat_template") {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                .and_then(|t| t.get("template"))
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            _ => None,
+        };
+
+        let id = |token: &str| -> Result<u32, ModelError> {
+            tokenizer
+                .token_to_id(token)
+                .ok_or_else(|| ModelError::MissingToken {
+                    path: tok_path.clone(),
+                    token: token.to_string(),
+                    llm: llm_type.name(),
+                })
+        };
+        let eos_id = id(&eos)?;
+        let (header_start, header_end, turn_end, assistant, turn_end_label) = match llm_type {
+            LlmType::Minicpm => (None, None, None, None, eos_id),
+            LlmType::Llama3 => {
+                let eot = id("<|eot_id|>")?;
+                (
+                    Some(id("<|start_header_id|>")?),
+                    Some(id("<|end_header_id|>")?),
+                    Some(eot),
+                    Some(id("assistant")?),
+                    eot,
+                )
+            }
+            LlmType::Qwen => (
+                Some(id("<|im_start|>")?),
+                None,
+                Some(id("<|im_end|>")?),
+                Some(id("assistant")?),
+                eos_id,
+            ),
+        };
+        if llm_type == LlmType::Qwen {
+            id("<image_id>")?;
+            id("</image_id>")?;
+            if chat_template.is_none() {
+                return Err(ModelError::Invalid {
+                    path: tok_config_path,
+                    message: "no chat_template (the qwen path renders the checkpoint's own)".into(),
+                });
+            }
+        }
+        if llm_type == LlmType::Llama3 && bos.is_none() {
+            return Err(ModelError::Invalid {
+                path: tok_config_path,
+                message: "no bos_token (the llama3 training template starts with it)".into(),
+            });
+        }
+        let tokens = SpecialTokens {
+            im_start: id("<image>")?,
+            im_end: id("</image>")?,
+            slice_start: id("<slice>")?,
+            slice_end: id("</slice>")?,
+            unk: id(&unk)?,
+            eos: eos_id,
+            turn_end_label,
+            header_start,
+            header_end,
+            turn_end,
+            assistant,
+        };
+        Ok(ModelDir {
+            dir: dir.to_path_buf(),
+            llm_type,
+            slice,
+            query_num,
+            batch_vision,
+            tokenizer,
+            tokens,
+            strings: TokenStrings { unk, eos, bos },
+            chat_template,
+            tokenizer_sha256,
+        })
+    }
+}

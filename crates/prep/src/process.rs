@@ -1,0 +1,305 @@
+//! One input sample → one shard row (or a rejection): the whole per-sample pipeline.
+//!
+//! The text side (placement, placeholders, template, labels, bounds, length) only needs each
+//! image's size, which is read from the file header; pixels are decoded and resampled only for
+//! samples that pass, so over-long or malformed samples cost almost nothing.
+
+use std::path::{Path, PathBuf};
+
+use cpmv_image::{decode, probe, slice_image, DecodeOptions, SliceConfig, SlicePlan};
+use cpmv_shard::Sample;
+use serde_json::Value;
+
+use crate::input::RawSample;
+use crate::model::ModelDir;
+use crate::placeholder::{ImageIdMode, PlaceholderBuilder};
+use crate::reject::{RejectKind, Rejection};
+use crate::sample::{parse_sample, sample_id, ParsedSample};
+use crate::template::{image_bounds, labels, Templater};
+
+/// Settings that change what a sample becomes (all of them are fingerprinted).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct SampleSettings {
+    pub llm_type: crate::model::LlmType,
+    pub max_slice_nums: u32,
+    pub scale_resolution: u32,
+    pub patch_size: u32,
+    pub query_num: u32,
+    pub max_length: usize,
+    /// Cut over-long samples after their last image instead of rejecting them.
+    pub truncate: bool,
+    pub image_id_mode: ImageIdMode,
+    pub exif_transpose: bool,
+}
+
+impl SampleSettings {
+    pub fn slice_config(&self) -> SliceConfig {
+        SliceConfig {
+            max_slice_nums: self.max_slice_nums,
+            scale_resolution: self.scale_resolution,
+            patch_size: self.patch_size,
+        }
+    }
+}
+
+/// Where an input file's samples come from and where their relative image paths point.
+#[derive(Clone, Debug)]
+pub struct InputSource {
+    pub path: PathBuf,
+    /// File name without extension, used in default sample ids.
+    pub stem: String,
+    pub image_root: PathBuf,
+}
+
+/// Counts that summaries add up.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SampleStats {
+    pub images: usize,
+    pub slices: usize,
+    pub supervised: usize,
+    pub image_tokens: usize,
+    /// Tokens removed by `--truncate`.
+    pub truncated: usize,
+}
+
+/// A sample's text side, computed from image sizes only.
+#[derive(Clone, Debug)]
+pub struct TextPlan {
+    pub id: String,
+    pub input_ids: Vec<i32>,
+    pub labels: Vec<i32>,
+    pub image_bound: Vec<[i32; 2]>,
+    /// Per image (model order): its slicing plan.
+    pub plans: Vec<SlicePlan>,
+    pub stats: SampleStats,
+}
+
+/// A finished row with its counts.
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    pub sample: Sample,
+    pub stats: SampleStats,
+}
+
+/// Everything needed to process samples for one model directory; shared by all threads.
+pub struct Processor {
+    pub model: ModelDir,
+    pub settings: SampleSettings,
+    templater: Templater,
+}
+
+/// A sample that failed, with its id (as far as it could be read).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejected {
+    pub id: String,
+    pub rejection: Rejection,
+}
+
+impl Processor {
+    pub fn new(
+        model: ModelDir,
+        settings: SampleSettings,
+    ) -> Result<Self, crate::template::TemplateError> {
+        let templater = Templater::new(&model)?;
+        Ok(Self {
+            model,
+            settings,
+            templater,
+        })
+    }
+
+    fn resolve(&self, source: &InputSource, path: &str) -> PathBuf {
+        let p = Path::new(path);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            source.image_root.join(p)
+        }
+    }
+
+    /// Parses and validates the JSON of a sample.
+    pub fn parse(&self, raw: &RawSample, source: &InputSource) -> Result<ParsedSample, Rejected> {
+        let fallback = sample_id(None, &source.stem, raw.index);
+        let value: Value = serde_json::from_slice(&raw.text).map_err(|e| Rejected {
+            id: fallback.clone(),
+            rejection: Rejection::new(RejectKind::InvalidJson, format!("invalid JSON: {e}")),
+        })?;
+        let id = sample_id(Some(&value), &source.stem, raw.index);
+        parse_sample(&value, id.clone(), self.settings.llm_type)
+            .map_err(|rejection| Rejected { id, rejection })
+    }
+
+    /// Reads an image file fully (the caller decodes it later from the same bytes).
+    pub fn read_image(&self, source: &InputSource, path: &str) -> Result<Vec<u8>, Rejection> {
+        let full = self.resolve(source, path);
+        std::fs::read(&full).map_err(|e| {
+            Rejection::new(
+                RejectKind::ImageNotFound,
+                format!("cannot read image {}: {e}", full.display()),
+            )
+        })
+    }
+
+    /// Image size as the reference sees it (EXIF rotation applied only with `exif_transpose`).
+    pub fn image_size(&self, path: &str, bytes: &[u8]) -> Result<(u32, u32), Rejection> {
+        let info = probe(bytes)
+            .map_err(|e| Rejection::new(RejectKind::ImageDecode, format!("image {path}: {e}")))?;
+        let swap = self.settings.exif_transpose
+            && cpmv_image::exif::orientation(bytes).is_some_and(|o| o >= 5);
+        Ok(if swap {
+            (info.height, info.width)
+        } else {
+            (info.width, info.height)
+        })
+    }
+
+    /// The text side of a parsed sample given its image sizes (model order).
+    pub fn plan_text(
+        &self,
+        parsed: &ParsedSample,
+        sizes: &[(u32, u32)],
+    ) -> Result<TextPlan, Rejection> {
+        let s = &self.settings;
+        let cfg = s.slice_config();
+        let plans: Vec<SlicePlan> = sizes
+            .iter()
+            .map(|&(w, h)| cpmv_image::plan_slices(w, h, &cfg))
+            .collect();
+        let mut builder = PlaceholderBuilder::new(
+            s.query_num,
+            &self.model.strings.unk,
+            s.llm_type.new_schema(),
+            s.image_id_mode,
+        );
+        let placeholders: Vec<String> = plans.iter().map(|p| builder.next(p)).collect();
+        let messages: Vec<_> = parsed
+            .messages
+            .iter()
+            .map(|m| (m.role, m.render(&placeholders)))
+            .collect();
+        let mut tok = self
+            .templater
+            .tokenize(&self.model, &messages)
+            .map_err(|e| Rejection::new(RejectKind::InvalidConversations, e.0))?;
+
+        let slices: usize = plans.iter().map(SlicePlan::num_images).sum();
+        let bounds_of = |ids: &[u32]| {
+            image_bounds(ids, &self.model)
+                .filter(|b| b.len() == slices)
+                .ok_or_else(|| {
+                    Rejection::new(
+                        RejectKind::ReservedToken,
+                        "image start/end tokens do not pair up after tokenization",
+                    )
+                })
+        };
+        let mut bounds = bounds_of(&tok.ids)?;
+        let n = tok.ids.len();
+        let mut truncated = 0;
+        if n > s.max_length {
+            let last_image_end = bounds.last().map_or(0, |b| b[1] as usize + 1);
+            if !s.truncate {
+                return Err(Rejection::new(
+                    RejectKind::TooLong,
+                    format!("{n} tokens > max length {}", s.max_length),
+                ));
+            }
+            if last_image_end > s.max_length {
+                return Err(Rejection::new(
+                    RejectKind::TooLong,
+                    format!(
+                        "{n} tokens > max length {}, and the images alone end at token {last_image_end}",
+                        s.max_length
+                    ),
+                ));
+            }
+            truncated = n - s.max_length;
+            tok.ids.truncate(s.max_length);
+            tok.ctx.truncate(s.max_length);
+            bounds = bounds_of(&tok.ids)?;
+        }
+        let labels = labels(&tok.ids, &tok.ctx, self.model.tokens.turn_end_label);
+        let supervised = labels
+            .iter()
+            .filter(|&&l| l != cpmv_shard::schema::IGNORE_INDEX)
+            .count();
+        if supervised == 0 {
+            return Err(Rejection::new(
+                RejectKind::NoSupervision,
+                if truncated > 0 {
+                    format!(
+                        "truncation to {} tokens removed every supervised token",
+                        s.max_length
+                    )
+                } else {
+                    "no token carries a label".to_string()
+                },
+            ));
+        }
+        let image_tokens = bounds.iter().map(|b| (b[1] - b[0]) as usize).sum();
+        Ok(TextPlan {
+            id: parsed.id.clone(),
+            input_ids: tok.ids.iter().map(|&v| v as i32).collect(),
+            labels,
+            image_bound: bounds,
+            stats: SampleStats {
+                images: plans.len(),
+                slices,
+                supervised,
+                image_tokens,
+                truncated,
+            },
+            plans,
+        })
+    }
+
+    /// The full pipeline for one raw sample.
+    pub fn process(&self, raw: &RawSample, source: &InputSource) -> Result<Prepared, Rejected> {
+        let parsed = self.parse(raw, source)?;
+        let reject = |rejection: Rejection| Rejected {
+            id: parsed.id.clone(),
+            rejection,
+        };
+        let mut files = Vec::with_capacity(parsed.images.len());
+        let mut sizes = Vec::with_capacity(parsed.images.len());
+        for path in &parsed.images {
+            let bytes = self.read_image(source, path).map_err(reject)?;
+            sizes.push(self.image_size(path, &bytes).map_err(reject)?);
+            files.push(bytes);
+        }
+        let text = self.plan_text(&parsed, &sizes).map_err(reject)?;
+
+        let opts = DecodeOptions {
+            exif_transpose: self.settings.exif_transpose,
+        };
+        let cfg = self.settings.slice_config();
+        let p = cfg.patch_size as i32;
+        let mut tgt_sizes = Vec::with_capacity(text.stats.slices);
+        let mut pixel_values = Vec::with_capacity(text.stats.slices);
+        for ((path, bytes), plan) in parsed.images.iter().zip(&files).zip(&text.plans) {
+            let img = decode(bytes, opts).map_err(|e| {
+                reject(Rejection::new(
+                    RejectKind::ImageDecode,
+                    format!("image {path}: {e}"),
+                ))
+            })?;
+            let sliced = slice_image(&img, &cfg);
+            debug_assert_eq!(&sliced.plan, plan);
+            for s in sliced.images {
+                tgt_sizes.push([s.height as i32 / p, s.width as i32 / p]);
+                pixel_values.push(s.data);
+            }
+        }
+        Ok(Prepared {
+            sample: Sample {
+                id: text.id,
+                input_ids: text.input_ids,
+                labels: text.labels,
+                image_bound: text.image_bound,
+                tgt_sizes,
+                pixel_values,
+            },
+            stats: text.stats,
+        })
+    }
+}
