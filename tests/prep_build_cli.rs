@@ -169,6 +169,8 @@ fn every_rejection_class_is_reported_and_counts_add_up() {
     )
     .unwrap();
     std::fs::write(d.join("notes.txt"), b"plain text, not an image").unwrap();
+    // A 13-byte GIF announcing a 65535 x 65535 screen: refused before any pixel is allocated.
+    std::fs::write(d.join("bomb.gif"), b"GIF89a\xFF\xFF\xFF\xFF\x00\x00\x00").unwrap();
     let conv = |u: &str, a: &str| serde_json::json!([{"role": "user", "content": u}, {"role": "assistant", "content": a}]);
     let long = "word ".repeat(3000);
     let cases: Vec<(Value, Option<&str>)> = vec![
@@ -238,6 +240,10 @@ fn every_rejection_class_is_reported_and_counts_add_up() {
             serde_json::json!({"id": "too-long", "conversations": conv(&long, "a")}),
             Some("too_long"),
         ),
+        (
+            serde_json::json!({"id": "bomb", "image": "bomb.gif", "conversations": conv("q", "a")}),
+            Some("image_too_large"),
+        ),
     ];
     let mut text = String::new();
     for (v, _) in &cases {
@@ -271,7 +277,7 @@ fn every_rejection_class_is_reported_and_counts_add_up() {
         String::from_utf8_lossy(&o.stderr)
     );
     assert!(
-        stdout.contains("18 samples: 2 written, 16 rejected"),
+        stdout.contains("19 samples: 2 written, 17 rejected"),
         "{stdout}"
     );
 
@@ -279,16 +285,16 @@ fn every_rejection_class_is_reported_and_counts_add_up() {
     let m = &dir.manifest;
     assert_eq!(
         (m.counts.read, m.counts.written, m.counts.rejected),
-        (18, 2, 16)
+        (19, 2, 17)
     );
-    assert_eq!(m.counts.rejected_by_reason.values().sum::<u64>(), 16);
-    assert_eq!(m.inputs[0].samples, 18);
+    assert_eq!(m.counts.rejected_by_reason.values().sum::<u64>(), 17);
+    assert_eq!(m.inputs[0].samples, 19);
     let report = std::fs::read_to_string(out.join("rejected.jsonl")).unwrap();
     let lines: Vec<Value> = report
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 16);
+    assert_eq!(lines.len(), 17);
     let bad: Vec<_> = cases
         .iter()
         .enumerate()
@@ -522,5 +528,37 @@ fn truncate_cuts_text_after_the_last_image_only() {
     assert!(
         rejected.contains("image-late") && rejected.contains("too_long"),
         "{rejected}"
+    );
+}
+
+#[test]
+fn a_checkpoint_that_cannot_encode_samples_is_refused_at_start() {
+    let tmp = out_dir();
+    let model = tmp.path().join("m");
+    std::fs::create_dir(&model).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(root().join(MODELS[2]).join(f), model.join(f)).unwrap();
+    }
+    let mut cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join(MODELS[2]).join("tokenizer_config.json")).unwrap(),
+    )
+    .unwrap();
+    cfg["chat_template"] = Value::String("{{ raise_exception('roles must alternate') }}".into());
+    std::fs::write(model.join("tokenizer_config.json"), cfg.to_string()).unwrap();
+    let o = prep(&[
+        "build",
+        "--data",
+        "examples/data/train.json",
+        "--model",
+        s(&model),
+        "--out",
+        s(&tmp.path().join("o")),
+        "--quiet",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("cannot encode a sample") && err.contains("roles must alternate"),
+        "{err}"
     );
 }

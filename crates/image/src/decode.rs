@@ -75,7 +75,15 @@ pub enum DecodeError {
     Truncated(&'static str),
     #[error("image has an empty side ({0}x{1})")]
     EmptyImage(u32, u32),
+    #[error(
+        "image is {0}x{1} pixels, more than Pillow opens ({MAX_PIXELS}: decompression-bomb limit)"
+    )]
+    TooLarge(u32, u32),
 }
+
+/// Pillow refuses images above twice `Image.MAX_IMAGE_PIXELS` (`DecompressionBombError`), so
+/// the reference never trains on them; refusing them here also bounds memory per image.
+pub const MAX_PIXELS: u64 = 2 * 89_478_485;
 
 /// Options that change which pixels come out.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -95,7 +103,8 @@ pub struct ImageInfo {
 
 /// Decodes an image file held in memory to 8-bit RGB, as Pillow's `convert("RGB")` would.
 pub fn decode(bytes: &[u8], opts: DecodeOptions) -> Result<RgbImage, DecodeError> {
-    let format = ImageFormat::sniff(bytes)?;
+    // Header first: refuses empty and oversized images before any pixel buffer is allocated.
+    let format = probe(bytes)?.format;
     let img = match format {
         ImageFormat::Jpeg => decode_jpeg(bytes)?,
         ImageFormat::WebP => decode_webp(bytes)?,
@@ -154,6 +163,9 @@ pub fn probe(bytes: &[u8]) -> Result<ImageInfo, DecodeError> {
     };
     if width == 0 || height == 0 {
         return Err(DecodeError::EmptyImage(width, height));
+    }
+    if width as u64 * height as u64 > MAX_PIXELS {
+        return Err(DecodeError::TooLarge(width, height));
     }
     Ok(ImageInfo {
         format,
@@ -431,6 +443,18 @@ mod tests {
         bytes.extend_from_slice(&[0x12; 64]);
         assert!(decode(&bytes, DecodeOptions::default()).is_err());
         assert!(probe(&bytes).is_err());
+    }
+
+    #[test]
+    fn decompression_bombs_are_refused_before_decoding() {
+        // A GIF header announcing a 65535 x 65535 screen (4.3 G pixels).
+        let mut gif = b"GIF89a".to_vec();
+        gif.extend_from_slice(&[0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0]);
+        assert_eq!(probe(&gif), Err(DecodeError::TooLarge(65535, 65535)));
+        assert_eq!(
+            decode(&gif, DecodeOptions::default()),
+            Err(DecodeError::TooLarge(65535, 65535))
+        );
     }
 
     #[test]

@@ -47,6 +47,9 @@ pub enum BuildError {
         #[source]
         source: std::io::Error,
     },
+    /// The shard writer thread stopped; its own error is reported instead when it has one.
+    #[error("the shard writer stopped")]
+    WriterStopped,
     /// `--on-error fail` met a bad sample.
     #[error("{file} sample {index} ({location}, id {id:?}): {kind}: {message}")]
     Sample {
@@ -73,6 +76,8 @@ pub struct BuildReport {
     pub elapsed: Duration,
     /// Bytes of input data files.
     pub input_bytes: u64,
+    /// Bytes of image files read for written samples.
+    pub image_bytes: u64,
 }
 
 impl BuildReport {
@@ -115,17 +120,19 @@ pub fn resolve_settings(
         exif_transpose: p.exif_transpose.unwrap_or(false),
     };
     let bad = |m: &str| Err(BuildError::Setup(m.to_string()));
-    if s.max_slice_nums == 0 {
-        return bad("max_slice_nums must be at least 1");
+    if !(1..=64).contains(&s.max_slice_nums) {
+        return bad("max_slice_nums must be between 1 and 64");
     }
-    if s.patch_size == 0 || s.scale_resolution < s.patch_size {
-        return bad("scale_resolution must be at least patch_size, and patch_size at least 1");
+    if !(1..=8192).contains(&s.scale_resolution)
+        || !(1..=s.scale_resolution).contains(&s.patch_size)
+    {
+        return bad("scale_resolution must be between 1 and 8192, patch_size between 1 and it");
     }
-    if s.query_num == 0 {
-        return bad("query_num must be at least 1");
+    if !(1..=4096).contains(&s.query_num) {
+        return bad("query_num must be between 1 and 4096");
     }
-    if s.max_length == 0 {
-        return bad("max_length must be at least 1");
+    if !(1..=1 << 24).contains(&s.max_length) {
+        return bad("max_length must be between 1 and 16777216");
     }
     Ok(s)
 }
@@ -277,14 +284,25 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         arrow: matches!(format, OutputFormat::Arrow | OutputFormat::Both),
         ..Default::default()
     };
-    let (tx, rx) = mpsc::sync_channel::<(u32, Vec<Sample>)>(4);
+    // `None` means "the run succeeded, finish the set"; a closed channel without it means the
+    // run failed, and the writer removes its partial files instead of naming them final.
+    let (tx, rx) = mpsc::sync_channel::<Option<(u32, Vec<Sample>)>>(4);
     let out_dir = opts.out.clone();
-    let writer = std::thread::spawn(move || -> Result<Vec<ShardEntry>, cpmv_shard::ShardError> {
+    let writer = std::thread::spawn(move || -> Result<Vec<ShardEntry>, BuildError> {
         let mut w = ShardSetWriter::new(&out_dir, writer_opts);
-        for (pack, rows) in rx {
-            w.write_pack(pack, rows)?;
+        for msg in rx {
+            match msg {
+                Some((pack, rows)) => {
+                    if let Err(e) = w.write_pack(pack, rows) {
+                        w.abort();
+                        return Err(e.into());
+                    }
+                }
+                None => return Ok(w.finish()?),
+            }
         }
-        w.finish()
+        w.abort();
+        Err(BuildError::WriterStopped)
     });
 
     let pb = progress_bar(input_bytes, opts.progress);
@@ -292,6 +310,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     let mut tokens = TokenTotals::default();
     let mut packer = Packer::new(pack_cfg);
     let mut next_pack: u32 = 0;
+    let mut image_bytes = 0u64;
     let mut inputs = Vec::new();
     let mut bytes_before = 0u64;
     let chunk_size = 16 * threads.max(1);
@@ -299,9 +318,9 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     let result: Result<(), BuildError> = (|| {
         let send = |packs: Vec<Vec<Sample>>, next_pack: &mut u32| -> Result<(), BuildError> {
             for rows in packs {
-                if tx.send((*next_pack, rows)).is_err() {
+                if tx.send(Some((*next_pack, rows))).is_err() {
                     // The writer stopped on an error; it is reported when joined.
-                    return Err(BuildError::Setup("the shard writer stopped".into()));
+                    return Err(BuildError::WriterStopped);
                 }
                 *next_pack += 1;
             }
@@ -330,7 +349,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
                 let results: Vec<_> = pool.install(|| {
                     chunk
                         .par_iter()
-                        .map(|raw| processor.process(raw, source))
+                        .map(|raw| processor.process_guarded(raw, source))
                         .collect()
                 });
                 for (raw, res) in chunk.iter().zip(results) {
@@ -348,6 +367,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
                             tokens.image += st.image_tokens as u64;
                             tokens.images += st.images as u64;
                             tokens.slices += st.slices as u64;
+                            image_bytes += st.image_bytes;
                             let packs = packer.push(prepared.sample);
                             send(packs, &mut next_pack)?;
                         }
@@ -395,15 +415,23 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         }
         let packs = packer.flush();
         send(packs, &mut next_pack)?;
-        Ok(())
+        tx.send(None).map_err(|_| BuildError::WriterStopped)
     })();
     drop(tx);
     let written = writer
         .join()
         .map_err(|_| BuildError::Setup("the shard writer panicked".into()))?;
     pb.finish_and_clear();
-    result?;
-    let shards = written?;
+    let shards = match (result, written) {
+        (Ok(()), written) => written?,
+        // The writer's own error (disk full, permissions) explains a stopped writer best.
+        (Err(BuildError::WriterStopped), Err(e)) => return Err(e),
+        (Err(e), _) => {
+            drop(rejected_out);
+            let _ = std::fs::remove_file(&rejected_path);
+            return Err(e);
+        }
+    };
 
     rejected_out.flush().map_err(io_err(&rejected_path))?;
     drop(rejected_out);
@@ -443,6 +471,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         manifest,
         elapsed: start.elapsed(),
         input_bytes,
+        image_bytes,
     })
 }
 
@@ -470,8 +499,10 @@ pub fn all_reject_kinds() -> Vec<&'static str> {
         ReservedToken,
         ImageNotFound,
         ImageDecode,
+        ImageTooLarge,
         TooLong,
         NoSupervision,
+        InternalError,
     ]
     .iter()
     .map(|k| k.name())

@@ -74,16 +74,25 @@ struct BuildArgs {
     max_length: Option<usize>,
     /// Cut over-long samples after their last image (while supervision remains) instead of
     /// rejecting them.
-    #[arg(long)]
+    #[arg(long, overrides_with = "no_truncate")]
     truncate: bool,
+    /// Reject over-long samples (the default; overrides a preset's `truncate = true`).
+    #[arg(long, overrides_with = "truncate")]
+    no_truncate: bool,
     /// 2.6 image ids: `reference` (fine-tune code: sliced images only) or `inference`.
     #[arg(long, value_enum)]
     image_id_mode: Option<ImageIdModeArg>,
     /// Apply EXIF orientation (changes pixels; the reference does not).
-    #[arg(long)]
+    #[arg(long, overrides_with = "no_exif_transpose")]
     exif_transpose: bool,
+    /// Keep the stored pixel order (the default; overrides a preset).
+    #[arg(long, overrides_with = "exif_transpose")]
+    no_exif_transpose: bool,
+    /// Pack samples (the default; overrides a preset's `pack = false`).
+    #[arg(long, overrides_with = "no_pack")]
+    pack: bool,
     /// One sample per pack (no packing).
-    #[arg(long)]
+    #[arg(long, overrides_with = "pack")]
     no_pack: bool,
     /// Upper bound on image slices per pack (0 = none).
     #[arg(long)]
@@ -117,6 +126,15 @@ enum ImageIdModeArg {
     Inference,
 }
 
+/// A `--x` / `--no-x` pair: set only when one of them is given.
+fn flag(on: bool, off: bool) -> Option<bool> {
+    match (on, off) {
+        (true, _) => Some(true),
+        (_, true) => Some(false),
+        _ => None,
+    }
+}
+
 fn parse_llm(s: &str) -> Result<LlmType, String> {
     s.parse()
 }
@@ -134,13 +152,13 @@ impl BuildArgs {
             patch_size: self.patch_size,
             query_num: self.query_num,
             max_length: self.max_length,
-            truncate: self.truncate.then_some(true),
+            truncate: flag(self.truncate, self.no_truncate),
             image_id_mode: self.image_id_mode.map(|m| match m {
                 ImageIdModeArg::Reference => ImageIdMode::Reference,
                 ImageIdModeArg::Inference => ImageIdMode::Inference,
             }),
-            exif_transpose: self.exif_transpose.then_some(true),
-            pack: self.no_pack.then_some(false),
+            exif_transpose: flag(self.exif_transpose, self.no_exif_transpose),
+            pack: flag(self.pack, self.no_pack),
             max_slices_per_pack: self.max_slices_per_pack,
             pack_window: self.pack_window,
             format: self.format,
@@ -173,13 +191,13 @@ fn run_build(args: BuildArgs) -> u8 {
             let m = &report.manifest;
             let secs = report.elapsed.as_secs_f64().max(1e-9);
             println!(
-                "read {} samples: {} written, {} rejected ({:.1} s, {:.0} samples/s, {:.1} MB/s of input)",
+                "read {} samples: {} written, {} rejected ({:.1} s, {:.0} samples/s, {:.1} MB/s of data and images)",
                 m.counts.read,
                 m.counts.written,
                 m.counts.rejected,
                 secs,
                 m.counts.read as f64 / secs,
-                report.input_bytes as f64 / secs / 1e6
+                (report.input_bytes + report.image_bytes) as f64 / secs / 1e6
             );
             for (reason, n) in reasons_by_count(&m.counts.rejected_by_reason) {
                 println!("  rejected {n:>8}  {reason}");

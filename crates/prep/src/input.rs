@@ -9,6 +9,10 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
+/// Largest accepted sample (one JSON list element or JSONL line). A file whose structure is
+/// broken (say an unterminated string) would otherwise be buffered whole before the error.
+pub const MAX_SAMPLE_BYTES: usize = 256 << 20;
+
 /// One sample's raw JSON text with where it came from.
 #[derive(Clone, Debug)]
 pub struct RawSample {
@@ -101,10 +105,15 @@ impl SampleReader {
             bytes_read: 0,
         };
         // Skip a UTF-8 byte-order mark and leading whitespace, then look at the first byte.
-        if r.peek()? == Some(0xEF) {
-            let mut bom = [0u8; 3];
-            r.reader.read_exact(&mut bom).map_err(|e| r.io(e))?;
-            r.advance_counters(&bom);
+        let path = r.path.clone();
+        let has_bom = r
+            .reader
+            .fill_buf()
+            .map_err(|e| InputError::Io { path, source: e })?
+            .starts_with(b"\xEF\xBB\xBF");
+        if has_bom {
+            r.reader.consume(3);
+            r.advance_counters(b"\xEF\xBB\xBF");
         }
         r.skip_ws()?;
         match r.peek()? {
@@ -176,12 +185,17 @@ impl SampleReader {
         loop {
             let start_line = self.line;
             let mut buf = Vec::new();
-            let n = self
-                .reader
+            let n = (&mut self.reader)
+                .take(MAX_SAMPLE_BYTES as u64 + 1)
                 .read_until(b'\n', &mut buf)
                 .map_err(|e| self.io(e))?;
             if n == 0 {
                 return Ok(None);
+            }
+            if n > MAX_SAMPLE_BYTES {
+                return Err(self.syntax(format!(
+                    "line {start_line} is longer than {MAX_SAMPLE_BYTES} bytes (is this JSONL?)"
+                )));
             }
             self.advance_counters(&buf);
             if buf.iter().all(u8::is_ascii_whitespace) {
@@ -252,6 +266,16 @@ impl SampleReader {
             }
             text.push(b);
             self.take_byte()?;
+            if text.len() > MAX_SAMPLE_BYTES {
+                return Err(InputError::Syntax {
+                    path: self.path.clone(),
+                    offset: start,
+                    message: format!(
+                        "the list element starting here is longer than {MAX_SAMPLE_BYTES} bytes \
+                         (an unterminated string?)"
+                    ),
+                });
+            }
         }
         // At `,` or `]`.
         if self.peek()? == Some(b',') {

@@ -60,6 +60,8 @@ pub struct SampleStats {
     pub image_tokens: usize,
     /// Tokens removed by `--truncate`.
     pub truncated: usize,
+    /// Bytes of image files read for this sample.
+    pub image_bytes: u64,
 }
 
 /// A sample's text side, computed from image sizes only.
@@ -79,6 +81,14 @@ pub struct TextPlan {
 pub struct Prepared {
     pub sample: Sample,
     pub stats: SampleStats,
+}
+
+fn decode_rejection(path: &str, e: cpmv_image::DecodeError) -> Rejection {
+    let kind = match e {
+        cpmv_image::DecodeError::TooLarge(..) => RejectKind::ImageTooLarge,
+        _ => RejectKind::ImageDecode,
+    };
+    Rejection::new(kind, format!("image {path}: {e}"))
 }
 
 /// Everything needed to process samples for one model directory; shared by all threads.
@@ -101,11 +111,44 @@ impl Processor {
         settings: SampleSettings,
     ) -> Result<Self, crate::template::TemplateError> {
         let templater = Templater::new(&model)?;
-        Ok(Self {
+        let p = Self {
             model,
             settings,
             templater,
-        })
+        };
+        p.self_check()?;
+        Ok(p)
+    }
+
+    /// Runs a tiny conversation with one sliced image through the placeholder, template and
+    /// bound code, so a checkpoint whose tokenizer splits `<unk>`/`<image>` or whose template
+    /// fails is refused once, at start-up, instead of rejecting every sample.
+    fn self_check(&self) -> Result<(), crate::template::TemplateError> {
+        use crate::sample::{Message, Role, Segment};
+        let parsed = ParsedSample {
+            id: "self-check".into(),
+            images: vec![String::new()],
+            messages: vec![
+                Message {
+                    role: Role::User,
+                    segments: vec![Segment::Image(0), Segment::Text("\nWhat is this?".into())],
+                },
+                Message {
+                    role: Role::Assistant,
+                    segments: vec![Segment::Text("A test.".into())],
+                },
+            ],
+        };
+        let s = self.settings.scale_resolution;
+        self.plan_text_within(&parsed, &[(2 * s, s)], usize::MAX)
+            .map(|_| ())
+            .map_err(|r| {
+                crate::template::TemplateError(format!(
+                    "{}: the checkpoint cannot encode a sample: {}",
+                    self.model.dir.display(),
+                    r.message
+                ))
+            })
     }
 
     fn resolve(&self, source: &InputSource, path: &str) -> PathBuf {
@@ -142,8 +185,7 @@ impl Processor {
 
     /// Image size as the reference sees it (EXIF rotation applied only with `exif_transpose`).
     pub fn image_size(&self, path: &str, bytes: &[u8]) -> Result<(u32, u32), Rejection> {
-        let info = probe(bytes)
-            .map_err(|e| Rejection::new(RejectKind::ImageDecode, format!("image {path}: {e}")))?;
+        let info = probe(bytes).map_err(|e| decode_rejection(path, e))?;
         let swap = self.settings.exif_transpose
             && cpmv_image::exif::orientation(bytes).is_some_and(|o| o >= 5);
         Ok(if swap {
@@ -158,6 +200,15 @@ impl Processor {
         &self,
         parsed: &ParsedSample,
         sizes: &[(u32, u32)],
+    ) -> Result<TextPlan, Rejection> {
+        self.plan_text_within(parsed, sizes, self.settings.max_length)
+    }
+
+    fn plan_text_within(
+        &self,
+        parsed: &ParsedSample,
+        sizes: &[(u32, u32)],
+        max_length: usize,
     ) -> Result<TextPlan, Rejection> {
         let s = &self.settings;
         let cfg = s.slice_config();
@@ -196,26 +247,26 @@ impl Processor {
         let mut bounds = bounds_of(&tok.ids)?;
         let n = tok.ids.len();
         let mut truncated = 0;
-        if n > s.max_length {
+        if n > max_length {
             let last_image_end = bounds.last().map_or(0, |b| b[1] as usize + 1);
             if !s.truncate {
                 return Err(Rejection::new(
                     RejectKind::TooLong,
-                    format!("{n} tokens > max length {}", s.max_length),
+                    format!("{n} tokens > max length {}", max_length),
                 ));
             }
-            if last_image_end > s.max_length {
+            if last_image_end > max_length {
                 return Err(Rejection::new(
                     RejectKind::TooLong,
                     format!(
                         "{n} tokens > max length {}, and the images alone end at token {last_image_end}",
-                        s.max_length
+                        max_length
                     ),
                 ));
             }
-            truncated = n - s.max_length;
-            tok.ids.truncate(s.max_length);
-            tok.ctx.truncate(s.max_length);
+            truncated = n - max_length;
+            tok.ids.truncate(max_length);
+            tok.ctx.truncate(max_length);
             bounds = bounds_of(&tok.ids)?;
         }
         let labels = labels(&tok.ids, &tok.ctx, self.model.tokens.turn_end_label);
@@ -229,7 +280,7 @@ impl Processor {
                 if truncated > 0 {
                     format!(
                         "truncation to {} tokens removed every supervised token",
-                        s.max_length
+                        max_length
                     )
                 } else {
                     "no token carries a label".to_string()
@@ -248,9 +299,34 @@ impl Processor {
                 supervised,
                 image_tokens,
                 truncated,
+                image_bytes: 0,
             },
             plans,
         })
+    }
+
+    /// [`Processor::process`], with a panic (a cpmv bug) turned into an `internal_error`
+    /// rejection naming the sample instead of aborting the run.
+    pub fn process_guarded(
+        &self,
+        raw: &RawSample,
+        source: &InputSource,
+    ) -> Result<Prepared, Rejected> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.process(raw, source)))
+            .unwrap_or_else(|payload| {
+                let msg = payload
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "panic".into());
+                Err(Rejected {
+                    id: sample_id(None, &source.stem, raw.index),
+                    rejection: Rejection::new(
+                        RejectKind::InternalError,
+                        format!("internal error (please report): {msg}"),
+                    ),
+                })
+            })
     }
 
     /// The full pipeline for one raw sample.
@@ -267,7 +343,8 @@ impl Processor {
             sizes.push(self.image_size(path, &bytes).map_err(reject)?);
             files.push(bytes);
         }
-        let text = self.plan_text(&parsed, &sizes).map_err(reject)?;
+        let mut text = self.plan_text(&parsed, &sizes).map_err(reject)?;
+        text.stats.image_bytes = files.iter().map(|f| f.len() as u64).sum();
 
         let opts = DecodeOptions {
             exif_transpose: self.settings.exif_transpose,
@@ -277,14 +354,19 @@ impl Processor {
         let mut tgt_sizes = Vec::with_capacity(text.stats.slices);
         let mut pixel_values = Vec::with_capacity(text.stats.slices);
         for ((path, bytes), plan) in parsed.images.iter().zip(&files).zip(&text.plans) {
-            let img = decode(bytes, opts).map_err(|e| {
-                reject(Rejection::new(
-                    RejectKind::ImageDecode,
-                    format!("image {path}: {e}"),
-                ))
-            })?;
+            let img = decode(bytes, opts).map_err(|e| reject(decode_rejection(path, e)))?;
             let sliced = slice_image(&img, &cfg);
-            debug_assert_eq!(&sliced.plan, plan);
+            if &sliced.plan != plan {
+                // The header promised another size than the pixels have: placeholders and
+                // pixels would disagree.
+                return Err(reject(Rejection::new(
+                    RejectKind::ImageDecode,
+                    format!(
+                        "image {path}: header size differs from the decoded size {}x{}",
+                        img.width, img.height
+                    ),
+                )));
+            }
             for s in sliced.images {
                 tgt_sizes.push([s.height as i32 / p, s.width as i32 / p]);
                 pixel_values.push(s.data);

@@ -36,10 +36,15 @@ pub enum RejectKind {
     ImageNotFound,
     /// The image file cannot be decoded (corrupt, truncated, unsupported format).
     ImageDecode,
+    /// More pixels than Pillow opens (its decompression-bomb limit, 178,956,970), so the
+    /// reference drops it too; decoding it would take gigabytes.
+    ImageTooLarge,
     /// More tokens than `--max-length` (and `--truncate` not given or not applicable).
     TooLong,
     /// No token carries a label (e.g. all supervision cut by truncation).
     NoSupervision,
+    /// A bug in cpmv met this sample (a panic was caught); please report it with the sample.
+    InternalError,
 }
 
 impl RejectKind {
@@ -59,8 +64,10 @@ impl RejectKind {
             RejectKind::ReservedToken => "reserved_token",
             RejectKind::ImageNotFound => "image_not_found",
             RejectKind::ImageDecode => "image_decode",
+            RejectKind::ImageTooLarge => "image_too_large",
             RejectKind::TooLong => "too_long",
             RejectKind::NoSupervision => "no_supervision",
+            RejectKind::InternalError => "internal_error",
         }
     }
 }

@@ -53,7 +53,10 @@ impl ShardReader {
         let trailer_start = map.len() - 10;
         let footer_len = read_footer_length(map[trailer_start..].try_into().expect("10 bytes"))
             .map_err(|e| ShardError::arrow(path, e))?;
-        let footer = root_as_footer(&map[trailer_start - footer_len..trailer_start])
+        let footer_start = trailer_start
+            .checked_sub(footer_len)
+            .ok_or_else(|| ShardError::format(path, "footer length exceeds the file"))?;
+        let footer = root_as_footer(&map[footer_start..trailer_start])
             .map_err(|e| ShardError::format(path, format!("bad footer: {e}")))?;
         let schema = try_fb_to_schema(
             footer
@@ -72,8 +75,20 @@ impl ShardReader {
         let mut batches = Vec::new();
         let mut starts = vec![0];
         for block in footer.recordBatches().into_iter().flatten() {
-            let len = block.bodyLength() as usize + block.metaDataLength() as usize;
-            let data = map.slice_with_length(block.offset() as usize, len);
+            let (offset, body, meta) = (block.offset(), block.bodyLength(), block.metaDataLength());
+            let in_file = offset >= 0
+                && body >= 0
+                && meta >= 0
+                && (offset as u64)
+                    .checked_add(body as u64 + meta as u64)
+                    .is_some_and(|end| end <= map.len() as u64);
+            if !in_file {
+                return Err(ShardError::format(
+                    path,
+                    "a record batch lies outside the file",
+                ));
+            }
+            let data = map.slice_with_length(offset as usize, body as usize + meta as usize);
             let batch = decoder
                 .read_record_batch(block, &data)
                 .map_err(|e| ShardError::arrow(path, e))?
@@ -339,6 +354,18 @@ mod tests {
             .flat_map(|(p, v)| v.into_iter().map(move |s| (p as u32, s)))
             .collect();
         assert_eq!(rows, expected);
+    }
+
+    #[test]
+    fn corrupt_footer_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.arrow");
+        let mut bytes = b"ARROW1\0\0".to_vec();
+        bytes.extend_from_slice(&[0u8; 16]);
+        bytes.extend_from_slice(&i32::MAX.to_le_bytes()); // footer length far beyond the file
+        bytes.extend_from_slice(b"ARROW1");
+        std::fs::write(&p, bytes).unwrap();
+        assert!(ShardReader::open(&p).is_err());
     }
 
     #[test]

@@ -195,10 +195,13 @@ impl ShardSetWriter {
             w.write(&batch).map_err(|e| ShardError::arrow(path, e))?;
         }
         if let Some((path, w)) = cur.parquet.as_mut() {
-            w.write(&batch).map_err(|e| ShardError::Parquet {
-                path: path.display().to_string(),
-                source: e,
-            })?;
+            // One row group per batch: the Parquet writer never buffers a whole shard.
+            w.write(&batch)
+                .and_then(|_| w.flush())
+                .map_err(|e| ShardError::Parquet {
+                    path: path.display().to_string(),
+                    source: e,
+                })?;
         }
         Ok(())
     }
@@ -238,6 +241,20 @@ impl ShardSetWriter {
         }
         self.done.push(entry);
         Ok(())
+    }
+
+    /// Abandons the set: closes nothing, removes every `.partial` file (used when the run
+    /// fails, so nothing that looks like a finished shard is left behind).
+    pub fn abort(mut self) {
+        let mut partial: Vec<PathBuf> =
+            self.partial_files.drain(..).map(|(from, _)| from).collect();
+        if let Some(cur) = self.current.take() {
+            partial.extend(cur.arrow.map(|(p, _)| p));
+            partial.extend(cur.parquet.map(|(p, _)| p));
+        }
+        for p in partial {
+            let _ = std::fs::remove_file(p);
+        }
     }
 
     /// Writes what is buffered, closes the last shard and gives every file its final name.

@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""Check a `prep build` output directory with the Python data stack a user would use.
+
+    python scripts/check_shards.py OUT_DIR [OUT_DIR ...]
+
+Opens every Arrow shard with pyarrow (memory-mapped) and every Parquet twin with pyarrow and
+pandas, compares their columns with schemas/shard.schema.json, validates manifest.json and
+rejected.jsonl against their JSON schemas, and checks the row invariants (lengths, bounds,
+pixel sizes, packs, counts). Exits 1 on the first directory that fails.
+Needs: pyarrow, pandas, jsonschema.
+"""
+import json
+import pathlib
+import sys
+
+import jsonschema
+import pandas as pd
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SCHEMAS = ROOT / "schemas"
+
+
+def arrow_type_name(t: pa.DataType) -> str:
+    if pa.types.is_list(t):
+        return f"list<{arrow_type_name(t.value_type)}>"
+    if pa.types.is_fixed_size_list(t):
+        return f"fixed_size_list<{arrow_type_name(t.value_type)}>[{t.list_size}]"
+    return str(t)
+
+
+def check_table(t: pa.Table, columns, patch: int, where: str):
+    names = [c["name"] for c in columns]
+    assert t.column_names == names, f"{where}: columns {t.column_names} != {names}"
+    for c in columns:
+        got = arrow_type_name(t.schema.field(c["name"]).type)
+        assert got == c["arrow_type"], f"{where}: {c['name']} is {got}, schema says {c['arrow_type']}"
+        assert t.schema.field(c["name"]).nullable is False or t.column(c["name"]).null_count == 0
+    rows = t.to_pylist()
+    for r in rows:
+        n = len(r["input_ids"])
+        assert len(r["labels"]) == n == r["num_tokens"], f"{where} {r['id']}: lengths"
+        assert len(r["image_bound"]) == len(r["tgt_sizes"]) == len(r["pixel_values"]), f"{where} {r['id']}: slices"
+        for (s, e) in r["image_bound"]:
+            assert 0 < s <= e <= n, f"{where} {r['id']}: bound {s, e}"
+        for (h, w), px in zip(r["tgt_sizes"], r["pixel_values"]):
+            assert len(px) == h * patch * w * patch * 3, f"{where} {r['id']}: pixel bytes"
+    packs = [r["pack"] for r in rows]
+    seen, prev = set(), None
+    for p in packs:
+        if p != prev:
+            assert p not in seen, f"{where}: pack {p} is split"
+            seen.add(p)
+            prev = p
+    return rows
+
+
+def check_dir(d: pathlib.Path) -> str:
+    manifest = json.loads((d / "manifest.json").read_text())
+    jsonschema.validate(manifest, json.loads((SCHEMAS / "manifest.schema.json").read_text()))
+    rej_schema = json.loads((SCHEMAS / "rejected.schema.json").read_text())
+    rejected = [json.loads(l) for l in (d / "rejected.jsonl").read_text().splitlines() if l.strip()]
+    for r in rejected:
+        jsonschema.validate(r, rej_schema)
+    c = manifest["counts"]
+    assert c["read"] == c["written"] + c["rejected"], "counts do not add up"
+    assert c["rejected"] == len(rejected) == sum(c["rejected_by_reason"].values())
+    columns = json.loads((SCHEMAS / "shard.schema.json").read_text())["columns"]
+    patch = manifest["settings"]["sample"]["patch_size"]
+    max_len = manifest["packing"]["max_length"]
+    total = 0
+    pack_tokens = {}
+    for s in manifest["shards"]:
+        arrow_rows = None
+        if s["file"]:
+            with pa.memory_map(str(d / s["file"])) as src:
+                t = ipc.open_file(src).read_all()
+            arrow_rows = check_table(t, columns, patch, s["file"])
+            assert len(arrow_rows) == s["rows"]
+            for r in arrow_rows:
+                pack_tokens[r["pack"]] = pack_tokens.get(r["pack"], 0) + r["num_tokens"]
+        if s["parquet"]:
+            t = pq.read_table(d / s["parquet"])
+            rows = check_table(t, columns, patch, s["parquet"])
+            df = pd.read_parquet(d / s["parquet"])
+            assert len(df) == s["rows"] == len(rows)
+            if arrow_rows is not None:
+                assert rows == arrow_rows, f"{s['parquet']} differs from {s['file']}"
+        total += s["rows"]
+    assert total == c["written"], f"{total} rows in shards, manifest says {c['written']} written"
+    if manifest["packing"]["enabled"]:
+        assert all(v <= max_len for v in pack_tokens.values()), "a pack exceeds max_length"
+    return f"{d}: ok ({total} rows in {len(manifest['shards'])} shard(s), {c['rejected']} rejected, pyarrow {pa.__version__})"
+
+
+def main():
+    if len(sys.argv) < 2:
+        print(__doc__)
+        sys.exit(2)
+    for arg in sys.argv[1:]:
+        try:
+            print(check_dir(pathlib.Path(arg)))
+        except (AssertionError, jsonschema.ValidationError, OSError, ValueError) as e:
+            print(f"{arg}: FAILED: {e}", file=sys.stderr)
+            sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
