@@ -7,8 +7,12 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::build::{build, reasons_by_count, BuildError};
 use crate::config::{BuildOptions, OnError, OutputFormat, PrepPreset};
+use crate::inspect::{inspect, InspectOptions};
 use crate::model::LlmType;
 use crate::placeholder::ImageIdMode;
+use crate::stats::{
+    measure, render_text, stats_from_shards, summarise, write_per_sample, StatsOptions,
+};
 
 /// Exit status: all samples written.
 pub const EXIT_OK: u8 = 0;
@@ -35,19 +39,15 @@ enum Command {
     /// Validate, slice, tokenize and pack samples into shards (exit 0: all written, 3: some
     /// rejected, 4: stopped by --on-error fail, 1: error).
     Build(BuildArgs),
+    /// Token-length statistics of data files (image sizes from headers only) or of built shards.
+    Stats(StatsArgs),
+    /// Show one sample of a shard set as the model will see it.
+    Inspect(InspectArgs),
 }
 
-#[derive(Args, Debug)]
-struct BuildArgs {
-    /// Training data: a JSON list (the reference format) or JSONL. Repeatable.
-    #[arg(long = "data", required = true)]
-    data: Vec<PathBuf>,
-    /// Hugging Face MiniCPM-V checkpoint directory (config.json, tokenizer files).
-    #[arg(long)]
-    model: PathBuf,
-    /// Output directory for shards, manifest.json and rejected.jsonl.
-    #[arg(long)]
-    out: PathBuf,
+/// Flags that decide what a sample becomes (shared by build and stats).
+#[derive(Args, Debug, Clone)]
+struct SampleFlags {
     /// Preset (pipelines/*.toml); its [prep] table sets defaults that flags override.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -72,13 +72,6 @@ struct BuildArgs {
     /// Maximum tokens per sample and per pack (default 2048).
     #[arg(long)]
     max_length: Option<usize>,
-    /// Cut over-long samples after their last image (while supervision remains) instead of
-    /// rejecting them.
-    #[arg(long, overrides_with = "no_truncate")]
-    truncate: bool,
-    /// Reject over-long samples (the default; overrides a preset's `truncate = true`).
-    #[arg(long, overrides_with = "truncate")]
-    no_truncate: bool,
     /// 2.6 image ids: `reference` (fine-tune code: sliced images only) or `inference`.
     #[arg(long, value_enum)]
     image_id_mode: Option<ImageIdModeArg>,
@@ -88,6 +81,58 @@ struct BuildArgs {
     /// Keep the stored pixel order (the default; overrides a preset).
     #[arg(long, overrides_with = "exif_transpose")]
     no_exif_transpose: bool,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+impl SampleFlags {
+    /// Preset (if any) overlaid with these flags.
+    fn preset(&self) -> Result<PrepPreset, String> {
+        let base = match &self.config {
+            Some(p) => PrepPreset::load(p)?,
+            None => PrepPreset::default(),
+        };
+        Ok(base.overlay(PrepPreset {
+            llm_type: self.llm_type,
+            max_slice_nums: self.max_slice_nums,
+            scale_resolution: self.scale_resolution,
+            patch_size: self.patch_size,
+            query_num: self.query_num,
+            max_length: self.max_length,
+            image_id_mode: self.image_id_mode.map(|m| match m {
+                ImageIdModeArg::Reference => ImageIdMode::Reference,
+                ImageIdModeArg::Inference => ImageIdMode::Inference,
+            }),
+            exif_transpose: flag(self.exif_transpose, self.no_exif_transpose),
+            ..PrepPreset::default()
+        }))
+    }
+}
+
+#[derive(Args, Debug)]
+struct BuildArgs {
+    /// Training data: a JSON list (the reference format) or JSONL. Repeatable.
+    #[arg(long = "data", required = true)]
+    data: Vec<PathBuf>,
+    /// Hugging Face MiniCPM-V checkpoint directory (config.json, tokenizer files).
+    #[arg(long)]
+    model: PathBuf,
+    /// Output directory for shards, manifest.json and rejected.jsonl.
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    sample: SampleFlags,
+    /// Cut over-long samples after their last image (while supervision remains) instead of
+    /// rejecting them.
+    #[arg(long, overrides_with = "no_truncate")]
+    truncate: bool,
+    /// Reject over-long samples (the default; overrides a preset's `truncate = true`).
+    #[arg(long, overrides_with = "truncate")]
+    no_truncate: bool,
     /// Pack samples (the default; overrides a preset's `pack = false`).
     #[arg(long, overrides_with = "no_pack")]
     pack: bool,
@@ -109,15 +154,63 @@ struct BuildArgs {
     /// `skip` bad samples (report them) or `fail` at the first.
     #[arg(long, value_enum)]
     on_error: Option<OnError>,
-    /// Worker threads (default: all cores).
-    #[arg(long)]
-    threads: Option<usize>,
     /// Replace a previous shard set in --out.
     #[arg(long)]
     overwrite: bool,
-    /// No progress bar.
+}
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["data", "shards"])))]
+struct StatsArgs {
+    /// Data files to measure (JSON list or JSONL). Repeatable.
+    #[arg(long = "data", requires = "model")]
+    data: Vec<PathBuf>,
+    /// Checkpoint directory (with --data; optional with --shards to find the tokenizer).
     #[arg(long)]
-    quiet: bool,
+    model: Option<PathBuf>,
+    /// Exact figures from a built shard directory instead of data files.
+    #[arg(long, conflicts_with = "data")]
+    shards: Option<PathBuf>,
+    #[command(flatten)]
+    sample_flags: SampleFlags,
+    /// Measure a uniform random sample of N samples (seeded reservoir) instead of all.
+    #[arg(long)]
+    sample: Option<usize>,
+    /// Seed of --sample.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print the figures as one JSON object (schemas/stats.schema.json).
+    #[arg(long)]
+    json: bool,
+    /// Write a PNG histogram of total tokens with the max length marked.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Write one JSON line per measured sample (id and counts).
+    #[arg(long)]
+    per_sample: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["id", "index"])))]
+struct InspectArgs {
+    /// Shard directory written by `prep build`.
+    #[arg(long)]
+    shards: PathBuf,
+    /// Sample id.
+    #[arg(long)]
+    id: Option<String>,
+    /// Row number over the whole set (0-based).
+    #[arg(long)]
+    index: Option<usize>,
+    /// Checkpoint directory for the tokenizer (default: the one in the manifest).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Write each slice as a PNG file into this directory.
+    #[arg(long)]
+    dump_images: Option<PathBuf>,
+    /// Plain output even on a terminal (loss tokens in [[…]]).
+    #[arg(long)]
+    no_color: bool,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -141,40 +234,36 @@ fn parse_llm(s: &str) -> Result<LlmType, String> {
 
 impl BuildArgs {
     fn options(self) -> Result<BuildOptions, String> {
-        let base = match &self.config {
-            Some(p) => PrepPreset::load(p)?,
-            None => PrepPreset::default(),
-        };
+        let base = self.sample.preset()?;
         let flags = PrepPreset {
-            llm_type: self.llm_type,
-            max_slice_nums: self.max_slice_nums,
-            scale_resolution: self.scale_resolution,
-            patch_size: self.patch_size,
-            query_num: self.query_num,
-            max_length: self.max_length,
             truncate: flag(self.truncate, self.no_truncate),
-            image_id_mode: self.image_id_mode.map(|m| match m {
-                ImageIdModeArg::Reference => ImageIdMode::Reference,
-                ImageIdModeArg::Inference => ImageIdMode::Inference,
-            }),
-            exif_transpose: flag(self.exif_transpose, self.no_exif_transpose),
             pack: flag(self.pack, self.no_pack),
             max_slices_per_pack: self.max_slices_per_pack,
             pack_window: self.pack_window,
             format: self.format,
             shard_size_mb: self.shard_size_mb,
             on_error: self.on_error,
+            ..PrepPreset::default()
         };
         Ok(BuildOptions {
             data: self.data,
-            image_root: self.image_root,
+            image_root: self.sample.image_root.clone(),
             model: self.model,
             out: self.out,
             prep: base.overlay(flags),
-            threads: self.threads,
+            threads: self.sample.threads,
             overwrite: self.overwrite,
-            progress: !self.quiet,
+            progress: !self.sample.quiet,
         })
+    }
+}
+
+fn report_error(e: &dyn std::error::Error) {
+    eprintln!("error: {e}");
+    let mut src = e.source();
+    while let Some(s) = src {
+        eprintln!("  caused by: {s}");
+        src = s.source();
     }
 }
 
@@ -233,12 +322,89 @@ fn run_build(args: BuildArgs) -> u8 {
             EXIT_SAMPLE_FAILED
         }
         Err(e) => {
-            eprintln!("error: {e}");
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                eprintln!("  caused by: {s}");
-                src = s.source();
-            }
+            report_error(&e);
+            EXIT_ERROR
+        }
+    }
+}
+
+fn run_stats(args: StatsArgs) -> u8 {
+    let result = (|| -> Result<crate::stats::StatsReport, BuildError> {
+        if let Some(dir) = &args.shards {
+            return stats_from_shards(dir, args.model.as_deref());
+        }
+        let opts = StatsOptions {
+            data: args.data.clone(),
+            image_root: args.sample_flags.image_root.clone(),
+            model: args
+                .model
+                .clone()
+                .expect("clap requires --model with --data"),
+            prep: args.sample_flags.preset().map_err(BuildError::Setup)?,
+            sample: args.sample,
+            seed: args.seed,
+            threads: args.sample_flags.threads,
+            progress: !args.sample_flags.quiet,
+        };
+        let m = measure(&opts)?;
+        if let Some(path) = &args.per_sample {
+            write_per_sample(path, &m.measured).map_err(|e| BuildError::Io {
+                path: path.clone(),
+                source: e,
+            })?;
+        }
+        Ok(summarise(
+            &m.measured,
+            m.samples_read,
+            m.rejected_by_reason,
+            m.settings_max_length,
+            args.sample.map(|_| args.seed),
+        ))
+    })();
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            report_error(&e);
+            return EXIT_ERROR;
+        }
+    };
+    if let Some(path) = &args.plot {
+        let title = format!("total tokens per sample ({} samples)", report.samples);
+        if let Err(e) = crate::plot::histogram_png(&report, &title, path) {
+            eprintln!("error: plot: {e}");
+            return EXIT_ERROR;
+        }
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("report serialises")
+        );
+    } else {
+        print!("{}", render_text(&report));
+        if let Some(path) = &args.plot {
+            println!("histogram written to {}", path.display());
+        }
+    }
+    EXIT_OK
+}
+
+fn run_inspect(args: InspectArgs) -> u8 {
+    let opts = InspectOptions {
+        shards: args.shards,
+        id: args.id,
+        index: args.index,
+        model: args.model,
+        dump_images: args.dump_images,
+        color: args.no_color.then_some(false),
+    };
+    match inspect(&opts) {
+        Ok(text) => {
+            print!("{text}");
+            EXIT_OK
+        }
+        Err(e) => {
+            report_error(&e);
             EXIT_ERROR
         }
     }
@@ -249,6 +415,8 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Build(args) => run_build(args),
+        Command::Stats(args) => run_stats(args),
+        Command::Inspect(args) => run_inspect(args),
     };
     ExitCode::from(code)
 }

@@ -183,6 +183,38 @@ impl Processor {
         })
     }
 
+    /// Image size read from the file's first bytes only (no pixel data is read or decoded):
+    /// what `prep stats` uses. Falls back to the whole file when the header is not in the first
+    /// 64 KiB (e.g. a JPEG with large metadata segments first).
+    pub fn image_size_from_header(
+        &self,
+        source: &InputSource,
+        path: &str,
+    ) -> Result<(u32, u32), Rejection> {
+        use std::io::Read;
+        const HEAD: u64 = 64 << 10;
+        let full = self.resolve(source, path);
+        let not_found = |e: std::io::Error| {
+            Rejection::new(
+                RejectKind::ImageNotFound,
+                format!("cannot read image {}: {e}", full.display()),
+            )
+        };
+        let mut file = std::fs::File::open(&full).map_err(not_found)?;
+        let mut head = Vec::with_capacity(HEAD as usize);
+        (&mut file)
+            .take(HEAD)
+            .read_to_end(&mut head)
+            .map_err(not_found)?;
+        match self.image_size(path, &head) {
+            Err(_) if head.len() as u64 == HEAD => {
+                file.read_to_end(&mut head).map_err(not_found)?;
+                self.image_size(path, &head)
+            }
+            r => r,
+        }
+    }
+
     /// Image size as the reference sees it (EXIF rotation applied only with `exif_transpose`).
     pub fn image_size(&self, path: &str, bytes: &[u8]) -> Result<(u32, u32), Rejection> {
         let info = probe(bytes).map_err(|e| decode_rejection(path, e))?;
@@ -204,7 +236,8 @@ impl Processor {
         self.plan_text_within(parsed, sizes, self.settings.max_length)
     }
 
-    fn plan_text_within(
+    /// [`Processor::plan_text`] with another length limit (`usize::MAX`: measure only).
+    pub fn plan_text_within(
         &self,
         parsed: &ParsedSample,
         sizes: &[(u32, u32)],

@@ -1,0 +1,771 @@
+//! `prep stats`: how long are my samples, before spending GPU hours on a `--max-length`.
+//!
+//! Every figure comes from the same code `prep build` runs (validation, slicing plan,
+//! placeholders, template, labels), except that images are only *probed*: their size is read
+//! from the file header and no pixel is decoded, which makes measuring a data set far cheaper
+//! than building it. Lengths are measured without a length limit so the report can say what any
+//! `--max-length` would cost. With `--sample N` a seeded reservoir sample of N samples is
+//! measured instead, and the report gives 95% confidence intervals.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use cpmv_image::{plan_slices, SliceConfig};
+
+use crate::build::{resolve_settings, BuildError};
+use crate::config::{BuildOptions, PrepPreset};
+use crate::input::{RawSample, SampleReader};
+use crate::model::{LlmType, ModelDir};
+use crate::process::{InputSource, Processor, Rejected};
+
+/// `max_slice_nums` values whose image-token cost is reported side by side.
+pub const SLICE_BUDGETS: [u32; 3] = [1, 4, 9];
+/// Candidate `--max-length` values of the loss table (plus the chosen one).
+pub const CANDIDATE_LENGTHS: [u32; 5] = [1024, 2048, 3072, 4096, 8192];
+
+/// Options of a `prep stats` run over data files.
+#[derive(Clone, Debug)]
+pub struct StatsOptions {
+    pub data: Vec<PathBuf>,
+    pub image_root: Option<PathBuf>,
+    pub model: PathBuf,
+    pub prep: PrepPreset,
+    /// Measure a uniform random sample of this many samples instead of all.
+    pub sample: Option<usize>,
+    pub seed: u64,
+    pub threads: Option<usize>,
+    pub progress: bool,
+}
+
+/// The measurements of one sample.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Measured {
+    pub id: String,
+    pub total_tokens: u32,
+    pub text_tokens: u32,
+    /// Placeholder tokens inside image bounds (query_num per overview or slice).
+    pub image_tokens: u32,
+    pub images: u32,
+    /// Overview + slices over all images.
+    pub slices: u32,
+    pub supervised_tokens: u32,
+    /// Slices (overview included) of each image.
+    pub slices_per_image: Vec<u32>,
+    /// Image tokens with each of [`SLICE_BUDGETS`] as `max_slice_nums`.
+    #[serde(skip)]
+    pub image_tokens_by_budget: [u32; 3],
+}
+
+/// Measures one sample from its JSON and its images' headers.
+pub fn measure_sample(
+    p: &Processor,
+    raw: &RawSample,
+    source: &InputSource,
+) -> Result<Measured, Rejected> {
+    let parsed = p.parse(raw, source)?;
+    let reject = |rejection| Rejected {
+        id: parsed.id.clone(),
+        rejection,
+    };
+    let mut sizes = Vec::with_capacity(parsed.images.len());
+    for path in &parsed.images {
+        sizes.push(p.image_size_from_header(source, path).map_err(reject)?);
+    }
+    let text = p
+        .plan_text_within(&parsed, &sizes, usize::MAX)
+        .map_err(reject)?;
+    let q = p.settings.query_num;
+    let mut by_budget = [0u32; 3];
+    for (k, &m) in SLICE_BUDGETS.iter().enumerate() {
+        let cfg = SliceConfig {
+            max_slice_nums: m,
+            ..p.settings.slice_config()
+        };
+        by_budget[k] = sizes
+            .iter()
+            .map(|&(w, h)| plan_slices(w, h, &cfg).num_images() as u32 * q)
+            .sum();
+    }
+    let total = text.input_ids.len() as u32;
+    let image = text.stats.image_tokens as u32;
+    Ok(Measured {
+        id: text.id,
+        total_tokens: total,
+        text_tokens: total - image,
+        image_tokens: image,
+        images: text.plans.len() as u32,
+        slices: text.stats.slices as u32,
+        supervised_tokens: text.stats.supervised as u32,
+        slices_per_image: text.plans.iter().map(|pl| pl.num_images() as u32).collect(),
+        image_tokens_by_budget: by_budget,
+    })
+}
+
+/// min / mean / nearest-rank percentiles / max of a set of counts.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct Distribution {
+    pub min: u64,
+    pub mean: f64,
+    pub p50: u64,
+    pub p90: u64,
+    pub p95: u64,
+    pub p99: u64,
+    pub max: u64,
+}
+
+/// The nearest-rank percentile of sorted values: the smallest value with at least `p` of the
+/// values at or below it.
+fn percentile(sorted: &[u32], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1] as u64
+}
+
+fn distribution(values: &mut [u32]) -> Distribution {
+    values.sort_unstable();
+    if values.is_empty() {
+        return Distribution::default();
+    }
+    let sum: u64 = values.iter().map(|&v| v as u64).sum();
+    Distribution {
+        min: values[0] as u64,
+        mean: sum as f64 / values.len() as f64,
+        p50: percentile(values, 0.50),
+        p90: percentile(values, 0.90),
+        p95: percentile(values, 0.95),
+        p99: percentile(values, 0.99),
+        max: *values.last().unwrap() as u64,
+    }
+}
+
+/// What a `--max-length` costs: samples longer than it are rejected by `prep build`.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct LengthLoss {
+    pub max_length: u32,
+    pub samples_lost: u64,
+    pub samples_lost_share: f64,
+    pub supervised_tokens_lost_share: f64,
+}
+
+/// 95% confidence intervals of total-token figures when a sample was measured.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Confidence {
+    pub mean: [f64; 2],
+    pub p50: [u64; 2],
+    pub p90: [u64; 2],
+    pub p99: [u64; 2],
+}
+
+/// Smallest multiples of 128 that keep 99% / all of the samples.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Suggestion {
+    pub keep_99_percent: u32,
+    pub keep_all: u32,
+}
+
+/// Mean image tokens per sample under another `max_slice_nums`.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct BudgetCost {
+    pub max_slice_nums: u32,
+    pub mean_image_tokens_per_sample: f64,
+}
+
+/// Counts of total tokens in equal-width bins starting at 0.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Histogram {
+    pub bin_width: u32,
+    pub counts: Vec<u64>,
+}
+
+/// Packing figures (shards only).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct PackingStats {
+    pub packs: u64,
+    pub fill_ratio: f64,
+}
+
+/// The whole report; its JSON form is documented in `schemas/stats.schema.json`.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct StatsReport {
+    /// "data" (measured from data files) or "shards" (read from built shards).
+    pub source: String,
+    /// Samples measured (valid ones).
+    pub samples: u64,
+    /// Samples read from the input (all of them, also when sampling).
+    pub samples_read: u64,
+    /// Samples whose measurement was rejected (in the measured set).
+    pub rejected: u64,
+    pub rejected_by_reason: BTreeMap<String, u64>,
+    /// Whether a random sample was measured, and its seed.
+    pub sampled: bool,
+    pub seed: Option<u64>,
+    pub total_tokens: Distribution,
+    pub text_tokens: Distribution,
+    pub image_tokens: Distribution,
+    pub images_per_sample: Distribution,
+    pub slices_per_image: Distribution,
+    pub supervised_tokens: Distribution,
+    pub total_tokens_ci95: Option<Confidence>,
+    pub max_length: u32,
+    pub length_loss: Vec<LengthLoss>,
+    pub suggested_max_length: Suggestion,
+    pub image_tokens_by_max_slice_nums: Vec<BudgetCost>,
+    pub histogram: Histogram,
+    pub packing: Option<PackingStats>,
+    /// Total tokens of every measured sample, sorted (for plots; not serialised).
+    #[serde(skip)]
+    pub totals_sorted: Vec<u32>,
+}
+
+fn round_up_128(v: u64) -> u32 {
+    (v.div_ceil(128) * 128).max(128) as u32
+}
+
+fn histogram(sorted: &[u32]) -> Histogram {
+    let max = sorted.last().copied().unwrap_or(0) as u64;
+    let bin_width = (max.div_ceil(32).div_ceil(64) * 64).max(64) as u32;
+    let bins = (max / bin_width as u64 + 1) as usize;
+    let mut counts = vec![0u64; bins];
+    for &v in sorted {
+        counts[(v / bin_width) as usize] += 1;
+    }
+    Histogram { bin_width, counts }
+}
+
+/// Summarises measurements. `max_length` is the length the user plans to train with.
+pub fn summarise(
+    measured: &[Measured],
+    samples_read: u64,
+    rejected_by_reason: BTreeMap<String, u64>,
+    max_length: u32,
+    sampled: Option<u64>,
+) -> StatsReport {
+    let n = measured.len();
+    let col = |f: &dyn Fn(&Measured) -> u32| -> Vec<u32> { measured.iter().map(f).collect() };
+    let mut totals = col(&|m| m.total_tokens);
+    let total_tokens = distribution(&mut totals);
+    let supervised_total: u64 = measured.iter().map(|m| m.supervised_tokens as u64).sum();
+
+    let mut lengths: Vec<u32> = CANDIDATE_LENGTHS.to_vec();
+    if !lengths.contains(&max_length) {
+        lengths.push(max_length);
+        lengths.sort_unstable();
+    }
+    let length_loss = lengths
+        .into_iter()
+        .map(|l| {
+            let lost: Vec<&Measured> = measured.iter().filter(|m| m.total_tokens > l).collect();
+            let sup_lost: u64 = lost.iter().map(|m| m.supervised_tokens as u64).sum();
+            LengthLoss {
+                max_length: l,
+                samples_lost: lost.len() as u64,
+                samples_lost_share: if n == 0 {
+                    0.0
+                } else {
+                    lost.len() as f64 / n as f64
+                },
+                supervised_tokens_lost_share: if supervised_total == 0 {
+                    0.0
+                } else {
+                    sup_lost as f64 / supervised_total as f64
+                },
+            }
+        })
+        .collect();
+    let keep_99 = if n == 0 {
+        0
+    } else {
+        totals[(0.99 * n as f64).ceil() as usize - 1]
+    };
+    let suggested = Suggestion {
+        keep_99_percent: round_up_128(keep_99 as u64),
+        keep_all: round_up_128(total_tokens.max),
+    };
+    let budgets = SLICE_BUDGETS
+        .iter()
+        .enumerate()
+        .map(|(k, &m)| BudgetCost {
+            max_slice_nums: m,
+            mean_image_tokens_per_sample: if n == 0 {
+                0.0
+            } else {
+                measured
+                    .iter()
+                    .map(|s| s.image_tokens_by_budget[k] as f64)
+                    .sum::<f64>()
+                    / n as f64
+            },
+        })
+        .collect();
+    let ci = sampled.map(|_| confidence(&totals, total_tokens.mean));
+    let mut per_image: Vec<u32> = measured
+        .iter()
+        .flat_map(|m| m.slices_per_image.iter().copied())
+        .collect();
+    StatsReport {
+        source: "data".into(),
+        samples: n as u64,
+        samples_read,
+        rejected: rejected_by_reason.values().sum(),
+        rejected_by_reason,
+        sampled: sampled.is_some(),
+        seed: sampled,
+        histogram: histogram(&totals),
+        total_tokens,
+        text_tokens: distribution(&mut col(&|m| m.text_tokens)),
+        image_tokens: distribution(&mut col(&|m| m.image_tokens)),
+        images_per_sample: distribution(&mut col(&|m| m.images)),
+        slices_per_image: distribution(&mut per_image),
+        supervised_tokens: distribution(&mut col(&|m| m.supervised_tokens)),
+        total_tokens_ci95: ci,
+        max_length,
+        length_loss,
+        suggested_max_length: suggested,
+        image_tokens_by_max_slice_nums: budgets,
+        packing: None,
+        totals_sorted: totals,
+    }
+}
+
+/// Normal-approximation 95% intervals: the mean ± 1.96 standard errors; a percentile between
+/// the order statistics at ranks n·p ± 1.96·√(n·p·(1−p)).
+fn confidence(sorted: &[u32], mean: f64) -> Confidence {
+    let n = sorted.len() as f64;
+    if sorted.is_empty() {
+        return Confidence {
+            mean: [0.0; 2],
+            p50: [0; 2],
+            p90: [0; 2],
+            p99: [0; 2],
+        };
+    }
+    let var = sorted
+        .iter()
+        .map(|&v| (v as f64 - mean).powi(2))
+        .sum::<f64>()
+        / (n - 1.0).max(1.0);
+    let se = (var / n).sqrt();
+    let q = |p: f64| -> [u64; 2] {
+        let half = 1.96 * (n * p * (1.0 - p)).sqrt();
+        let lo = ((n * p - half).floor() as usize).clamp(1, sorted.len());
+        let hi = ((n * p + half).ceil() as usize).clamp(1, sorted.len());
+        [sorted[lo - 1] as u64, sorted[hi - 1] as u64]
+    };
+    Confidence {
+        mean: [mean - 1.96 * se, mean + 1.96 * se],
+        p50: q(0.5),
+        p90: q(0.9),
+        p99: q(0.99),
+    }
+}
+
+/// A small deterministic generator (SplitMix64) for reservoir sampling: the same seed picks the
+/// same samples on every machine and thread count.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..=bound`.
+    fn below_or_eq(&mut self, bound: u64) -> u64 {
+        // Rejection sampling avoids modulo bias.
+        let range = bound.wrapping_add(1);
+        if range == 0 {
+            return self.next();
+        }
+        let zone = u64::MAX - (u64::MAX % range);
+        loop {
+            let v = self.next();
+            if v < zone {
+                return v % range;
+            }
+        }
+    }
+}
+
+/// Measurements of a run: per sample, in input order, plus the rejections.
+pub struct Measurements {
+    pub measured: Vec<Measured>,
+    pub rejected_by_reason: BTreeMap<String, u64>,
+    pub samples_read: u64,
+    pub settings_max_length: u32,
+    pub llm_type: LlmType,
+}
+
+/// Streams the data files and measures every sample (or a seeded reservoir sample).
+pub fn measure(opts: &StatsOptions) -> Result<Measurements, BuildError> {
+    let model = ModelDir::load(&opts.model, opts.prep.llm_type)?;
+    let build_like = BuildOptions {
+        data: opts.data.clone(),
+        image_root: opts.image_root.clone(),
+        model: opts.model.clone(),
+        out: PathBuf::new(),
+        prep: opts.prep.clone(),
+        threads: opts.threads,
+        overwrite: false,
+        progress: opts.progress,
+    };
+    let settings = resolve_settings(&model, &build_like)?;
+    let max_length = settings.max_length as u32;
+    let llm_type = model.llm_type;
+    let processor = Processor::new(model, settings)
+        .map_err(|e| BuildError::Setup(format!("{}: {e}", opts.model.display())))?;
+    let threads = opts.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| BuildError::Setup(format!("thread pool: {e}")))?;
+
+    let mut sources = Vec::new();
+    let mut total_bytes = 0;
+    for path in &opts.data {
+        let meta = std::fs::metadata(path).map_err(|e| BuildError::Io {
+            path: path.clone(),
+            source: e,
+        })?;
+        total_bytes += meta.len();
+        sources.push(InputSource {
+            path: path.clone(),
+            stem: path
+                .file_stem()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_default(),
+            image_root: match &opts.image_root {
+                Some(r) => r.clone(),
+                None => path.parent().map(Path::to_path_buf).unwrap_or_default(),
+            },
+        });
+    }
+    let pb = if opts.progress {
+        let pb = indicatif::ProgressBar::new(total_bytes);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, ETA {eta}) {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        pb
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+
+    let mut measured = Vec::new();
+    let mut rejected: BTreeMap<String, u64> = BTreeMap::new();
+    let mut record = |results: Vec<Result<Measured, Rejected>>, measured: &mut Vec<Measured>| {
+        for r in results {
+            match r {
+                Ok(m) => measured.push(m),
+                Err(rej) => {
+                    *rejected
+                        .entry(rej.rejection.kind.name().to_string())
+                        .or_default() += 1
+                }
+            }
+        }
+    };
+    let mut samples_read = 0u64;
+    let mut bytes_before = 0u64;
+    let chunk_size = 64 * threads;
+    let mut reservoir: Vec<RawSample> = Vec::new();
+    let mut rng = SplitMix64(opts.seed);
+    for (file_idx, source) in sources.iter().enumerate() {
+        let mut reader = SampleReader::open(&source.path, file_idx)?;
+        loop {
+            let mut chunk = Vec::with_capacity(chunk_size);
+            for raw in reader.by_ref() {
+                chunk.push(raw?);
+                if chunk.len() == chunk_size {
+                    break;
+                }
+            }
+            if chunk.is_empty() {
+                break;
+            }
+            match opts.sample {
+                Some(n) => {
+                    // Reservoir sampling (algorithm R): every sample has probability n/N.
+                    for raw in chunk {
+                        if reservoir.len() < n {
+                            reservoir.push(raw);
+                        } else {
+                            let j = rng.below_or_eq(samples_read) as usize;
+                            if j < n {
+                                reservoir[j] = raw;
+                            }
+                        }
+                        samples_read += 1;
+                    }
+                }
+                None => {
+                    samples_read += chunk.len() as u64;
+                    let results: Vec<_> = pool.install(|| {
+                        chunk
+                            .par_iter()
+                            .map(|raw| measure_sample(&processor, raw, &sources[raw.file]))
+                            .collect()
+                    });
+                    record(results, &mut measured);
+                }
+            }
+            pb.set_position(bytes_before + reader.bytes_read);
+            pb.set_message(format!("{samples_read} samples"));
+        }
+        bytes_before += std::fs::metadata(&source.path)
+            .map(|m| m.len())
+            .unwrap_or(0);
+    }
+    if opts.sample.is_some() {
+        reservoir.sort_by_key(|r| (r.file, r.index));
+        let results: Vec<_> = pool.install(|| {
+            reservoir
+                .par_iter()
+                .map(|raw| measure_sample(&processor, raw, &sources[raw.file]))
+                .collect()
+        });
+        record(results, &mut measured);
+    }
+    pb.finish_and_clear();
+    Ok(Measurements {
+        measured,
+        rejected_by_reason: rejected,
+        samples_read,
+        settings_max_length: max_length,
+        llm_type,
+    })
+}
+
+/// Figures from built shards: exact lengths as written, plus packing.
+pub fn stats_from_shards(dir: &Path, model: Option<&Path>) -> Result<StatsReport, BuildError> {
+    let shards = cpmv_shard::ShardDir::open(dir)?;
+    let m = &shards.manifest;
+    let model_dir = model
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(&m.model.dir));
+    let llm: LlmType = m.model.llm_type.parse().map_err(BuildError::Setup)?;
+    let model = ModelDir::load(&model_dir, Some(llm))?;
+    let t = &model.tokens;
+    let new = llm.new_schema();
+    let q = m.settings["sample"]["query_num"]
+        .as_u64()
+        .unwrap_or(model.query_num as u64) as u32;
+    let mut measured = Vec::with_capacity(shards.len());
+    for row in shards.samples() {
+        let image: u32 = row.image_bound.iter().map(|b| (b[1] - b[0]) as u32).sum();
+        // Group runs into images: a new image starts at each `<image>` that is not a slice of
+        // the previous one (old schema: inside `<slice>…</slice>`; new schema: slices use
+        // `<slice>` runs).
+        let mut per_image: Vec<u32> = Vec::new();
+        let mut in_slice = false;
+        for &id in row.input_ids {
+            let id = id as u32;
+            if id == t.slice_start {
+                if new {
+                    if let Some(last) = per_image.last_mut() {
+                        *last += 1;
+                    }
+                } else {
+                    in_slice = true;
+                }
+            } else if id == t.slice_end && !new {
+                in_slice = false;
+            } else if id == t.im_start {
+                match (in_slice, per_image.last_mut()) {
+                    (true, Some(last)) => *last += 1,
+                    _ => per_image.push(1),
+                }
+            }
+        }
+        let slices: u32 = per_image.iter().sum();
+        measured.push(Measured {
+            id: row.id.to_string(),
+            total_tokens: row.num_tokens as u32,
+            text_tokens: row.num_tokens as u32 - image,
+            image_tokens: image,
+            images: per_image.len() as u32,
+            slices,
+            supervised_tokens: row.labels.iter().filter(|&&l| l != -100).count() as u32,
+            slices_per_image: per_image,
+            image_tokens_by_budget: [0; 3],
+        });
+    }
+    let _ = q;
+    let rejected = m.counts.rejected_by_reason.clone();
+    let mut report = summarise(
+        &measured,
+        m.counts.read,
+        rejected,
+        m.packing.max_length,
+        None,
+    );
+    report.source = "shards".into();
+    // The slicing-budget comparison needs image sizes, which shards do not keep.
+    report.image_tokens_by_max_slice_nums.clear();
+    report.packing = Some(PackingStats {
+        packs: m.packing.packs,
+        fill_ratio: m.packing.fill_ratio,
+    });
+    Ok(report)
+}
+
+/// Writes one JSON line per measured sample (id and its counts).
+pub fn write_per_sample(path: &Path, measured: &[Measured]) -> std::io::Result<()> {
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for m in measured {
+        serde_json::to_writer(&mut out, m)?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()
+}
+
+/// The human-readable report.
+pub fn render_text(r: &StatsReport) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let what = if r.sampled {
+        format!(
+            "{} of {} samples (random sample, seed {})",
+            r.samples + r.rejected,
+            r.samples_read,
+            r.seed.unwrap_or(0)
+        )
+    } else {
+        format!("{} samples", r.samples_read)
+    };
+    let _ = writeln!(
+        s,
+        "{what}: {} measured, {} rejected ({})",
+        r.samples, r.rejected, r.source
+    );
+    let _ = writeln!(
+        s,
+        "\n{:<22}{:>9}{:>11}{:>9}{:>9}{:>9}{:>9}{:>9}",
+        "", "min", "mean", "p50", "p90", "p95", "p99", "max"
+    );
+    for (name, d) in [
+        ("total tokens", &r.total_tokens),
+        ("text tokens", &r.text_tokens),
+        ("image tokens", &r.image_tokens),
+        ("supervised tokens", &r.supervised_tokens),
+        ("images per sample", &r.images_per_sample),
+        ("slices per image", &r.slices_per_image),
+    ] {
+        let _ = writeln!(
+            s,
+            "{name:<22}{:>9}{:>11.1}{:>9}{:>9}{:>9}{:>9}{:>9}",
+            d.min, d.mean, d.p50, d.p90, d.p95, d.p99, d.max
+        );
+    }
+    if let Some(ci) = &r.total_tokens_ci95 {
+        let _ =
+            writeln!(
+            s,
+            "95% intervals for total tokens: mean {:.1}..{:.1}, p50 {}..{}, p90 {}..{}, p99 {}..{}",
+            ci.mean[0], ci.mean[1], ci.p50[0], ci.p50[1], ci.p90[0], ci.p90[1], ci.p99[0], ci.p99[1]
+        );
+    }
+    let _ = writeln!(s, "\nmax length   samples lost   supervised tokens lost");
+    for l in &r.length_loss {
+        let mark = if l.max_length == r.max_length {
+            "  <- --max-length"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            s,
+            "{:>10}   {:>7} {:>5.1}%   {:>21.1}%{mark}",
+            l.max_length,
+            l.samples_lost,
+            100.0 * l.samples_lost_share,
+            100.0 * l.supervised_tokens_lost_share
+        );
+    }
+    let _ = writeln!(
+        s,
+        "suggested --max-length: {} (keeps >= 99% of samples), {} (keeps all)",
+        r.suggested_max_length.keep_99_percent, r.suggested_max_length.keep_all
+    );
+    if !r.image_tokens_by_max_slice_nums.is_empty() {
+        let _ = write!(s, "mean image tokens per sample by --max-slice-nums:");
+        for b in &r.image_tokens_by_max_slice_nums {
+            let _ = write!(
+                s,
+                "  {}: {:.1}",
+                b.max_slice_nums, b.mean_image_tokens_per_sample
+            );
+        }
+        s.push('\n');
+    }
+    if let Some(p) = &r.packing {
+        let _ = writeln!(s, "packs: {} (fill {:.1}%)", p.packs, 100.0 * p.fill_ratio);
+    }
+    if !r.rejected_by_reason.is_empty() {
+        let _ = writeln!(s, "rejected:");
+        for (reason, n) in crate::build::reasons_by_count(&r.rejected_by_reason) {
+            let _ = writeln!(s, "  {n:>8}  {reason}");
+        }
+    }
+    let _ = writeln!(s, "\ntotal tokens ({} per bin):", r.histogram.bin_width);
+    let peak = r.histogram.counts.iter().copied().max().unwrap_or(0).max(1);
+    for (i, &c) in r.histogram.counts.iter().enumerate() {
+        let lo = i as u64 * r.histogram.bin_width as u64;
+        let bar = "#".repeat(((c * 50).div_ceil(peak)) as usize);
+        let mark = if (lo..lo + r.histogram.bin_width as u64).contains(&(r.max_length as u64)) {
+            " <- max length"
+        } else {
+            ""
+        };
+        let _ = writeln!(s, "{lo:>7} {c:>8} {bar}{mark}");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let mut v: Vec<u32> = (1..=100).collect();
+        let d = distribution(&mut v);
+        assert_eq!((d.min, d.p50, d.p90, d.p99, d.max), (1, 50, 90, 99, 100));
+        assert!((d.mean - 50.5).abs() < 1e-12);
+        let mut one = vec![7];
+        assert_eq!(distribution(&mut one).p99, 7);
+    }
+
+    #[test]
+    fn reservoir_rng_is_uniform_enough_and_seeded() {
+        let mut a = SplitMix64(42);
+        let mut b = SplitMix64(42);
+        let xs: Vec<u64> = (0..1000).map(|_| a.below_or_eq(9)).collect();
+        assert_eq!(xs, (0..1000).map(|_| b.below_or_eq(9)).collect::<Vec<_>>());
+        for k in 0..10 {
+            let c = xs.iter().filter(|&&x| x == k).count();
+            assert!((60..140).contains(&c), "{k}: {c}");
+        }
+    }
+
+    #[test]
+    fn suggestions_round_up_to_128() {
+        assert_eq!(round_up_128(0), 128);
+        assert_eq!(round_up_128(129), 256);
+        assert_eq!(round_up_128(256), 256);
+    }
+}
