@@ -412,6 +412,13 @@ fn run_inspect(args: InspectArgs) -> u8 {
 
 /// Entry point of the `prep` binary.
 pub fn main() -> ExitCode {
+    // Behave like other command-line tools when the reader of stdout goes away
+    // (`prep stats ... | head`): end quietly instead of panicking on a failed print.
+    #[cfg(unix)]
+    // SAFETY: setting a signal disposition to its default before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Build(args) => run_build(args),
