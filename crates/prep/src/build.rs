@@ -182,7 +182,50 @@ fn prepare_out_dir(out: &Path, overwrite: bool) -> Result<(), BuildError> {
     std::fs::create_dir_all(out).map_err(io_err(out))
 }
 
-fn progress_bar(total: u64, enabled: bool) -> indicatif::ProgressBar {
+/// The data files of a run (with their sizes) and where their relative image paths point.
+pub(crate) fn input_sources(
+    data: &[PathBuf],
+    image_root: Option<&Path>,
+) -> Result<(Vec<(InputSource, u64)>, u64), BuildError> {
+    let mut sources = Vec::with_capacity(data.len());
+    let mut total = 0;
+    for path in data {
+        let len = std::fs::metadata(path).map_err(io_err(path))?.len();
+        total += len;
+        let source = InputSource {
+            path: path.clone(),
+            stem: path
+                .file_stem()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_default(),
+            image_root: match image_root {
+                Some(r) => r.to_path_buf(),
+                None => path.parent().map(Path::to_path_buf).unwrap_or_default(),
+            },
+        };
+        sources.push((source, len));
+    }
+    Ok((sources, total))
+}
+
+/// The worker pool (`threads`, default all cores) and its size.
+pub(crate) fn thread_pool(
+    threads: Option<usize>,
+) -> Result<(rayon::ThreadPool, usize), BuildError> {
+    let n = threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build()
+        .map_err(|e| BuildError::Setup(format!("thread pool: {e}")))?;
+    Ok((pool, n))
+}
+
+/// A bytes-based progress bar (hidden when `enabled` is false or stderr is not a terminal).
+pub(crate) fn progress_bar(total: u64, enabled: bool) -> indicatif::ProgressBar {
     if !enabled {
         return indicatif::ProgressBar::hidden();
     }
@@ -239,27 +282,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         settings: sha256_hex(settings_json.to_string().as_bytes()),
     };
 
-    let mut sources = Vec::new();
-    let mut input_bytes = 0;
-    for path in &opts.data {
-        let meta = std::fs::metadata(path).map_err(io_err(path))?;
-        input_bytes += meta.len();
-        let image_root = match &opts.image_root {
-            Some(r) => r.clone(),
-            None => path.parent().map(Path::to_path_buf).unwrap_or_default(),
-        };
-        sources.push((
-            InputSource {
-                path: path.clone(),
-                stem: path
-                    .file_stem()
-                    .map(|s| s.to_string_lossy().to_string())
-                    .unwrap_or_default(),
-                image_root,
-            },
-            meta.len(),
-        ));
-    }
+    let (sources, input_bytes) = input_sources(&opts.data, opts.image_root.as_deref())?;
 
     prepare_out_dir(&opts.out, opts.overwrite)?;
     let rejected_path = opts.out.join(format!("{REJECTED_FILE}.partial"));
@@ -267,15 +290,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         std::fs::File::create(&rejected_path).map_err(io_err(&rejected_path))?,
     );
 
-    let threads = opts.threads.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    });
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .map_err(|e| BuildError::Setup(format!("thread pool: {e}")))?;
+    let (pool, threads) = thread_pool(opts.threads)?;
 
     // The writer thread owns the shard writer; packs reach it through a bounded queue.
     let writer_opts = WriterOptions {
@@ -484,27 +499,5 @@ pub fn reasons_by_count(counts: &BTreeMap<String, u64>) -> Vec<(&str, u64)> {
 
 /// Every rejection kind's name (for documentation and schema checks).
 pub fn all_reject_kinds() -> Vec<&'static str> {
-    use RejectKind::*;
-    [
-        InvalidJson,
-        NotAnObject,
-        InvalidConversations,
-        InvalidRoles,
-        EmptyAssistant,
-        InvalidImageField,
-        MisplacedImageTag,
-        DuplicateImageTag,
-        UnknownImageTag,
-        UnusedImage,
-        ReservedToken,
-        ImageNotFound,
-        ImageDecode,
-        ImageTooLarge,
-        TooLong,
-        NoSupervision,
-        InternalError,
-    ]
-    .iter()
-    .map(|k| k.name())
-    .collect()
+    RejectKind::ALL.iter().map(|k| k.name()).collect()
 }

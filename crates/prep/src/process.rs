@@ -140,15 +140,39 @@ impl Processor {
             ],
         };
         let s = self.settings.scale_resolution;
-        self.plan_text_within(&parsed, &[(2 * s, s)], usize::MAX)
-            .map(|_| ())
-            .map_err(|r| {
-                crate::template::TemplateError(format!(
-                    "{}: the checkpoint cannot encode a sample: {}",
-                    self.model.dir.display(),
-                    r.message
-                ))
-            })
+        let size = (2 * s, s);
+        let fail = |m: String| {
+            crate::template::TemplateError(format!(
+                "{}: the checkpoint cannot encode a sample: {m}",
+                self.model.dir.display()
+            ))
+        };
+        let plan = self
+            .plan_text_within(&parsed, &[size], usize::MAX)
+            .map_err(|r| fail(r.message))?;
+        // The widened short form must equal tokenizing the full placeholder text.
+        let cfg = self.settings.slice_config();
+        let mut full = PlaceholderBuilder::new(
+            self.settings.query_num,
+            &self.model.strings.unk,
+            self.settings.llm_type.new_schema(),
+            self.settings.image_id_mode,
+        );
+        let ph = vec![full.next(&cpmv_image::plan_slices(size.0, size.1, &cfg))];
+        let messages: Vec<_> = parsed
+            .messages
+            .iter()
+            .map(|m| (m.role, m.render(&ph)))
+            .collect();
+        let tok = self.templater.tokenize(&self.model, &messages)?;
+        let ids: Vec<i32> = tok.ids.iter().map(|&v| v as i32).collect();
+        if ids != plan.input_ids {
+            return Err(fail(format!(
+                "the tokenizer does not treat {} and the image tokens as special (added) tokens",
+                self.model.strings.unk
+            )));
+        }
+        Ok(())
     }
 
     fn resolve(&self, source: &InputSource, path: &str) -> PathBuf {
@@ -185,14 +209,14 @@ impl Processor {
 
     /// Image size read from the file's first bytes only (no pixel data is read or decoded):
     /// what `prep stats` uses. Falls back to the whole file when the header is not in the first
-    /// 64 KiB (e.g. a JPEG with large metadata segments first).
+    /// 16 KiB (e.g. a JPEG with a large EXIF thumbnail first).
     pub fn image_size_from_header(
         &self,
         source: &InputSource,
         path: &str,
     ) -> Result<(u32, u32), Rejection> {
         use std::io::Read;
-        const HEAD: u64 = 64 << 10;
+        const HEAD: u64 = 16 << 10;
         let full = self.resolve(source, path);
         let not_found = |e: std::io::Error| {
             Rejection::new(
@@ -227,6 +251,35 @@ impl Processor {
         })
     }
 
+    /// Repeats the `<unk>` inside each placeholder run `q` times (with its mask value). Runs
+    /// open at `<image>` (and `<slice>` in the new schema) and close at their end tokens; a
+    /// literal `<unk>` in the text, outside any run, is left alone.
+    fn widen_placeholder_runs(
+        &self,
+        short: &crate::template::Tokenized,
+        q: usize,
+    ) -> crate::template::Tokenized {
+        let t = &self.model.tokens;
+        let new = self.settings.llm_type.new_schema();
+        let extra = short.ids.iter().filter(|&&v| v == t.unk).count() * q.saturating_sub(1);
+        let mut ids = Vec::with_capacity(short.ids.len() + extra);
+        let mut ctx = Vec::with_capacity(short.ids.len() + extra);
+        let mut in_run = false;
+        for (&id, &c) in short.ids.iter().zip(&short.ctx) {
+            if id == t.im_start || (new && id == t.slice_start) {
+                in_run = true;
+            } else if id == t.im_end || (new && id == t.slice_end) {
+                in_run = false;
+            }
+            let copies = if in_run && id == t.unk { q } else { 1 };
+            for _ in 0..copies {
+                ids.push(id);
+                ctx.push(c);
+            }
+        }
+        crate::template::Tokenized { ids, ctx }
+    }
+
     /// The text side of a parsed sample given its image sizes (model order).
     pub fn plan_text(
         &self,
@@ -249,8 +302,13 @@ impl Processor {
             .iter()
             .map(|&(w, h)| cpmv_image::plan_slices(w, h, &cfg))
             .collect();
+        // Placeholders are tokenized with a single `<unk>` per run, then each run is widened to
+        // query_num tokens. `<unk>` and the start/end tokens are added (special) tokens, which
+        // the tokenizer splits out before anything else, so the text around them tokenizes the
+        // same either way; tokenizing thousands of `<unk>` one by one was most of the cost of a
+        // sample's text side. The start-up self-check and the parity fixtures confirm it.
         let mut builder = PlaceholderBuilder::new(
-            s.query_num,
+            1,
             &self.model.strings.unk,
             s.llm_type.new_schema(),
             s.image_id_mode,
@@ -261,19 +319,21 @@ impl Processor {
             .iter()
             .map(|m| (m.role, m.render(&placeholders)))
             .collect();
-        let mut tok = self
+        let short = self
             .templater
             .tokenize(&self.model, &messages)
             .map_err(|e| Rejection::new(RejectKind::InvalidConversations, e.0))?;
+        let mut tok = self.widen_placeholder_runs(&short, s.query_num as usize);
 
         let slices: usize = plans.iter().map(SlicePlan::num_images).sum();
+        let q = s.query_num as i32;
         let bounds_of = |ids: &[u32]| {
             image_bounds(ids, &self.model)
-                .filter(|b| b.len() == slices)
+                .filter(|b| b.len() == slices && b.iter().all(|[a, e]| e - a == q))
                 .ok_or_else(|| {
                     Rejection::new(
                         RejectKind::ReservedToken,
-                        "image start/end tokens do not pair up after tokenization",
+                        "image placeholders do not tokenize into one run of query_num tokens per slice",
                     )
                 })
         };
@@ -281,19 +341,24 @@ impl Processor {
         let n = tok.ids.len();
         let mut truncated = 0;
         if n > max_length {
-            let last_image_end = bounds.last().map_or(0, |b| b[1] as usize + 1);
             if !s.truncate {
                 return Err(Rejection::new(
                     RejectKind::TooLong,
-                    format!("{n} tokens > max length {}", max_length),
+                    format!("{n} tokens > max length {max_length}"),
                 ));
             }
+            // End of the last placeholder, including the old schema's closing `</slice>`.
+            let t = &self.model.tokens;
+            let last_image_end = tok
+                .ids
+                .iter()
+                .rposition(|&v| v == t.im_end || v == t.slice_end)
+                .map_or(0, |p| p + 1);
             if last_image_end > max_length {
                 return Err(Rejection::new(
                     RejectKind::TooLong,
                     format!(
-                        "{n} tokens > max length {}, and the images alone end at token {last_image_end}",
-                        max_length
+                        "{n} tokens > max length {max_length}, and the images alone end at token {last_image_end}"
                     ),
                 ));
             }

@@ -48,6 +48,27 @@ pub enum RejectKind {
 }
 
 impl RejectKind {
+    /// Every kind, in documentation order.
+    pub const ALL: [RejectKind; 17] = [
+        RejectKind::InvalidJson,
+        RejectKind::NotAnObject,
+        RejectKind::InvalidConversations,
+        RejectKind::InvalidRoles,
+        RejectKind::EmptyAssistant,
+        RejectKind::InvalidImageField,
+        RejectKind::MisplacedImageTag,
+        RejectKind::DuplicateImageTag,
+        RejectKind::UnknownImageTag,
+        RejectKind::UnusedImage,
+        RejectKind::ReservedToken,
+        RejectKind::ImageNotFound,
+        RejectKind::ImageDecode,
+        RejectKind::ImageTooLarge,
+        RejectKind::TooLong,
+        RejectKind::NoSupervision,
+        RejectKind::InternalError,
+    ];
+
     /// The snake_case name used in files and summaries.
     pub fn name(self) -> &'static str {
         match self {

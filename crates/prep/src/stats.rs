@@ -422,49 +422,10 @@ pub fn measure(opts: &StatsOptions) -> Result<Measurements, BuildError> {
     let llm_type = model.llm_type;
     let processor = Processor::new(model, settings)
         .map_err(|e| BuildError::Setup(format!("{}: {e}", opts.model.display())))?;
-    let threads = opts.threads.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    });
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .map_err(|e| BuildError::Setup(format!("thread pool: {e}")))?;
-
-    let mut sources = Vec::new();
-    let mut total_bytes = 0;
-    for path in &opts.data {
-        let meta = std::fs::metadata(path).map_err(|e| BuildError::Io {
-            path: path.clone(),
-            source: e,
-        })?;
-        total_bytes += meta.len();
-        sources.push(InputSource {
-            path: path.clone(),
-            stem: path
-                .file_stem()
-                .map(|s| s.to_string_lossy().to_string())
-                .unwrap_or_default(),
-            image_root: match &opts.image_root {
-                Some(r) => r.clone(),
-                None => path.parent().map(Path::to_path_buf).unwrap_or_default(),
-            },
-        });
-    }
-    let pb = if opts.progress {
-        let pb = indicatif::ProgressBar::new(total_bytes);
-        pb.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{elapsed_precise} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, ETA {eta}) {msg}",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
-        );
-        pb
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let (pool, threads) = crate::build::thread_pool(opts.threads)?;
+    let (sources, total_bytes) =
+        crate::build::input_sources(&opts.data, opts.image_root.as_deref())?;
+    let pb = crate::build::progress_bar(total_bytes, opts.progress);
 
     let mut measured = Vec::new();
     let mut rejected: BTreeMap<String, u64> = BTreeMap::new();
@@ -485,7 +446,7 @@ pub fn measure(opts: &StatsOptions) -> Result<Measurements, BuildError> {
     let chunk_size = 64 * threads;
     let mut reservoir: Vec<RawSample> = Vec::new();
     let mut rng = SplitMix64(opts.seed);
-    for (file_idx, source) in sources.iter().enumerate() {
+    for (file_idx, (source, file_bytes)) in sources.iter().enumerate() {
         let mut reader = SampleReader::open(&source.path, file_idx)?;
         loop {
             let mut chunk = Vec::with_capacity(chunk_size);
@@ -518,7 +479,7 @@ pub fn measure(opts: &StatsOptions) -> Result<Measurements, BuildError> {
                     let results: Vec<_> = pool.install(|| {
                         chunk
                             .par_iter()
-                            .map(|raw| measure_sample(&processor, raw, &sources[raw.file]))
+                            .map(|raw| measure_sample(&processor, raw, &sources[raw.file].0))
                             .collect()
                     });
                     record(results, &mut measured);
@@ -527,16 +488,14 @@ pub fn measure(opts: &StatsOptions) -> Result<Measurements, BuildError> {
             pb.set_position(bytes_before + reader.bytes_read);
             pb.set_message(format!("{samples_read} samples"));
         }
-        bytes_before += std::fs::metadata(&source.path)
-            .map(|m| m.len())
-            .unwrap_or(0);
+        bytes_before += file_bytes;
     }
     if opts.sample.is_some() {
         reservoir.sort_by_key(|r| (r.file, r.index));
         let results: Vec<_> = pool.install(|| {
             reservoir
                 .par_iter()
-                .map(|raw| measure_sample(&processor, raw, &sources[raw.file]))
+                .map(|raw| measure_sample(&processor, raw, &sources[raw.file].0))
                 .collect()
         });
         record(results, &mut measured);
