@@ -562,3 +562,52 @@ fn a_checkpoint_that_cannot_encode_samples_is_refused_at_start() {
         "{err}"
     );
 }
+
+#[test]
+fn truncation_settings_in_tokenizer_json_are_ignored() {
+    // A tokenizer.json may carry `truncation`; the reference's encode calls do not truncate, so
+    // lengths must not change.
+    let tmp = out_dir();
+    let model = tmp.path().join("m");
+    std::fs::create_dir(&model).unwrap();
+    for f in [
+        "config.json",
+        "tokenizer_config.json",
+        "preprocessor_config.json",
+    ] {
+        std::fs::copy(root().join(MODELS[2]).join(f), model.join(f)).unwrap();
+    }
+    let mut tok: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join(MODELS[2]).join("tokenizer.json")).unwrap(),
+    )
+    .unwrap();
+    tok["truncation"] = serde_json::json!({"direction": "Right", "max_length": 16, "strategy": "LongestFirst", "stride": 0});
+    std::fs::write(model.join("tokenizer.json"), tok.to_string()).unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    for (m, out) in [(s(&model), &a), (MODELS[2], &b)] {
+        let o = prep(&[
+            "build",
+            "--data",
+            "examples/data/train.json",
+            "--model",
+            m,
+            "--out",
+            s(out),
+            "--quiet",
+        ]);
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let lens = |d: &Path| -> Vec<i32> {
+        ShardDir::open(d)
+            .unwrap()
+            .samples()
+            .map(|r| r.num_tokens)
+            .collect()
+    };
+    assert_eq!(lens(&a), lens(&b));
+}

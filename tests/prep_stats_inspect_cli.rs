@@ -358,3 +358,65 @@ fn inspect_shows_placeholders_supervision_bounds_and_slices() {
     let missing = prep(&["inspect", "--shards", s(&out), "--id", "nope"]);
     assert_eq!(missing.status.code(), Some(1));
 }
+
+#[test]
+fn exif_transpose_sizes_agree_between_stats_and_build() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fx = root().join("tests/fixtures/decode");
+    let line = |id: &str, img: &str| {
+        serde_json::json!({"id": id, "image": s(&fx.join(img)), "conversations": [
+            {"role": "user", "content": "Which way is up?"}, {"role": "assistant", "content": "This way."}]})
+        .to_string()
+    };
+    let data = tmp.path().join("d.jsonl");
+    std::fs::write(
+        &data,
+        [
+            line("jpeg-6", "jpeg_exif_orientation_6.jpg"),
+            line("png-6", "png_exif_orientation_6.png"),
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    for flag in ["--exif-transpose", "--no-exif-transpose"] {
+        let per = tmp.path().join("per.jsonl");
+        let out = tmp.path().join("o");
+        ok(
+            &prep(&[
+                "stats",
+                "--data",
+                s(&data),
+                "--model",
+                MODELS[2],
+                "--per-sample",
+                s(&per),
+                "--quiet",
+                flag,
+            ]),
+            0,
+        );
+        ok(
+            &prep(&[
+                "build",
+                "--data",
+                s(&data),
+                "--model",
+                MODELS[2],
+                "--out",
+                s(&out),
+                "--quiet",
+                "--overwrite",
+                flag,
+            ]),
+            0,
+        );
+        let measured = per_sample(&per);
+        for row in ShardDir::open(&out).unwrap().samples() {
+            assert_eq!(
+                measured[row.id]["total_tokens"], row.num_tokens,
+                "{flag} {}",
+                row.id
+            );
+        }
+    }
+}

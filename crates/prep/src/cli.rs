@@ -174,10 +174,10 @@ struct StatsArgs {
     #[command(flatten)]
     sample_flags: SampleFlags,
     /// Measure a uniform random sample of N samples (seeded reservoir) instead of all.
-    #[arg(long)]
-    sample: Option<usize>,
+    #[arg(long, conflicts_with = "shards", value_parser = clap::value_parser!(u64).range(1..))]
+    sample: Option<u64>,
     /// Seed of --sample.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, conflicts_with = "shards")]
     seed: u64,
     /// Print the figures as one JSON object (schemas/stats.schema.json).
     #[arg(long)]
@@ -186,7 +186,7 @@ struct StatsArgs {
     #[arg(long)]
     plot: Option<PathBuf>,
     /// Write one JSON line per measured sample (id and counts).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "shards")]
     per_sample: Option<PathBuf>,
 }
 
@@ -341,7 +341,7 @@ fn run_stats(args: StatsArgs) -> u8 {
                 .clone()
                 .expect("clap requires --model with --data"),
             prep: args.sample_flags.preset().map_err(BuildError::Setup)?,
-            sample: args.sample,
+            sample: args.sample.map(|n| n as usize),
             seed: args.seed,
             threads: args.sample_flags.threads,
             progress: !args.sample_flags.quiet,
@@ -358,7 +358,10 @@ fn run_stats(args: StatsArgs) -> u8 {
             m.samples_read,
             m.rejected_by_reason,
             m.settings_max_length,
-            args.sample.map(|_| args.seed),
+            // A "sample" as large as the data set is the data set: exact figures.
+            args.sample
+                .filter(|&n| n < m.samples_read)
+                .map(|_| args.seed),
         ))
     })();
     let report = match result {

@@ -100,6 +100,8 @@ pub fn inspect(opts: &InspectOptions) -> Result<String, BuildError> {
         })?,
         (None, None) => return Err(BuildError::Setup("give --id or --index".into())),
     };
+    row.check()
+        .map_err(|e| BuildError::Setup(format!("{}: {e}", opts.shards.display())))?;
     let model_dir = opts
         .model
         .clone()

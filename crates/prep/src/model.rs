@@ -241,10 +241,20 @@ impl ModelDir {
             path: tok_path.clone(),
             source: e,
         })?;
-        let tokenizer = Tokenizer::from_bytes(&tok_bytes).map_err(|e| ModelError::Tokenizer {
-            path: tok_path.clone(),
-            message: e.to_string(),
-        })?;
+        let mut tokenizer =
+            Tokenizer::from_bytes(&tok_bytes).map_err(|e| ModelError::Tokenizer {
+                path: tok_path.clone(),
+                message: e.to_string(),
+            })?;
+        // A tokenizer.json may carry truncation or padding settings; the reference's encode
+        // calls use neither (lengths are handled by --max-length), so switch them off.
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| ModelError::Tokenizer {
+                path: tok_path.clone(),
+                message: e.to_string(),
+            })?;
+        tokenizer.with_padding(None);
         let tokenizer_sha256 = hex::encode(Sha256::digest(&tok_bytes));
 
         let field = |key: &str| tok_config.get(key).and_then(token_string);

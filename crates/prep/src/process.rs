@@ -83,6 +83,29 @@ pub struct Prepared {
     pub stats: SampleStats,
 }
 
+/// Runs `f` for one sample; a panic in it (a cpmv bug) becomes an `internal_error` rejection
+/// that names the sample, so one bad sample never aborts a whole run.
+pub fn guard_sample<T>(
+    raw: &RawSample,
+    source: &InputSource,
+    f: impl FnOnce() -> Result<T, Rejected>,
+) -> Result<T, Rejected> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        let msg = payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "panic".into());
+        Err(Rejected {
+            id: sample_id(None, &source.stem, raw.index),
+            rejection: Rejection::new(
+                RejectKind::InternalError,
+                format!("internal error (please report): {msg}"),
+            ),
+        })
+    })
+}
+
 fn decode_rejection(path: &str, e: cpmv_image::DecodeError) -> Rejection {
     let kind = match e {
         cpmv_image::DecodeError::TooLarge(..) => RejectKind::ImageTooLarge,
@@ -230,6 +253,11 @@ impl Processor {
             .take(HEAD)
             .read_to_end(&mut head)
             .map_err(not_found)?;
+        // EXIF may sit after the image data (WebP, some PNGs): with --exif-transpose the
+        // orientation needs the whole file.
+        if self.settings.exif_transpose && head.len() as u64 == HEAD {
+            file.read_to_end(&mut head).map_err(not_found)?;
+        }
         match self.image_size(path, &head) {
             Err(_) if head.len() as u64 == HEAD => {
                 file.read_to_end(&mut head).map_err(not_found)?;
@@ -410,21 +438,7 @@ impl Processor {
         raw: &RawSample,
         source: &InputSource,
     ) -> Result<Prepared, Rejected> {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.process(raw, source)))
-            .unwrap_or_else(|payload| {
-                let msg = payload
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "panic".into());
-                Err(Rejected {
-                    id: sample_id(None, &source.stem, raw.index),
-                    rejection: Rejection::new(
-                        RejectKind::InternalError,
-                        format!("internal error (please report): {msg}"),
-                    ),
-                })
-            })
+        guard_sample(raw, source, || self.process(raw, source))
     }
 
     /// The full pipeline for one raw sample.

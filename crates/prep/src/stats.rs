@@ -479,7 +479,11 @@ pub fn measure(opts: &StatsOptions) -> Result<Measurements, BuildError> {
                     let results: Vec<_> = pool.install(|| {
                         chunk
                             .par_iter()
-                            .map(|raw| measure_sample(&processor, raw, &sources[raw.file].0))
+                            .map(|raw| {
+                                crate::process::guard_sample(raw, &sources[raw.file].0, || {
+                                    measure_sample(&processor, raw, &sources[raw.file].0)
+                                })
+                            })
                             .collect()
                     });
                     record(results, &mut measured);
@@ -495,7 +499,11 @@ pub fn measure(opts: &StatsOptions) -> Result<Measurements, BuildError> {
         let results: Vec<_> = pool.install(|| {
             reservoir
                 .par_iter()
-                .map(|raw| measure_sample(&processor, raw, &sources[raw.file].0))
+                .map(|raw| {
+                    crate::process::guard_sample(raw, &sources[raw.file].0, || {
+                        measure_sample(&processor, raw, &sources[raw.file].0)
+                    })
+                })
                 .collect()
         });
         record(results, &mut measured);
@@ -521,11 +529,10 @@ pub fn stats_from_shards(dir: &Path, model: Option<&Path>) -> Result<StatsReport
     let model = ModelDir::load(&model_dir, Some(llm))?;
     let t = &model.tokens;
     let new = llm.new_schema();
-    let q = m.settings["sample"]["query_num"]
-        .as_u64()
-        .unwrap_or(model.query_num as u64) as u32;
     let mut measured = Vec::with_capacity(shards.len());
     for row in shards.samples() {
+        row.check()
+            .map_err(|e| BuildError::Setup(format!("{}: {e}", dir.display())))?;
         let image: u32 = row.image_bound.iter().map(|b| (b[1] - b[0]) as u32).sum();
         // Group runs into images: a new image starts at each `<image>` that is not a slice of
         // the previous one (old schema: inside `<slice>…</slice>`; new schema: slices use
@@ -564,7 +571,6 @@ pub fn stats_from_shards(dir: &Path, model: Option<&Path>) -> Result<StatsReport
             image_tokens_by_budget: [0; 3],
         });
     }
-    let _ = q;
     let rejected = m.counts.rejected_by_reason.clone();
     let mut report = summarise(
         &measured,

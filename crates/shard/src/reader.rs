@@ -38,6 +38,45 @@ pub struct SampleView<'a> {
     pub pack: u32,
 }
 
+impl SampleView<'_> {
+    /// Checks the row's internal consistency (lengths, bounds inside the sequence, one pixel
+    /// buffer per slice). Tools that index with these values call it first, so a damaged or
+    /// foreign file gives an error instead of a panic.
+    pub fn check(&self) -> Result<(), String> {
+        let n = self.input_ids.len();
+        if self.labels.len() != n || self.num_tokens as usize != n {
+            return Err(format!(
+                "row {:?}: {} input ids, {} labels, num_tokens {}",
+                self.id,
+                n,
+                self.labels.len(),
+                self.num_tokens
+            ));
+        }
+        if let Some(b) = self
+            .image_bound
+            .iter()
+            .find(|b| b[0] < 0 || b[0] > b[1] || b[1] as usize > n)
+        {
+            return Err(format!(
+                "row {:?}: image bound {b:?} outside 0..{n}",
+                self.id
+            ));
+        }
+        if self.tgt_sizes.len() != self.pixel_values.len()
+            || self.tgt_sizes.iter().any(|t| t[0] < 0 || t[1] < 0)
+        {
+            return Err(format!(
+                "row {:?}: {} slice sizes for {} pixel buffers",
+                self.id,
+                self.tgt_sizes.len(),
+                self.pixel_values.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl ShardReader {
     /// Maps `path` and decodes its footer and record-batch headers (no data is copied).
     pub fn open(path: &Path) -> Result<ShardReader, ShardError> {
@@ -354,6 +393,37 @@ mod tests {
             .flat_map(|(p, v)| v.into_iter().map(move |s| (p as u32, s)))
             .collect();
         assert_eq!(rows, expected);
+    }
+
+    #[test]
+    fn inconsistent_rows_are_reported_by_check() {
+        let ids = [1, 2, 3];
+        let good = SampleView {
+            id: "x",
+            input_ids: &ids,
+            labels: &[-100, 3, -100],
+            image_bound: vec![[1, 2]],
+            tgt_sizes: vec![],
+            pixel_values: vec![],
+            num_tokens: 3,
+            pack: 0,
+        };
+        assert!(good.check().is_ok());
+        let inverted = SampleView {
+            image_bound: vec![[2, 1]],
+            ..good.clone()
+        };
+        assert!(inverted.check().unwrap_err().contains("outside"));
+        let short = SampleView {
+            labels: &[-100],
+            ..good.clone()
+        };
+        assert!(short.check().is_err());
+        let pixels = SampleView {
+            tgt_sizes: vec![[1, 1]],
+            ..good
+        };
+        assert!(pixels.check().is_err());
     }
 
     #[test]
