@@ -1,36 +1,17 @@
 //! End-to-end tests of the `prep` binary: real model directories (examples/models), real photos
 //! (examples/images), shards read back through the zero-copy reader.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 
 use cpmv_shard::ShardDir;
 use serde_json::Value;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-const MODELS: [&str; 3] = [
-    "examples/models/minicpm-v-2-tiny",
-    "examples/models/minicpm-llama3-v-2_5-tiny",
-    "examples/models/minicpm-v-2_6-tiny",
-];
-
-fn prep(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_prep"))
-        .current_dir(root())
-        .args(args)
-        .output()
-        .expect("prep runs")
-}
+#[path = "common/mod.rs"]
+mod common;
+use common::{prep, root, s, MODELS};
 
 fn out_dir() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 #[test]

@@ -2,32 +2,14 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use cpmv_shard::ShardDir;
 use serde_json::Value;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-const MODELS: [&str; 3] = [
-    "examples/models/minicpm-v-2-tiny",
-    "examples/models/minicpm-llama3-v-2_5-tiny",
-    "examples/models/minicpm-v-2_6-tiny",
-];
-
-fn prep(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_prep"))
-        .current_dir(root())
-        .args(args)
-        .output()
-        .expect("prep runs")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+#[path = "common/mod.rs"]
+mod common;
+use common::{prep, root, s, MODELS};
 
 fn ok(o: &Output, code: i32) -> String {
     assert_eq!(

@@ -351,13 +351,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
                 rejected: 0,
             };
             loop {
-                let mut chunk = Vec::with_capacity(chunk_size);
-                for raw in reader.by_ref() {
-                    chunk.push(raw?);
-                    if chunk.len() == chunk_size {
-                        break;
-                    }
-                }
+                let chunk = reader.next_chunk(chunk_size)?;
                 if chunk.is_empty() {
                     break;
                 }

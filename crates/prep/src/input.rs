@@ -306,6 +306,20 @@ impl SampleReader {
     }
 }
 
+impl SampleReader {
+    /// Up to `n` next samples (fewer at the end of the file, none after it).
+    pub fn next_chunk(&mut self, n: usize) -> Result<Vec<RawSample>, InputError> {
+        let mut chunk = Vec::with_capacity(n);
+        for raw in self.by_ref() {
+            chunk.push(raw?);
+            if chunk.len() == n {
+                break;
+            }
+        }
+        Ok(chunk)
+    }
+}
+
 impl Iterator for SampleReader {
     type Item = Result<RawSample, InputError>;
 

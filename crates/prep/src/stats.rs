@@ -441,6 +441,19 @@ pub fn measure(opts: &StatsOptions) -> Result<Measurements, BuildError> {
             }
         }
     };
+    // Measures raw samples in parallel, results in input order.
+    let measure_all = |raws: &[RawSample]| -> Vec<Result<Measured, Rejected>> {
+        pool.install(|| {
+            raws.par_iter()
+                .map(|raw| {
+                    let source = &sources[raw.file].0;
+                    crate::process::guard_sample(raw, source, || {
+                        measure_sample(&processor, raw, source)
+                    })
+                })
+                .collect()
+        })
+    };
     let mut samples_read = 0u64;
     let mut bytes_before = 0u64;
     let chunk_size = 64 * threads;
@@ -449,13 +462,7 @@ pub fn measure(opts: &StatsOptions) -> Result<Measurements, BuildError> {
     for (file_idx, (source, file_bytes)) in sources.iter().enumerate() {
         let mut reader = SampleReader::open(&source.path, file_idx)?;
         loop {
-            let mut chunk = Vec::with_capacity(chunk_size);
-            for raw in reader.by_ref() {
-                chunk.push(raw?);
-                if chunk.len() == chunk_size {
-                    break;
-                }
-            }
+            let chunk = reader.next_chunk(chunk_size)?;
             if chunk.is_empty() {
                 break;
             }
@@ -476,17 +483,7 @@ pub fn measure(opts: &StatsOptions) -> Result<Measurements, BuildError> {
                 }
                 None => {
                     samples_read += chunk.len() as u64;
-                    let results: Vec<_> = pool.install(|| {
-                        chunk
-                            .par_iter()
-                            .map(|raw| {
-                                crate::process::guard_sample(raw, &sources[raw.file].0, || {
-                                    measure_sample(&processor, raw, &sources[raw.file].0)
-                                })
-                            })
-                            .collect()
-                    });
-                    record(results, &mut measured);
+                    record(measure_all(&chunk), &mut measured);
                 }
             }
             pb.set_position(bytes_before + reader.bytes_read);
@@ -496,17 +493,7 @@ pub fn measure(opts: &StatsOptions) -> Result<Measurements, BuildError> {
     }
     if opts.sample.is_some() {
         reservoir.sort_by_key(|r| (r.file, r.index));
-        let results: Vec<_> = pool.install(|| {
-            reservoir
-                .par_iter()
-                .map(|raw| {
-                    crate::process::guard_sample(raw, &sources[raw.file].0, || {
-                        measure_sample(&processor, raw, &sources[raw.file].0)
-                    })
-                })
-                .collect()
-        });
-        record(results, &mut measured);
+        record(measure_all(&reservoir), &mut measured);
     }
     pb.finish_and_clear();
     Ok(Measurements {
