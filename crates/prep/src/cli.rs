@@ -10,9 +10,7 @@ use crate::config::{BuildOptions, OnError, OutputFormat, PrepPreset};
 use crate::inspect::{inspect, InspectOptions};
 use crate::model::LlmType;
 use crate::placeholder::ImageIdMode;
-use crate::stats::{
-    measure, render_text, stats_from_shards, summarise, write_per_sample, StatsOptions,
-};
+use crate::stats::{measure, render_text, stats_from_shards, StatsOptions};
 
 /// Exit status: all samples written.
 pub const EXIT_OK: u8 = 0;
@@ -345,16 +343,10 @@ fn run_stats(args: StatsArgs) -> u8 {
             seed: args.seed,
             threads: args.sample_flags.threads,
             progress: !args.sample_flags.quiet,
+            per_sample: args.per_sample.clone(),
         };
         let m = measure(&opts)?;
-        if let Some(path) = &args.per_sample {
-            write_per_sample(path, &m.measured).map_err(|e| BuildError::Io {
-                path: path.clone(),
-                source: e,
-            })?;
-        }
-        Ok(summarise(
-            &m.measured,
+        Ok(m.measured.report(
             m.samples_read,
             m.rejected_by_reason,
             m.settings_max_length,

@@ -39,6 +39,8 @@ pub struct StatsOptions {
     pub seed: u64,
     pub threads: Option<usize>,
     pub progress: bool,
+    /// Write one JSON line per measured sample here, as samples are measured.
+    pub per_sample: Option<PathBuf>,
 }
 
 /// The measurements of one sample.
@@ -117,30 +119,75 @@ pub struct Distribution {
     pub max: u64,
 }
 
-/// The nearest-rank percentile of sorted values: the smallest value with at least `p` of the
-/// values at or below it.
-fn percentile(sorted: &[u32], p: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1] as u64
+/// How often each value occurs: exact nearest-rank percentiles in memory bounded by the number
+/// of distinct values (token counts), not by the number of samples.
+#[derive(Clone, Debug, Default)]
+pub struct ValueCounts {
+    counts: BTreeMap<u32, u64>,
+    n: u64,
+    sum: u64,
+    sum_sq: f64,
 }
 
-fn distribution(values: &mut [u32]) -> Distribution {
-    values.sort_unstable();
-    if values.is_empty() {
-        return Distribution::default();
+impl ValueCounts {
+    pub fn add(&mut self, v: u32) {
+        *self.counts.entry(v).or_default() += 1;
+        self.n += 1;
+        self.sum += v as u64;
+        self.sum_sq += (v as f64) * (v as f64);
     }
-    let sum: u64 = values.iter().map(|&v| v as u64).sum();
-    Distribution {
-        min: values[0] as u64,
-        mean: sum as f64 / values.len() as f64,
-        p50: percentile(values, 0.50),
-        p90: percentile(values, 0.90),
-        p95: percentile(values, 0.95),
-        p99: percentile(values, 0.99),
-        max: *values.last().unwrap() as u64,
+
+    pub fn len(&self) -> u64 {
+        self.n
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    fn mean(&self) -> f64 {
+        if self.n == 0 {
+            0.0
+        } else {
+            self.sum as f64 / self.n as f64
+        }
+    }
+
+    /// The value of rank `rank` (1-based) in sorted order.
+    fn nth(&self, rank: u64) -> u32 {
+        let mut seen = 0;
+        for (&v, &c) in &self.counts {
+            seen += c;
+            if seen >= rank {
+                return v;
+            }
+        }
+        self.counts.keys().next_back().copied().unwrap_or(0)
+    }
+
+    /// The nearest-rank percentile: the smallest value with at least `p` of the values at or
+    /// below it.
+    fn percentile(&self, p: f64) -> u64 {
+        if self.n == 0 {
+            return 0;
+        }
+        let rank = ((p * self.n as f64).ceil() as u64).clamp(1, self.n);
+        self.nth(rank) as u64
+    }
+
+    fn distribution(&self) -> Distribution {
+        if self.n == 0 {
+            return Distribution::default();
+        }
+        Distribution {
+            min: self.nth(1) as u64,
+            mean: self.mean(),
+            p50: self.percentile(0.50),
+            p90: self.percentile(0.90),
+            p95: self.percentile(0.95),
+            p99: self.percentile(0.99),
+            max: self.nth(self.n) as u64,
+        }
     }
 }
 
@@ -218,27 +265,135 @@ pub struct StatsReport {
     pub image_tokens_by_max_slice_nums: Vec<BudgetCost>,
     pub histogram: Histogram,
     pub packing: Option<PackingStats>,
-    /// Total tokens of every measured sample, sorted (for plots; not serialised).
-    #[serde(skip)]
-    pub totals_sorted: Vec<u32>,
 }
 
 fn round_up_128(v: u64) -> u32 {
     (v.div_ceil(128) * 128).max(128) as u32
 }
 
-fn histogram(sorted: &[u32]) -> Histogram {
-    let max = sorted.last().copied().unwrap_or(0) as u64;
+fn histogram(totals: &ValueCounts) -> Histogram {
+    let max = totals.counts.keys().next_back().copied().unwrap_or(0) as u64;
     let bin_width = (max.div_ceil(32).div_ceil(64) * 64).max(64) as u32;
     let bins = (max / bin_width as u64 + 1) as usize;
     let mut counts = vec![0u64; bins];
-    for &v in sorted {
-        counts[(v / bin_width) as usize] += 1;
+    for (&v, &c) in &totals.counts {
+        counts[(v / bin_width) as usize] += c;
     }
     Histogram { bin_width, counts }
 }
 
-/// Summarises measurements. `max_length` is the length the user plans to train with.
+/// Running figures over measured samples; memory does not grow with the number of samples.
+#[derive(Clone, Debug, Default)]
+pub struct Accumulator {
+    total: ValueCounts,
+    text: ValueCounts,
+    image: ValueCounts,
+    images: ValueCounts,
+    slices_per_image: ValueCounts,
+    supervised: ValueCounts,
+    /// Supervised tokens summed per total length (for the loss table).
+    supervised_by_total: BTreeMap<u32, u64>,
+    budget_sums: [u64; 3],
+}
+
+impl Accumulator {
+    pub fn add(&mut self, m: &Measured) {
+        self.total.add(m.total_tokens);
+        self.text.add(m.text_tokens);
+        self.image.add(m.image_tokens);
+        self.images.add(m.images);
+        for &s in &m.slices_per_image {
+            self.slices_per_image.add(s);
+        }
+        self.supervised.add(m.supervised_tokens);
+        *self.supervised_by_total.entry(m.total_tokens).or_default() += m.supervised_tokens as u64;
+        for (sum, v) in self.budget_sums.iter_mut().zip(m.image_tokens_by_budget) {
+            *sum += v as u64;
+        }
+    }
+
+    /// Samples added.
+    pub fn len(&self) -> u64 {
+        self.total.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.total.is_empty()
+    }
+
+    /// The report. `max_length` is the length the user plans to train with; `sampled` the seed
+    /// when a random sample was measured.
+    pub fn report(
+        &self,
+        samples_read: u64,
+        rejected_by_reason: BTreeMap<String, u64>,
+        max_length: u32,
+        sampled: Option<u64>,
+    ) -> StatsReport {
+        let n = self.len();
+        let total_tokens = self.total.distribution();
+        let supervised_total: u64 = self.supervised_by_total.values().sum();
+        let mut lengths: Vec<u32> = CANDIDATE_LENGTHS.to_vec();
+        if !lengths.contains(&max_length) {
+            lengths.push(max_length);
+            lengths.sort_unstable();
+        }
+        let share = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+        let length_loss = lengths
+            .into_iter()
+            .map(|l| {
+                let lost: u64 = self.total.counts.range(l + 1..).map(|(_, &c)| c).sum();
+                let sup_lost: u64 = self
+                    .supervised_by_total
+                    .range(l + 1..)
+                    .map(|(_, &c)| c)
+                    .sum();
+                LengthLoss {
+                    max_length: l,
+                    samples_lost: lost,
+                    samples_lost_share: share(lost, n),
+                    supervised_tokens_lost_share: share(sup_lost, supervised_total),
+                }
+            })
+            .collect();
+        let suggested = Suggestion {
+            keep_99_percent: round_up_128(self.total.percentile(0.99)),
+            keep_all: round_up_128(total_tokens.max),
+        };
+        let budgets = SLICE_BUDGETS
+            .iter()
+            .zip(self.budget_sums)
+            .map(|(&m, sum)| BudgetCost {
+                max_slice_nums: m,
+                mean_image_tokens_per_sample: share(sum, n),
+            })
+            .collect();
+        StatsReport {
+            source: "data".into(),
+            samples: n,
+            samples_read,
+            rejected: rejected_by_reason.values().sum(),
+            rejected_by_reason,
+            sampled: sampled.is_some(),
+            seed: sampled,
+            histogram: histogram(&self.total),
+            total_tokens_ci95: sampled.map(|_| confidence(&self.total)),
+            total_tokens,
+            text_tokens: self.text.distribution(),
+            image_tokens: self.image.distribution(),
+            images_per_sample: self.images.distribution(),
+            slices_per_image: self.slices_per_image.distribution(),
+            supervised_tokens: self.supervised.distribution(),
+            max_length,
+            length_loss,
+            suggested_max_length: suggested,
+            image_tokens_by_max_slice_nums: budgets,
+            packing: None,
+        }
+    }
+}
+
+/// Summarises a list of measurements (see [`Accumulator::report`]).
 pub fn summarise(
     measured: &[Measured],
     samples_read: u64,
@@ -246,98 +401,18 @@ pub fn summarise(
     max_length: u32,
     sampled: Option<u64>,
 ) -> StatsReport {
-    let n = measured.len();
-    let col = |f: &dyn Fn(&Measured) -> u32| -> Vec<u32> { measured.iter().map(f).collect() };
-    let mut totals = col(&|m| m.total_tokens);
-    let total_tokens = distribution(&mut totals);
-    let supervised_total: u64 = measured.iter().map(|m| m.supervised_tokens as u64).sum();
-
-    let mut lengths: Vec<u32> = CANDIDATE_LENGTHS.to_vec();
-    if !lengths.contains(&max_length) {
-        lengths.push(max_length);
-        lengths.sort_unstable();
+    let mut acc = Accumulator::default();
+    for m in measured {
+        acc.add(m);
     }
-    let length_loss = lengths
-        .into_iter()
-        .map(|l| {
-            let lost: Vec<&Measured> = measured.iter().filter(|m| m.total_tokens > l).collect();
-            let sup_lost: u64 = lost.iter().map(|m| m.supervised_tokens as u64).sum();
-            LengthLoss {
-                max_length: l,
-                samples_lost: lost.len() as u64,
-                samples_lost_share: if n == 0 {
-                    0.0
-                } else {
-                    lost.len() as f64 / n as f64
-                },
-                supervised_tokens_lost_share: if supervised_total == 0 {
-                    0.0
-                } else {
-                    sup_lost as f64 / supervised_total as f64
-                },
-            }
-        })
-        .collect();
-    let keep_99 = if n == 0 {
-        0
-    } else {
-        totals[(0.99 * n as f64).ceil() as usize - 1]
-    };
-    let suggested = Suggestion {
-        keep_99_percent: round_up_128(keep_99 as u64),
-        keep_all: round_up_128(total_tokens.max),
-    };
-    let budgets = SLICE_BUDGETS
-        .iter()
-        .enumerate()
-        .map(|(k, &m)| BudgetCost {
-            max_slice_nums: m,
-            mean_image_tokens_per_sample: if n == 0 {
-                0.0
-            } else {
-                measured
-                    .iter()
-                    .map(|s| s.image_tokens_by_budget[k] as f64)
-                    .sum::<f64>()
-                    / n as f64
-            },
-        })
-        .collect();
-    let ci = sampled.map(|_| confidence(&totals, total_tokens.mean));
-    let mut per_image: Vec<u32> = measured
-        .iter()
-        .flat_map(|m| m.slices_per_image.iter().copied())
-        .collect();
-    StatsReport {
-        source: "data".into(),
-        samples: n as u64,
-        samples_read,
-        rejected: rejected_by_reason.values().sum(),
-        rejected_by_reason,
-        sampled: sampled.is_some(),
-        seed: sampled,
-        histogram: histogram(&totals),
-        total_tokens,
-        text_tokens: distribution(&mut col(&|m| m.text_tokens)),
-        image_tokens: distribution(&mut col(&|m| m.image_tokens)),
-        images_per_sample: distribution(&mut col(&|m| m.images)),
-        slices_per_image: distribution(&mut per_image),
-        supervised_tokens: distribution(&mut col(&|m| m.supervised_tokens)),
-        total_tokens_ci95: ci,
-        max_length,
-        length_loss,
-        suggested_max_length: suggested,
-        image_tokens_by_max_slice_nums: budgets,
-        packing: None,
-        totals_sorted: totals,
-    }
+    acc.report(samples_read, rejected_by_reason, max_length, sampled)
 }
 
 /// Normal-approximation 95% intervals: the mean ± 1.96 standard errors; a percentile between
 /// the order statistics at ranks n·p ± 1.96·√(n·p·(1−p)).
-fn confidence(sorted: &[u32], mean: f64) -> Confidence {
-    let n = sorted.len() as f64;
-    if sorted.is_empty() {
+fn confidence(totals: &ValueCounts) -> Confidence {
+    let n = totals.len() as f64;
+    if totals.is_empty() {
         return Confidence {
             mean: [0.0; 2],
             p50: [0; 2],
@@ -345,17 +420,14 @@ fn confidence(sorted: &[u32], mean: f64) -> Confidence {
             p99: [0; 2],
         };
     }
-    let var = sorted
-        .iter()
-        .map(|&v| (v as f64 - mean).powi(2))
-        .sum::<f64>()
-        / (n - 1.0).max(1.0);
+    let mean = totals.mean();
+    let var = ((totals.sum_sq - n * mean * mean) / (n - 1.0).max(1.0)).max(0.0);
     let se = (var / n).sqrt();
     let q = |p: f64| -> [u64; 2] {
         let half = 1.96 * (n * p * (1.0 - p)).sqrt();
-        let lo = ((n * p - half).floor() as usize).clamp(1, sorted.len());
-        let hi = ((n * p + half).ceil() as usize).clamp(1, sorted.len());
-        [sorted[lo - 1] as u64, sorted[hi - 1] as u64]
+        let lo = ((n * p - half).floor() as u64).clamp(1, totals.len());
+        let hi = ((n * p + half).ceil() as u64).clamp(1, totals.len());
+        [totals.nth(lo) as u64, totals.nth(hi) as u64]
     };
     Confidence {
         mean: [mean - 1.96 * se, mean + 1.96 * se],
@@ -395,9 +467,9 @@ impl SplitMix64 {
     }
 }
 
-/// Measurements of a run: per sample, in input order, plus the rejections.
+/// Measurements of a run: running figures plus the rejections.
 pub struct Measurements {
-    pub measured: Vec<Measured>,
+    pub measured: Accumulator,
     pub rejected_by_reason: BTreeMap<String, u64>,
     pub samples_read: u64,
     pub settings_max_length: u32,
@@ -427,12 +499,35 @@ pub fn measure(opts: &StatsOptions) -> Result<Measurements, BuildError> {
         crate::build::input_sources(&opts.data, opts.image_root.as_deref())?;
     let pb = crate::build::progress_bar(total_bytes, opts.progress);
 
-    let mut measured = Vec::new();
+    let mut measured = Accumulator::default();
     let mut rejected: BTreeMap<String, u64> = BTreeMap::new();
-    let mut record = |results: Vec<Result<Measured, Rejected>>, measured: &mut Vec<Measured>| {
+    let mut per_sample = match &opts.per_sample {
+        Some(path) => Some((
+            path.clone(),
+            std::io::BufWriter::new(std::fs::File::create(path).map_err(|e| BuildError::Io {
+                path: path.clone(),
+                source: e,
+            })?),
+        )),
+        None => None,
+    };
+    let mut record = |results: Vec<Result<Measured, Rejected>>,
+                      acc: &mut Accumulator|
+     -> Result<(), BuildError> {
         for r in results {
             match r {
-                Ok(m) => measured.push(m),
+                Ok(m) => {
+                    acc.add(&m);
+                    if let Some((path, out)) = per_sample.as_mut() {
+                        serde_json::to_writer(&mut *out, &m)
+                            .map_err(std::io::Error::from)
+                            .and_then(|_| out.write_all(b"\n"))
+                            .map_err(|e| BuildError::Io {
+                                path: path.clone(),
+                                source: e,
+                            })?;
+                    }
+                }
                 Err(rej) => {
                     *rejected
                         .entry(rej.rejection.kind.name().to_string())
@@ -440,6 +535,7 @@ pub fn measure(opts: &StatsOptions) -> Result<Measurements, BuildError> {
                 }
             }
         }
+        Ok(())
     };
     // Measures raw samples in parallel, results in input order.
     let measure_all = |raws: &[RawSample]| -> Vec<Result<Measured, Rejected>> {
@@ -483,7 +579,7 @@ pub fn measure(opts: &StatsOptions) -> Result<Measurements, BuildError> {
                 }
                 None => {
                     samples_read += chunk.len() as u64;
-                    record(measure_all(&chunk), &mut measured);
+                    record(measure_all(&chunk), &mut measured)?;
                 }
             }
             pb.set_position(bytes_before + reader.bytes_read);
@@ -493,9 +589,13 @@ pub fn measure(opts: &StatsOptions) -> Result<Measurements, BuildError> {
     }
     if opts.sample.is_some() {
         reservoir.sort_by_key(|r| (r.file, r.index));
-        record(measure_all(&reservoir), &mut measured);
+        record(measure_all(&reservoir), &mut measured)?;
     }
     pb.finish_and_clear();
+    if let Some((path, mut out)) = per_sample {
+        out.flush()
+            .map_err(|e| BuildError::Io { path, source: e })?;
+    }
     Ok(Measurements {
         measured,
         rejected_by_reason: rejected,
@@ -574,16 +674,6 @@ pub fn stats_from_shards(dir: &Path, model: Option<&Path>) -> Result<StatsReport
         fill_ratio: m.packing.fill_ratio,
     });
     Ok(report)
-}
-
-/// Writes one JSON line per measured sample (id and its counts).
-pub fn write_per_sample(path: &Path, measured: &[Measured]) -> std::io::Result<()> {
-    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
-    for m in measured {
-        serde_json::to_writer(&mut out, m)?;
-        out.write_all(b"\n")?;
-    }
-    out.flush()
 }
 
 /// The human-readable report.
@@ -694,12 +784,20 @@ mod tests {
 
     #[test]
     fn nearest_rank_percentiles() {
-        let mut v: Vec<u32> = (1..=100).collect();
-        let d = distribution(&mut v);
+        let mut v = ValueCounts::default();
+        for x in (1..=100).rev() {
+            v.add(x);
+        }
+        let d = v.distribution();
         assert_eq!((d.min, d.p50, d.p90, d.p99, d.max), (1, 50, 90, 99, 100));
         assert!((d.mean - 50.5).abs() < 1e-12);
-        let mut one = vec![7];
-        assert_eq!(distribution(&mut one).p99, 7);
+        let mut one = ValueCounts::default();
+        one.add(7);
+        assert_eq!(one.distribution().p99, 7);
+        assert_eq!(
+            ValueCounts::default().distribution(),
+            Distribution::default()
+        );
     }
 
     #[test]
