@@ -552,7 +552,8 @@ pub fn measure(opts: &StatsOptions) -> Result<Measurements, BuildError> {
     };
     let mut samples_read = 0u64;
     let mut bytes_before = 0u64;
-    let chunk_size = 64 * threads;
+    // Large chunks: measuring a sample is cheap, so fewer synchronisation points matter.
+    let chunk_size = 1024 * threads;
     let mut reservoir: Vec<RawSample> = Vec::new();
     let mut rng = SplitMix64(opts.seed);
     for (file_idx, (source, file_bytes)) in sources.iter().enumerate() {
