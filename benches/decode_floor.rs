@@ -197,7 +197,7 @@ fn phases(args: &Args) {
     use cpmv::prep::input::SampleReader;
     use cpmv::prep::process::InputSource;
     use cpmv::prep::{build::resolve_settings, ModelDir, Processor};
-    use cpmv::shard::{Sample, ShardSetWriter, WriterOptions};
+    use cpmv::shard::{ShardSetWriter, WriterOptions};
 
     let model_dir = args.model.clone().unwrap_or_else(|| usage());
     let out = args.out.clone().unwrap_or_else(|| usage());
@@ -322,14 +322,7 @@ fn phases(args: &Args) {
         writer
             .write_pack(
                 samples as u32,
-                vec![Sample {
-                    id: text.id,
-                    input_ids: text.input_ids,
-                    labels: text.labels,
-                    image_bound: text.image_bound,
-                    tgt_sizes,
-                    pixel_values,
-                }],
+                vec![text.into_sample(tgt_sizes, pixel_values)],
             )
             .expect("write");
         t.write += c.elapsed();

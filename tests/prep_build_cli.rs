@@ -8,7 +8,7 @@ use serde_json::Value;
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{prep, root, s, MODELS};
+use common::{copy_model, prep, root, s, MODELS};
 
 fn out_dir() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
@@ -415,11 +415,11 @@ fn existing_output_is_kept_unless_overwrite_and_presets_apply() {
 #[test]
 fn unknown_llm_type_is_an_error_not_a_fallback() {
     let tmp = out_dir();
-    let model = tmp.path().join("m");
-    std::fs::create_dir(&model).unwrap();
-    for f in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(root().join(MODELS[2]).join(f), model.join(f)).unwrap();
-    }
+    let model = copy_model(
+        tmp.path(),
+        MODELS[2],
+        &["tokenizer.json", "tokenizer_config.json"],
+    );
     std::fs::write(
         model.join("config.json"),
         r#"{"model_type": "minicpmv", "version": 4.0}"#,
@@ -504,6 +504,7 @@ fn truncate_cuts_text_after_the_last_image_only() {
     let dir = ShardDir::open(&out).unwrap();
     let row = dir.find_id("after-image").unwrap();
     assert_eq!(row.input_ids.len(), 512);
+    assert!(dir.manifest.tokens.truncated > 0, "cut tokens are reported");
     assert_eq!(row.image_bound.len(), 1);
     let rejected = std::fs::read_to_string(out.join("rejected.jsonl")).unwrap();
     assert!(
@@ -515,11 +516,7 @@ fn truncate_cuts_text_after_the_last_image_only() {
 #[test]
 fn a_checkpoint_that_cannot_encode_samples_is_refused_at_start() {
     let tmp = out_dir();
-    let model = tmp.path().join("m");
-    std::fs::create_dir(&model).unwrap();
-    for f in ["config.json", "tokenizer.json"] {
-        std::fs::copy(root().join(MODELS[2]).join(f), model.join(f)).unwrap();
-    }
+    let model = copy_model(tmp.path(), MODELS[2], &["config.json", "tokenizer.json"]);
     let mut cfg: Value = serde_json::from_str(
         &std::fs::read_to_string(root().join(MODELS[2]).join("tokenizer_config.json")).unwrap(),
     )
@@ -549,15 +546,15 @@ fn truncation_settings_in_tokenizer_json_are_ignored() {
     // A tokenizer.json may carry `truncation`; the reference's encode calls do not truncate, so
     // lengths must not change.
     let tmp = out_dir();
-    let model = tmp.path().join("m");
-    std::fs::create_dir(&model).unwrap();
-    for f in [
-        "config.json",
-        "tokenizer_config.json",
-        "preprocessor_config.json",
-    ] {
-        std::fs::copy(root().join(MODELS[2]).join(f), model.join(f)).unwrap();
-    }
+    let model = copy_model(
+        tmp.path(),
+        MODELS[2],
+        &[
+            "config.json",
+            "tokenizer_config.json",
+            "preprocessor_config.json",
+        ],
+    );
     let mut tok: Value = serde_json::from_str(
         &std::fs::read_to_string(root().join(MODELS[2]).join("tokenizer.json")).unwrap(),
     )

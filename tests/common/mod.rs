@@ -1,4 +1,6 @@
 //! Helpers shared by the end-to-end CLI tests.
+// Each test binary uses a different subset of these helpers.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -27,4 +29,15 @@ pub fn prep(args: &[&str]) -> Output {
 /// A path as a command-line argument.
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
+}
+
+/// A new checkpoint directory `dir/m` holding `files` copied from the example model `from`
+/// (tests then add or alter the remaining files).
+pub fn copy_model(dir: &Path, from: &str, files: &[&str]) -> PathBuf {
+    let model = dir.join("m");
+    std::fs::create_dir(&model).unwrap();
+    for f in files {
+        std::fs::copy(root().join(from).join(f), model.join(f)).unwrap();
+    }
+    model
 }

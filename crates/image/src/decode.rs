@@ -383,7 +383,7 @@ fn decode_with_image_crate(bytes: &[u8], format: ImageFormat) -> Result<RgbImage
     let (w, h) = (img.width(), img.height());
     let data = match img {
         D::ImageRgb8(b) => b.into_raw(),
-        D::ImageRgba8(b) => drop_alpha(b.as_raw(), 4, 1),
+        D::ImageRgba8(b) => drop_alpha(b.as_raw(), 4),
         D::ImageLuma8(b) => grey_to_rgb(b.as_raw().iter().copied()),
         D::ImageLumaA8(b) => grey_to_rgb(b.as_raw().chunks_exact(2).map(|p| p[0])),
         // 16-bit colour: Pillow unpacks "RGB;16B"/"RGBA;16B"/"LA;16B" keeping the high byte.
@@ -408,7 +408,7 @@ fn decode_with_image_crate(bytes: &[u8], format: ImageFormat) -> Result<RgbImage
     RgbImage::from_raw(w, h, data).ok_or(DecodeError::Truncated(format.name()))
 }
 
-fn drop_alpha(raw: &[u8], channels: usize, _keep: usize) -> Vec<u8> {
+fn drop_alpha(raw: &[u8], channels: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(raw.len() / channels * 3);
     for px in raw.chunks_exact(channels) {
         out.extend_from_slice(&px[..3]);

@@ -376,6 +376,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
                             tokens.image += st.image_tokens as u64;
                             tokens.images += st.images as u64;
                             tokens.slices += st.slices as u64;
+                            tokens.truncated += st.truncated as u64;
                             image_bytes += st.image_bytes;
                             let packs = packer.push(prepared.sample);
                             send(packs, &mut next_pack)?;

@@ -3,7 +3,7 @@
 //! listed, slices written as PNG on request.
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use cpmv_shard::{SampleView, ShardDir};
 use tokenizers::Tokenizer;
@@ -171,9 +171,4 @@ pub fn inspect(opts: &InspectOptions) -> Result<String, BuildError> {
         }
     }
     Ok(s)
-}
-
-/// True when `path` looks like a shard directory (has a manifest).
-pub fn is_shard_dir(path: &Path) -> bool {
-    path.join(cpmv_shard::manifest::MANIFEST_FILE).exists()
 }

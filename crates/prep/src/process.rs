@@ -76,6 +76,20 @@ pub struct TextPlan {
     pub stats: SampleStats,
 }
 
+impl TextPlan {
+    /// The shard row, given the slices' sizes and pixels (model order).
+    pub fn into_sample(self, tgt_sizes: Vec<[i32; 2]>, pixel_values: Vec<Vec<u8>>) -> Sample {
+        Sample {
+            id: self.id,
+            input_ids: self.input_ids,
+            labels: self.labels,
+            image_bound: self.image_bound,
+            tgt_sizes,
+            pixel_values,
+        }
+    }
+}
+
 /// A finished row with its counts.
 #[derive(Clone, Debug)]
 pub struct Prepared {
@@ -484,16 +498,10 @@ impl Processor {
                 pixel_values.push(s.data);
             }
         }
+        let stats = text.stats;
         Ok(Prepared {
-            sample: Sample {
-                id: text.id,
-                input_ids: text.input_ids,
-                labels: text.labels,
-                image_bound: text.image_bound,
-                tgt_sizes,
-                pixel_values,
-            },
-            stats: text.stats,
+            sample: text.into_sample(tgt_sizes, pixel_values),
+            stats,
         })
     }
 }

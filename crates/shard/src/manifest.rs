@@ -77,6 +77,9 @@ pub struct TokenTotals {
     pub images: u64,
     pub slices: u64,
     pub max_sample: u64,
+    /// Tokens cut off by `--truncate` (0 without it).
+    #[serde(default)]
+    pub truncated: u64,
 }
 
 /// How samples were grouped into packs.
