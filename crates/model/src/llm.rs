@@ -1,0 +1,215 @@
+//! The decoder-only language models: MiniCPM-2.4B (V2.0), Llama-3 (2.5) and Qwen2 (2.6).
+//!
+//! They share one structure — pre-norm RMSNorm blocks, rotary attention with grouped KV heads,
+//! SiLU-gated MLP — and differ only in what the config switches: q/k/v biases (Qwen2), and the
+//! MiniCPM scalings (embeddings ×`scale_emb`, residual branches ×`scale_depth/√layers`, hidden
+//! states ÷`hidden/dim_model_base` before `lm_head`).
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::LlmConfig;
+use crate::error::Result;
+use crate::linear::{Linear, Mode};
+use crate::ops::{rms_norm, rope, softmax_last};
+use crate::params::ParamStore;
+
+struct Layer {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    ln1: Tensor,
+    ln2: Tensor,
+}
+
+/// The language model.
+pub struct Llm {
+    cfg: LlmConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Linear,
+}
+
+/// Per-row rotary tables and the attention mask of a (possibly packed) batch.
+pub struct LlmAux {
+    /// `[B, 1, T, Dh]`
+    pub cos: Tensor,
+    pub sin: Tensor,
+    /// Additive `[B, 1, T, T]`: 0 where query i may see key j (same sample, j ≤ i), −∞ else.
+    pub mask: Tensor,
+}
+
+impl LlmAux {
+    /// Builds the tables from position ids `[B][T]` and sample lengths per row (a row's
+    /// samples are contiguous from position 0; trailing padding forms its own segment).
+    pub fn new(
+        cfg: &LlmConfig,
+        position_ids: &[Vec<u32>],
+        segments: &[Vec<usize>],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let b = position_ids.len();
+        let t = position_ids.first().map_or(0, Vec::len);
+        let dh = cfg.head_dim();
+        let half = dh / 2;
+        // As transformers: inv_freq in f32 from integer exponents, freqs = pos · inv_freq in f32.
+        let inv: Vec<f32> = (0..half)
+            .map(|i| 1.0 / (cfg.rope_theta as f32).powf((2 * i) as f32 / dh as f32))
+            .collect();
+        let mut cos = Vec::with_capacity(b * t * dh);
+        let mut sin = Vec::with_capacity(b * t * dh);
+        for row in position_ids {
+            for &p in row {
+                let f: Vec<f32> = inv.iter().map(|w| p as f32 * w).collect();
+                for _ in 0..2 {
+                    cos.extend(f.iter().map(|x| x.cos()));
+                    sin.extend(f.iter().map(|x| x.sin()));
+                }
+            }
+        }
+        let mut mask = vec![f32::NEG_INFINITY; b * t * t];
+        for (r, segs) in segments.iter().enumerate() {
+            let mut start = 0;
+            let total: usize = segs.iter().sum();
+            let mut all = segs.clone();
+            if total < t {
+                all.push(t - total);
+            }
+            for len in all {
+                for i in start..start + len {
+                    for j in start..=i {
+                        mask[r * t * t + i * t + j] = 0.0;
+                    }
+                }
+                start += len;
+            }
+        }
+        let shape = (b, 1, t, dh);
+        Ok(LlmAux {
+            cos: Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,
+            sin: Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,
+            mask: Tensor::from_vec(mask, (b, 1, t, t), device)?.to_dtype(dtype)?,
+        })
+    }
+}
+
+impl Llm {
+    pub fn load(cfg: &LlmConfig, p: &mut ParamStore) -> Result<Self> {
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let pre = format!("llm.model.layers.{i}");
+            layers.push(Layer {
+                q: p.linear(&format!("{pre}.self_attn.q_proj"), cfg.qkv_bias)?,
+                k: p.linear(&format!("{pre}.self_attn.k_proj"), cfg.qkv_bias)?,
+                v: p.linear(&format!("{pre}.self_attn.v_proj"), cfg.qkv_bias)?,
+                o: p.linear(&format!("{pre}.self_attn.o_proj"), false)?,
+                gate: p.linear(&format!("{pre}.mlp.gate_proj"), false)?,
+                up: p.linear(&format!("{pre}.mlp.up_proj"), false)?,
+                down: p.linear(&format!("{pre}.mlp.down_proj"), false)?,
+                ln1: p.get(&format!("{pre}.input_layernorm.weight"))?,
+                ln2: p.get(&format!("{pre}.post_attention_layernorm.weight"))?,
+            });
+        }
+        Ok(Llm {
+            cfg: cfg.clone(),
+            embed: p.get("llm.model.embed_tokens.weight")?,
+            layers,
+            norm: p.get("llm.model.norm.weight")?,
+            lm_head: p.linear("llm.lm_head", false)?,
+        })
+    }
+
+    pub fn config(&self) -> &LlmConfig {
+        &self.cfg
+    }
+
+    /// Token embeddings `[B, T, H]`, already multiplied by `scale_emb`.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let e = self.embed.index_select(&ids.flatten_all()?, 0)?;
+        let e = if self.cfg.scale_emb != 1.0 {
+            (e * self.cfg.scale_emb)?
+        } else {
+            e
+        };
+        Ok(e.reshape((b, t, self.cfg.hidden_size))?)
+    }
+
+    /// Number of decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// One decoder layer (exposed so a trainer can checkpoint layer by layer).
+    pub fn layer(&self, i: usize, x: &Tensor, aux: &LlmAux, mode: &Mode) -> Result<Tensor> {
+        let l = &self.layers[i];
+        let c = &self.cfg;
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, dh) = (c.num_heads, c.num_kv_heads, c.head_dim());
+        let h = rms_norm(x, &l.ln1, c.rms_norm_eps)?;
+        let q =
+            l.q.forward(&h, mode)?
+                .reshape((b, t, nh, dh))?
+                .transpose(1, 2)?;
+        let k =
+            l.k.forward(&h, mode)?
+                .reshape((b, t, nkv, dh))?
+                .transpose(1, 2)?;
+        let v =
+            l.v.forward(&h, mode)?
+                .reshape((b, t, nkv, dh))?
+                .transpose(1, 2)?;
+        let q = rope(&q, &aux.cos, &aux.sin)?;
+        let k = rope(&k, &aux.cos, &aux.sin)?;
+        let (k, v) = if nkv != nh {
+            let rep = nh / nkv;
+            let expand = |x: Tensor| -> candle_core::Result<Tensor> {
+                x.unsqueeze(2)?
+                    .broadcast_as((b, nkv, rep, t, dh))?
+                    .contiguous()?
+                    .reshape((b, nh, t, dh))
+            };
+            (expand(k)?, expand(v.contiguous()?)?)
+        } else {
+            (k, v)
+        };
+        let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? / (dh as f64).sqrt())?;
+        let probs = softmax_last(&scores.broadcast_add(&aux.mask)?)?;
+        let attn = probs.matmul(&v.contiguous()?)?;
+        let attn = attn.transpose(1, 2)?.reshape((b, t, nh * dh))?;
+        let attn = l.o.forward(&attn, mode)?;
+        let x = (x + scaled(attn, c.residual_scale)?)?;
+        let h = rms_norm(&x, &l.ln2, c.rms_norm_eps)?;
+        let mlp = (l.gate.forward(&h, mode)?.silu()? * l.up.forward(&h, mode)?)?;
+        let mlp = l.down.forward(&mlp, mode)?;
+        Ok((x + scaled(mlp, c.residual_scale)?)?)
+    }
+
+    /// The final RMSNorm.
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(rms_norm(x, &self.norm, self.cfg.rms_norm_eps)?)
+    }
+
+    /// Logits of normed hidden states `[.., H]` → `[.., V]` (MiniCPM divides first).
+    pub fn logits(&self, h: &Tensor, mode: &Mode) -> Result<Tensor> {
+        let h = if self.cfg.logit_divisor != 1.0 {
+            (h / self.cfg.logit_divisor)?
+        } else {
+            h.clone()
+        };
+        Ok(self.lm_head.forward(&h, mode)?)
+    }
+}
+
+fn scaled(x: Tensor, s: f64) -> candle_core::Result<Tensor> {
+    if s == 1.0 {
+        Ok(x)
+    } else {
+        x * s
+    }
+}

@@ -1,0 +1,356 @@
+//! The whole model: vision tower → resampler → features written over the image placeholder
+//! embeddings → LLM → loss (spec §6).
+
+use candle_core::{DType, Device, Tensor};
+use std::path::Path;
+use std::sync::Mutex;
+
+use crate::config::{ModelConfig, Version};
+use crate::error::{ModelError, Result};
+use crate::image::ImageInput;
+use crate::linear::{Mode, Rng};
+use crate::llm::{Llm, LlmAux};
+use crate::params::{dropout_rng, LoadOptions, ParamStore};
+use crate::resampler::Resampler;
+use crate::vision_navit::{NavitPositions, NavitSiglip};
+use crate::vision_vit::VitSiglip;
+use crate::weights::Checkpoint;
+
+/// One micro-batch: `B` rows of equal length `T`, each holding one or more packed samples.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    /// `[B][T]` token ids (padding: 0).
+    pub input_ids: Vec<Vec<u32>>,
+    /// `[B][T]` positions, restarting at 0 for every sample (padding: 0).
+    pub position_ids: Vec<Vec<u32>>,
+    /// `[B][T]` targets, already shifted; −100 = no loss.
+    pub labels: Vec<Vec<i64>>,
+    /// Sample lengths of each row, in order (attention is causal within a sample only).
+    pub segments: Vec<Vec<usize>>,
+    /// Every image slice of the batch, in placeholder order.
+    pub images: Vec<ImageInput>,
+    /// For each image: (row, start, end) of its placeholder run, `end − start = query_num`.
+    pub bounds: Vec<(usize, usize, usize)>,
+}
+
+impl Batch {
+    /// Rows and row length.
+    pub fn dims(&self) -> (usize, usize) {
+        (
+            self.input_ids.len(),
+            self.input_ids.first().map_or(0, Vec::len),
+        )
+    }
+
+    /// Number of supervised tokens.
+    pub fn supervised(&self) -> usize {
+        self.labels.iter().flatten().filter(|&&l| l >= 0).count()
+    }
+
+    fn validate(&self, cfg: &ModelConfig) -> Result<()> {
+        let (b, t) = self.dims();
+        let bad = |m: String| Err(ModelError::Batch(m));
+        for (name, rows) in [
+            ("position_ids", self.position_ids.len()),
+            ("labels", self.labels.len()),
+            ("segments", self.segments.len()),
+        ] {
+            if rows != b {
+                return bad(format!("{name} has {rows} rows, input_ids {b}"));
+            }
+        }
+        for r in 0..b {
+            if self.input_ids[r].len() != t
+                || self.position_ids[r].len() != t
+                || self.labels[r].len() != t
+            {
+                return bad(format!("row {r}: rows of a batch must all have length {t}"));
+            }
+            if self.segments[r].iter().sum::<usize>() > t {
+                return bad(format!("row {r}: sample lengths exceed the row length {t}"));
+            }
+            if let Some(&id) = self.input_ids[r]
+                .iter()
+                .find(|&&i| i as usize >= cfg.llm.vocab_size)
+            {
+                return bad(format!(
+                    "row {r}: token id {id} >= vocab size {}",
+                    cfg.llm.vocab_size
+                ));
+            }
+            if let Some(&l) = self.labels[r]
+                .iter()
+                .find(|&&l| l != -100 && (l < 0 || l as usize >= cfg.llm.vocab_size))
+            {
+                return bad(format!("row {r}: label {l} is neither -100 nor a token id"));
+            }
+        }
+        if self.images.len() != self.bounds.len() {
+            return bad(format!(
+                "{} images but {} placeholder runs",
+                self.images.len(),
+                self.bounds.len()
+            ));
+        }
+        let q = cfg.resampler.query_num;
+        for (i, &(r, s, e)) in self.bounds.iter().enumerate() {
+            if r >= b || e > t || e < s || e - s != q {
+                return bad(format!(
+                    "image {i}: placeholder run (row {r}, {s}..{e}) must lie in the batch and \
+                     hold query_num = {q} tokens"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Outputs of a forward pass with loss.
+pub struct LossOutput {
+    /// Mean cross-entropy over supervised tokens (f32 scalar).
+    pub loss: Tensor,
+    /// Number of supervised tokens it averages over.
+    pub n_tokens: usize,
+}
+
+/// MiniCPM-V.
+pub struct MiniCpmV {
+    cfg: ModelConfig,
+    params: ParamStore,
+    vision: Vision,
+    resampler: Resampler,
+    llm: Llm,
+    dropout: Mutex<Rng>,
+}
+
+enum Vision {
+    Vit(VitSiglip),
+    Navit(NavitSiglip),
+}
+
+impl MiniCpmV {
+    /// Loads a checkpoint directory (config.json + safetensors).
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        let cfg = ModelConfig::from_dir(dir)?;
+        let ckpt = Checkpoint::open(dir)?;
+        let params = ParamStore::load(&ckpt, &cfg, opts)?;
+        Self::from_params(cfg, params, opts)
+    }
+
+    /// Builds the modules over an already loaded parameter store.
+    pub fn from_params(
+        cfg: ModelConfig,
+        mut params: ParamStore,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
+        let vision =
+            match cfg.version {
+                Version::V2_0 => Vision::Vit(VitSiglip::load(&cfg.vision, &mut params)?),
+                Version::V2_5 if !opts.fixes.v25_vision_masking => Vision::Navit(
+                    NavitSiglip::load(&cfg.vision, NavitPositions::AllValid1D, &mut params)?,
+                ),
+                Version::V2_5 | Version::V2_6 => Vision::Navit(NavitSiglip::load(
+                    &cfg.vision,
+                    NavitPositions::TwoD,
+                    &mut params,
+                )?),
+            };
+        let resampler = Resampler::load(&cfg.resampler, &mut params)?;
+        let llm = Llm::load(&cfg.llm, &mut params)?;
+        Ok(MiniCpmV {
+            dropout: dropout_rng(opts.seed),
+            cfg,
+            params,
+            vision,
+            resampler,
+            llm,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn params(&self) -> &ParamStore {
+        &self.params
+    }
+
+    pub fn llm(&self) -> &Llm {
+        &self.llm
+    }
+
+    /// State of the dropout generator (saved with training state for exact resume).
+    pub fn dropout_state(&self) -> Rng {
+        *self.dropout.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_dropout_state(&self, rng: Rng) {
+        *self.dropout.lock().unwrap_or_else(|p| p.into_inner()) = rng;
+    }
+
+    fn device(&self) -> &Device {
+        self.params.device()
+    }
+
+    fn dtype(&self) -> DType {
+        self.params.dtype()
+    }
+
+    /// Resampled features of every image: `[n_img, query_num, hidden]`.
+    pub fn image_features(&self, images: &[ImageInput], train: bool) -> Result<Tensor> {
+        let mode = Mode {
+            train,
+            rng: &self.dropout,
+        };
+        let (x, lens) = match &self.vision {
+            Vision::Vit(v) => v.forward(images, &mode)?,
+            Vision::Navit(v) => v.forward(images, &mode)?,
+        };
+        self.resampler.forward(&x, &lens, images, &mode)
+    }
+
+    /// Vision tower output alone (`[n, l_max, C]`, valid rows first), for inspection/tests.
+    pub fn vision_tower(&self, images: &[ImageInput]) -> Result<(Tensor, Vec<usize>)> {
+        let mode = Mode {
+            train: false,
+            rng: &self.dropout,
+        };
+        match &self.vision {
+            Vision::Vit(v) => v.forward(images, &mode),
+            Vision::Navit(v) => v.forward(images, &mode),
+        }
+    }
+
+    /// Input embeddings `[B, T, H]` with image features written over the placeholders.
+    pub fn input_embeddings(&self, batch: &Batch, train: bool) -> Result<Tensor> {
+        batch.validate(&self.cfg)?;
+        let (b, t) = batch.dims();
+        let h = self.cfg.llm.hidden_size;
+        let ids: Vec<u32> = batch.input_ids.iter().flatten().copied().collect();
+        let ids = Tensor::from_vec(ids, (b, t), self.device())?;
+        let e = self.llm.embed(&ids)?;
+        if batch.images.is_empty() {
+            return Ok(e);
+        }
+        let feats = self.image_features(&batch.images, train)?;
+        let q = self.cfg.resampler.query_num;
+        let feats = feats.reshape((batch.images.len() * q, h))?;
+        let mut keep = vec![1f32; b * t];
+        let mut rows = Vec::with_capacity(batch.images.len() * q);
+        for &(r, s, e) in &batch.bounds {
+            for p in s..e {
+                if keep[r * t + p] == 0.0 {
+                    return Err(ModelError::Batch(format!(
+                        "placeholder runs overlap at row {r}, position {p}"
+                    )));
+                }
+                keep[r * t + p] = 0.0;
+                rows.push((r * t + p) as u32);
+            }
+        }
+        let keep = Tensor::from_vec(keep, (b * t, 1), self.device())?.to_dtype(self.dtype())?;
+        let rows = Tensor::from_vec(rows, batch.images.len() * q, self.device())?;
+        let flat = e.reshape((b * t, h))?.broadcast_mul(&keep)?;
+        Ok(flat.index_add(&rows, &feats, 0)?.reshape((b, t, h))?)
+    }
+
+    /// Final hidden states `[B, T, H]` (after the last norm).
+    pub fn hidden_states(&self, batch: &Batch, train: bool) -> Result<Tensor> {
+        let mode = Mode {
+            train,
+            rng: &self.dropout,
+        };
+        let mut x = self.input_embeddings(batch, train)?;
+        let aux = LlmAux::new(
+            &self.cfg.llm,
+            &batch.position_ids,
+            &batch.segments,
+            self.dtype(),
+            self.device(),
+        )?;
+        for i in 0..self.llm.num_layers() {
+            x = self.llm.layer(i, &x, &aux, &mode)?;
+        }
+        self.llm.final_norm(&x)
+    }
+
+    /// Logits of every position `[B, T, V]` in f32 (tests, inspection; training uses
+    /// [`MiniCpmV::loss`], which computes logits for supervised positions only).
+    pub fn logits(&self, batch: &Batch) -> Result<Tensor> {
+        let h = self.hidden_states(batch, false)?;
+        let mode = Mode {
+            train: false,
+            rng: &self.dropout,
+        };
+        Ok(self.llm.logits(&h, &mode)?.to_dtype(DType::F32)?)
+    }
+
+    /// Positions with a label, and the labels.
+    fn supervised(&self, batch: &Batch) -> Result<(Tensor, Tensor, usize)> {
+        let (_, t) = batch.dims();
+        let mut idx = Vec::new();
+        let mut tgt = Vec::new();
+        for (r, row) in batch.labels.iter().enumerate() {
+            for (p, &l) in row.iter().enumerate() {
+                if l >= 0 {
+                    idx.push((r * t + p) as u32);
+                    tgt.push(l as u32);
+                }
+            }
+        }
+        let n = idx.len();
+        Ok((
+            Tensor::from_vec(idx, n, self.device())?,
+            Tensor::from_vec(tgt, n, self.device())?,
+            n,
+        ))
+    }
+
+    /// Hidden states of the supervised positions `[N, H]` and their targets.
+    pub fn supervised_hidden(&self, h: &Tensor, batch: &Batch) -> Result<(Tensor, Tensor, usize)> {
+        let (b, t) = batch.dims();
+        let (idx, tgt, n) = self.supervised(batch)?;
+        let hs = h
+            .reshape((b * t, self.cfg.llm.hidden_size))?
+            .index_select(&idx, 0)?;
+        Ok((hs, tgt, n))
+    }
+
+    /// Mean cross-entropy over the batch's supervised tokens (spec §6.3: labels already
+    /// shifted, no shift here), logits computed only where there is a label.
+    pub fn loss(&self, batch: &Batch, train: bool) -> Result<LossOutput> {
+        let h = self.hidden_states(batch, train)?;
+        self.loss_from_hidden(&h, batch, train)
+    }
+
+    /// The loss head over final hidden states.
+    pub fn loss_from_hidden(&self, h: &Tensor, batch: &Batch, train: bool) -> Result<LossOutput> {
+        let (hs, tgt, n) = self.supervised_hidden(h, batch)?;
+        if n == 0 {
+            return Err(ModelError::Batch(
+                "the batch has no supervised token".into(),
+            ));
+        }
+        let mode = Mode {
+            train,
+            rng: &self.dropout,
+        };
+        let logits = self.llm.logits(&hs, &mode)?;
+        Ok(LossOutput {
+            loss: crate::ops::cross_entropy(&logits, &tgt)?,
+            n_tokens: n,
+        })
+    }
+
+    /// Per-position losses `[N]` of the supervised tokens, in row-major order (evaluation).
+    pub fn token_losses(&self, batch: &Batch) -> Result<Tensor> {
+        let h = self.hidden_states(batch, false)?;
+        let (hs, tgt, _) = self.supervised_hidden(&h, batch)?;
+        let mode = Mode {
+            train: false,
+            rng: &self.dropout,
+        };
+        let logits = self.llm.logits(&hs, &mode)?;
+        Ok(crate::ops::cross_entropy_rows(&logits, &tgt)?)
+    }
+}

@@ -1,0 +1,376 @@
+//! Differentiable building blocks.
+//!
+//! candle-nn's fused `softmax_last_dim`, `rms_norm`, `layer_norm` and rotary kernels have no
+//! backward pass: a model built from them trains silently wrong (the gradient just stops). Every
+//! function here is either a composition of ops that candle differentiates, or a custom op with its
+//! own backward ([`frozen_linear`]). Each is checked against finite differences in the tests.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+
+/// Statistics of half-precision tensors are computed in f32; f32/f64 stay as they are.
+fn stat_dtype(d: DType) -> DType {
+    match d {
+        DType::F16 | DType::BF16 => DType::F32,
+        other => other,
+    }
+}
+
+/// Root-mean-square normalisation over the last axis, statistics in f32 (as the reference
+/// LLMs: normalise in f32, cast back, then multiply by the weight).
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x32 = x.to_dtype(stat_dtype(dtype))?;
+    let var = x32.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = x32.broadcast_div(&(var + eps)?.sqrt()?)?;
+    normed.to_dtype(dtype)?.broadcast_mul(weight)
+}
+
+/// LayerNorm over the last axis (biased variance, as torch), statistics in f32.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x32 = x.to_dtype(stat_dtype(dtype))?;
+    let mean = x32.mean_keepdim(D::Minus1)?;
+    let centered = x32.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
+    normed
+        .to_dtype(dtype)?
+        .broadcast_mul(weight)?
+        .broadcast_add(bias)
+}
+
+/// Softmax over the last axis. The row maximum is subtracted as a constant (softmax does not
+/// depend on it), so no gradient is routed through the max.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    e.broadcast_div(&sum)
+}
+
+/// Log-softmax over the last axis (max subtracted as a constant).
+pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    shifted.broadcast_sub(&lse)
+}
+
+/// Rotary position embedding, "rotate half" convention over the full head dimension:
+/// `x * cos + rotate_half(x) * sin`, `rotate_half([a, b]) = [-b, a]`.
+/// `x` is `[.., T, Dh]`; `cos`/`sin` are `[T, Dh]` (broadcast over the leading axes).
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let dh = x.dim(D::Minus1)?;
+    let half = dh / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+}
+
+/// Mean cross-entropy of `logits` `[N, V]` against `targets` (u32 `[N]`), computed in f32
+/// (f64 stays f64).
+/// Rows are expected to be supervised ones only (callers select them), so this is the
+/// reference's `CrossEntropyLoss(ignore_index=-100)` mean when the selection is done first.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let n = logits.dim(0)?;
+    let logp = log_softmax_last(&logits.to_dtype(stat_dtype(logits.dtype()))?)?;
+    let picked = logp.gather(&targets.unsqueeze(1)?, 1)?;
+    picked.sum_all()?.neg()? / n as f64
+}
+
+/// Per-row cross-entropy `[N]` in f32 (for evaluation and summed losses).
+pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let logp = log_softmax_last(&logits.to_dtype(stat_dtype(logits.dtype()))?)?;
+    logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()
+}
+
+/// `x @ wᵀ` for a weight that is not trained.
+///
+/// candle's matmul backward computes the gradient of both operands, so a frozen weight would
+/// still get a full-size gradient materialised in every backward pass (LoRA and the default
+/// "vision only" full fine-tune would pay for the whole LLM's weight gradients). This op passes
+/// the gradient to `x` only. `x` is `[.., K]`, `w` is `[N, K]`, the result `[.., N]`.
+pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let k = *dims.last().unwrap_or(&0);
+    let m: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+    let x2 = x.reshape((m, k))?.contiguous()?;
+    let y = x2.apply_op2(w, FrozenMatmul)?;
+    let mut out_dims = dims;
+    if let Some(last) = out_dims.last_mut() {
+        *last = w.dim(0)?;
+    }
+    y.reshape(out_dims)
+}
+
+struct FrozenMatmul;
+
+impl FrozenMatmul {
+    fn shapes(l1: &Layout, l2: &Layout) -> Result<((usize, usize, usize, usize), Layout)> {
+        let (m, k) = l1.shape().dims2()?;
+        let (n, k2) = l2.shape().dims2()?;
+        if k != k2 {
+            candle_core::bail!("frozen_linear: x has {k} columns but the weight has {k2}");
+        }
+        Ok(((1, m, n, k), l2.transpose(0, 1)?))
+    }
+}
+
+impl CustomOp2 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (bmnk, l2t) = Self::shapes(l1, l2)?;
+        let out = s1.matmul(s2, bmnk, l1, &l2t)?;
+        Ok((out, Shape::from((bmnk.1, bmnk.2))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (bmnk, l2t) = Self::shapes(l1, l2)?;
+        let out = s1.matmul(s2, bmnk, l1, &l2t)?;
+        Ok((out, Shape::from((bmnk.1, bmnk.2))))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.matmul(w)?), None))
+    }
+}
+
+/// Scaled dot-product attention `softmax(q kᵀ · scale + mask) v` over `[.., L, Dh]` inputs;
+/// `mask` is additive and broadcast to the scores.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores,
+    };
+    softmax_last(&scores)?.matmul(&v.contiguous()?)
+}
+
+/// Additive key-padding mask `[n, 1, 1, l_max]`: 0 for the first `lens[i]` keys of row i,
+/// −∞ after.
+pub fn key_padding_mask(
+    lens: &[usize],
+    l_max: usize,
+    dtype: DType,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let mut m = vec![0f32; lens.len() * l_max];
+    for (i, &n) in lens.iter().enumerate() {
+        for x in &mut m[i * l_max + n.min(l_max)..(i + 1) * l_max] {
+            *x = f32::NEG_INFINITY;
+        }
+    }
+    Tensor::from_vec(m, (lens.len(), 1, 1, l_max), device)?.to_dtype(dtype)
+}
+
+/// Bytes held by a tensor's elements.
+pub fn tensor_bytes(t: &Tensor) -> usize {
+    t.elem_count() * t.dtype().size_in_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Deterministic pseudo-random values in [-1, 1).
+    fn values(n: usize, seed: u64) -> Vec<f64> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn var(shape: &[usize], seed: u64) -> Var {
+        let n = shape.iter().product();
+        Var::from_tensor(&Tensor::from_vec(values(n, seed), shape, &Device::Cpu).unwrap()).unwrap()
+    }
+
+    /// Compares the analytic gradient of `sum(f(inputs) * probe)` with central finite
+    /// differences, in f64, for every input.
+    fn check_grad(inputs: &[Var], f: &dyn Fn(&[Tensor]) -> Result<Tensor>) {
+        let ts: Vec<Tensor> = inputs.iter().map(|v| v.as_tensor().clone()).collect();
+        let out = f(&ts).unwrap();
+        let probe =
+            Tensor::from_vec(values(out.elem_count(), 99), out.shape(), &Device::Cpu).unwrap();
+        let objective = |ts: &[Tensor]| -> f64 {
+            (f(ts).unwrap() * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let loss = (out * &probe).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let eps = 1e-6;
+        for (i, v) in inputs.iter().enumerate() {
+            let g = grads
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("input {i}: no gradient"))
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            let base = v
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            for j in 0..base.len() {
+                let shifted = |d: f64| {
+                    let mut vals = base.clone();
+                    vals[j] += d;
+                    let t = Tensor::from_vec(vals, v.as_tensor().shape(), &Device::Cpu).unwrap();
+                    let mut args = ts.clone();
+                    args[i] = t;
+                    objective(&args)
+                };
+                let fd = (shifted(eps) - shifted(-eps)) / (2.0 * eps);
+                let err = (fd - g[j]).abs();
+                assert!(
+                    err <= 1e-6 + 1e-5 * fd.abs(),
+                    "input {i} elem {j}: analytic {} vs finite difference {fd}",
+                    g[j]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn rms_norm_gradient() {
+        let x = var(&[3, 8], 1);
+        let w = var(&[8], 2);
+        check_grad(&[x, w], &|t| rms_norm(&t[0], &t[1], 1e-5));
+    }
+
+    #[test]
+    fn layer_norm_gradient() {
+        let x = var(&[3, 8], 3);
+        let w = var(&[8], 4);
+        let b = var(&[8], 5);
+        check_grad(&[x, w, b], &|t| layer_norm(&t[0], &t[1], &t[2], 1e-6));
+    }
+
+    #[test]
+    fn softmax_and_log_softmax_gradients() {
+        check_grad(&[var(&[2, 3, 7], 6)], &|t| softmax_last(&t[0]));
+        check_grad(&[var(&[4, 9], 7)], &|t| log_softmax_last(&t[0]));
+    }
+
+    #[test]
+    fn rope_gradient() {
+        let x = var(&[2, 5, 8], 8);
+        let cos = Tensor::from_vec(values(40, 9), (5, 8), &Device::Cpu).unwrap();
+        let sin = Tensor::from_vec(values(40, 10), (5, 8), &Device::Cpu).unwrap();
+        check_grad(&[x], &|t| rope(&t[0], &cos, &sin));
+    }
+
+    #[test]
+    fn cross_entropy_gradient() {
+        let targets = Tensor::new(&[1u32, 0, 6, 3], &Device::Cpu).unwrap();
+        check_grad(&[var(&[4, 7], 11)], &|t| cross_entropy(&t[0], &targets));
+    }
+
+    #[test]
+    fn cross_entropy_matches_definition() {
+        let logits = Tensor::new(&[[1.0f32, 2.0, 3.0], [0.5, 0.5, -1.0]], &Device::Cpu).unwrap();
+        let targets = Tensor::new(&[2u32, 0], &Device::Cpu).unwrap();
+        let got = cross_entropy(&logits, &targets)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let l0 = -(3f64 - (1f64.exp() + 2f64.exp() + 3f64.exp()).ln());
+        let l1 = -(0.5f64 - (2.0 * 0.5f64.exp() + (-1f64).exp()).ln());
+        assert!((got as f64 - (l0 + l1) / 2.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn frozen_linear_gradient_reaches_input_only() {
+        let x = var(&[2, 3, 5], 12);
+        let w = Tensor::from_vec(values(20, 13), (4, 5), &Device::Cpu).unwrap();
+        check_grad(std::slice::from_ref(&x), &|t| frozen_linear(&t[0], &w));
+        // Same values as a plain matmul.
+        let plain = x.as_tensor().broadcast_matmul(&w.t().unwrap()).unwrap();
+        let frozen = frozen_linear(x.as_tensor(), &w).unwrap();
+        let diff = (plain - frozen).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f64>().unwrap() < 1e-12);
+        // No gradient for the weight (nor any tensor of its shape) is stored.
+        let grads = frozen_linear(x.as_tensor(), &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for id in grads.get_ids() {
+            let g = grads.get_id(*id).unwrap();
+            assert_ne!(g.dims(), &[4, 5]);
+            assert_ne!(g.dims(), &[5, 4]);
+        }
+    }
+
+    #[test]
+    fn gelu_variants_have_gradients() {
+        check_grad_loose(&[var(&[10], 14)], &|t| t[0].gelu_erf());
+        check_grad_loose(&[var(&[10], 15)], &|t| t[0].gelu());
+        check_grad(&[var(&[10], 16)], &|t| t[0].silu());
+    }
+
+    /// candle's GELU backward uses 6-digit constants: check to 1e-5 relative.
+    fn check_grad_loose(inputs: &[Var], f: &dyn Fn(&[Tensor]) -> Result<Tensor>) {
+        let out = f(&[inputs[0].as_tensor().clone()]).unwrap();
+        let grads = out.sum_all().unwrap().backward().unwrap();
+        let g = grads
+            .get(inputs[0].as_tensor())
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let base = inputs[0].as_tensor().to_vec1::<f64>().unwrap();
+        for (j, &x0) in base.iter().enumerate() {
+            let eval = |x: f64| {
+                f(&[Tensor::new(&[x], &Device::Cpu).unwrap()])
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap()[0]
+            };
+            let fd = (eval(x0 + 1e-6) - eval(x0 - 1e-6)) / 2e-6;
+            assert!((fd - g[j]).abs() < 1e-5, "elem {j}: {} vs {fd}", g[j]);
+        }
+    }
+}

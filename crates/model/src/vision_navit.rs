@@ -1,0 +1,150 @@
+//! The NaViT SigLIP vision tower of 2.5 and 2.6 (Idefics2 layout): images of any patch grid
+//! run as one padded batch; positions come from a 70×70 learned table through float32
+//! buckets (spec §7.3).
+//!
+//! 2.6: 2-D buckets per image, padding keys masked. 2.5 (reference behaviour, spec §7.2):
+//! every padded position counts as valid and positions are 1-D buckets over the batch's
+//! longest patch count, so an image's features depend on the other images of its batch;
+//! [`crate::config::Fixes::v25_vision_masking`] switches to the 2.6 behaviour.
+
+use candle_core::Tensor;
+
+use crate::config::{Gelu, VisionConfig};
+use crate::error::Result;
+use crate::image::ImageInput;
+use crate::linear::{Linear, Mode};
+use crate::ops::{attention, key_padding_mask, layer_norm};
+use crate::params::ParamStore;
+use crate::positions::navit_buckets;
+use crate::vision_vit::{ln, patch_linear, stack_patches};
+
+struct Layer {
+    ln1: (Tensor, Tensor),
+    ln2: (Tensor, Tensor),
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+/// Position scheme of the tower.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NavitPositions {
+    /// 2-D buckets per image, padding masked (2.6, and 2.5 with the fix).
+    TwoD,
+    /// The 2.5 reference quirk: all positions valid, 1-D buckets over `l_max`.
+    AllValid1D,
+}
+
+/// The NaViT vision transformer.
+pub struct NavitSiglip {
+    cfg: VisionConfig,
+    scheme: NavitPositions,
+    patch_embed: Linear,
+    pos_table: Tensor,
+    layers: Vec<Layer>,
+    post: (Tensor, Tensor),
+}
+
+impl NavitSiglip {
+    pub fn load(cfg: &VisionConfig, scheme: NavitPositions, p: &mut ParamStore) -> Result<Self> {
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let pre = format!("vpm.encoder.layers.{i}");
+            layers.push(Layer {
+                ln1: ln(p, &format!("{pre}.layer_norm1"))?,
+                ln2: ln(p, &format!("{pre}.layer_norm2"))?,
+                q: p.linear(&format!("{pre}.self_attn.q_proj"), true)?,
+                k: p.linear(&format!("{pre}.self_attn.k_proj"), true)?,
+                v: p.linear(&format!("{pre}.self_attn.v_proj"), true)?,
+                out: p.linear(&format!("{pre}.self_attn.out_proj"), true)?,
+                fc1: p.linear(&format!("{pre}.mlp.fc1"), true)?,
+                fc2: p.linear(&format!("{pre}.mlp.fc2"), true)?,
+            });
+        }
+        Ok(NavitSiglip {
+            cfg: cfg.clone(),
+            scheme,
+            patch_embed: patch_linear(p, "vpm.embeddings.patch_embedding")?,
+            pos_table: p.get("vpm.embeddings.position_embedding.weight")?,
+            layers,
+            post: ln(p, "vpm.post_layernorm")?,
+        })
+    }
+
+    /// Position ids `[n·l_max]` of the batch.
+    fn position_ids(&self, images: &[ImageInput], l_max: usize) -> Vec<u32> {
+        let g = self.cfg.grid();
+        let mut ids = vec![0u32; images.len() * l_max];
+        match self.scheme {
+            NavitPositions::TwoD => {
+                for (i, im) in images.iter().enumerate() {
+                    let bh = navit_buckets(im.ph, g);
+                    let bw = navit_buckets(im.pw, g);
+                    for r in 0..im.ph {
+                        for c in 0..im.pw {
+                            ids[i * l_max + r * im.pw + c] = (bh[r] * g + bw[c]) as u32;
+                        }
+                    }
+                }
+            }
+            NavitPositions::AllValid1D => {
+                let b = navit_buckets(l_max, g);
+                for i in 0..images.len() {
+                    for (j, &x) in b.iter().enumerate() {
+                        ids[i * l_max + j] = x as u32;
+                    }
+                }
+            }
+        }
+        ids
+    }
+
+    /// Runs the tower: `[n, l_max, C]` and the patch counts.
+    pub fn forward(&self, images: &[ImageInput], mode: &Mode) -> Result<(Tensor, Vec<usize>)> {
+        let lens: Vec<usize> = images.iter().map(ImageInput::len).collect();
+        let l_max = lens.iter().copied().max().unwrap_or(0);
+        let n = images.len();
+        let dt = self.pos_table.dtype();
+        let dev = self.pos_table.device().clone();
+        let c = self.cfg.hidden_size;
+        let x = stack_patches(images, l_max, dt, &dev)?;
+        let x = self.patch_embed.forward(&x, mode)?;
+        let ids = Tensor::from_vec(self.position_ids(images, l_max), n * l_max, &dev)?;
+        let pos = self
+            .pos_table
+            .index_select(&ids, 0)?
+            .reshape((n, l_max, c))?;
+        let mut x = (x + pos)?;
+        let mask = match self.scheme {
+            NavitPositions::TwoD if lens.iter().any(|&k| k < l_max) => {
+                Some(key_padding_mask(&lens, l_max, dt, &dev)?)
+            }
+            _ => None,
+        };
+        let (heads, hd) = (self.cfg.num_heads, c / self.cfg.num_heads);
+        let eps = self.cfg.layer_norm_eps;
+        let split = |t: Tensor| -> candle_core::Result<Tensor> {
+            t.reshape((n, l_max, heads, hd))?.transpose(1, 2)
+        };
+        for l in &self.layers {
+            let h = layer_norm(&x, &l.ln1.0, &l.ln1.1, eps)?;
+            let q = split(l.q.forward(&h, mode)?)?;
+            let k = split(l.k.forward(&h, mode)?)?;
+            let v = split(l.v.forward(&h, mode)?)?;
+            let a = attention(&q, &k, &v, mask.as_ref(), 1.0 / (hd as f64).sqrt())?;
+            let a = a.transpose(1, 2)?.reshape((n, l_max, c))?;
+            x = (x + l.out.forward(&a, mode)?)?;
+            let h = layer_norm(&x, &l.ln2.0, &l.ln2.1, eps)?;
+            let h = l.fc1.forward(&h, mode)?;
+            let h = match self.cfg.gelu {
+                Gelu::Erf => h.gelu_erf()?,
+                Gelu::Tanh => h.gelu()?,
+            };
+            x = (x + l.fc2.forward(&h, mode)?)?;
+        }
+        Ok((layer_norm(&x, &self.post.0, &self.post.1, eps)?, lens))
+    }
+}

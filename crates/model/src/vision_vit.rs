@@ -1,0 +1,158 @@
+//! MiniCPM-V 2.0's vision tower: timm's SigLIP ViT (`vit_so400m_patch14_siglip_384` layout,
+//! no class token, attention pool removed, last block dropped), with its learned 27×27
+//! position table resampled to each image's patch grid by antialiased bicubic interpolation.
+//!
+//! The reference runs every image separately; here all images of a batch run together,
+//! padded to the longest and with padded keys masked, which computes the same values.
+
+use candle_core::{Tensor, D};
+
+use crate::config::{Gelu, VisionConfig};
+use crate::error::Result;
+use crate::image::ImageInput;
+use crate::linear::{Linear, Mode};
+use crate::ops::{attention, key_padding_mask, layer_norm};
+use crate::params::ParamStore;
+use crate::positions::aa_bicubic_matrix;
+
+struct Block {
+    norm1: (Tensor, Tensor),
+    norm2: (Tensor, Tensor),
+    qkv: Linear,
+    proj: Linear,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+/// The V2.0 vision transformer.
+pub struct VitSiglip {
+    cfg: VisionConfig,
+    patch_embed: Linear,
+    pos_embed: Tensor,
+    blocks: Vec<Block>,
+    norm: (Tensor, Tensor),
+}
+
+pub(crate) fn patch_linear(p: &mut ParamStore, module: &str) -> Result<Linear> {
+    let mut lin = p.linear(module, true)?;
+    let (out, c, kh, kw) = lin.weight.dims4()?;
+    lin.weight = lin.weight.reshape((out, c * kh * kw))?;
+    Ok(lin)
+}
+
+pub(crate) fn ln(p: &ParamStore, module: &str) -> Result<(Tensor, Tensor)> {
+    Ok((
+        p.get(&format!("{module}.weight"))?,
+        p.get(&format!("{module}.bias"))?,
+    ))
+}
+
+/// Stacks the images' patches into `[n, l_max, 3·p·p]`, zero-padded.
+pub(crate) fn stack_patches(
+    images: &[ImageInput],
+    l_max: usize,
+    dtype: candle_core::DType,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let dim = images.first().map_or(0, |i| 3 * i.patch * i.patch);
+    let mut data = vec![0f32; images.len() * l_max * dim];
+    for (i, im) in images.iter().enumerate() {
+        data[i * l_max * dim..i * l_max * dim + im.patches.len()].copy_from_slice(&im.patches);
+    }
+    Ok(Tensor::from_vec(data, (images.len(), l_max, dim), device)?.to_dtype(dtype)?)
+}
+
+impl VitSiglip {
+    pub fn load(cfg: &VisionConfig, p: &mut ParamStore) -> Result<Self> {
+        let mut blocks = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let pre = format!("vpm.blocks.{i}");
+            blocks.push(Block {
+                norm1: ln(p, &format!("{pre}.norm1"))?,
+                norm2: ln(p, &format!("{pre}.norm2"))?,
+                qkv: p.linear(&format!("{pre}.attn.qkv"), true)?,
+                proj: p.linear(&format!("{pre}.attn.proj"), true)?,
+                fc1: p.linear(&format!("{pre}.mlp.fc1"), true)?,
+                fc2: p.linear(&format!("{pre}.mlp.fc2"), true)?,
+            });
+        }
+        Ok(VitSiglip {
+            cfg: cfg.clone(),
+            patch_embed: patch_linear(p, "vpm.patch_embed.proj")?,
+            pos_embed: p.get("vpm.pos_embed")?,
+            blocks,
+            norm: ln(p, "vpm.norm")?,
+        })
+    }
+
+    /// The learned position table resampled to an `h × w` patch grid: `[h·w, C]`.
+    fn positions(&self, h: usize, w: usize) -> Result<Tensor> {
+        let g = self.cfg.grid();
+        let c = self.cfg.hidden_size;
+        let table = self.pos_embed.reshape((g, g, c))?;
+        if h == g && w == g {
+            return Ok(table.reshape((g * g, c))?);
+        }
+        let dev = self.pos_embed.device();
+        let dt = self.pos_embed.dtype();
+        let rh = Tensor::from_vec(aa_bicubic_matrix(g, h), (h, g), dev)?.to_dtype(dt)?;
+        let rw = Tensor::from_vec(aa_bicubic_matrix(g, w), (w, g), dev)?.to_dtype(dt)?;
+        // Rows first: [h, g·C] → [h, g, C]; then columns: [h, w, g] × [h, g, C].
+        let t1 = rh.matmul(&table.reshape((g, g * c))?)?.reshape((h, g, c))?;
+        let out = rw.unsqueeze(0)?.broadcast_as((h, w, g))?.matmul(&t1)?;
+        Ok(out.reshape((h * w, c))?)
+    }
+
+    /// Runs the tower over all images: `[n, l_max, C]` (rows beyond an image's patch count
+    /// are padding) and the patch counts.
+    pub fn forward(&self, images: &[ImageInput], mode: &Mode) -> Result<(Tensor, Vec<usize>)> {
+        let lens: Vec<usize> = images.iter().map(ImageInput::len).collect();
+        let l_max = lens.iter().copied().max().unwrap_or(0);
+        let dt = self.pos_embed.dtype();
+        let dev = self.pos_embed.device().clone();
+        let x = stack_patches(images, l_max, dt, &dev)?;
+        let x = self.patch_embed.forward(&x, mode)?;
+        let c = self.cfg.hidden_size;
+        let mut pos = Vec::with_capacity(images.len());
+        for (im, &n) in images.iter().zip(&lens) {
+            let p = self.positions(im.ph, im.pw)?;
+            pos.push(if n < l_max {
+                Tensor::cat(&[&p, &Tensor::zeros((l_max - n, c), dt, &dev)?], 0)?
+            } else {
+                p
+            });
+        }
+        let mut x = (x + Tensor::stack(&pos, 0)?)?;
+        let mask = if lens.iter().any(|&n| n < l_max) {
+            Some(key_padding_mask(&lens, l_max, dt, &dev)?)
+        } else {
+            None
+        };
+        let n = images.len();
+        let (heads, hd) = (self.cfg.num_heads, c / self.cfg.num_heads);
+        let eps = self.cfg.layer_norm_eps;
+        for b in &self.blocks {
+            let h = layer_norm(&x, &b.norm1.0, &b.norm1.1, eps)?;
+            // qkv output is [q | k | v], each head-major.
+            let qkv = b
+                .qkv
+                .forward(&h, mode)?
+                .reshape((n, l_max, 3, heads, hd))?
+                .permute((2, 0, 3, 1, 4))?;
+            let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
+            let a = attention(&q, &k, &v, mask.as_ref(), 1.0 / (hd as f64).sqrt())?;
+            let a = a.transpose(1, 2)?.reshape((n, l_max, c))?;
+            x = (x + b.proj.forward(&a, mode)?)?;
+            let h = layer_norm(&x, &b.norm2.0, &b.norm2.1, eps)?;
+            let h = b.fc1.forward(&h, mode)?;
+            let h = match self.cfg.gelu {
+                Gelu::Erf => h.gelu_erf()?,
+                Gelu::Tanh => h.gelu()?,
+            };
+            x = (x + b.fc2.forward(&h, mode)?)?;
+        }
+        let x = layer_norm(&x, &self.norm.0, &self.norm.1, eps)?;
+        debug_assert_eq!(x.dim(D::Minus1)?, c);
+        Ok((x, lens))
+    }
+}
