@@ -1,0 +1,389 @@
+//! AdamW with the update of `torch.optim.AdamW` (single-tensor path: `foreach=False`,
+//! `fused=False`, `amsgrad=False`), fp32 moments and fp32 master weights, as the reference's
+//! DeepSpeed AdamW runs it (spec §8.5).
+//!
+//! All per-step math is candle tensor ops in f32 on the parameters' device; nothing is copied to
+//! the host during [`AdamW::step`].
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use candle_core::backprop::GradStore;
+use candle_core::safetensors::Load;
+use candle_core::{DType, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+/// Errors from the optimiser: candle failures, bad parameter lists and unusable state files.
+#[derive(Debug, thiserror::Error)]
+pub enum OptimError {
+    /// A tensor operation failed (device, shape or dtype trouble).
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// The same parameter name was given twice to [`AdamW::new`].
+    #[error("parameter {0:?} is listed twice")]
+    DuplicateParam(String),
+    /// A parameter has a dtype AdamW cannot train (only f32, bf16 and f16 are supported).
+    #[error("parameter {name:?} has dtype {dtype:?}; AdamW trains f32, bf16 and f16 parameters")]
+    UnsupportedDtype { name: String, dtype: DType },
+    /// Reading or writing an optimiser state file failed.
+    #[error("optimizer state {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// An optimiser state file could not be written or parsed as safetensors.
+    #[error("optimizer state {path}: {source}")]
+    SafeTensors {
+        path: PathBuf,
+        source: safetensors::SafeTensorError,
+    },
+    /// An optimiser state file does not fit this optimiser (names the tensor or field at fault).
+    #[error("optimizer state {path}: {msg}")]
+    State { path: PathBuf, msg: String },
+}
+
+/// AdamW hyper-parameters (the learning rate is passed per step).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AdamWConfig {
+    /// Decay of the first moment.
+    pub beta1: f64,
+    /// Decay of the second moment (the official scripts use 0.95, not torch's 0.999).
+    pub beta2: f64,
+    /// Added to `sqrt(v̂)` in the denominator.
+    pub eps: f64,
+    /// Decoupled weight decay: each step multiplies a decayed parameter by `1 − lr·weight_decay`.
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    /// The reference's values: betas (0.9, 0.95), eps 1e-8, weight decay 0.1.
+    fn default() -> Self {
+        Self {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        }
+    }
+}
+
+/// Per-parameter optimiser state.
+struct ParamState {
+    name: String,
+    var: Var,
+    /// Whether weight decay applies (the `decay` predicate, evaluated once in [`AdamW::new`]).
+    decay: bool,
+    /// f32 master copy for non-f32 vars; `None` when the var is f32 and is its own master.
+    master: Option<Tensor>,
+    /// First moment (f32).
+    exp_avg: Tensor,
+    /// Second moment (f32).
+    exp_avg_sq: Tensor,
+    /// Updates applied to this parameter (torch's per-parameter `step`): drives bias correction.
+    step: u64,
+}
+
+impl ParamState {
+    /// The current f32 value of the parameter, detached from the autograd graph.
+    fn value(&self) -> Tensor {
+        match &self.master {
+            Some(m) => m.clone(),
+            None => self.var.as_detached_tensor(),
+        }
+    }
+}
+
+/// AdamW over a fixed list of named parameters, with fp32 moments and, for bf16/f16 parameters,
+/// an fp32 master copy that receives the updates (the var gets the master rounded to its dtype
+/// after every step, so updates below the var's resolution still accumulate).
+///
+/// Moments are allocated (zero) for every parameter at construction, so [`AdamW::state_bytes`]
+/// is known up front and every parameter appears in a saved state.
+pub struct AdamW {
+    params: Vec<ParamState>,
+    cfg: AdamWConfig,
+    steps: u64,
+}
+
+impl AdamW {
+    /// An optimiser over `params` (name, var), in a stable order (it is the order of the state
+    /// file); `decay(name)` says whether weight decay applies to that parameter (the reference
+    /// decays everything; `--no-decay-norm-bias` exempts biases and norm weights). The predicate
+    /// is evaluated once here and stored as a flag per parameter.
+    ///
+    /// Errors on a repeated name or a parameter that is not f32, bf16 or f16.
+    pub fn new(
+        params: Vec<(String, Var)>,
+        cfg: AdamWConfig,
+        decay: impl Fn(&str) -> bool,
+    ) -> Result<Self, OptimError> {
+        let mut seen = HashSet::new();
+        let mut states = Vec::with_capacity(params.len());
+        for (name, var) in params {
+            if !seen.insert(name.clone()) {
+                return Err(OptimError::DuplicateParam(name));
+            }
+            let master = match var.dtype() {
+                DType::F32 => None,
+                DType::BF16 | DType::F16 => Some(var.as_detached_tensor().to_dtype(DType::F32)?),
+                dtype => return Err(OptimError::UnsupportedDtype { name, dtype }),
+            };
+            let zeros = || Tensor::zeros(var.shape(), DType::F32, var.device());
+            states.push(ParamState {
+                decay: decay(&name),
+                exp_avg: zeros()?,
+                exp_avg_sq: zeros()?,
+                master,
+                name,
+                var,
+                step: 0,
+            });
+        }
+        Ok(Self {
+            params: states,
+            cfg,
+            steps: 0,
+        })
+    }
+
+    /// The hyper-parameters this optimiser runs with.
+    pub fn config(&self) -> &AdamWConfig {
+        &self.cfg
+    }
+
+    /// One AdamW update at learning rate `lr`, with every gradient in `grads` (looked up by
+    /// `var.as_tensor()`) first multiplied by `grad_scale` (the clip factor times any
+    /// accumulation scale; 1.0 leaves gradients as they are).
+    ///
+    /// A parameter with no gradient in `grads` is left untouched and its moments and its own
+    /// step count (which drives its bias correction, as torch's per-parameter `step` does) do not
+    /// advance. The optimiser's [`AdamW::steps`] counts the call regardless.
+    ///
+    /// The update, in torch's order of operations (f32 tensors, scalars computed in f64):
+    /// `p ← p·(1 − lr·wd)` if decay applies; `m ← lerp(m, g, 1 − β1)`; `v ← β2·v + (1 − β2)·g·g`;
+    /// `denom = sqrt(v)/sqrt(1 − β2ᵗ) + eps`; `p ← p − (lr/(1 − β1ᵗ))·m/denom`.
+    pub fn step(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<(), OptimError> {
+        let AdamWConfig {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        } = self.cfg;
+        for p in &mut self.params {
+            let Some(grad) = grads.get(p.var.as_tensor()) else {
+                continue;
+            };
+            let mut g = grad.detach().to_dtype(DType::F32)?;
+            if grad_scale != 1.0 {
+                g = g.affine(grad_scale, 0.0)?;
+            }
+            let t = p.step + 1;
+
+            let mut param = p.value();
+            if p.decay && weight_decay != 0.0 {
+                param = param.affine(1.0 - lr * weight_decay, 0.0)?;
+            }
+
+            // exp_avg.lerp_(grad, 1 - beta1): torch's lerp picks its formula by weight size.
+            let w = 1.0 - beta1;
+            let diff = (&g - &p.exp_avg)?;
+            let exp_avg = if w < 0.5 {
+                (&p.exp_avg + diff.affine(w, 0.0)?)?
+            } else {
+                (&g - diff.affine(1.0 - w, 0.0)?)?
+            };
+            // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            let exp_avg_sq =
+                (p.exp_avg_sq.affine(beta2, 0.0)? + (g.affine(1.0 - beta2, 0.0)? * &g)?)?;
+
+            let tf = t as f64;
+            let bias_correction1 = 1.0 - beta1.powf(tf);
+            let bias_correction2 = 1.0 - beta2.powf(tf);
+            let step_size = lr / bias_correction1;
+            let bias_correction2_sqrt = bias_correction2.powf(0.5);
+            // denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps), a true f32 division
+            // like torch's (multiplying by the reciprocal rounds differently); `full` fills the
+            // scalar on the device.
+            let bc2_sqrt = Tensor::full(bias_correction2_sqrt as f32, (), g.device())?;
+            let denom = exp_avg_sq
+                .sqrt()?
+                .broadcast_div(&bc2_sqrt)?
+                .affine(1.0, eps)?;
+            // param.addcdiv_(exp_avg, denom, value=-step_size)
+            let param = (param + exp_avg.affine(-step_size, 0.0)?.div(&denom)?)?;
+
+            match &mut p.master {
+                Some(master) => {
+                    p.var.set(&param.to_dtype(p.var.dtype())?)?;
+                    *master = param;
+                }
+                None => p.var.set(&param)?,
+            }
+            p.exp_avg = exp_avg;
+            p.exp_avg_sq = exp_avg_sq;
+            p.step = t;
+        }
+        self.steps += 1;
+        Ok(())
+    }
+
+    /// Number of completed [`AdamW::step`] calls (restored by [`AdamW::load_state`]).
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// Bytes of optimiser state held on the device: both moments of every parameter plus the f32
+    /// master copies of non-f32 parameters.
+    pub fn state_bytes(&self) -> usize {
+        self.params
+            .iter()
+            .map(|p| {
+                let n = p.var.elem_count();
+                let copies = if p.master.is_some() { 3 } else { 2 };
+                n * copies * DType::F32.size_in_bytes()
+            })
+            .sum()
+    }
+
+    /// Saves the optimiser state to `path` as safetensors: `<param>.exp_avg`,
+    /// `<param>.exp_avg_sq` and, for non-f32 parameters, `<param>.master` (all f32), with
+    /// metadata `step` (completed steps), `param_steps` (JSON object name → that parameter's
+    /// update count) and `config` (the [`AdamWConfig`] as JSON). f32 parameters have no master
+    /// here: their values belong in the model checkpoint. Written to `<path>.tmp` and renamed,
+    /// so an interrupted save never leaves a truncated file at `path`.
+    pub fn save_state(&self, path: &Path) -> Result<(), OptimError> {
+        let mut tensors: Vec<(String, &Tensor)> = Vec::with_capacity(self.params.len() * 3);
+        let mut param_steps = BTreeMap::new();
+        for p in &self.params {
+            tensors.push((format!("{}.exp_avg", p.name), &p.exp_avg));
+            tensors.push((format!("{}.exp_avg_sq", p.name), &p.exp_avg_sq));
+            if let Some(m) = &p.master {
+                tensors.push((format!("{}.master", p.name), m));
+            }
+            param_steps.insert(p.name.as_str(), p.step);
+        }
+        let json_err = |e: serde_json::Error| OptimError::State {
+            path: path.into(),
+            msg: e.to_string(),
+        };
+        let metadata = HashMap::from([
+            ("format".to_string(), STATE_FORMAT.to_string()),
+            ("step".to_string(), self.steps.to_string()),
+            (
+                "param_steps".to_string(),
+                serde_json::to_string(&param_steps).map_err(json_err)?,
+            ),
+            (
+                "config".to_string(),
+                serde_json::to_string(&self.cfg).map_err(json_err)?,
+            ),
+        ]);
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        safetensors::serialize_to_file(tensors, Some(metadata), &tmp).map_err(|source| {
+            OptimError::SafeTensors {
+                path: tmp.clone(),
+                source,
+            }
+        })?;
+        std::fs::rename(&tmp, path).map_err(|source| OptimError::Io {
+            path: path.into(),
+            source,
+        })
+    }
+
+    /// Restores a state written by [`AdamW::save_state`] for the same parameter list, so that
+    /// continuing is bit-identical to never having stopped (given the same parameter values:
+    /// f32 vars must already hold the checkpointed weights). Non-f32 vars are set to their
+    /// restored master rounded to the var's dtype.
+    ///
+    /// Every parameter must have its moments (and, if not f32, its master) with its shape and
+    /// dtype f32, and every tensor in the file must belong to a parameter; errors name the first
+    /// offender. On error nothing is changed. The saved `config` is informational: the
+    /// optimiser keeps the config it was built with.
+    pub fn load_state(&mut self, path: &Path) -> Result<(), OptimError> {
+        let bad = |msg: String| OptimError::State {
+            path: path.into(),
+            msg,
+        };
+        let bytes = std::fs::read(path).map_err(|source| OptimError::Io {
+            path: path.into(),
+            source,
+        })?;
+        let st_err = |source| OptimError::SafeTensors {
+            path: path.into(),
+            source,
+        };
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(st_err)?;
+        let file = safetensors::SafeTensors::deserialize(&bytes).map_err(st_err)?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        let field = |key: &str| {
+            meta.get(key)
+                .ok_or_else(|| bad(format!("metadata has no {key:?}")))
+        };
+
+        let format = field("format")?;
+        if format != STATE_FORMAT {
+            return Err(bad(format!(
+                "format is {format:?}, expected {STATE_FORMAT:?}"
+            )));
+        }
+        let steps: u64 = field("step")?
+            .parse()
+            .map_err(|e| bad(format!("metadata \"step\": {e}")))?;
+        let param_steps: HashMap<String, u64> = serde_json::from_str(field("param_steps")?)
+            .map_err(|e| bad(format!("metadata \"param_steps\": {e}")))?;
+
+        let mut unused: HashSet<&str> = file.names().into_iter().collect();
+        let mut loaded = Vec::with_capacity(self.params.len());
+        for p in &self.params {
+            let mut take = |suffix: &str| -> Result<Tensor, OptimError> {
+                let key = format!("{}.{suffix}", p.name);
+                let view = file
+                    .tensor(&key)
+                    .map_err(|_| bad(format!("no tensor {key:?}")))?;
+                if view.dtype() != safetensors::Dtype::F32 || view.shape() != p.var.dims() {
+                    return Err(bad(format!(
+                        "tensor {key:?} is {:?} {:?}, expected F32 {:?}",
+                        view.dtype(),
+                        view.shape(),
+                        p.var.dims()
+                    )));
+                }
+                unused.remove(key.as_str());
+                Ok(view.load(p.var.device())?)
+            };
+            let exp_avg = take("exp_avg")?;
+            let exp_avg_sq = take("exp_avg_sq")?;
+            let master = match p.master {
+                Some(_) => Some(take("master")?),
+                None => None,
+            };
+            let step = *param_steps
+                .get(&p.name)
+                .ok_or_else(|| bad(format!("metadata \"param_steps\" has no {:?}", p.name)))?;
+            loaded.push((exp_avg, exp_avg_sq, master, step));
+        }
+        if let Some(extra) = unused.iter().min() {
+            return Err(bad(format!(
+                "tensor {extra:?} belongs to no parameter of this optimizer"
+            )));
+        }
+
+        for (p, (exp_avg, exp_avg_sq, master, step)) in self.params.iter_mut().zip(loaded) {
+            if let Some(m) = &master {
+                p.var.set(&m.to_dtype(p.var.dtype())?)?;
+            }
+            p.exp_avg = exp_avg;
+            p.exp_avg_sq = exp_avg_sq;
+            p.master = master;
+            p.step = step;
+        }
+        self.steps = steps;
+        Ok(())
+    }
+}
+
+/// `format` metadata value of state files, bumped if their layout changes.
+const STATE_FORMAT: &str = "cpmv-optim-adamw/1";
