@@ -26,14 +26,23 @@ fn main() {
     let tmp = tempfile::tempdir().expect("temp dir");
     println!("| config | mode | tokens/row | images | step (fwd+bwd) ms | peak RSS MiB |");
     println!("|---|---|---:|---:|---:|---:|");
-    for name in ["minicpm-v-2-tiny", "minicpm-llama3-v-2_5-tiny", "minicpm-v-2_6-tiny"] {
+    for name in [
+        "minicpm-v-2-tiny",
+        "minicpm-llama3-v-2_5-tiny",
+        "minicpm-v-2_6-tiny",
+    ] {
         let dir = tmp.path().join(name);
         init_model(&root.join(name), &dir, Size::Tiny, 1, DType::F32).expect("init");
         for lora in [false, true] {
             reset_peak();
             let opts = LoadOptions {
                 trainable: if lora {
-                    Trainable { vision: true, resampler: true, llm: false, embeddings: true }
+                    Trainable {
+                        vision: true,
+                        resampler: true,
+                        llm: false,
+                        embeddings: true,
+                    }
                 } else {
                     Trainable::ALL
                 },

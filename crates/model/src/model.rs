@@ -274,6 +274,35 @@ impl MiniCpmV {
         self.llm.final_norm(&x)
     }
 
+    /// Rotary tables and attention mask of a batch, for layer-by-layer execution.
+    pub fn llm_aux(&self, batch: &Batch) -> Result<LlmAux> {
+        LlmAux::new(
+            &self.cfg.llm,
+            &batch.position_ids,
+            &batch.segments,
+            self.dtype(),
+            self.device(),
+        )
+    }
+
+    /// Decoder layer `i` alone (trainers use it to recompute layers in backward, i.e.
+    /// gradient checkpointing; LoRA dropout draws from the model's generator, see
+    /// [`MiniCpmV::dropout_state`]).
+    pub fn layer_forward(&self, i: usize, x: &Tensor, aux: &LlmAux, train: bool) -> Result<Tensor> {
+        let mode = Mode {
+            train,
+            rng: &self.dropout,
+        };
+        self.llm.layer(i, x, aux, &mode)
+    }
+
+    /// Final norm, logits of the supervised positions and their mean cross-entropy, from the
+    /// last decoder layer's output.
+    pub fn head_loss(&self, x: &Tensor, batch: &Batch, train: bool) -> Result<LossOutput> {
+        let h = self.llm.final_norm(x)?;
+        self.loss_from_hidden(&h, batch, train)
+    }
+
     /// Logits of every position `[B, T, V]` in f32 (tests, inspection; training uses
     /// [`MiniCpmV::loss`], which computes logits for supervised positions only).
     pub fn logits(&self, batch: &Batch) -> Result<Tensor> {

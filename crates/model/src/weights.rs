@@ -403,6 +403,15 @@ impl Checkpoint {
         self.entries.keys().map(String::as_str)
     }
 
+    /// Stored dtype of a tensor (F32/BF16/F16; anything else reads as F32).
+    pub fn dtype(&self, name: &str) -> Option<DType> {
+        self.entries.get(name).map(|e| match e.dtype {
+            StDtype::BF16 => DType::BF16,
+            StDtype::F16 => DType::F16,
+            _ => DType::F32,
+        })
+    }
+
     /// Stored shape of a tensor.
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
         self.entries.get(name).map(|e| e.shape.as_slice())

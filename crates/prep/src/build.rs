@@ -240,17 +240,33 @@ pub(crate) fn progress_bar(total: u64, enabled: bool) -> indicatif::ProgressBar 
     pb
 }
 
+/// The chat template text training samples are made with (fingerprinted in the manifest).
+pub fn training_chat_template(model: &ModelDir) -> String {
+    match model.llm_type {
+        LlmType::Minicpm => MINICPM_TRAINING_SCHEME.to_string(),
+        LlmType::Llama3 => LLAMA3_TRAINING_TEMPLATE.to_string(),
+        LlmType::Qwen => model.chat_template.clone().unwrap_or_default(),
+    }
+}
+
+/// The tokenizer and chat-template fingerprints a model directory gives samples, as written
+/// into a manifest by `prep build` — so a trainer can refuse shards made for another model.
+pub fn model_fingerprints(dir: &Path) -> Result<(String, String), BuildError> {
+    let model = ModelDir::load(dir, None)?;
+    let template = training_chat_template(&model);
+    Ok((
+        model.tokenizer_sha256.clone(),
+        sha256_hex(template.as_bytes()),
+    ))
+}
+
 /// Runs `prep build`.
 pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     let start = Instant::now();
     let model = ModelDir::load(&opts.model, opts.prep.llm_type)?;
     let settings = resolve_settings(&model, opts)?;
     let batch_vision = model.batch_vision;
-    let chat_template = match model.llm_type {
-        LlmType::Minicpm => MINICPM_TRAINING_SCHEME.to_string(),
-        LlmType::Llama3 => LLAMA3_TRAINING_TEMPLATE.to_string(),
-        LlmType::Qwen => model.chat_template.clone().unwrap_or_default(),
-    };
+    let chat_template = training_chat_template(&model);
     let tokenizer_sha = model.tokenizer_sha256.clone();
     let processor = Processor::new(model, settings.clone())
         .map_err(|e| BuildError::Setup(format!("{}: {e}", opts.model.display())))?;

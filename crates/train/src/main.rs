@@ -1,19 +1,120 @@
 //! `train`: the cpmv trainer binary (thin; the logic lives in the library crates).
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use cpmv_model::init::{init_model, Size};
+use cpmv_train::config::ScheduleKind;
+use cpmv_train::{LossNorm, TrainConfig, TrainMode, TrainOptions};
 use std::path::PathBuf;
 
 #[derive(Parser)]
 #[command(
     name = "train",
     version,
-    about = "Fine-tune MiniCPM-V (full or LoRA) on prep shards"
+    about = "Fine-tune MiniCPM-V (full or LoRA) on shards written by `prep build`",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// A training run. Settings: defaults of the official scripts < the preset's `[train]` table
+/// (--config) < these flags.
+#[derive(Args)]
+struct RunArgs {
+    /// Shard directory written by `prep build`.
+    #[arg(long, required = true)]
+    shards: Option<PathBuf>,
+    /// Checkpoint directory to fine-tune (config.json, safetensors, tokenizer files).
+    #[arg(long, required = true)]
+    model: Option<PathBuf>,
+    /// Run directory: checkpoints, logs, the final model.
+    #[arg(long, required = true)]
+    output: Option<PathBuf>,
+    /// Preset TOML (pipelines/*.toml); its `[train]` table.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Shards to evaluate the loss on every --eval-every steps.
+    #[arg(long)]
+    eval_shards: Option<PathBuf>,
+    /// Continue from the newest checkpoint in --output.
+    #[arg(long)]
+    resume: bool,
+    #[arg(long)]
+    quiet: bool,
+    #[arg(long, value_enum)]
+    mode: Option<TrainMode>,
+    #[arg(long)]
+    tune_vision: Option<bool>,
+    #[arg(long)]
+    tune_llm: Option<bool>,
+    #[arg(long)]
+    lora_r: Option<usize>,
+    #[arg(long)]
+    lora_alpha: Option<f64>,
+    #[arg(long)]
+    lora_dropout: Option<f64>,
+    /// Regex over full module names (PEFT full match).
+    #[arg(long)]
+    lora_target: Option<String>,
+    #[arg(long)]
+    learning_rate: Option<f64>,
+    #[arg(long)]
+    adam_beta2: Option<f64>,
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Exempt biases and norm weights from weight decay (the reference decays everything).
+    #[arg(long)]
+    no_decay_norm_bias: bool,
+    #[arg(long)]
+    max_grad_norm: Option<f64>,
+    #[arg(long, value_enum)]
+    schedule: Option<ScheduleArg>,
+    #[arg(long)]
+    warmup_ratio: Option<f64>,
+    #[arg(long)]
+    warmup_steps: Option<u64>,
+    #[arg(long, value_enum)]
+    loss_norm: Option<LossNorm>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    micro_batch: Option<usize>,
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    #[arg(long)]
+    max_steps: Option<u64>,
+    #[arg(long)]
+    epochs: Option<f64>,
+    #[arg(long)]
+    save_every: Option<u64>,
+    #[arg(long)]
+    keep_last: Option<usize>,
+    #[arg(long)]
+    eval_every: Option<u64>,
+    #[arg(long)]
+    log_every: Option<u64>,
+    /// Recompute each decoder layer in backward instead of keeping its activations.
+    #[arg(long)]
+    grad_checkpointing: bool,
+    /// Skip (and count) steps with a non-finite loss or gradient instead of stopping.
+    #[arg(long)]
+    skip_nonfinite: bool,
+    /// 2.5 only: correct vision masking instead of the reference quirk.
+    #[arg(long)]
+    v25_vision_masking: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ScheduleArg {
+    Reference,
+    Cosine,
+    Linear,
+    Constant,
 }
 
 #[derive(Subcommand)]
@@ -35,6 +136,17 @@ enum Command {
         #[arg(long, value_enum)]
         dtype: Option<DtypeArg>,
         /// Output directory (must not exist or be empty).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Merge a LoRA adapter written by `train --mode lora` into its base: a full checkpoint.
+    MergeLora {
+        /// Base checkpoint directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// Adapter directory (adapter_config.json, adapter_model.safetensors).
+        #[arg(long)]
+        adapter: PathBuf,
         #[arg(long)]
         out: PathBuf,
     },
@@ -60,16 +172,72 @@ fn main() {
     }
 }
 
+fn overlay(mut c: TrainConfig, a: &RunArgs) -> TrainConfig {
+    macro_rules! set {
+        ($($f:ident),*) => { $( if let Some(v) = a.$f.clone() { c.$f = v; } )* };
+    }
+    set!(
+        mode,
+        tune_vision,
+        tune_llm,
+        lora_r,
+        lora_alpha,
+        lora_dropout,
+        lora_target
+    );
+    set!(
+        learning_rate,
+        adam_beta2,
+        weight_decay,
+        max_grad_norm,
+        warmup_ratio,
+        loss_norm
+    );
+    set!(
+        seed,
+        micro_batch,
+        grad_accum,
+        save_every,
+        keep_last,
+        eval_every,
+        log_every
+    );
+    if a.warmup_steps.is_some() {
+        c.warmup_steps = a.warmup_steps;
+    }
+    if a.max_steps.is_some() {
+        c.max_steps = a.max_steps;
+        c.epochs = None;
+    }
+    if a.epochs.is_some() {
+        c.epochs = a.epochs;
+        c.max_steps = None;
+    }
+    if let Some(s) = a.schedule {
+        c.schedule = match s {
+            ScheduleArg::Reference => ScheduleKind::Reference,
+            ScheduleArg::Cosine => ScheduleKind::Cosine,
+            ScheduleArg::Linear => ScheduleKind::Linear,
+            ScheduleArg::Constant => ScheduleKind::Constant,
+        };
+    }
+    c.no_decay_norm_bias |= a.no_decay_norm_bias;
+    c.grad_checkpointing |= a.grad_checkpointing;
+    c.skip_nonfinite |= a.skip_nonfinite;
+    c.v25_vision_masking |= a.v25_vision_masking;
+    c
+}
+
 fn run() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::InitModel {
+        Some(Command::InitModel {
             like,
             size,
             seed,
             dtype,
             out,
-        } => {
+        }) => {
             let size = match size {
                 SizeArg::Tiny => Size::Tiny,
                 SizeArg::Full => Size::Full,
@@ -89,6 +257,51 @@ fn run() -> Result<()> {
                 w.files.len(),
                 dtype
             );
+        }
+        Some(Command::MergeLora {
+            model,
+            adapter,
+            out,
+        }) => {
+            let n = cpmv_train::checkpoint::merge_lora(&model, &adapter, &out)
+                .with_context(|| format!("merge-lora {}", adapter.display()))?;
+            println!("merged {n} LoRA adapters into {}", out.display());
+        }
+        None => {
+            let a = &cli.run;
+            let base = match &a.config {
+                Some(p) => TrainConfig::from_preset(p)?,
+                None => TrainConfig::default(),
+            };
+            let config = overlay(base, a);
+            let (Some(shards), Some(model), Some(output)) =
+                (a.shards.clone(), a.model.clone(), a.output.clone())
+            else {
+                anyhow::bail!("--shards, --model and --output are required");
+            };
+            let opts = TrainOptions {
+                shards,
+                model,
+                output,
+                eval_shards: a.eval_shards.clone(),
+                resume: a.resume,
+                config,
+                quiet: a.quiet,
+            };
+            let r = cpmv_train::train(&opts)?;
+            let first = r.losses.first().copied().unwrap_or(f64::NAN);
+            let last = r.losses.last().copied().unwrap_or(f64::NAN);
+            println!(
+                "trained {} steps ({} skipped): loss {first:.4} -> {last:.4}; peak memory {:.0} MiB; \
+                 output {}",
+                r.steps,
+                r.skipped,
+                r.peak_mem_bytes as f64 / (1 << 20) as f64,
+                r.output.display()
+            );
+            if let Some((s, l)) = r.eval_losses.last() {
+                println!("eval loss at step {s}: {l:.4}");
+            }
         }
     }
     Ok(())

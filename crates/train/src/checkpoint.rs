@@ -1,0 +1,499 @@
+//! What a run writes: full checkpoints in the original layout, LoRA adapters in PEFT's
+//! layout, training state for exact resumption, and `merge-lora`.
+
+use candle_core::{DType, Device, Tensor};
+use cpmv_model::weights::{save_tensors, Checkpoint};
+use cpmv_model::{MiniCpmV, Version};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use crate::config::{TrainConfig, TrainMode};
+use crate::data::Cursor;
+use crate::error::{io, TrainError};
+
+/// Files of a checkpoint directory besides the weights.
+pub const STATE_FILE: &str = "trainer_state.json";
+pub const TRAINABLE_FILE: &str = "trainable.safetensors";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+/// PEFT's prefix of adapter keys.
+pub const PEFT_PREFIX: &str = "base_model.model.";
+
+/// The scalar state of a run (beside optimiser moments and trainable values).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainState {
+    /// Optimiser steps applied.
+    pub step: u64,
+    /// Steps skipped for non-finite values.
+    pub skipped: u64,
+    pub cursor: Cursor,
+    /// LoRA dropout generator.
+    pub dropout_rng: u64,
+    pub tokens_seen: u64,
+    pub samples_seen: u64,
+    pub config: TrainConfig,
+    pub model_dir: String,
+    pub shards_dir: String,
+}
+
+/// What the writers need to know about the run.
+pub struct SaveContext<'a> {
+    pub base_dir: &'a Path,
+    pub base: &'a Checkpoint,
+    pub config: &'a TrainConfig,
+    /// `max_slice_nums` the shards were made with, written into config.json.
+    pub max_slice_nums: Option<u64>,
+}
+
+fn copy_side_files(from: &Path, to: &Path) -> Result<(), TrainError> {
+    for entry in std::fs::read_dir(from).map_err(io(from))? {
+        let entry = entry.map_err(io(from))?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        let weights = name.ends_with(".safetensors")
+            || name.ends_with(".bin")
+            || name.ends_with(".pt")
+            || name.ends_with(".index.json");
+        if weights || name == "config.json" || !entry.file_type().map_err(io(from))?.is_file() {
+            continue;
+        }
+        std::fs::copy(entry.path(), to.join(&name)).map_err(io(&entry.path()))?;
+    }
+    Ok(())
+}
+
+/// config.json of the base with `max_slice_nums` updated as the reference saves it
+/// (top level for V2.0, `slice_config` for 2.5/2.6).
+pub fn updated_config(model: &MiniCpmV, max_slice_nums: Option<u64>) -> Value {
+    let mut raw = model.config().raw.clone();
+    if let (Some(n), Some(obj)) = (max_slice_nums, raw.as_object_mut()) {
+        if model.config().version == Version::V2_0 || !obj.contains_key("slice_config") {
+            obj.insert("max_slice_nums".into(), json!(n));
+        }
+        if let Some(sc) = obj.get_mut("slice_config").and_then(Value::as_object_mut) {
+            sc.insert("max_slice_nums".into(), json!(n));
+        }
+    }
+    raw
+}
+
+fn write_json(path: &Path, v: &Value) -> Result<(), TrainError> {
+    let text = serde_json::to_string_pretty(v).map_err(|e| TrainError::Checkpoint {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    std::fs::write(path, text + "\n").map_err(io(path))
+}
+
+/// Full mode: every tensor under its original name and dtype, config, tokenizer and processor
+/// files — a directory that loads wherever the original checkpoint loads.
+pub fn save_full(model: &MiniCpmV, ctx: &SaveContext, out: &Path) -> Result<(), TrainError> {
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    copy_side_files(ctx.base_dir, out)?;
+    write_json(
+        &out.join("config.json"),
+        &updated_config(model, ctx.max_slice_nums),
+    )?;
+    let mut tensors = Vec::new();
+    for (name, t) in model.params().tensors() {
+        let dt = ctx.base.dtype(name).unwrap_or(DType::F32);
+        tensors.push((name.clone(), t.to_dtype(dt)?.to_device(&Device::Cpu)?));
+    }
+    save_tensors(out, &tensors, Some(cpmv_model::init::SHARD_BYTES)).map_err(TrainError::from)?;
+    Ok(())
+}
+
+/// The modules PEFT saves whole (`modules_to_save`), as the reference configures them.
+pub fn modules_to_save(cfg: &TrainConfig) -> Vec<String> {
+    let mut m = vec!["embed_tokens".to_string(), "resampler".to_string()];
+    if cfg.tune_vision {
+        m.push("vpm".into());
+    }
+    m
+}
+
+fn saved_whole(name: &str, modules: &[String]) -> bool {
+    modules.iter().any(|m| match m.as_str() {
+        "embed_tokens" => name.starts_with("llm.model.embed_tokens."),
+        other => name.starts_with(&format!("{other}.")),
+    })
+}
+
+/// LoRA mode: `adapter_config.json` + `adapter_model.safetensors` with PEFT's key names
+/// (spec §8.3): `base_model.model.<module>.lora_A.weight`/`lora_B.weight`, and the
+/// modules_to_save parameters under `base_model.model.<name>`.
+pub fn save_lora(model: &MiniCpmV, ctx: &SaveContext, out: &Path) -> Result<(), TrainError> {
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    let lora = model
+        .params()
+        .lora_config()
+        .ok_or_else(|| TrainError::Config("save_lora on a model without LoRA".into()))?;
+    let modules = modules_to_save(ctx.config);
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    for (m, ad) in model.params().lora() {
+        tensors.push((
+            format!("{PEFT_PREFIX}{m}.lora_A.weight"),
+            ad.a.as_tensor().to_dtype(DType::F32)?,
+        ));
+        tensors.push((
+            format!("{PEFT_PREFIX}{m}.lora_B.weight"),
+            ad.b.as_tensor().to_dtype(DType::F32)?,
+        ));
+    }
+    for (name, t) in model.params().tensors() {
+        if saved_whole(name, &modules) {
+            let dt = ctx.base.dtype(name).unwrap_or(DType::F32);
+            tensors.push((format!("{PEFT_PREFIX}{name}"), t.to_dtype(dt)?));
+        }
+    }
+    let map: HashMap<String, Tensor> = tensors.into_iter().collect();
+    let path = out.join(ADAPTER_WEIGHTS);
+    candle_core::safetensors::save(&map, &path).map_err(|e| TrainError::Checkpoint {
+        path: path.clone(),
+        reason: format!("cannot write: {e}"),
+    })?;
+    let base = std::fs::canonicalize(ctx.base_dir).unwrap_or_else(|_| ctx.base_dir.to_path_buf());
+    let cfg = json!({
+        "peft_type": "LORA",
+        "task_type": null,
+        "auto_mapping": null,
+        "base_model_name_or_path": base.to_string_lossy(),
+        "revision": null,
+        "inference_mode": true,
+        "r": lora.r,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "bias": "none",
+        "target_modules": lora.target,
+        "modules_to_save": modules,
+        "fan_in_fan_out": false,
+        "init_lora_weights": true,
+        "layers_to_transform": null,
+        "layers_pattern": null,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "use_rslora": false,
+        "use_dora": false,
+    });
+    write_json(&out.join(ADAPTER_CONFIG), &cfg)?;
+    // The processor/tokenizer files travel with the adapter so it is self-describing; the
+    // model config with the training max_slice_nums as well.
+    copy_side_files(ctx.base_dir, out)?;
+    write_json(
+        &out.join("config.json"),
+        &updated_config(model, ctx.max_slice_nums),
+    )?;
+    Ok(())
+}
+
+/// Writes the model files of the run's mode.
+pub fn save_model(model: &MiniCpmV, ctx: &SaveContext, out: &Path) -> Result<(), TrainError> {
+    match ctx.config.mode {
+        TrainMode::Full => save_full(model, ctx, out),
+        TrainMode::Lora => save_lora(model, ctx, out),
+    }
+}
+
+/// Trainable values in f32 (exact resume even when the model files are bf16).
+pub fn save_trainable(model: &MiniCpmV, path: &Path) -> Result<(), TrainError> {
+    let map: HashMap<String, Tensor> = model
+        .params()
+        .trainable_vars()
+        .into_iter()
+        .map(|(n, v)| Ok((n, v.as_tensor().to_dtype(DType::F32)?)))
+        .collect::<Result<_, TrainError>>()?;
+    candle_core::safetensors::save(&map, path).map_err(|e| TrainError::Checkpoint {
+        path: path.to_path_buf(),
+        reason: format!("cannot write: {e}"),
+    })
+}
+
+/// Restores trainable values saved by [`save_trainable`]; every variable must be present.
+pub fn load_trainable(model: &MiniCpmV, path: &Path) -> Result<(), TrainError> {
+    let map =
+        candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| TrainError::Checkpoint {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    for (name, var) in model.params().trainable_vars() {
+        let t = map.get(&name).ok_or_else(|| TrainError::Checkpoint {
+            path: path.to_path_buf(),
+            reason: format!(
+                "no value for trainable `{name}` (was the run started with other settings?)"
+            ),
+        })?;
+        if t.dims() != var.as_tensor().dims() {
+            return Err(TrainError::Checkpoint {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "`{name}` is {:?}, the model has {:?}",
+                    t.dims(),
+                    var.as_tensor().dims()
+                ),
+            });
+        }
+        var.set(
+            &t.to_dtype(var.as_tensor().dtype())?
+                .to_device(var.as_tensor().device())?,
+        )?;
+    }
+    Ok(())
+}
+
+/// `checkpoint-N` directories of a run, ascending.
+pub fn checkpoints(run: &Path) -> Vec<(u64, PathBuf)> {
+    let mut v: Vec<(u64, PathBuf)> = std::fs::read_dir(run)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let n = name.strip_prefix("checkpoint-")?.parse::<u64>().ok()?;
+            e.path().join(STATE_FILE).exists().then(|| (n, e.path()))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Deletes all but the newest `keep` checkpoints.
+pub fn prune(run: &Path, keep: usize) -> Result<(), TrainError> {
+    let all = checkpoints(run);
+    if all.len() > keep {
+        for (_, p) in &all[..all.len() - keep] {
+            std::fs::remove_dir_all(p).map_err(io(p))?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads a checkpoint's scalar state.
+pub fn read_state(dir: &Path) -> Result<TrainState, TrainError> {
+    let p = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&p).map_err(io(&p))?;
+    serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {
+        path: p,
+        reason: e.to_string(),
+    })
+}
+
+/// Writes `state` as JSON.
+pub fn write_state(dir: &Path, state: &TrainState) -> Result<(), TrainError> {
+    let v = serde_json::to_value(state).map_err(|e| TrainError::Checkpoint {
+        path: dir.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    write_json(&dir.join(STATE_FILE), &v)
+}
+
+/// `train merge-lora`: base checkpoint + PEFT adapter → a full checkpoint where every adapted
+/// weight is `W + (α/r)·B·A` and modules_to_save tensors replace the base ones.
+pub fn merge_lora(base_dir: &Path, adapter_dir: &Path, out: &Path) -> Result<usize, TrainError> {
+    let cfg_path = adapter_dir.join(ADAPTER_CONFIG);
+    let text = std::fs::read_to_string(&cfg_path).map_err(io(&cfg_path))?;
+    let cfg: Value = serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {
+        path: cfg_path.clone(),
+        reason: e.to_string(),
+    })?;
+    let num = |k: &str| cfg.get(k).and_then(Value::as_f64);
+    let (r, alpha) = match (num("r"), num("lora_alpha")) {
+        (Some(r), Some(a)) if r > 0.0 => (r, a),
+        _ => {
+            return Err(TrainError::Checkpoint {
+                path: cfg_path,
+                reason: "needs numeric `r` > 0 and `lora_alpha`".into(),
+            })
+        }
+    };
+    let scale = alpha / r;
+    let wpath = adapter_dir.join(ADAPTER_WEIGHTS);
+    let adapter = candle_core::safetensors::load(&wpath, &Device::Cpu).map_err(|e| {
+        TrainError::Checkpoint {
+            path: wpath.clone(),
+            reason: e.to_string(),
+        }
+    })?;
+    let base = Checkpoint::open(base_dir)?;
+    let mut lora: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+    let mut whole: BTreeMap<String, Tensor> = BTreeMap::new();
+    for (k, t) in &adapter {
+        let Some(rest) = k.strip_prefix(PEFT_PREFIX) else {
+            return Err(TrainError::Checkpoint {
+                path: wpath.clone(),
+                reason: format!("key `{k}` lacks the `{PEFT_PREFIX}` prefix"),
+            });
+        };
+        if let Some(m) = rest.strip_suffix(".lora_A.weight") {
+            lora.entry(m.to_string()).or_default().0 = Some(t.clone());
+        } else if let Some(m) = rest.strip_suffix(".lora_B.weight") {
+            lora.entry(m.to_string()).or_default().1 = Some(t.clone());
+        } else if base.shape(rest).is_some() {
+            whole.insert(rest.to_string(), t.clone());
+        } else {
+            return Err(TrainError::Checkpoint {
+                path: wpath.clone(),
+                reason: format!("`{k}` matches no tensor of the base checkpoint"),
+            });
+        }
+    }
+    let mut merged = 0;
+    let mut tensors = Vec::new();
+    let names: Vec<String> = base.names().map(str::to_string).collect();
+    for name in &names {
+        let dt = base.dtype(name).unwrap_or(DType::F32);
+        let module = name.strip_suffix(".weight");
+        let t = if let Some(t) = whole.get(name) {
+            t.to_dtype(dt)?
+        } else if let Some((Some(a), Some(b))) = module.and_then(|m| lora.get(m)) {
+            merged += 1;
+            let w = base.load(name, DType::F32, &Device::Cpu)?;
+            let delta = (b.to_dtype(DType::F32)?.matmul(&a.to_dtype(DType::F32)?)? * scale)?;
+            (w + delta)?.to_dtype(dt)?
+        } else {
+            base.load(name, dt, &Device::Cpu)?
+        };
+        tensors.push((name.clone(), t));
+    }
+    if merged != lora.len() {
+        let missing: Vec<&String> = lora
+            .iter()
+            .filter(|(m, (a, b))| {
+                a.is_none() || b.is_none() || base.shape(&format!("{m}.weight")).is_none()
+            })
+            .map(|(m, _)| m)
+            .collect();
+        return Err(TrainError::Checkpoint {
+            path: wpath,
+            reason: format!("adapters without a matching base weight or missing A/B: {missing:?}"),
+        });
+    }
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    copy_side_files(adapter_dir, out)?;
+    // The adapter's config.json (training max_slice_nums) if it has one, else the base's.
+    let cfg_src = if adapter_dir.join("config.json").exists() {
+        adapter_dir.join("config.json")
+    } else {
+        base_dir.join("config.json")
+    };
+    std::fs::copy(&cfg_src, out.join("config.json")).map_err(io(&cfg_src))?;
+    for f in [ADAPTER_CONFIG, ADAPTER_WEIGHTS] {
+        let _ = std::fs::remove_file(out.join(f));
+    }
+    save_tensors(out, &tensors, Some(cpmv_model::init::SHARD_BYTES))?;
+    Ok(merged)
+}
+
+/// Loads a base checkpoint with a PEFT LoRA adapter applied (adapters attached to the
+/// modules the adapter's target regex matches, modules_to_save tensors replaced), frozen.
+pub fn load_with_adapter(base_dir: &Path, adapter_dir: &Path) -> Result<MiniCpmV, TrainError> {
+    let cfg_path = adapter_dir.join(ADAPTER_CONFIG);
+    let text = std::fs::read_to_string(&cfg_path).map_err(io(&cfg_path))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {
+        path: cfg_path.clone(),
+        reason: e.to_string(),
+    })?;
+    let bad = |m: &str| TrainError::Checkpoint {
+        path: cfg_path.clone(),
+        reason: m.to_string(),
+    };
+    let target = match v.get("target_modules") {
+        Some(Value::String(s)) => s.clone(),
+        // PEFT also allows a list of module-name suffixes.
+        Some(Value::Array(a)) => {
+            let names: Vec<String> = a
+                .iter()
+                .filter_map(Value::as_str)
+                .map(regex_escape)
+                .collect();
+            format!(r".*\.({})", names.join("|"))
+        }
+        _ => return Err(bad("no `target_modules`")),
+    };
+    let lora = cpmv_model::LoraConfig {
+        r: v.get("r")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| bad("no integer `r`"))? as usize,
+        alpha: v
+            .get("lora_alpha")
+            .and_then(Value::as_f64)
+            .ok_or_else(|| bad("no `lora_alpha`"))?,
+        dropout: v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
+        target,
+    };
+    let wpath = adapter_dir.join(ADAPTER_WEIGHTS);
+    let adapter = candle_core::safetensors::load(&wpath, &Device::Cpu).map_err(|e| {
+        TrainError::Checkpoint {
+            path: wpath.clone(),
+            reason: e.to_string(),
+        }
+    })?;
+    let cfg = cpmv_model::ModelConfig::from_dir(base_dir)?;
+    let base = Checkpoint::open(base_dir)?;
+    let specs = cpmv_model::weights::param_specs(&cfg);
+    base.check(&specs)?;
+    let mut map = BTreeMap::new();
+    for s in &specs {
+        map.insert(
+            s.name.clone(),
+            base.load(&s.name, DType::F32, &Device::Cpu)?,
+        );
+    }
+    for (k, t) in &adapter {
+        let rest = k.strip_prefix(PEFT_PREFIX).unwrap_or(k);
+        if rest.ends_with(".lora_A.weight") || rest.ends_with(".lora_B.weight") {
+            continue;
+        }
+        match map.get(rest) {
+            Some(old) if old.dims() == t.dims() => {
+                map.insert(rest.to_string(), t.to_dtype(DType::F32)?);
+            }
+            _ => {
+                return Err(TrainError::Checkpoint {
+                    path: wpath.clone(),
+                    reason: format!("`{k}` matches no base tensor of that shape"),
+                })
+            }
+        }
+    }
+    let opts = cpmv_model::LoadOptions {
+        lora: Some(lora),
+        ..Default::default()
+    };
+    let store = cpmv_model::ParamStore::from_tensors(map, &opts)?;
+    let model = MiniCpmV::from_params(cfg, store, &opts)?;
+    for (m, ad) in model.params().lora() {
+        for (suffix, var) in [("lora_A", &ad.a), ("lora_B", &ad.b)] {
+            let key = format!("{PEFT_PREFIX}{m}.{suffix}.weight");
+            let t = adapter.get(&key).ok_or_else(|| TrainError::Checkpoint {
+                path: wpath.clone(),
+                reason: format!("no `{key}` for adapted module {m}"),
+            })?;
+            if t.dims() != var.as_tensor().dims() {
+                return Err(TrainError::Checkpoint {
+                    path: wpath.clone(),
+                    reason: format!(
+                        "`{key}` is {:?}, expected {:?}",
+                        t.dims(),
+                        var.as_tensor().dims()
+                    ),
+                });
+            }
+            var.set(&t.to_dtype(DType::F32)?)?;
+        }
+    }
+    Ok(model)
+}
+
+fn regex_escape(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c.to_string()
+            } else {
+                format!("\\{c}")
+            }
+        })
+        .collect()
+}

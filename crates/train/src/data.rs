@@ -1,0 +1,208 @@
+//! Training data: the packs of a memory-mapped shard directory, their per-epoch order, and
+//! turning packs into model batches (u8 pixels → normalised patches) on a background thread.
+
+use cpmv_model::{Batch, ImageInput};
+use cpmv_shard::reader::{SampleView, ShardDir};
+use std::path::Path;
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+
+use crate::error::TrainError;
+
+/// A pack: rows (global row indices) trained as one packed sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pack {
+    pub rows: Vec<usize>,
+    pub tokens: usize,
+}
+
+/// A shard directory with its packs.
+pub struct Dataset {
+    pub shards: ShardDir,
+    pub packs: Vec<Pack>,
+}
+
+impl Dataset {
+    /// Maps the shards and groups rows into packs (rows sharing a `pack` value). Every row is
+    /// checked once for internal consistency, so a damaged shard is refused up front.
+    pub fn open(dir: &Path) -> Result<Self, TrainError> {
+        let shards = ShardDir::open(dir).map_err(|e| TrainError::Data(format!("{e}")))?;
+        let mut packs: Vec<Pack> = Vec::new();
+        let mut last: Option<u32> = None;
+        for (i, s) in shards.samples().enumerate() {
+            s.check().map_err(|e| {
+                TrainError::Data(format!("{}: corrupt shard row {i}: {e}", dir.display()))
+            })?;
+            let n = s.input_ids.len();
+            match (last, packs.last_mut()) {
+                (Some(p), Some(pack)) if p == s.pack => {
+                    pack.rows.push(i);
+                    pack.tokens += n;
+                }
+                _ => packs.push(Pack {
+                    rows: vec![i],
+                    tokens: n,
+                }),
+            }
+            last = Some(s.pack);
+        }
+        if packs.is_empty() {
+            return Err(TrainError::Data(format!(
+                "{}: the shards hold no samples",
+                dir.display()
+            )));
+        }
+        Ok(Dataset { shards, packs })
+    }
+
+    /// Number of samples (rows).
+    pub fn samples(&self) -> usize {
+        self.shards.len()
+    }
+}
+
+/// The order of packs in an epoch: a seeded Fisher-Yates permutation (the same seed and epoch
+/// always give the same order, which is what makes resuming exact).
+pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut rng = cpmv_model::Rng(seed ^ epoch.wrapping_mul(0xA076_1D64_78BD_642F) ^ 0xDA7A);
+    let mut v: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        v.swap(i, j);
+    }
+    v
+}
+
+/// Where the data stream stands: epoch and packs consumed in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
+pub struct Cursor {
+    pub epoch: u64,
+    pub pos: usize,
+}
+
+/// A prepared micro-batch and what it came from.
+pub struct MicroBatch {
+    pub batch: Batch,
+    /// Sample ids, for error messages.
+    pub ids: Vec<String>,
+    /// Samples in it.
+    pub samples: usize,
+    /// Cursor after this micro-batch.
+    pub cursor: Cursor,
+}
+
+fn add_row(
+    batch: &mut Batch,
+    rows: &[SampleView],
+    patch: usize,
+    row: usize,
+) -> Result<(), TrainError> {
+    let mut ids = Vec::new();
+    let mut pos = Vec::new();
+    let mut labels = Vec::new();
+    let mut segs = Vec::new();
+    for s in rows {
+        let off = ids.len();
+        ids.extend(s.input_ids.iter().map(|&x| x as u32));
+        labels.extend(s.labels.iter().map(|&x| x as i64));
+        pos.extend(0..s.input_ids.len() as u32);
+        segs.push(s.input_ids.len());
+        if s.image_bound.len() != s.pixel_values.len() {
+            return Err(TrainError::Data(format!(
+                "sample {:?}: {} placeholder runs but {} image slices",
+                s.id,
+                s.image_bound.len(),
+                s.pixel_values.len()
+            )));
+        }
+        for ((b, ts), px) in s.image_bound.iter().zip(&s.tgt_sizes).zip(&s.pixel_values) {
+            let (h, w) = (ts[0] as usize * patch, ts[1] as usize * patch);
+            let img = ImageInput::from_hwc_u8(px, h, w, patch)
+                .map_err(|e| TrainError::Data(format!("sample {:?}: {e}", s.id)))?;
+            batch.images.push(img);
+            batch
+                .bounds
+                .push((row, off + b[0] as usize, off + b[1] as usize));
+        }
+    }
+    batch.input_ids.push(ids);
+    batch.position_ids.push(pos);
+    batch.labels.push(labels);
+    batch.segments.push(segs);
+    Ok(())
+}
+
+/// Builds the model batch of the given packs: one row per pack, right-padded to the longest
+/// (ids 0, positions 0, labels −100, as the reference collator).
+pub fn make_batch(
+    data: &Dataset,
+    packs: &[usize],
+    patch: usize,
+) -> Result<(Batch, Vec<String>, usize), TrainError> {
+    let mut batch = Batch::default();
+    let mut ids = Vec::new();
+    let mut samples = 0;
+    for (r, &p) in packs.iter().enumerate() {
+        let rows: Vec<SampleView> = data.packs[p]
+            .rows
+            .iter()
+            .filter_map(|&i| data.shards.sample(i))
+            .collect();
+        samples += rows.len();
+        ids.extend(rows.iter().map(|s| s.id.to_string()));
+        add_row(&mut batch, &rows, patch, r)?;
+    }
+    let t = batch.input_ids.iter().map(Vec::len).max().unwrap_or(0);
+    for r in 0..batch.input_ids.len() {
+        let n = batch.input_ids[r].len();
+        batch.input_ids[r].resize(t, 0);
+        batch.position_ids[r].resize(t, 0);
+        batch.labels[r].resize(t, -100);
+        debug_assert!(n <= t);
+    }
+    Ok((batch, ids, samples))
+}
+
+/// Streams micro-batches from `cursor` on, over epochs, on a background thread (the next
+/// batch is prepared while the current one computes).
+pub fn stream(
+    data: Arc<Dataset>,
+    seed: u64,
+    micro_batch: usize,
+    patch: usize,
+    start: Cursor,
+) -> Receiver<Result<MicroBatch, TrainError>> {
+    let (tx, rx) = sync_channel(2);
+    std::thread::spawn(move || {
+        let n = data.packs.len();
+        let mut cur = start;
+        loop {
+            let order = epoch_order(n, seed, cur.epoch);
+            if cur.pos >= n {
+                cur = Cursor {
+                    epoch: cur.epoch + 1,
+                    pos: 0,
+                };
+                continue;
+            }
+            let end = (cur.pos + micro_batch).min(n);
+            let picks: Vec<usize> = order[cur.pos..end].to_vec();
+            let next = Cursor {
+                epoch: cur.epoch,
+                pos: end,
+            };
+            let item = make_batch(&data, &picks, patch).map(|(batch, ids, samples)| MicroBatch {
+                batch,
+                ids,
+                samples,
+                cursor: next,
+            });
+            let failed = item.is_err();
+            if tx.send(item).is_err() || failed {
+                return;
+            }
+            cur = next;
+        }
+    });
+    rx
+}

@@ -1,0 +1,572 @@
+//! `train` end to end on the CPU: the bundled example data through `prep build` (library) into
+//! shards, then the `train` binary on tiny checkpoints written by `train init-model`.
+
+use cpmv_model::{LoadOptions, MiniCpmV};
+use cpmv_train::data::{epoch_order, make_batch, Dataset};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn train(args: &[&str]) -> Output {
+    train_env(args, &[])
+}
+
+fn train_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_train"));
+    c.current_dir(root()).args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("train runs")
+}
+
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "train failed: {}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        String::from_utf8_lossy(&o.stdout)
+    );
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// Shared fixtures: shards of the example data for 2.6 and 2.5 (no slicing, to keep
+/// the CPU runs short) and tiny checkpoints of both.
+struct Fx {
+    _tmp: tempfile::TempDir,
+    shards: PathBuf,
+    shards_25: PathBuf,
+    model: PathBuf,
+}
+
+fn build_shards(model: &str, out: &Path) {
+    let opts = cpmv_prep::config::BuildOptions {
+        data: vec![root().join("examples/data/train.json")],
+        image_root: None,
+        model: root().join(model),
+        out: out.to_path_buf(),
+        prep: cpmv_prep::config::PrepPreset {
+            max_slice_nums: Some(1),
+            max_length: Some(1024),
+            ..Default::default()
+        },
+        threads: Some(2),
+        overwrite: true,
+        progress: false,
+    };
+    cpmv_prep::build::build(&opts).expect("prep build");
+}
+
+fn fx() -> &'static Fx {
+    static FX: OnceLock<Fx> = OnceLock::new();
+    FX.get_or_init(|| {
+        let tmp = tempfile::tempdir().unwrap();
+        let shards = tmp.path().join("shards");
+        let shards_25 = tmp.path().join("shards-25");
+        build_shards("examples/models/minicpm-v-2_6-tiny", &shards);
+        build_shards("examples/models/minicpm-llama3-v-2_5-tiny", &shards_25);
+        let model = tmp.path().join("model");
+        ok(&train(&[
+            "init-model",
+            "--like",
+            "examples/models/minicpm-v-2_6-tiny",
+            "--out",
+            s(&model),
+        ]));
+        Fx {
+            _tmp: tmp,
+            shards,
+            shards_25,
+            model,
+        }
+    })
+}
+
+fn log_lines(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn train_losses(run: &Path) -> Vec<(u64, f64)> {
+    log_lines(run)
+        .iter()
+        .filter(|v| v["kind"] == "train")
+        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+#[test]
+fn full_fine_tune_overfits_the_example_and_writes_a_loadable_checkpoint() {
+    let f = fx();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let out = ok(&train(&[
+        "--shards",
+        s(&f.shards),
+        "--model",
+        s(&f.model),
+        "--output",
+        s(&run),
+        "--eval-shards",
+        s(&f.shards),
+        "--eval-every",
+        "10",
+        "--tune-llm",
+        "true",
+        "--learning-rate",
+        "2e-3",
+        "--schedule",
+        "constant",
+        "--max-steps",
+        "30",
+        "--save-every",
+        "10",
+        "--keep-last",
+        "2",
+        "--quiet",
+    ]));
+    let losses = train_losses(&run);
+    assert_eq!(losses.len(), 30);
+    let first = losses[0].1;
+    let last = losses[losses.len() - 3..].iter().map(|l| l.1).sum::<f64>() / 3.0;
+    eprintln!("full fine-tune: loss {first:.3} -> {last:.3} (mean of the last 3); {out}");
+    assert!(last < 0.5 * first, "loss did not fall: {first} -> {last}");
+    let evals: Vec<f64> = log_lines(&run)
+        .iter()
+        .filter(|v| v["kind"] == "eval")
+        .map(|v| v["eval_loss"].as_f64().or(v["loss"].as_f64()).unwrap())
+        .collect();
+    assert_eq!(evals.len(), 3, "eval at steps 10, 20, 30");
+    assert!(evals[2] < evals[0]);
+    // keep-last 2: checkpoints 20 and 30 remain.
+    let ck = cpmv_train::checkpoint::checkpoints(&run);
+    assert_eq!(ck.iter().map(|c| c.0).collect::<Vec<_>>(), vec![20, 30]);
+    // The final model: original names and dtype, config with the shards' max_slice_nums,
+    // tokenizer files unchanged; loads and has learned.
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["slice_config"]["max_slice_nums"], 1);
+    assert_eq!(
+        std::fs::read(run.join("tokenizer.json")).unwrap(),
+        std::fs::read(f.model.join("tokenizer.json")).unwrap()
+    );
+    let base = cpmv_model::weights::Checkpoint::open(&f.model).unwrap();
+    let tuned = cpmv_model::weights::Checkpoint::open(&run).unwrap();
+    assert_eq!(
+        base.names().collect::<Vec<_>>(),
+        tuned.names().collect::<Vec<_>>()
+    );
+    assert!(run.join("loss.png").exists());
+    assert!(std::fs::read_dir(run.join("tb")).unwrap().count() >= 1);
+    let model = MiniCpmV::load(&run, &LoadOptions::default()).unwrap();
+    let data = Dataset::open(&f.shards).unwrap();
+    let (el, _) = cpmv_train::trainer::evaluate(&model, &data).unwrap();
+    assert!(
+        (el - evals[2]).abs() < 1e-3 * evals[2].max(1.0),
+        "{el} vs {}",
+        evals[2]
+    );
+}
+
+#[test]
+fn first_logged_loss_equals_the_model_forward_loss() {
+    let f = fx();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    ok(&train(&[
+        "--shards",
+        s(&f.shards),
+        "--model",
+        s(&f.model),
+        "--output",
+        s(&run),
+        "--max-steps",
+        "1",
+        "--seed",
+        "9",
+        "--quiet",
+    ]));
+    let logged = train_losses(&run)[0].1;
+    let data = Dataset::open(&f.shards).unwrap();
+    let first = epoch_order(data.packs.len(), 9, 0)[0];
+    let model = MiniCpmV::load(&f.model, &LoadOptions::default()).unwrap();
+    let (batch, _, _) = make_batch(&data, &[first], 14).unwrap();
+    let want = model
+        .loss(&batch, false)
+        .unwrap()
+        .loss
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    assert!(
+        (logged - want).abs() < 1e-6 * want,
+        "logged {logged} vs forward {want}"
+    );
+}
+
+/// N steps straight equals N/2 steps, stop, resume, N/2 steps: bit-identical (LoRA, with
+/// dropout, so the generator state is part of what must be restored).
+#[test]
+fn resume_is_bit_identical() {
+    let f = fx();
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let common = |run: &Path, steps: &str| {
+        vec![
+            "--shards".to_string(),
+            s(&f.shards).into(),
+            "--model".into(),
+            s(&f.model).into(),
+            "--output".into(),
+            s(run).into(),
+            "--mode".into(),
+            "lora".into(),
+            "--lora-r".into(),
+            "4".into(),
+            "--learning-rate".into(),
+            "1e-3".into(),
+            "--warmup-steps".into(),
+            "3".into(),
+            "--save-every".into(),
+            "3".into(),
+            "--max-steps".into(),
+            steps.into(),
+            "--quiet".into(),
+        ]
+    };
+    let args = common(&a, "6");
+    ok(&train(&args.iter().map(String::as_str).collect::<Vec<_>>()));
+    let args = common(&b, "3");
+    ok(&train(&args.iter().map(String::as_str).collect::<Vec<_>>()));
+    let mut args = common(&b, "6");
+    args.push("--resume".into());
+    ok(&train(&args.iter().map(String::as_str).collect::<Vec<_>>()));
+    // Every tensor (weights, LoRA, moments) bit-identical. (The optimiser file's metadata
+    // is a JSON map whose key order is not fixed, so files are compared tensor by tensor.)
+    for file in [
+        "trainable.safetensors",
+        "optimizer.safetensors",
+        "adapter_model.safetensors",
+    ] {
+        let load = |run: &Path| {
+            candle_core::safetensors::load(
+                run.join("checkpoint-6").join(file),
+                &candle_core::Device::Cpu,
+            )
+            .unwrap()
+        };
+        let (ta, tb) = (load(&a), load(&b));
+        assert_eq!(ta.len(), tb.len(), "{file}");
+        for (k, x) in &ta {
+            let y = &tb[k];
+            let same = x
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .eq(y
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits()));
+            assert!(same, "{file}: `{k}` differs after resume");
+        }
+    }
+    let la = train_losses(&a);
+    let lb = train_losses(&b);
+    assert_eq!(
+        la, lb,
+        "the resumed log must continue the same losses, once each"
+    );
+}
+
+#[test]
+fn lora_adapter_merges_into_a_checkpoint_with_the_same_outputs() {
+    let f = fx();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    ok(&train(&[
+        "--shards",
+        s(&f.shards),
+        "--model",
+        s(&f.model),
+        "--output",
+        s(&run),
+        "--mode",
+        "lora",
+        "--lora-r",
+        "8",
+        "--lora-alpha",
+        "16",
+        "--learning-rate",
+        "5e-3",
+        "--schedule",
+        "constant",
+        "--max-steps",
+        "8",
+        "--quiet",
+    ]));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], 8);
+    assert!(Path::new(cfg["base_model_name_or_path"].as_str().unwrap()).is_absolute());
+    let merged = tmp.path().join("merged");
+    ok(&train(&[
+        "merge-lora",
+        "--model",
+        s(&f.model),
+        "--adapter",
+        s(&run),
+        "--out",
+        s(&merged),
+    ]));
+    let data = Dataset::open(&f.shards).unwrap();
+    let adapted = cpmv_train::checkpoint::load_with_adapter(&f.model, &run).unwrap();
+    let merged_m = MiniCpmV::load(&merged, &LoadOptions::default()).unwrap();
+    let base = MiniCpmV::load(&f.model, &LoadOptions::default()).unwrap();
+    let (la, _) = cpmv_train::trainer::evaluate(&adapted, &data).unwrap();
+    let (lm, _) = cpmv_train::trainer::evaluate(&merged_m, &data).unwrap();
+    let (lb, _) = cpmv_train::trainer::evaluate(&base, &data).unwrap();
+    eprintln!("LoRA: base {lb:.4}, adapter {la:.4}, merged {lm:.4}");
+    assert!((la - lm).abs() < 1e-4 * la, "adapter {la} vs merged {lm}");
+    assert!(
+        la < lb,
+        "the adapter did not lower the training loss: {la} vs base {lb}"
+    );
+
+    // PEFT's own loader accepts the adapter, and the merged checkpoint reproduces it.
+    let py = std::env::var("CPMV_PYTHON").unwrap_or_else(|_| "python3".into());
+    let o = Command::new(&py)
+        .current_dir(root())
+        .args([
+            "scripts/check_peft.py",
+            "--base",
+            s(&f.model),
+            "--adapter",
+            s(&run),
+            "--merged",
+            s(&merged),
+            "--allow-skip",
+        ])
+        .output();
+    match o {
+        Ok(o) => {
+            let out = String::from_utf8_lossy(&o.stdout).to_string();
+            assert!(
+                o.status.success(),
+                "check_peft.py failed:\n{out}\n{}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            eprintln!("check_peft.py: {}", out.lines().last().unwrap_or(""));
+        }
+        Err(e) => eprintln!("SKIP: cannot run {py}: {e}"),
+    }
+}
+
+#[test]
+fn gradient_checkpointing_gives_the_same_gradients_with_less_memory() {
+    let f = fx();
+    let data = Dataset::open(&f.shards).unwrap();
+    // The longest pack: activations dominate.
+    let p = (0..data.packs.len())
+        .max_by_key(|&i| data.packs[i].tokens)
+        .unwrap();
+    let (batch, _, _) = make_batch(&data, &[p], 14).unwrap();
+    let opts = LoadOptions {
+        trainable: cpmv_model::Trainable::ALL,
+        lora: None,
+        ..Default::default()
+    };
+    let model = MiniCpmV::load(&f.model, &opts).unwrap();
+    let vars = model.params().trainable_vars();
+    let mut plain = cpmv_train::trainer::Accum::default();
+    let mut ckpt = cpmv_train::trainer::Accum::default();
+    let l1 =
+        cpmv_train::trainer::micro_step(&model, &batch, 1.0, false, &vars, &mut plain).unwrap();
+    let l2 = cpmv_train::trainer::micro_step(&model, &batch, 1.0, true, &vars, &mut ckpt).unwrap();
+    assert_eq!(l1, l2);
+    let (g1, g2) = (plain.into_store(&vars), ckpt.into_store(&vars));
+    for (name, v) in &vars {
+        let a = g1.get(v.as_tensor()).unwrap();
+        let b = g2.get(v.as_tensor()).unwrap();
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
+        let d = d.to_scalar::<f32>().unwrap();
+        assert!(d <= 1e-6, "{name}: gradients differ by {d}");
+    }
+    // Peak memory of whole runs, each in its own process.
+    let peak = |ckpt: bool| {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path().join("run");
+        let mut args = vec![
+            "--shards",
+            s(&f.shards),
+            "--model",
+            s(&f.model),
+            "--output",
+            s(&run),
+            "--tune-vision",
+            "false",
+            "--tune-llm",
+            "true",
+            "--max-steps",
+            "2",
+            "--quiet",
+        ];
+        if ckpt {
+            args.push("--grad-checkpointing");
+        }
+        ok(&train(&args));
+        log_lines(&run).last().unwrap()["peak_mem_bytes"]
+            .as_u64()
+            .unwrap()
+    };
+    let (without, with) = (peak(false), peak(true));
+    eprintln!(
+        "gradient checkpointing: peak memory {:.0} MiB -> {:.0} MiB",
+        without as f64 / 1048576.0,
+        with as f64 / 1048576.0
+    );
+    assert!(
+        with < without,
+        "checkpointing did not lower the peak: {with} vs {without}"
+    );
+}
+
+#[test]
+fn bad_inputs_give_clear_errors_and_no_corrupt_checkpoint() {
+    let f = fx();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    // Shards of another tokenizer (2.5) for a 2.6 model.
+    let o = train(&[
+        "--shards",
+        s(&f.shards_25),
+        "--model",
+        s(&f.model),
+        "--output",
+        s(&run),
+        "--max-steps",
+        "1",
+        "--quiet",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("tokenizer fingerprint"), "{err}");
+    // A model directory without its weights.
+    let broken = tmp.path().join("noweights");
+    std::fs::create_dir_all(&broken).unwrap();
+    for e in std::fs::read_dir(&f.model).unwrap().flatten() {
+        if !e.file_name().to_string_lossy().ends_with(".safetensors") {
+            std::fs::copy(e.path(), broken.join(e.file_name())).unwrap();
+        }
+    }
+    let o = train(&[
+        "--shards",
+        s(&f.shards),
+        "--model",
+        s(&broken),
+        "--output",
+        s(&run),
+        "--max-steps",
+        "1",
+        "--quiet",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(err.contains("model.safetensors"), "{err}");
+    // A corrupt shard.
+    let bad = tmp.path().join("bad-shards");
+    std::fs::create_dir_all(&bad).unwrap();
+    for e in std::fs::read_dir(&f.shards).unwrap().flatten() {
+        std::fs::copy(e.path(), bad.join(e.file_name())).unwrap();
+    }
+    let arrow = std::fs::read_dir(&bad)
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().ends_with(".arrow"))
+        .unwrap()
+        .path();
+    let bytes = std::fs::read(&arrow).unwrap();
+    std::fs::write(&arrow, &bytes[..bytes.len() / 2]).unwrap();
+    let o = train(&[
+        "--shards",
+        s(&bad),
+        "--model",
+        s(&f.model),
+        "--output",
+        s(&run),
+        "--max-steps",
+        "1",
+        "--quiet",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(arrow.file_name().unwrap().to_str().unwrap()),
+        "{err}"
+    );
+    // A full disk while saving the second checkpoint: clear error, the first checkpoint intact,
+    // no partial directory left.
+    let o = train_env(
+        &[
+            "--shards",
+            s(&f.shards),
+            "--model",
+            s(&f.model),
+            "--output",
+            s(&run),
+            "--max-steps",
+            "4",
+            "--save-every",
+            "2",
+            "--quiet",
+        ],
+        &[("CPMV_FAULT_FULL_DISK_AT_STEP", "4")],
+    );
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("No space left on device"), "{err}");
+    let ck = cpmv_train::checkpoint::checkpoints(&run);
+    assert_eq!(ck.iter().map(|c| c.0).collect::<Vec<_>>(), vec![2]);
+    assert!(!run.join("checkpoint-4.partial").exists());
+    MiniCpmV::load(&ck[0].1, &LoadOptions::default()).unwrap();
+    // LoRA with --tune-llm true is refused as the reference refuses it.
+    let o = train(&[
+        "--shards",
+        s(&f.shards),
+        "--model",
+        s(&f.model),
+        "--output",
+        s(&tmp.path().join("x")),
+        "--mode",
+        "lora",
+        "--tune-llm",
+        "true",
+        "--max-steps",
+        "1",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(err.contains("refuses"), "{err}");
+}
