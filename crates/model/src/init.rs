@@ -245,18 +245,15 @@ pub fn init_model(like: &Path, out: &Path, size: Size, seed: u64, dtype: DType) 
         } else {
             format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
         };
-        let mut map = std::collections::HashMap::new();
+        let mut group = Vec::with_capacity(g.len());
         for s in g {
             let t = init_tensor(s, &cfg, seed, dtype)?;
             total += crate::ops::tensor_bytes(&t);
             weight_map.insert(s.name.clone(), fname.clone());
-            map.insert(s.name.clone(), t);
+            group.push((s.name.clone(), t));
         }
         let path = out.join(&fname);
-        candle_core::safetensors::save(&map, &path).map_err(|e| ModelError::Checkpoint {
-            path: path.clone(),
-            reason: format!("cannot write: {e}"),
-        })?;
+        crate::weights::write_safetensors(&path, &group)?;
         files.push(path);
     }
     if n > 1 {

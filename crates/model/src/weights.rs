@@ -481,6 +481,20 @@ impl Checkpoint {
     }
 }
 
+/// Writes one safetensors file with the `{"format": "pt"}` metadata transformers expects.
+pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    let cpu: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), t.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<Result<_>>()?;
+    safetensors::serialize_to_file(cpu.iter().map(|(k, t)| (k.as_str(), t)), Some(meta), path)
+        .map_err(|e| ModelError::Checkpoint {
+            path: path.to_path_buf(),
+            reason: format!("cannot write: {e}"),
+        })
+}
+
 /// Writes tensors as one `model.safetensors` (or shards of at most `shard_bytes` with an
 /// index, named as transformers names them) into `dir`.
 pub fn save_tensors(
@@ -517,14 +531,11 @@ pub fn save_tensors(
             format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
         };
         let path = dir.join(&fname);
-        let map: HashMap<String, Tensor> = g.iter().map(|(k, t)| (k.clone(), t.clone())).collect();
-        for k in map.keys() {
+        let group: Vec<(String, Tensor)> = g.iter().map(|(k, t)| (k.clone(), t.clone())).collect();
+        for (k, _) in &group {
             weight_map.insert(k.clone(), fname.clone());
         }
-        candle_core::safetensors::save(&map, &path).map_err(|e| ModelError::Checkpoint {
-            path: path.clone(),
-            reason: format!("cannot write: {e}"),
-        })?;
+        write_safetensors(&path, &group)?;
         written.push(path);
     }
     if n > 1 {

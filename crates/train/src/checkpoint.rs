@@ -148,12 +148,7 @@ pub fn save_lora(model: &MiniCpmV, ctx: &SaveContext, out: &Path) -> Result<(), 
             tensors.push((format!("{PEFT_PREFIX}{name}"), t.to_dtype(dt)?));
         }
     }
-    let map: HashMap<String, Tensor> = tensors.into_iter().collect();
-    let path = out.join(ADAPTER_WEIGHTS);
-    candle_core::safetensors::save(&map, &path).map_err(|e| TrainError::Checkpoint {
-        path: path.clone(),
-        reason: format!("cannot write: {e}"),
-    })?;
+    cpmv_model::weights::write_safetensors(&out.join(ADAPTER_WEIGHTS), &tensors)?;
     let base = std::fs::canonicalize(ctx.base_dir).unwrap_or_else(|_| ctx.base_dir.to_path_buf());
     let cfg = json!({
         "peft_type": "LORA",

@@ -195,3 +195,59 @@ impl TrainConfig {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every preset's `[train]` table parses, validates and means what its name says.
+    #[test]
+    fn presets_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pipelines");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            let p = e.path();
+            if p.extension().is_none_or(|x| x != "toml") {
+                continue;
+            }
+            let c = TrainConfig::from_preset(&p).unwrap();
+            c.validate().unwrap();
+            let name = p.file_name().unwrap().to_string_lossy().to_string();
+            if name.ends_with("-lora.toml") {
+                assert_eq!(c.mode, TrainMode::Lora, "{name}");
+                assert!(
+                    c.lora_target.contains("o_proj"),
+                    "{name}: finetune_lora.sh adds o_proj"
+                );
+            } else if name.starts_with("minicpm") {
+                assert_eq!(
+                    c,
+                    TrainConfig {
+                        max_steps: Some(10000),
+                        grad_checkpointing: true,
+                        ..Default::default()
+                    },
+                    "{name}"
+                );
+            }
+            n += 1;
+        }
+        assert!(n >= 7, "only {n} presets");
+    }
+
+    #[test]
+    fn unknown_keys_and_refused_combinations() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.toml");
+        std::fs::write(&p, "[train]\nlearnig_rate = 1.0\n").unwrap();
+        let e = TrainConfig::from_preset(&p).unwrap_err().to_string();
+        assert!(e.contains("learnig_rate"), "{e}");
+        let c = TrainConfig {
+            mode: TrainMode::Lora,
+            tune_llm: true,
+            max_steps: Some(1),
+            ..Default::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("refuses"));
+    }
+}

@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod trainer;
 
 pub use config::{LossNorm, TrainConfig, TrainMode};

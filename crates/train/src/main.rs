@@ -139,6 +139,34 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Loss of a checkpoint on shards, per sample: compare runs, find surprising samples.
+    ///
+    /// The model is the base checkpoint, a full fine-tune, or --model BASE --adapter LORA_DIR.
+    /// Loss exactly as training computes it, in f32 on the CPU, one sample at a time (--pack:
+    /// packs as trained).
+    Eval {
+        #[arg(long)]
+        shards: PathBuf,
+        #[arg(long)]
+        model: PathBuf,
+        /// LoRA adapter directory (PEFT layout) applied to --model.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Evaluate packs as trained instead of one sample at a time.
+        #[arg(long)]
+        pack: bool,
+        /// Print the JSON report (schemas/eval.schema.json) instead of the summary.
+        #[arg(long)]
+        json: bool,
+        /// Also write the JSON report to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Show this many highest-loss samples.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Merge a LoRA adapter written by `train --mode lora` into its base: a full checkpoint.
     MergeLora {
         /// Base checkpoint directory.
@@ -257,6 +285,35 @@ fn run() -> Result<()> {
                 w.files.len(),
                 dtype
             );
+        }
+        Some(Command::Eval {
+            shards,
+            model,
+            adapter,
+            pack,
+            json,
+            out,
+            top,
+            quiet,
+        }) => {
+            let opts = cpmv_train::eval::EvalOptions {
+                shards,
+                model,
+                adapter,
+                pack,
+                quiet: quiet || json,
+            };
+            let report = cpmv_train::eval::evaluate_samples(&opts)?;
+            let text = serde_json::to_string_pretty(&report)?;
+            if let Some(path) = &out {
+                std::fs::write(path, format!("{text}\n"))
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            if json {
+                println!("{text}");
+            } else {
+                print!("{}", cpmv_train::eval::render(&report, top));
+            }
         }
         Some(Command::MergeLora {
             model,
