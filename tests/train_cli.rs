@@ -38,12 +38,13 @@ fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
-/// Shared fixtures: shards of the example data for 2.6 and 2.5 (no slicing, to keep
+/// Shared fixtures: shards of the example data for 2.6, 2.5 and 2.0 (no slicing, to keep
 /// the CPU runs short) and tiny checkpoints of both.
 struct Fx {
     _tmp: tempfile::TempDir,
     shards: PathBuf,
     shards_25: PathBuf,
+    shards_20: PathBuf,
     model: PathBuf,
 }
 
@@ -73,6 +74,8 @@ fn fx() -> &'static Fx {
         let shards_25 = tmp.path().join("shards-25");
         build_shards("examples/models/minicpm-v-2_6-tiny", &shards);
         build_shards("examples/models/minicpm-llama3-v-2_5-tiny", &shards_25);
+        let shards_20 = tmp.path().join("shards-20");
+        build_shards("examples/models/minicpm-v-2-tiny", &shards_20);
         let model = tmp.path().join("model");
         ok(&train(&[
             "init-model",
@@ -85,6 +88,7 @@ fn fx() -> &'static Fx {
             _tmp: tmp,
             shards,
             shards_25,
+            shards_20,
             model,
         }
     })
@@ -733,6 +737,7 @@ fn eval_matches_pytorch_per_sample() {
             "examples/models/minicpm-llama3-v-2_5-tiny",
             f.shards_25.clone(),
         ),
+        ("examples/models/minicpm-v-2-tiny", f.shards_20.clone()),
     ];
     for (like, shards) in cases {
         let model = tmp.path().join(like.rsplit('/').next().unwrap());
@@ -794,4 +799,81 @@ fn eval_matches_pytorch_per_sample() {
         }
         eprintln!("{like}: {} per-sample losses match PyTorch", ours.len());
     }
+}
+
+/// A NaN weight: the run stops at step 1 naming the batch's samples; with --skip-nonfinite it
+/// skips, counts, and gives up after a bounded number of consecutive bad steps.
+#[test]
+fn non_finite_loss_stops_or_is_skipped() {
+    let f = fx();
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("nan-model");
+    ok(&train(&[
+        "init-model",
+        "--like",
+        "examples/models/minicpm-v-2_6-tiny",
+        "--out",
+        s(&model),
+    ]));
+    let ck = cpmv_model::weights::Checkpoint::open(&model).unwrap();
+    let mut tensors: Vec<(String, candle_core::Tensor)> = ck
+        .names()
+        .map(|n| {
+            (
+                n.to_string(),
+                ck.load(n, candle_core::DType::F32, &candle_core::Device::Cpu)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    drop(ck);
+    for (n, t) in &mut tensors {
+        if n == "llm.model.norm.weight" {
+            *t = (t.ones_like().unwrap() * f64::NAN).unwrap();
+        }
+    }
+    std::fs::remove_file(model.join("model.safetensors")).unwrap();
+    cpmv_model::weights::save_tensors(&model, &tensors, None).unwrap();
+    let run = tmp.path().join("run");
+    let o = train(&[
+        "--shards",
+        s(&f.shards),
+        "--model",
+        s(&model),
+        "--output",
+        s(&run),
+        "--max-steps",
+        "2",
+        "--quiet",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("non-finite loss at step 1; samples of the batch:"),
+        "{err}"
+    );
+    let data = Dataset::open(&f.shards).unwrap();
+    let first = epoch_order(data.packs.len(), 42, 0)[0];
+    let id = data
+        .shards
+        .sample(data.packs[first].rows[0])
+        .unwrap()
+        .id
+        .to_string();
+    assert!(err.contains(&id), "{err} should name {id}");
+    let o = train(&[
+        "--shards",
+        s(&f.shards),
+        "--model",
+        s(&model),
+        "--output",
+        s(&tmp.path().join("run2")),
+        "--max-steps",
+        "2",
+        "--skip-nonfinite",
+        "--quiet",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("20 consecutive steps"), "{err}");
 }

@@ -31,6 +31,11 @@ pub struct Batch {
     pub images: Vec<ImageInput>,
     /// For each image: (row, start, end) of its placeholder run, `end − start = query_num`.
     pub bounds: Vec<(usize, usize, usize)>,
+    /// For each image, the vision batch it runs in (equal values, contiguous). Only 2.5's
+    /// reference vision depends on it (an image's features see its batch's longest image):
+    /// the official scripts train one sample per batch, so loaders give each sample its own
+    /// group. Empty: all images in one batch.
+    pub image_groups: Vec<usize>,
 }
 
 impl Batch {
@@ -84,6 +89,13 @@ impl Batch {
             {
                 return bad(format!("row {r}: label {l} is neither -100 nor a token id"));
             }
+        }
+        if !self.image_groups.is_empty() && self.image_groups.len() != self.images.len() {
+            return bad(format!(
+                "{} image groups for {} images",
+                self.image_groups.len(),
+                self.images.len()
+            ));
         }
         if self.images.len() != self.bounds.len() {
             return bad(format!(
@@ -196,29 +208,83 @@ impl MiniCpmV {
         self.params.dtype()
     }
 
-    /// Resampled features of every image: `[n_img, query_num, hidden]`.
-    pub fn image_features(&self, images: &[ImageInput], train: bool) -> Result<Tensor> {
+    /// Resampled features of every image: `[n_img, query_num, hidden]`. `groups` gives each
+    /// image's vision batch (see [`Batch::image_groups`]); empty means one batch.
+    pub fn image_features(
+        &self,
+        images: &[ImageInput],
+        groups: &[usize],
+        train: bool,
+    ) -> Result<Tensor> {
         let mode = Mode {
             train,
             rng: &self.dropout,
         };
-        let (x, lens) = match &self.vision {
-            Vision::Vit(v) => v.forward(images, &mode)?,
-            Vision::Navit(v) => v.forward(images, &mode)?,
-        };
+        let (x, lens) = self.run_vision(images, groups, &mode)?;
         self.resampler.forward(&x, &lens, images, &mode)
     }
 
+    /// The vision tower over all images. Only the 2.5 reference scheme depends on how images
+    /// are batched (its features see the batch's longest image), so only there each group runs
+    /// on its own; the outputs are padded to a common length.
+    fn run_vision(
+        &self,
+        images: &[ImageInput],
+        groups: &[usize],
+        mode: &Mode,
+    ) -> Result<(Tensor, Vec<usize>)> {
+        match &self.vision {
+            Vision::Vit(v) => v.forward(images, mode),
+            Vision::Navit(v) if !v.batch_dependent() || groups.len() != images.len() => {
+                v.forward(images, mode)
+            }
+            Vision::Navit(v) => {
+                let mut parts = Vec::new();
+                let mut lens = Vec::with_capacity(images.len());
+                let mut start = 0;
+                while start < images.len() {
+                    let mut end = start + 1;
+                    while end < images.len() && groups[end] == groups[start] {
+                        end += 1;
+                    }
+                    let (x, l) = v.forward(&images[start..end], mode)?;
+                    parts.push(x);
+                    lens.extend(l);
+                    start = end;
+                }
+                let l_max = parts
+                    .iter()
+                    .map(|p| p.dim(1))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let l_max = l_max.into_iter().max().unwrap_or(0);
+                let padded = parts
+                    .into_iter()
+                    .map(|p| -> candle_core::Result<Tensor> {
+                        let (n, l, c) = p.dims3()?;
+                        if l == l_max {
+                            Ok(p)
+                        } else {
+                            let z = Tensor::zeros((n, l_max - l, c), p.dtype(), p.device())?;
+                            Tensor::cat(&[&p, &z], 1)
+                        }
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Ok((Tensor::cat(&padded, 0)?, lens))
+            }
+        }
+    }
+
     /// Vision tower output alone (`[n, l_max, C]`, valid rows first), for inspection/tests.
-    pub fn vision_tower(&self, images: &[ImageInput]) -> Result<(Tensor, Vec<usize>)> {
+    pub fn vision_tower(
+        &self,
+        images: &[ImageInput],
+        groups: &[usize],
+    ) -> Result<(Tensor, Vec<usize>)> {
         let mode = Mode {
             train: false,
             rng: &self.dropout,
         };
-        match &self.vision {
-            Vision::Vit(v) => v.forward(images, &mode),
-            Vision::Navit(v) => v.forward(images, &mode),
-        }
+        self.run_vision(images, groups, &mode)
     }
 
     /// Input embeddings `[B, T, H]` with image features written over the placeholders.
@@ -232,7 +298,7 @@ impl MiniCpmV {
         if batch.images.is_empty() {
             return Ok(e);
         }
-        let feats = self.image_features(&batch.images, train)?;
+        let feats = self.image_features(&batch.images, &batch.image_groups, train)?;
         let q = self.cfg.resampler.query_num;
         let feats = feats.reshape((batch.images.len() * q, h))?;
         let mut keep = vec![1f32; b * t];

@@ -44,6 +44,7 @@ pub fn batch(
                 });
             }
             out.bounds.push((r, start + prompt, start + prompt + q));
+            out.image_groups.push(k);
             let (h, w) = sizes[k % sizes.len()];
             k += 1;
             let px: Vec<u8> = (0..h * p * w * p * 3)

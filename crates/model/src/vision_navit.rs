@@ -74,6 +74,11 @@ impl NavitSiglip {
         })
     }
 
+    /// Whether an image's output depends on the other images of its batch (the 2.5 quirk).
+    pub fn batch_dependent(&self) -> bool {
+        self.scheme == NavitPositions::AllValid1D
+    }
+
     /// Position ids `[n·l_max]` of the batch.
     fn position_ids(&self, images: &[ImageInput], l_max: usize) -> Vec<u32> {
         let g = self.cfg.grid();

@@ -379,3 +379,43 @@ fn lora_step_holds_no_frozen_weight_gradient() {
          {frozen_bytes} bytes with candle's plain matmul backward"
     );
 }
+
+/// 2.5's reference vision makes an image's features depend on the other images of its vision
+/// batch; per-sample groups isolate them. 2.6 (masked) does not depend on the grouping.
+#[test]
+fn vision_grouping_matters_only_for_the_2_5_quirk() {
+    for (name, dependent) in [
+        ("minicpm-llama3-v-2_5-tiny", true),
+        ("minicpm-v-2_6-tiny", false),
+    ] {
+        let (_tmp, dir) = tiny(name, DType::F32);
+        let model = MiniCpmV::load(&dir, &LoadOptions::default()).unwrap();
+        let b = synthetic::batch(model.config(), 1, 2, 24, &[(2, 3), (4, 5)], 1);
+        let alone = model.image_features(&b.images[..1], &[], false).unwrap();
+        let grouped = model.image_features(&b.images, &[0, 1], false).unwrap();
+        let together = model.image_features(&b.images, &[], false).unwrap();
+        let d = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let first = |t: &Tensor| t.narrow(0, 0, 1).unwrap();
+        assert!(
+            d(&alone, &first(&grouped)) < 1e-5,
+            "{name}: grouped features differ from alone"
+        );
+        let mixed = d(&alone, &first(&together));
+        assert_eq!(
+            mixed > 1e-3,
+            dependent,
+            "{name}: one-batch difference {mixed}"
+        );
+    }
+}

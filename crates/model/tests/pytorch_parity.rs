@@ -70,6 +70,9 @@ impl Case {
             labels: vec![labels],
             segments: vec![lens.iter().map(|&x| x as usize).collect()],
             images,
+            // The fixture is the reference with both samples in one micro-batch: one vision
+            // batch for all images.
+            image_groups: vec![0; n_img],
             bounds: (0..n_img)
                 .map(|k| (0, bounds[2 * k] as usize, bounds[2 * k + 1] as usize))
                 .collect(),
@@ -115,14 +118,18 @@ fn run(v: &str) {
     let batch = case.batch();
 
     // Vision tower, valid rows of each image.
-    let (vis, lens) = model.vision_tower(&batch.images).unwrap();
+    let (vis, lens) = model
+        .vision_tower(&batch.images, &batch.image_groups)
+        .unwrap();
     for (k, &n) in lens.iter().enumerate() {
         let got = vis.get(k).unwrap().narrow(0, 0, n).unwrap();
         let d = max_diff(&got, case.get(&format!("vision_out.{k}")));
         assert!(d < 1e-4, "{v}: vision_out.{k} differs by {d}");
     }
     // Resampler features.
-    let feats = model.image_features(&batch.images, false).unwrap();
+    let feats = model
+        .image_features(&batch.images, &batch.image_groups, false)
+        .unwrap();
     let d = max_diff(&feats, case.get("features"));
     assert!(d < 1e-4, "{v}: features differ by {d}");
 

@@ -96,6 +96,7 @@ fn add_row(
     rows: &[SampleView],
     patch: usize,
     row: usize,
+    sample_no: &mut usize,
 ) -> Result<(), TrainError> {
     let mut ids = Vec::new();
     let mut pos = Vec::new();
@@ -120,10 +121,12 @@ fn add_row(
             let img = ImageInput::from_hwc_u8(px, h, w, patch)
                 .map_err(|e| TrainError::Data(format!("sample {:?}: {e}", s.id)))?;
             batch.images.push(img);
+            batch.image_groups.push(*sample_no);
             batch
                 .bounds
                 .push((row, off + b[0] as usize, off + b[1] as usize));
         }
+        *sample_no += 1;
     }
     batch.input_ids.push(ids);
     batch.position_ids.push(pos);
@@ -142,6 +145,8 @@ pub fn make_batch(
     let mut batch = Batch::default();
     let mut ids = Vec::new();
     let mut samples = 0;
+    // Each sample's images form their own vision batch (see `Batch::image_groups`).
+    let mut sample_no = 0usize;
     for (r, &p) in packs.iter().enumerate() {
         let rows: Vec<SampleView> = data.packs[p]
             .rows
@@ -150,7 +155,7 @@ pub fn make_batch(
             .collect();
         samples += rows.len();
         ids.extend(rows.iter().map(|s| s.id.to_string()));
-        add_row(&mut batch, &rows, patch, r)?;
+        add_row(&mut batch, &rows, patch, r, &mut sample_no)?;
     }
     let t = batch.input_ids.iter().map(Vec::len).max().unwrap_or(0);
     for r in 0..batch.input_ids.len() {

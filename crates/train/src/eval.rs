@@ -71,6 +71,7 @@ fn one_sample_batch(s: &SampleView, patch: usize) -> Result<Batch, TrainError> {
                 .map_err(|e| TrainError::Data(format!("sample {:?}: {e}", s.id)))?,
         );
         b.bounds.push((0, bd[0] as usize, bd[1] as usize));
+        b.image_groups.push(0);
     }
     Ok(b)
 }

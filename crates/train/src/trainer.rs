@@ -46,6 +46,10 @@ pub struct TrainReport {
     pub peak_mem_bytes: u64,
 }
 
+/// `--skip-nonfinite` stops the run after this many non-finite steps in a row (a model that
+/// only produces NaN would otherwise never finish).
+pub const MAX_CONSECUTIVE_SKIPS: u64 = 20;
+
 /// Peak resident memory of the process (CPU runs), bytes.
 pub fn peak_rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -376,6 +380,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport, TrainError> {
         output: opts.output.clone(),
         peak_mem_bytes: 0,
     };
+    let mut consecutive_skips = 0u64;
     while state.step < total {
         let mut mbs = Vec::with_capacity(cfg.grad_accum);
         for _ in 0..cfg.grad_accum {
@@ -437,8 +442,17 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport, TrainError> {
             }
             state.skipped += 1;
             report.skipped = state.skipped;
+            consecutive_skips += 1;
+            if consecutive_skips >= MAX_CONSECUTIVE_SKIPS {
+                return Err(TrainError::NonFinite {
+                    what: format!("{what} in {MAX_CONSECUTIVE_SKIPS} consecutive steps (--skip-nonfinite gives up)"),
+                    step: state.step + 1,
+                    ids: ids(),
+                });
+            }
             continue;
         }
+        consecutive_skips = 0;
         let factor = if cfg.max_grad_norm > 0.0 {
             cpmv_optim::clip::clip_factor(norm, cfg.max_grad_norm)
         } else {
