@@ -877,3 +877,64 @@ fn non_finite_loss_stops_or_is_skipped() {
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("20 consecutive steps"), "{err}");
 }
+
+/// Two packs as one micro-batch, or as two accumulated micro-batches weighted by their token
+/// share (`--loss-norm tokens`): the same objective, so the same loss and gradients. The
+/// logged loss of such a run equals the big batch's loss too.
+#[test]
+fn gradient_accumulation_with_token_normalisation_equals_one_big_batch() {
+    use cpmv_train::trainer::{micro_step, Accum};
+    let f = fx();
+    let data = Dataset::open(&f.shards).unwrap();
+    assert!(data.packs.len() >= 2);
+    let opts = LoadOptions {
+        trainable: cpmv_model::Trainable::ALL,
+        ..Default::default()
+    };
+    let model = MiniCpmV::load(&f.model, &opts).unwrap();
+    let vars = model.params().trainable_vars();
+    let (big, _, _) = make_batch(&data, &[0, 1], 14).unwrap();
+    let mut one = Accum::default();
+    let l_big = micro_step(&model, &big, 1.0, false, &vars, &mut one).unwrap();
+    let parts: Vec<_> = [0usize, 1]
+        .iter()
+        .map(|&p| make_batch(&data, &[p], 14).unwrap().0)
+        .collect();
+    let total: usize = parts.iter().map(|b| b.supervised()).sum();
+    let mut acc = Accum::default();
+    let mut l_acc = 0.0;
+    for b in &parts {
+        let w = b.supervised() as f64 / total as f64;
+        l_acc += w * micro_step(&model, b, w, false, &vars, &mut acc).unwrap();
+    }
+    assert!(
+        (l_big - l_acc).abs() < 1e-5 * l_big,
+        "loss {l_big} vs accumulated {l_acc}"
+    );
+    let (g1, g2) = (one.into_store(&vars), acc.into_store(&vars));
+    for (name, v) in &vars {
+        let (a, b) = (
+            g1.get(v.as_tensor()).unwrap(),
+            g2.get(v.as_tensor()).unwrap(),
+        );
+        let scale = a
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
+        let d = d.to_scalar::<f32>().unwrap();
+        assert!(d <= 1e-4 * scale.max(1e-6), "{name}: {d} (max |g| {scale})");
+    }
+}
