@@ -938,3 +938,75 @@ fn gradient_accumulation_with_token_normalisation_equals_one_big_batch() {
         assert!(d <= 1e-4 * scale.max(1e-6), "{name}: {d} (max |g| {scale})");
     }
 }
+
+/// 2.0 and 2.5 train too (MiniCPM scalings, the 2.5 per-sample vision batches) and their
+/// adapters load with PEFT and merge.
+#[test]
+fn v2_0_and_v2_5_train_lora_and_write_peft_adapters() {
+    let f = fx();
+    let tmp = tempfile::tempdir().unwrap();
+    let python = std::env::var("CPMV_PYTHON").ok();
+    for (like, shards) in [
+        ("examples/models/minicpm-v-2-tiny", &f.shards_20),
+        ("examples/models/minicpm-llama3-v-2_5-tiny", &f.shards_25),
+    ] {
+        let name = like.rsplit('/').next().unwrap();
+        let model = tmp.path().join(format!("{name}-model"));
+        let run = tmp.path().join(format!("{name}-run"));
+        ok(&train(&["init-model", "--like", like, "--out", s(&model)]));
+        ok(&train(&[
+            "--shards",
+            s(shards),
+            "--model",
+            s(&model),
+            "--output",
+            s(&run),
+            "--mode",
+            "lora",
+            "--lora-r",
+            "4",
+            "--learning-rate",
+            "1e-2",
+            "--schedule",
+            "constant",
+            "--max-steps",
+            "4",
+            "--quiet",
+        ]));
+        let losses = train_losses(&run);
+        assert_eq!(losses.len(), 4, "{name}");
+        assert!(losses.iter().all(|l| l.1.is_finite()), "{name}: {losses:?}");
+        let merged = tmp.path().join(format!("{name}-merged"));
+        ok(&train(&[
+            "merge-lora",
+            "--model",
+            s(&model),
+            "--adapter",
+            s(&run),
+            "--out",
+            s(&merged),
+        ]));
+        if let Some(py) = &python {
+            let o = Command::new(py)
+                .current_dir(root())
+                .args([
+                    "scripts/check_peft.py",
+                    "--base",
+                    s(&model),
+                    "--adapter",
+                    s(&run),
+                    "--merged",
+                    s(&merged),
+                ])
+                .output()
+                .unwrap();
+            let out = String::from_utf8_lossy(&o.stdout).to_string();
+            assert!(
+                o.status.success(),
+                "{name}: check_peft.py failed:\n{out}\n{}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            eprintln!("{name}: check_peft.py {}", out.lines().last().unwrap_or(""));
+        }
+    }
+}
