@@ -554,3 +554,54 @@ fn save_checkpoint(
     }
     std::fs::rename(&tmp, &dir).map_err(io(&dir))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weight_decay_exemption_covers_biases_and_norms_only_when_asked() {
+        let reference = decay_predicate(false);
+        let exempt = decay_predicate(true);
+        for name in [
+            "llm.model.layers.0.self_attn.q_proj.bias",
+            "llm.model.layers.0.input_layernorm.weight",
+            "llm.model.norm.weight",
+            "vpm.encoder.layers.0.layer_norm1.weight",
+            "vpm.blocks.0.norm1.bias",
+            "resampler.ln_q.weight",
+            "resampler.attn.in_proj_bias",
+            "vpm.post_layernorm.bias",
+        ] {
+            assert!(reference(name), "the reference decays {name} too");
+            assert!(!exempt(name), "{name} should be exempt");
+        }
+        for name in [
+            "llm.model.layers.0.self_attn.q_proj.weight",
+            "llm.model.embed_tokens.weight",
+            "resampler.proj",
+            "resampler.query",
+            "vpm.embeddings.patch_embedding.weight",
+            "llm.model.layers.0.self_attn.q_proj.lora_A.weight",
+        ] {
+            assert!(exempt(name), "{name} should decay");
+        }
+    }
+
+    #[test]
+    fn run_length_from_steps_or_epochs() {
+        let mut c = TrainConfig {
+            max_steps: Some(7),
+            ..Default::default()
+        };
+        assert_eq!(total_steps(&c, 100), 7);
+        c.max_steps = None;
+        c.epochs = Some(2.0);
+        c.micro_batch = 3;
+        c.grad_accum = 2;
+        // 10 packs → 4 micro-batches per epoch → 8 micro-batches → 4 steps.
+        assert_eq!(total_steps(&c, 10), 4);
+        c.epochs = Some(0.5);
+        assert_eq!(total_steps(&c, 10), 1);
+    }
+}
