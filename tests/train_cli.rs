@@ -474,8 +474,6 @@ fn gradient_checkpointing_gives_the_same_gradients_with_less_memory() {
             s(&f.model),
             "--output",
             s(&run),
-            "--tune-vision",
-            "false",
             "--tune-llm",
             "true",
             "--max-steps",

@@ -13,7 +13,7 @@ use crate::llm::{Llm, LlmAux};
 use crate::params::{dropout_rng, LoadOptions, ParamStore};
 use crate::resampler::Resampler;
 use crate::vision_navit::{NavitPositions, NavitSiglip};
-use crate::vision_vit::VitSiglip;
+use crate::vision_vit::{VisionInput, VitSiglip};
 use crate::weights::Checkpoint;
 
 /// One micro-batch: `B` rows of equal length `T`, each holding one or more packed samples.
@@ -224,54 +224,99 @@ impl MiniCpmV {
         self.resampler.forward(&x, &lens, images, &mode)
     }
 
-    /// The vision tower over all images. Only the 2.5 reference scheme depends on how images
-    /// are batched (its features see the batch's longest image), so only there each group runs
-    /// on its own; the outputs are padded to a common length.
+    /// The vision batches images run in: contiguous ranges. Only the 2.5 reference scheme
+    /// depends on how images are batched (its features see the batch's longest image), so
+    /// only there each group of [`Batch::image_groups`] runs on its own.
+    pub fn vision_plan(&self, n_images: usize, groups: &[usize]) -> Vec<std::ops::Range<usize>> {
+        if n_images == 0 {
+            return Vec::new();
+        }
+        let split = matches!(&self.vision, Vision::Navit(v) if v.batch_dependent())
+            && groups.len() == n_images;
+        if !split {
+            return vec![0..n_images];
+        }
+        let mut out = Vec::new();
+        let mut start = 0;
+        while start < n_images {
+            let mut end = start + 1;
+            while end < n_images && groups[end] == groups[start] {
+                end += 1;
+            }
+            out.push(start..end);
+            start = end;
+        }
+        out
+    }
+
+    /// Patch embeddings + positions of a vision batch (the input of vision layer 0).
+    pub fn vision_embed(&self, images: &[ImageInput], train: bool) -> Result<VisionInput> {
+        let mode = Mode {
+            train,
+            rng: &self.dropout,
+        };
+        match &self.vision {
+            Vision::Vit(v) => v.embed(images, &mode),
+            Vision::Navit(v) => v.embed(images, &mode),
+        }
+    }
+
+    /// Number of vision transformer layers.
+    pub fn vision_num_layers(&self) -> usize {
+        match &self.vision {
+            Vision::Vit(v) => v.num_layers(),
+            Vision::Navit(v) => v.num_layers(),
+        }
+    }
+
+    /// Vision layer `i` alone (for layer-wise recomputation; see [`MiniCpmV::layer_forward`]).
+    pub fn vision_layer(
+        &self,
+        i: usize,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let mode = Mode {
+            train,
+            rng: &self.dropout,
+        };
+        match &self.vision {
+            Vision::Vit(v) => v.layer(i, x, mask, &mode),
+            Vision::Navit(v) => v.layer(i, x, mask, &mode),
+        }
+    }
+
+    /// Whether any vision parameter trains (weights or LoRA adapters).
+    pub fn vision_trains(&self) -> bool {
+        self.params.vars().keys().any(|k| k.starts_with("vpm."))
+            || self.params.lora().keys().any(|k| k.starts_with("vpm."))
+    }
+
+    fn finish_vision(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.vision {
+            Vision::Vit(v) => v.finish(x),
+            Vision::Navit(v) => v.finish(x),
+        }
+    }
+
     fn run_vision(
         &self,
         images: &[ImageInput],
         groups: &[usize],
         mode: &Mode,
     ) -> Result<(Tensor, Vec<usize>)> {
-        match &self.vision {
-            Vision::Vit(v) => v.forward(images, mode),
-            Vision::Navit(v) if !v.batch_dependent() || groups.len() != images.len() => {
-                v.forward(images, mode)
-            }
-            Vision::Navit(v) => {
-                let mut parts = Vec::new();
-                let mut lens = Vec::with_capacity(images.len());
-                let mut start = 0;
-                while start < images.len() {
-                    let mut end = start + 1;
-                    while end < images.len() && groups[end] == groups[start] {
-                        end += 1;
-                    }
-                    let (x, l) = v.forward(&images[start..end], mode)?;
-                    parts.push(x);
-                    lens.extend(l);
-                    start = end;
-                }
-                let l_max = parts
-                    .iter()
-                    .map(|p| p.dim(1))
-                    .collect::<candle_core::Result<Vec<_>>>()?;
-                let l_max = l_max.into_iter().max().unwrap_or(0);
-                let padded = parts
-                    .into_iter()
-                    .map(|p| -> candle_core::Result<Tensor> {
-                        let (n, l, c) = p.dims3()?;
-                        if l == l_max {
-                            Ok(p)
-                        } else {
-                            let z = Tensor::zeros((n, l_max - l, c), p.dtype(), p.device())?;
-                            Tensor::cat(&[&p, &z], 1)
-                        }
-                    })
-                    .collect::<candle_core::Result<Vec<_>>>()?;
-                Ok((Tensor::cat(&padded, 0)?, lens))
-            }
+        let mut parts = Vec::new();
+        let mut lens = Vec::with_capacity(images.len());
+        for r in self.vision_plan(images.len(), groups) {
+            let (x, l) = match &self.vision {
+                Vision::Vit(v) => v.forward(&images[r], mode)?,
+                Vision::Navit(v) => v.forward(&images[r], mode)?,
+            };
+            parts.push(x);
+            lens.extend(l);
         }
+        Ok((pad_cat(parts)?, lens))
     }
 
     /// Vision tower output alone (`[n, l_max, C]`, valid rows first), for inspection/tests.
@@ -290,15 +335,52 @@ impl MiniCpmV {
     /// Input embeddings `[B, T, H]` with image features written over the placeholders.
     pub fn input_embeddings(&self, batch: &Batch, train: bool) -> Result<Tensor> {
         batch.validate(&self.cfg)?;
-        let (b, t) = batch.dims();
-        let h = self.cfg.llm.hidden_size;
-        let ids: Vec<u32> = batch.input_ids.iter().flatten().copied().collect();
-        let ids = Tensor::from_vec(ids, (b, t), self.device())?;
-        let e = self.llm.embed(&ids)?;
         if batch.images.is_empty() {
-            return Ok(e);
+            return self.token_embeddings(batch);
         }
         let feats = self.image_features(&batch.images, &batch.image_groups, train)?;
+        self.scatter_features(batch, &feats)
+    }
+
+    /// Input embeddings from the outputs of the last vision layer of each vision batch of
+    /// [`MiniCpmV::vision_plan`] (before the final norm), as a layer-wise trainer computes them.
+    pub fn embeddings_from_vision_layers(
+        &self,
+        batch: &Batch,
+        last: &[Tensor],
+        lens: &[usize],
+        train: bool,
+    ) -> Result<Tensor> {
+        batch.validate(&self.cfg)?;
+        if batch.images.is_empty() {
+            return self.token_embeddings(batch);
+        }
+        let mode = Mode {
+            train,
+            rng: &self.dropout,
+        };
+        let parts = last
+            .iter()
+            .map(|x| self.finish_vision(x))
+            .collect::<Result<Vec<_>>>()?;
+        let feats = self
+            .resampler
+            .forward(&pad_cat(parts)?, lens, &batch.images, &mode)?;
+        self.scatter_features(batch, &feats)
+    }
+
+    fn token_embeddings(&self, batch: &Batch) -> Result<Tensor> {
+        let (b, t) = batch.dims();
+        let ids: Vec<u32> = batch.input_ids.iter().flatten().copied().collect();
+        let ids = Tensor::from_vec(ids, (b, t), self.device())?;
+        self.llm.embed(&ids)
+    }
+
+    /// Token embeddings with the rows of the placeholder runs replaced by `feats`.
+    fn scatter_features(&self, batch: &Batch, feats: &Tensor) -> Result<Tensor> {
+        let (b, t) = batch.dims();
+        let h = self.cfg.llm.hidden_size;
+        let e = self.token_embeddings(batch)?;
         let q = self.cfg.resampler.query_num;
         let feats = feats.reshape((batch.images.len() * q, h))?;
         let mut keep = vec![1f32; b * t];
@@ -448,4 +530,31 @@ impl MiniCpmV {
         let logits = self.llm.logits(&hs, &mode)?;
         Ok(crate::ops::cross_entropy_rows(&logits, &tgt)?)
     }
+}
+
+/// Concatenates `[n_i, l_i, C]` parts along the first axis, zero-padding each to the longest.
+fn pad_cat(parts: Vec<Tensor>) -> Result<Tensor> {
+    if parts.len() == 1 {
+        return Ok(parts.into_iter().next().expect("one part"));
+    }
+    let l_max = parts
+        .iter()
+        .map(|p| p.dim(1))
+        .collect::<candle_core::Result<Vec<_>>>()?
+        .into_iter()
+        .max()
+        .unwrap_or(0);
+    let padded = parts
+        .into_iter()
+        .map(|p| -> candle_core::Result<Tensor> {
+            let (n, l, c) = p.dims3()?;
+            if l == l_max {
+                Ok(p)
+            } else {
+                let z = Tensor::zeros((n, l_max - l, c), p.dtype(), p.device())?;
+                Tensor::cat(&[&p, &z], 1)
+            }
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&padded, 0)?)
 }

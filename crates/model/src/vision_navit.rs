@@ -16,7 +16,7 @@ use crate::linear::{Linear, Mode};
 use crate::ops::{attention, key_padding_mask, layer_norm};
 use crate::params::ParamStore;
 use crate::positions::navit_buckets;
-use crate::vision_vit::{ln, patch_linear, stack_patches};
+use crate::vision_vit::{ln, patch_linear, stack_patches, VisionInput};
 
 struct Layer {
     ln1: (Tensor, Tensor),
@@ -107,8 +107,8 @@ impl NavitSiglip {
         ids
     }
 
-    /// Runs the tower: `[n, l_max, C]` and the patch counts.
-    pub fn forward(&self, images: &[ImageInput], mode: &Mode) -> Result<(Tensor, Vec<usize>)> {
+    /// Patch embeddings plus positions of all images, padded: the input of layer 0.
+    pub fn embed(&self, images: &[ImageInput], mode: &Mode) -> Result<VisionInput> {
         let lens: Vec<usize> = images.iter().map(ImageInput::len).collect();
         let l_max = lens.iter().copied().max().unwrap_or(0);
         let n = images.len();
@@ -122,34 +122,68 @@ impl NavitSiglip {
             .pos_table
             .index_select(&ids, 0)?
             .reshape((n, l_max, c))?;
-        let mut x = (x + pos)?;
+        let x = (x + pos)?;
         let mask = match self.scheme {
             NavitPositions::TwoD if lens.iter().any(|&k| k < l_max) => {
                 Some(key_padding_mask(&lens, l_max, dt, &dev)?)
             }
             _ => None,
         };
+        Ok(VisionInput { x, mask, lens })
+    }
+
+    /// Number of encoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Encoder layer `i` (exposed for layer-wise recomputation).
+    pub fn layer(
+        &self,
+        i: usize,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        mode: &Mode,
+    ) -> Result<Tensor> {
+        let l = &self.layers[i];
+        let (n, l_max, c) = x.dims3()?;
         let (heads, hd) = (self.cfg.num_heads, c / self.cfg.num_heads);
         let eps = self.cfg.layer_norm_eps;
         let split = |t: Tensor| -> candle_core::Result<Tensor> {
             t.reshape((n, l_max, heads, hd))?.transpose(1, 2)
         };
-        for l in &self.layers {
-            let h = layer_norm(&x, &l.ln1.0, &l.ln1.1, eps)?;
-            let q = split(l.q.forward(&h, mode)?)?;
-            let k = split(l.k.forward(&h, mode)?)?;
-            let v = split(l.v.forward(&h, mode)?)?;
-            let a = attention(&q, &k, &v, mask.as_ref(), 1.0 / (hd as f64).sqrt())?;
-            let a = a.transpose(1, 2)?.reshape((n, l_max, c))?;
-            x = (x + l.out.forward(&a, mode)?)?;
-            let h = layer_norm(&x, &l.ln2.0, &l.ln2.1, eps)?;
-            let h = l.fc1.forward(&h, mode)?;
-            let h = match self.cfg.gelu {
-                Gelu::Erf => h.gelu_erf()?,
-                Gelu::Tanh => h.gelu()?,
-            };
-            x = (x + l.fc2.forward(&h, mode)?)?;
+        let h = layer_norm(x, &l.ln1.0, &l.ln1.1, eps)?;
+        let q = split(l.q.forward(&h, mode)?)?;
+        let k = split(l.k.forward(&h, mode)?)?;
+        let v = split(l.v.forward(&h, mode)?)?;
+        let a = attention(&q, &k, &v, mask, 1.0 / (hd as f64).sqrt())?;
+        let a = a.transpose(1, 2)?.reshape((n, l_max, c))?;
+        let x = (x + l.out.forward(&a, mode)?)?;
+        let h = layer_norm(&x, &l.ln2.0, &l.ln2.1, eps)?;
+        let h = l.fc1.forward(&h, mode)?;
+        let h = match self.cfg.gelu {
+            Gelu::Erf => h.gelu_erf()?,
+            Gelu::Tanh => h.gelu()?,
+        };
+        Ok((x + l.fc2.forward(&h, mode)?)?)
+    }
+
+    /// The post LayerNorm.
+    pub fn finish(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(layer_norm(
+            x,
+            &self.post.0,
+            &self.post.1,
+            self.cfg.layer_norm_eps,
+        )?)
+    }
+
+    /// Runs the tower: `[n, l_max, C]` and the patch counts.
+    pub fn forward(&self, images: &[ImageInput], mode: &Mode) -> Result<(Tensor, Vec<usize>)> {
+        let VisionInput { mut x, mask, lens } = self.embed(images, mode)?;
+        for i in 0..self.layers.len() {
+            x = self.layer(i, &x, mask.as_ref(), mode)?;
         }
-        Ok((layer_norm(&x, &self.post.0, &self.post.1, eps)?, lens))
+        Ok((self.finish(&x)?, lens))
     }
 }

@@ -24,6 +24,16 @@ struct Block {
     fc2: Linear,
 }
 
+/// A batch of images ready for the first layer of a vision tower.
+pub struct VisionInput {
+    /// `[n, l_max, C]`
+    pub x: Tensor,
+    /// Additive key mask `[n, 1, 1, l_max]` when images are padded (and the scheme masks).
+    pub mask: Option<Tensor>,
+    /// Patches per image.
+    pub lens: Vec<usize>,
+}
+
 /// The V2.0 vision transformer.
 pub struct VitSiglip {
     cfg: VisionConfig,
@@ -103,9 +113,8 @@ impl VitSiglip {
         Ok(out.reshape((h * w, c))?)
     }
 
-    /// Runs the tower over all images: `[n, l_max, C]` (rows beyond an image's patch count
-    /// are padding) and the patch counts.
-    pub fn forward(&self, images: &[ImageInput], mode: &Mode) -> Result<(Tensor, Vec<usize>)> {
+    /// Patch embeddings plus positions of all images, padded: the input of layer 0.
+    pub fn embed(&self, images: &[ImageInput], mode: &Mode) -> Result<VisionInput> {
         let lens: Vec<usize> = images.iter().map(ImageInput::len).collect();
         let l_max = lens.iter().copied().max().unwrap_or(0);
         let dt = self.pos_embed.dtype();
@@ -122,37 +131,66 @@ impl VitSiglip {
                 p
             });
         }
-        let mut x = (x + Tensor::stack(&pos, 0)?)?;
+        let x = (x + Tensor::stack(&pos, 0)?)?;
         let mask = if lens.iter().any(|&n| n < l_max) {
             Some(key_padding_mask(&lens, l_max, dt, &dev)?)
         } else {
             None
         };
-        let n = images.len();
+        Ok(VisionInput { x, mask, lens })
+    }
+
+    /// Number of transformer blocks.
+    pub fn num_layers(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Block `i` (exposed for layer-wise recomputation).
+    pub fn layer(
+        &self,
+        i: usize,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        mode: &Mode,
+    ) -> Result<Tensor> {
+        let b = &self.blocks[i];
+        let (n, l_max, c) = x.dims3()?;
         let (heads, hd) = (self.cfg.num_heads, c / self.cfg.num_heads);
         let eps = self.cfg.layer_norm_eps;
-        for b in &self.blocks {
-            let h = layer_norm(&x, &b.norm1.0, &b.norm1.1, eps)?;
-            // qkv output is [q | k | v], each head-major.
-            let qkv = b
-                .qkv
-                .forward(&h, mode)?
-                .reshape((n, l_max, 3, heads, hd))?
-                .permute((2, 0, 3, 1, 4))?;
-            let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
-            let a = attention(&q, &k, &v, mask.as_ref(), 1.0 / (hd as f64).sqrt())?;
-            let a = a.transpose(1, 2)?.reshape((n, l_max, c))?;
-            x = (x + b.proj.forward(&a, mode)?)?;
-            let h = layer_norm(&x, &b.norm2.0, &b.norm2.1, eps)?;
-            let h = b.fc1.forward(&h, mode)?;
-            let h = match self.cfg.gelu {
-                Gelu::Erf => h.gelu_erf()?,
-                Gelu::Tanh => h.gelu()?,
-            };
-            x = (x + b.fc2.forward(&h, mode)?)?;
+        let h = layer_norm(x, &b.norm1.0, &b.norm1.1, eps)?;
+        // qkv output is [q | k | v], each head-major.
+        let qkv = b
+            .qkv
+            .forward(&h, mode)?
+            .reshape((n, l_max, 3, heads, hd))?
+            .permute((2, 0, 3, 1, 4))?;
+        let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
+        let a = attention(&q, &k, &v, mask, 1.0 / (hd as f64).sqrt())?;
+        let a = a.transpose(1, 2)?.reshape((n, l_max, c))?;
+        let x = (x + b.proj.forward(&a, mode)?)?;
+        let h = layer_norm(&x, &b.norm2.0, &b.norm2.1, eps)?;
+        let h = b.fc1.forward(&h, mode)?;
+        let h = match self.cfg.gelu {
+            Gelu::Erf => h.gelu_erf()?,
+            Gelu::Tanh => h.gelu()?,
+        };
+        Ok((x + b.fc2.forward(&h, mode)?)?)
+    }
+
+    /// The final LayerNorm.
+    pub fn finish(&self, x: &Tensor) -> Result<Tensor> {
+        let x = layer_norm(x, &self.norm.0, &self.norm.1, self.cfg.layer_norm_eps)?;
+        debug_assert_eq!(x.dim(D::Minus1)?, self.cfg.hidden_size);
+        Ok(x)
+    }
+
+    /// Runs the tower over all images: `[n, l_max, C]` (rows beyond an image's patch count
+    /// are padding) and the patch counts.
+    pub fn forward(&self, images: &[ImageInput], mode: &Mode) -> Result<(Tensor, Vec<usize>)> {
+        let VisionInput { mut x, mask, lens } = self.embed(images, mode)?;
+        for i in 0..self.blocks.len() {
+            x = self.layer(i, &x, mask.as_ref(), mode)?;
         }
-        let x = layer_norm(&x, &self.norm.0, &self.norm.1, eps)?;
-        debug_assert_eq!(x.dim(D::Minus1)?, c);
-        Ok((x, lens))
+        Ok((self.finish(&x)?, lens))
     }
 }

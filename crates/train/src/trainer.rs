@@ -144,9 +144,9 @@ impl Accum {
 }
 
 /// Forward + backward of one micro-batch; gradients of `loss · weight` are added to `acc`.
-/// Returns the micro-batch's mean loss. With `checkpointing`, each decoder layer's
-/// activations are dropped after the forward pass and recomputed in backward (the same
-/// dropout masks are replayed), keeping only the layer inputs.
+/// Returns the micro-batch's mean loss. With `checkpointing`, the activations of every
+/// transformer layer — vision tower and LLM — are dropped after the forward pass and
+/// recomputed in backward (the same dropout masks are replayed), keeping only layer inputs.
 pub fn micro_step(
     model: &MiniCpmV,
     batch: &Batch,
@@ -162,7 +162,49 @@ pub fn micro_step(
         acc.add(&grads, vars)?;
         return Ok(loss);
     }
-    let x0 = model.input_embeddings(batch, true)?;
+    // Vision layers: keep each layer's input only; the tower's last output becomes a leaf
+    // whose gradient the LLM side produces.
+    struct Group {
+        first: cpmv_model::vision_vit::VisionInput,
+        inputs: Vec<Tensor>,
+        states: Vec<Rng>,
+        last: Option<Var>,
+    }
+    let vision_trains = model.vision_trains();
+    let plan = model.vision_plan(batch.images.len(), &batch.image_groups);
+    let nv = model.vision_num_layers();
+    let mut groups = Vec::with_capacity(plan.len());
+    let mut last = Vec::with_capacity(plan.len());
+    let mut lens = Vec::with_capacity(batch.images.len());
+    for r in plan {
+        let first = model.vision_embed(&batch.images[r], true)?;
+        let mut x = first.x.detach();
+        let (mut inputs, mut states) = (Vec::with_capacity(nv), Vec::with_capacity(nv));
+        for i in 0..nv {
+            inputs.push(x.clone());
+            states.push(model.dropout_state());
+            x = model
+                .vision_layer(i, &x, first.mask.as_ref(), true)?
+                .detach();
+        }
+        lens.extend(first.lens.iter().copied());
+        let leaf = if vision_trains {
+            let v = Var::from_tensor(&x)?;
+            last.push(v.as_tensor().clone());
+            Some(v)
+        } else {
+            last.push(x);
+            None
+        };
+        groups.push(Group {
+            first,
+            inputs,
+            states,
+            last: leaf,
+        });
+    }
+    let x0 = model.embeddings_from_vision_layers(batch, &last, &lens, true)?;
+    drop(last);
     let aux = model.llm_aux(batch)?;
     let n = model.llm().num_layers();
     let mut inputs = Vec::with_capacity(n);
@@ -195,11 +237,32 @@ pub fn micro_step(
             .cloned()
             .ok_or_else(|| TrainError::Config(format!("internal: no gradient below layer {i}")))?;
     }
-    model.set_dropout_state(end_state);
     if x0.track_op() {
         let grads = (x0 * gx)?.sum_all()?.backward()?;
         acc.add(&grads, vars)?;
+        // Back through the vision layers, group by group.
+        for g in groups {
+            let Some(leaf) = g.last else { continue };
+            let Some(mut gv) = grads.get(leaf.as_tensor()).cloned() else {
+                continue;
+            };
+            for i in (0..nv).rev() {
+                model.set_dropout_state(g.states[i]);
+                let xi = Var::from_tensor(&g.inputs[i])?;
+                let y = model.vision_layer(i, xi.as_tensor(), g.first.mask.as_ref(), true)?;
+                let grads = (y * &gv)?.sum_all()?.backward()?;
+                acc.add(&grads, vars)?;
+                gv = grads.get(xi.as_tensor()).cloned().ok_or_else(|| {
+                    TrainError::Config(format!("internal: no gradient below vision layer {i}"))
+                })?;
+            }
+            if g.first.x.track_op() {
+                let grads = (&g.first.x * gv)?.sum_all()?.backward()?;
+                acc.add(&grads, vars)?;
+            }
+        }
     }
+    model.set_dropout_state(end_state);
     Ok(loss)
 }
 
