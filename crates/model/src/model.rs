@@ -234,7 +234,7 @@ impl MiniCpmV {
         let split = matches!(&self.vision, Vision::Navit(v) if v.batch_dependent())
             && groups.len() == n_images;
         if !split {
-            return vec![0..n_images];
+            return std::iter::once(0..n_images).collect();
         }
         let mut out = Vec::new();
         let mut start = 0;
