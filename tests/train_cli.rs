@@ -340,8 +340,37 @@ fn lora_adapter_merges_into_a_checkpoint_with_the_same_outputs() {
         "--out",
         s(&merged),
     ]));
+    // A bare PEFT directory (adapter files only) merges into a complete checkpoint: the
+    // tokenizer and processor files come from the base.
+    let bare = tmp.path().join("bare-adapter");
+    std::fs::create_dir_all(&bare).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(run.join(f), bare.join(f)).unwrap();
+    }
+    let merged_bare = tmp.path().join("merged-bare");
+    ok(&train(&[
+        "merge-lora",
+        "--model",
+        s(&f.model),
+        "--adapter",
+        s(&bare),
+        "--out",
+        s(&merged_bare),
+    ]));
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "preprocessor_config.json",
+        "config.json",
+    ] {
+        assert!(
+            merged_bare.join(f).exists(),
+            "merge of a bare adapter lacks {f}"
+        );
+    }
     let data = Dataset::open(&f.shards).unwrap();
-    let adapted = cpmv_train::checkpoint::load_with_adapter(&f.model, &run).unwrap();
+    let adapted =
+        cpmv_train::checkpoint::load_with_adapter(&f.model, &run, Default::default()).unwrap();
     let merged_m = MiniCpmV::load(&merged, &LoadOptions::default()).unwrap();
     let base = MiniCpmV::load(&f.model, &LoadOptions::default()).unwrap();
     let (la, _) = cpmv_train::trainer::evaluate(&adapted, &data).unwrap();
@@ -462,6 +491,48 @@ fn gradient_checkpointing_gives_the_same_gradients_with_less_memory() {
             .unwrap();
         let d = d.to_scalar::<f32>().unwrap();
         assert!(d <= 1e-6, "{name}: gradients differ by {d}");
+    }
+    // LoRA with dropout (vision trained whole too): the recomputation replays the same masks,
+    // and the generator ends where the plain pass leaves it.
+    let lora = LoadOptions {
+        trainable: cpmv_model::Trainable {
+            vision: true,
+            resampler: true,
+            llm: false,
+            embeddings: true,
+        },
+        lora: Some(cpmv_model::LoraConfig {
+            r: 4,
+            dropout: 0.3,
+            ..Default::default()
+        }),
+        seed: 5,
+        ..Default::default()
+    };
+    let m = MiniCpmV::load(&f.model, &lora).unwrap();
+    let vars = m.params().trainable_vars();
+    let start = m.dropout_state();
+    let mut plain = cpmv_train::trainer::Accum::default();
+    cpmv_train::trainer::micro_step(&m, &batch, 1.0, false, &vars, &mut plain).unwrap();
+    let after_plain = m.dropout_state();
+    m.set_dropout_state(start);
+    let mut ckpt = cpmv_train::trainer::Accum::default();
+    cpmv_train::trainer::micro_step(&m, &batch, 1.0, true, &vars, &mut ckpt).unwrap();
+    assert_eq!(m.dropout_state(), after_plain);
+    assert_ne!(after_plain, start, "dropout drew nothing");
+    let (g1, g2) = (plain.into_store(&vars), ckpt.into_store(&vars));
+    for (name, v) in &vars {
+        let d = (g1.get(v.as_tensor()).unwrap() - g2.get(v.as_tensor()).unwrap()).unwrap();
+        let d = d
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d <= 1e-6, "LoRA {name}: gradients differ by {d}");
     }
     // Peak memory of whole runs, each in its own process.
     let peak = |ckpt: bool| {
@@ -597,6 +668,24 @@ fn bad_inputs_give_clear_errors_and_no_corrupt_checkpoint() {
     assert_eq!(ck.iter().map(|c| c.0).collect::<Vec<_>>(), vec![2]);
     assert!(!run.join("checkpoint-4.partial").exists());
     MiniCpmV::load(&ck[0].1, &LoadOptions::default()).unwrap();
+    // A LoRA target that matches no module is an error, not a run without adapters.
+    let o = train(&[
+        "--shards",
+        s(&f.shards),
+        "--model",
+        s(&f.model),
+        "--output",
+        s(&tmp.path().join("y")),
+        "--mode",
+        "lora",
+        "--lora-target",
+        "q_proj",
+        "--max-steps",
+        "1",
+        "--quiet",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(err.contains("matches no module"), "{err}");
     // LoRA with --tune-llm true is refused as the reference refuses it.
     let o = train(&[
         "--shards",
@@ -696,6 +785,10 @@ fn eval_agrees_with_the_forward_loss_and_the_first_training_step() {
         "--pack",
     ]));
     let first = epoch_order(data.packs.len(), 9, 0)[0];
+    assert!(
+        data.packs[first].rows.len() > 1,
+        "the pack must hold several samples"
+    );
     let (mut sum, mut n) = (0.0, 0);
     for &r in &data.packs[first].rows {
         sum += packed[r].2;

@@ -538,6 +538,14 @@ pub fn save_tensors(
         write_safetensors(&path, &group)?;
         written.push(path);
     }
+    let index_path = dir.join("model.safetensors.index.json");
+    if n == 1 && index_path.exists() {
+        // A stale index would make loaders read the old shards instead of this file.
+        std::fs::remove_file(&index_path).map_err(|e| ModelError::Io {
+            path: index_path.clone(),
+            source: e,
+        })?;
+    }
     if n > 1 {
         let index = serde_json::json!({
             "metadata": { "total_size": total },

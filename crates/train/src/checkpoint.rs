@@ -37,6 +37,9 @@ pub struct TrainState {
     pub config: TrainConfig,
     pub model_dir: String,
     pub shards_dir: String,
+    /// Packs of the shards (resuming on other shards is refused).
+    #[serde(default)]
+    pub packs: usize,
 }
 
 /// What the writers need to know about the run.
@@ -292,6 +295,7 @@ pub fn merge_lora(base_dir: &Path, adapter_dir: &Path, out: &Path) -> Result<usi
         path: cfg_path.clone(),
         reason: e.to_string(),
     })?;
+    refuse_unsupported(&cfg, &cfg_path)?;
     let num = |k: &str| cfg.get(k).and_then(Value::as_f64);
     let (r, alpha) = match (num("r"), num("lora_alpha")) {
         (Some(r), Some(a)) if r > 0.0 => (r, a),
@@ -324,12 +328,12 @@ pub fn merge_lora(base_dir: &Path, adapter_dir: &Path, out: &Path) -> Result<usi
             lora.entry(m.to_string()).or_default().0 = Some(t.clone());
         } else if let Some(m) = rest.strip_suffix(".lora_B.weight") {
             lora.entry(m.to_string()).or_default().1 = Some(t.clone());
-        } else if base.shape(rest).is_some() {
+        } else if base.shape(rest) == Some(t.dims()) {
             whole.insert(rest.to_string(), t.clone());
         } else {
             return Err(TrainError::Checkpoint {
                 path: wpath.clone(),
-                reason: format!("`{k}` matches no tensor of the base checkpoint"),
+                reason: format!("`{k}` matches no tensor of that shape in the base checkpoint"),
             });
         }
     }
@@ -365,30 +369,33 @@ pub fn merge_lora(base_dir: &Path, adapter_dir: &Path, out: &Path) -> Result<usi
         });
     }
     std::fs::create_dir_all(out).map_err(io(out))?;
-    copy_side_files(adapter_dir, out)?;
-    // The adapter's config.json (training max_slice_nums) if it has one, else the base's.
+    // The base's tokenizer, processor and code files (a PEFT adapter directory need not have
+    // them); the config from the adapter when it carries one (training max_slice_nums).
+    copy_side_files(base_dir, out)?;
     let cfg_src = if adapter_dir.join("config.json").exists() {
         adapter_dir.join("config.json")
     } else {
         base_dir.join("config.json")
     };
     std::fs::copy(&cfg_src, out.join("config.json")).map_err(io(&cfg_src))?;
-    for f in [ADAPTER_CONFIG, ADAPTER_WEIGHTS] {
-        let _ = std::fs::remove_file(out.join(f));
-    }
     save_tensors(out, &tensors, Some(cpmv_model::init::SHARD_BYTES))?;
     Ok(merged)
 }
 
 /// Loads a base checkpoint with a PEFT LoRA adapter applied (adapters attached to the
 /// modules the adapter's target regex matches, modules_to_save tensors replaced), frozen.
-pub fn load_with_adapter(base_dir: &Path, adapter_dir: &Path) -> Result<MiniCpmV, TrainError> {
+pub fn load_with_adapter(
+    base_dir: &Path,
+    adapter_dir: &Path,
+    fixes: cpmv_model::Fixes,
+) -> Result<MiniCpmV, TrainError> {
     let cfg_path = adapter_dir.join(ADAPTER_CONFIG);
     let text = std::fs::read_to_string(&cfg_path).map_err(io(&cfg_path))?;
     let v: Value = serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {
         path: cfg_path.clone(),
         reason: e.to_string(),
     })?;
+    refuse_unsupported(&v, &cfg_path)?;
     let bad = |m: &str| TrainError::Checkpoint {
         path: cfg_path.clone(),
         reason: m.to_string(),
@@ -454,10 +461,28 @@ pub fn load_with_adapter(base_dir: &Path, adapter_dir: &Path) -> Result<MiniCpmV
     }
     let opts = cpmv_model::LoadOptions {
         lora: Some(lora),
+        fixes,
         ..Default::default()
     };
     let store = cpmv_model::ParamStore::from_tensors(map, &opts)?;
     let model = MiniCpmV::from_params(cfg, store, &opts)?;
+    // Every LoRA pair of the file must belong to a module the target created.
+    for k in adapter.keys() {
+        let rest = k.strip_prefix(PEFT_PREFIX).unwrap_or(k);
+        let module = rest
+            .strip_suffix(".lora_A.weight")
+            .or_else(|| rest.strip_suffix(".lora_B.weight"));
+        if let Some(m) = module {
+            if !model.params().lora().contains_key(m) {
+                return Err(TrainError::Checkpoint {
+                    path: wpath.clone(),
+                    reason: format!(
+                        "`{k}`: module {m} is not matched by the adapter's target_modules"
+                    ),
+                });
+            }
+        }
+    }
     for (m, ad) in model.params().lora() {
         for (suffix, var) in [("lora_A", &ad.a), ("lora_B", &ad.b)] {
             let key = format!("{PEFT_PREFIX}{m}.{suffix}.weight");
@@ -479,6 +504,34 @@ pub fn load_with_adapter(base_dir: &Path, adapter_dir: &Path) -> Result<MiniCpmV
         }
     }
     Ok(model)
+}
+
+/// PEFT options that change the LoRA arithmetic and are not implemented here: refused rather
+/// than silently computing another model.
+fn refuse_unsupported(cfg: &Value, path: &Path) -> Result<(), TrainError> {
+    let on = |k: &str| cfg.get(k).and_then(Value::as_bool).unwrap_or(false);
+    let non_empty = |k: &str| {
+        cfg.get(k)
+            .and_then(Value::as_object)
+            .is_some_and(|o| !o.is_empty())
+    };
+    for k in ["use_rslora", "use_dora", "fan_in_fan_out"] {
+        if on(k) {
+            return Err(TrainError::Checkpoint {
+                path: path.to_path_buf(),
+                reason: format!("`{k}: true` is not supported"),
+            });
+        }
+    }
+    for k in ["rank_pattern", "alpha_pattern"] {
+        if non_empty(k) {
+            return Err(TrainError::Checkpoint {
+                path: path.to_path_buf(),
+                reason: format!("a non-empty `{k}` is not supported"),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn regex_escape(s: &str) -> String {

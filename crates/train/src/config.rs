@@ -154,6 +154,9 @@ impl TrainConfig {
         if self.max_steps.is_none() && self.epochs.is_none() {
             return bad("give --max-steps or --epochs".into());
         }
+        if self.max_steps == Some(0) || self.epochs.is_some_and(|e| e.is_nan() || e <= 0.0) {
+            return bad("--max-steps / --epochs must be positive".into());
+        }
         if !(self.learning_rate.is_finite() && self.learning_rate >= 0.0) {
             return bad(format!(
                 "--learning-rate {} is not a non-negative number",

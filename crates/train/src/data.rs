@@ -181,8 +181,12 @@ pub fn stream(
     std::thread::spawn(move || {
         let n = data.packs.len();
         let mut cur = start;
+        let mut order: Option<(u64, Vec<usize>)> = None;
         loop {
-            let order = epoch_order(n, seed, cur.epoch);
+            if order.as_ref().is_none_or(|(e, _)| *e != cur.epoch) {
+                order = Some((cur.epoch, epoch_order(n, seed, cur.epoch)));
+            }
+            let Some((_, order)) = &order else { return };
             if cur.pos >= n {
                 cur = Cursor {
                     epoch: cur.epoch + 1,

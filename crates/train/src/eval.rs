@@ -20,6 +20,8 @@ pub struct EvalOptions {
     /// Evaluate packs as trained (samples of a pack share one forward pass) instead of one
     /// sample at a time.
     pub pack: bool,
+    /// 2.5 only: the corrected vision masking (as `train --v25-vision-masking`).
+    pub v25_vision_masking: bool,
     pub quiet: bool,
 }
 
@@ -49,14 +51,34 @@ pub struct EvalReport {
     pub packed: bool,
 }
 
-fn count_images(s: &SampleView, image_start: u32) -> u64 {
-    s.input_ids
-        .iter()
-        .filter(|&&t| t as u32 == image_start)
-        .count() as u64
+/// Images of a sample: image-start tokens outside `<slice>…</slice>` spans (the old schema
+/// wraps each slice's placeholder in `<image>` inside one `<slice>` group; the new schema uses
+/// `<slice>` per slice).
+fn count_images(s: &SampleView, image_start: u32, slice_start: u32, slice_end: u32) -> u64 {
+    let mut inside = false;
+    let mut n = 0;
+    for &t in s.input_ids {
+        let t = t as u32;
+        if t == slice_start {
+            inside = true;
+        } else if t == slice_end {
+            inside = false;
+        } else if t == image_start && !inside {
+            n += 1;
+        }
+    }
+    n
 }
 
 fn one_sample_batch(s: &SampleView, patch: usize) -> Result<Batch, TrainError> {
+    if s.image_bound.len() != s.pixel_values.len() {
+        return Err(TrainError::Data(format!(
+            "sample {:?}: {} placeholder runs but {} image slices",
+            s.id,
+            s.image_bound.len(),
+            s.pixel_values.len()
+        )));
+    }
     let mut b = Batch {
         input_ids: vec![s.input_ids.iter().map(|&x| x as u32).collect()],
         position_ids: vec![(0..s.input_ids.len() as u32).collect()],
@@ -77,21 +99,38 @@ fn one_sample_batch(s: &SampleView, patch: usize) -> Result<Batch, TrainError> {
 }
 
 /// Loads the model of `opts` (with its adapter, if any), frozen.
-pub fn load_model(model: &Path, adapter: Option<&Path>) -> Result<MiniCpmV, TrainError> {
+pub fn load_model(
+    model: &Path,
+    adapter: Option<&Path>,
+    fixes: cpmv_model::Fixes,
+) -> Result<MiniCpmV, TrainError> {
     match adapter {
-        Some(a) => crate::checkpoint::load_with_adapter(model, a),
-        None => Ok(MiniCpmV::load(model, &LoadOptions::default())?),
+        Some(a) => crate::checkpoint::load_with_adapter(model, a, fixes),
+        None => Ok(MiniCpmV::load(
+            model,
+            &LoadOptions {
+                fixes,
+                ..Default::default()
+            },
+        )?),
     }
 }
 
 /// Runs the evaluation.
 pub fn evaluate_samples(opts: &EvalOptions) -> Result<EvalReport, TrainError> {
     let data = Dataset::open(&opts.shards)?;
-    let model = load_model(&opts.model, opts.adapter.as_deref())?;
+    let fixes = cpmv_model::Fixes {
+        v25_vision_masking: opts.v25_vision_masking,
+    };
+    let model = load_model(&opts.model, opts.adapter.as_deref(), fixes)?;
     check_fit(&data, &opts.model, &model)?;
     let md = cpmv_prep::model::ModelDir::load(&opts.model, None)
         .map_err(|e| TrainError::Mismatch(format!("{}: {e}", opts.model.display())))?;
-    let image_start = md.tokens.im_start;
+    let (image_start, slice_start, slice_end) = (
+        md.tokens.im_start,
+        md.tokens.slice_start,
+        md.tokens.slice_end,
+    );
     let patch = model.config().vision.patch_size;
     let pb = if opts.quiet {
         indicatif::ProgressBar::hidden()
@@ -107,7 +146,7 @@ pub fn evaluate_samples(opts: &EvalOptions) -> Result<EvalReport, TrainError> {
             loss: if n > 0 { sum / n as f64 } else { f64::NAN },
             loss_sum: sum,
             n_tokens: n,
-            n_images: count_images(s, image_start),
+            n_images: count_images(s, image_start, slice_start, slice_end),
             n_slices: s.pixel_values.len() as u64,
         });
     };

@@ -155,6 +155,9 @@ enum Command {
         /// Evaluate packs as trained instead of one sample at a time.
         #[arg(long)]
         pack: bool,
+        /// 2.5 only: the corrected vision masking (for runs trained with it).
+        #[arg(long)]
+        v25_vision_masking: bool,
         /// Print the JSON report (schemas/eval.schema.json) instead of the summary.
         #[arg(long)]
         json: bool,
@@ -291,6 +294,7 @@ fn run() -> Result<()> {
             model,
             adapter,
             pack,
+            v25_vision_masking,
             json,
             out,
             top,
@@ -301,6 +305,7 @@ fn run() -> Result<()> {
                 model,
                 adapter,
                 pack,
+                v25_vision_masking,
                 quiet: quiet || json,
             };
             let report = cpmv_train::eval::evaluate_samples(&opts)?;

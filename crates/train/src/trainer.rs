@@ -120,9 +120,10 @@ impl Accum {
         for (_, v) in vars {
             if let Some(g) = store.get(v.as_tensor()) {
                 let id = v.as_tensor().id();
+                // Detached: a stored gradient must not carry the graph of its backward pass.
                 let sum = match self.grads.remove(&id) {
-                    Some(prev) => (prev + g)?,
-                    None => g.clone(),
+                    Some(prev) => (prev + g.detach())?,
+                    None => g.detach(),
                 };
                 self.grads.insert(id, sum);
             }
@@ -222,7 +223,7 @@ pub fn micro_step(
     acc.add(&grads, vars)?;
     let mut gx = grads
         .get(xl.as_tensor())
-        .cloned()
+        .map(Tensor::detach)
         .ok_or_else(|| TrainError::Config("internal: no gradient reached the LLM".into()))?;
     drop(grads);
     let end_state = model.dropout_state();
@@ -234,7 +235,7 @@ pub fn micro_step(
         acc.add(&grads, vars)?;
         gx = grads
             .get(xi.as_tensor())
-            .cloned()
+            .map(Tensor::detach)
             .ok_or_else(|| TrainError::Config(format!("internal: no gradient below layer {i}")))?;
     }
     if x0.track_op() {
@@ -243,7 +244,7 @@ pub fn micro_step(
         // Back through the vision layers, group by group.
         for g in groups {
             let Some(leaf) = g.last else { continue };
-            let Some(mut gv) = grads.get(leaf.as_tensor()).cloned() else {
+            let Some(mut gv) = grads.get(leaf.as_tensor()).map(Tensor::detach) else {
                 continue;
             };
             for i in (0..nv).rev() {
@@ -252,9 +253,12 @@ pub fn micro_step(
                 let y = model.vision_layer(i, xi.as_tensor(), g.first.mask.as_ref(), true)?;
                 let grads = (y * &gv)?.sum_all()?.backward()?;
                 acc.add(&grads, vars)?;
-                gv = grads.get(xi.as_tensor()).cloned().ok_or_else(|| {
-                    TrainError::Config(format!("internal: no gradient below vision layer {i}"))
-                })?;
+                gv = grads
+                    .get(xi.as_tensor())
+                    .map(Tensor::detach)
+                    .ok_or_else(|| {
+                        TrainError::Config(format!("internal: no gradient below vision layer {i}"))
+                    })?;
             }
             if g.first.x.track_op() {
                 let grads = (&g.first.x * gv)?.sum_all()?.backward()?;
@@ -336,6 +340,13 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport, TrainError> {
         },
     };
     let model = MiniCpmV::load(&opts.model, &load)?;
+    if cfg.mode == crate::config::TrainMode::Lora && model.params().lora().is_empty() {
+        return Err(TrainError::Config(format!(
+            "--lora-target `{}` matches no module (it must fully match names like \
+             llm.model.layers.0.self_attn.q_proj)",
+            cfg.lora_target
+        )));
+    }
     check_fit(&data, &opts.model, &model)?;
     if let Some(e) = &eval_data {
         check_fit(e, &opts.model, &model)?;
@@ -385,6 +396,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport, TrainError> {
         config: cfg.clone(),
         model_dir: opts.model.display().to_string(),
         shards_dir: opts.shards.display().to_string(),
+        packs: data.packs.len(),
     };
     let existing = checkpoints(&opts.output);
     if opts.resume {
@@ -395,6 +407,25 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport, TrainError> {
             ))
         })?;
         let saved = read_state(dir)?;
+        let same =
+            |a: &str, b: &Path| std::fs::canonicalize(a).ok() == std::fs::canonicalize(b).ok();
+        if !same(&saved.model_dir, &opts.model) || !same(&saved.shards_dir, &opts.shards) {
+            return Err(TrainError::Config(format!(
+                "--resume: {} was trained with --model {} --shards {}; got --model {} --shards {}",
+                dir.display(),
+                saved.model_dir,
+                saved.shards_dir,
+                opts.model.display(),
+                opts.shards.display()
+            )));
+        }
+        if saved.packs != 0 && saved.packs != data.packs.len() {
+            return Err(TrainError::Config(format!(
+                "--resume: the shards now hold {} packs, {} when the run started",
+                data.packs.len(),
+                saved.packs
+            )));
+        }
         let mut a = saved.config.clone();
         let mut b = cfg.clone();
         // Only the run length may change on resume.
@@ -490,6 +521,12 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport, TrainError> {
             .map(|&n| n as u64)
             .sum::<u64>();
         state.samples_seen += mbs.iter().map(|m| m.samples as u64).sum::<u64>();
+        if step_tokens == 0 {
+            // Nothing supervised in the whole step: no update, the schedule does not advance.
+            state.skipped += 1;
+            report.skipped = state.skipped;
+            continue;
+        }
         if !loss.is_finite() || !norm.is_finite() {
             let what = if loss.is_finite() {
                 "gradient norm"
