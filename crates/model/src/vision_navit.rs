@@ -9,14 +9,14 @@
 
 use candle_core::Tensor;
 
-use crate::config::{Gelu, VisionConfig};
+use crate::config::VisionConfig;
 use crate::error::Result;
 use crate::image::ImageInput;
 use crate::linear::{Linear, Mode};
 use crate::ops::{attention, key_padding_mask, layer_norm};
 use crate::params::ParamStore;
 use crate::positions::navit_buckets;
-use crate::vision_vit::{ln, patch_linear, stack_patches, VisionInput};
+use crate::vision_vit::{ln, mlp, patch_linear, stack_patches, VisionInput};
 
 struct Layer {
     ln1: (Tensor, Tensor),
@@ -160,12 +160,7 @@ impl NavitSiglip {
         let a = a.transpose(1, 2)?.reshape((n, l_max, c))?;
         let x = (x + l.out.forward(&a, mode)?)?;
         let h = layer_norm(&x, &l.ln2.0, &l.ln2.1, eps)?;
-        let h = l.fc1.forward(&h, mode)?;
-        let h = match self.cfg.gelu {
-            Gelu::Erf => h.gelu_erf()?,
-            Gelu::Tanh => h.gelu()?,
-        };
-        Ok((x + l.fc2.forward(&h, mode)?)?)
+        Ok((x + mlp(&h, &l.fc1, &l.fc2, self.cfg.gelu, mode)?)?)
     }
 
     /// The post LayerNorm.

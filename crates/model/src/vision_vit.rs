@@ -57,6 +57,22 @@ pub(crate) fn ln(p: &ParamStore, module: &str) -> Result<(Tensor, Tensor)> {
     ))
 }
 
+/// The vision MLP `fc2(gelu(fc1(x)))` of both towers.
+pub(crate) fn mlp(
+    x: &Tensor,
+    fc1: &Linear,
+    fc2: &Linear,
+    gelu: Gelu,
+    mode: &Mode,
+) -> Result<Tensor> {
+    let h = fc1.forward(x, mode)?;
+    let h = match gelu {
+        Gelu::Erf => h.gelu_erf()?,
+        Gelu::Tanh => h.gelu()?,
+    };
+    Ok(fc2.forward(&h, mode)?)
+}
+
 /// Stacks the images' patches into `[n, l_max, 3·p·p]`, zero-padded.
 pub(crate) fn stack_patches(
     images: &[ImageInput],
@@ -169,12 +185,7 @@ impl VitSiglip {
         let a = a.transpose(1, 2)?.reshape((n, l_max, c))?;
         let x = (x + b.proj.forward(&a, mode)?)?;
         let h = layer_norm(&x, &b.norm2.0, &b.norm2.1, eps)?;
-        let h = b.fc1.forward(&h, mode)?;
-        let h = match self.cfg.gelu {
-            Gelu::Erf => h.gelu_erf()?,
-            Gelu::Tanh => h.gelu()?,
-        };
-        Ok((x + b.fc2.forward(&h, mode)?)?)
+        Ok((x + mlp(&h, &b.fc1, &b.fc2, self.cfg.gelu, mode)?)?)
     }
 
     /// The final LayerNorm.
