@@ -94,6 +94,18 @@ fn fx() -> &'static Fx {
     })
 }
 
+/// Largest absolute element of an f32 tensor.
+fn max_abs(t: &candle_core::Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 fn log_lines(run: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(run.join("log.jsonl"))
         .unwrap()
@@ -479,17 +491,8 @@ fn gradient_checkpointing_gives_the_same_gradients_with_less_memory() {
     assert_eq!(l1, l2);
     let (g1, g2) = (plain.into_store(&vars), ckpt.into_store(&vars));
     for (name, v) in &vars {
-        let a = g1.get(v.as_tensor()).unwrap();
-        let b = g2.get(v.as_tensor()).unwrap();
-        let d = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap();
-        let d = d.to_scalar::<f32>().unwrap();
+        let d =
+            max_abs(&(g1.get(v.as_tensor()).unwrap() - g2.get(v.as_tensor()).unwrap()).unwrap());
         assert!(d <= 1e-6, "{name}: gradients differ by {d}");
     }
     // LoRA with dropout (vision trained whole too): the recomputation replays the same masks,
@@ -522,16 +525,8 @@ fn gradient_checkpointing_gives_the_same_gradients_with_less_memory() {
     assert_ne!(after_plain, start, "dropout drew nothing");
     let (g1, g2) = (plain.into_store(&vars), ckpt.into_store(&vars));
     for (name, v) in &vars {
-        let d = (g1.get(v.as_tensor()).unwrap() - g2.get(v.as_tensor()).unwrap()).unwrap();
-        let d = d
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d =
+            max_abs(&(g1.get(v.as_tensor()).unwrap() - g2.get(v.as_tensor()).unwrap()).unwrap());
         assert!(d <= 1e-6, "LoRA {name}: gradients differ by {d}");
     }
     // Peak memory of whole runs, each in its own process.
@@ -1008,24 +1003,8 @@ fn gradient_accumulation_with_token_normalisation_equals_one_big_batch() {
             g1.get(v.as_tensor()).unwrap(),
             g2.get(v.as_tensor()).unwrap(),
         );
-        let scale = a
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let d = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap();
-        let d = d.to_scalar::<f32>().unwrap();
+        let scale = max_abs(a);
+        let d = max_abs(&(a - b).unwrap());
         assert!(d <= 1e-4 * scale.max(1e-6), "{name}: {d} (max |g| {scale})");
     }
 }

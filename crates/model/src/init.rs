@@ -199,19 +199,7 @@ pub fn init_model(like: &Path, out: &Path, size: Size, seed: u64, dtype: DType) 
     }
     std::fs::create_dir_all(out).map_err(io(out))?;
     // Tokenizer, processor and code files are copied unchanged; weights and config are ours.
-    for entry in std::fs::read_dir(like).map_err(io(like))? {
-        let entry = entry.map_err(io(like))?;
-        let name = entry.file_name().to_string_lossy().to_string();
-        let skip = name == "config.json"
-            || name.ends_with(".safetensors")
-            || name.ends_with(".bin")
-            || name.ends_with(".pt")
-            || name.ends_with(".index.json");
-        if skip || !entry.file_type().map_err(io(like))?.is_file() {
-            continue;
-        }
-        std::fs::copy(entry.path(), out.join(&name)).map_err(io(&entry.path()))?;
-    }
+    crate::weights::copy_side_files(like, out)?;
     let cfg_text = serde_json::to_string_pretty(&cfg.raw).map_err(|e| ModelError::Config {
         path: out.join("config.json"),
         reason: e.to_string(),

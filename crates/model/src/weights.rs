@@ -481,6 +481,30 @@ impl Checkpoint {
     }
 }
 
+/// Copies the non-weight files of a checkpoint directory (tokenizer, processor, generation
+/// config, remote code) from `from` into `to`; weights, indexes and `config.json` are left to
+/// the writer.
+pub fn copy_side_files(from: &Path, to: &Path) -> Result<()> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |e| ModelError::Io { path, source: e }
+    };
+    for entry in std::fs::read_dir(from).map_err(io(from))? {
+        let entry = entry.map_err(io(from))?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        let skip = name == "config.json"
+            || name.ends_with(".safetensors")
+            || name.ends_with(".bin")
+            || name.ends_with(".pt")
+            || name.ends_with(".index.json");
+        if skip || !entry.file_type().map_err(io(from))?.is_file() {
+            continue;
+        }
+        std::fs::copy(entry.path(), to.join(&name)).map_err(io(&entry.path()))?;
+    }
+    Ok(())
+}
+
 /// Writes one safetensors file with the `{"format": "pt"}` metadata transformers expects.
 pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();

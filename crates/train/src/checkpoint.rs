@@ -52,18 +52,33 @@ pub struct SaveContext<'a> {
 }
 
 fn copy_side_files(from: &Path, to: &Path) -> Result<(), TrainError> {
-    for entry in std::fs::read_dir(from).map_err(io(from))? {
-        let entry = entry.map_err(io(from))?;
-        let name = entry.file_name().to_string_lossy().to_string();
-        let weights = name.ends_with(".safetensors")
-            || name.ends_with(".bin")
-            || name.ends_with(".pt")
-            || name.ends_with(".index.json");
-        if weights || name == "config.json" || !entry.file_type().map_err(io(from))?.is_file() {
-            continue;
-        }
-        std::fs::copy(entry.path(), to.join(&name)).map_err(io(&entry.path()))?;
+    Ok(cpmv_model::weights::copy_side_files(from, to)?)
+}
+
+/// Reads a safetensors file into CPU tensors, naming the file on error.
+fn load_file(path: &Path) -> Result<HashMap<String, Tensor>, TrainError> {
+    candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| TrainError::Checkpoint {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+/// Sets a variable from a stored tensor of the same shape (converted to its dtype/device).
+fn set_var(var: &candle_core::Var, t: &Tensor, key: &str, path: &Path) -> Result<(), TrainError> {
+    if t.dims() != var.as_tensor().dims() {
+        return Err(TrainError::Checkpoint {
+            path: path.to_path_buf(),
+            reason: format!(
+                "`{key}` is {:?}, the model has {:?}",
+                t.dims(),
+                var.as_tensor().dims()
+            ),
+        });
     }
+    var.set(
+        &t.to_dtype(var.as_tensor().dtype())?
+            .to_device(var.as_tensor().device())?,
+    )?;
     Ok(())
 }
 
@@ -210,11 +225,7 @@ pub fn save_trainable(model: &MiniCpmV, path: &Path) -> Result<(), TrainError> {
 
 /// Restores trainable values saved by [`save_trainable`]; every variable must be present.
 pub fn load_trainable(model: &MiniCpmV, path: &Path) -> Result<(), TrainError> {
-    let map =
-        candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| TrainError::Checkpoint {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+    let map = load_file(path)?;
     for (name, var) in model.params().trainable_vars() {
         let t = map.get(&name).ok_or_else(|| TrainError::Checkpoint {
             path: path.to_path_buf(),
@@ -222,20 +233,7 @@ pub fn load_trainable(model: &MiniCpmV, path: &Path) -> Result<(), TrainError> {
                 "no value for trainable `{name}` (was the run started with other settings?)"
             ),
         })?;
-        if t.dims() != var.as_tensor().dims() {
-            return Err(TrainError::Checkpoint {
-                path: path.to_path_buf(),
-                reason: format!(
-                    "`{name}` is {:?}, the model has {:?}",
-                    t.dims(),
-                    var.as_tensor().dims()
-                ),
-            });
-        }
-        var.set(
-            &t.to_dtype(var.as_tensor().dtype())?
-                .to_device(var.as_tensor().device())?,
-        )?;
+        set_var(&var, t, &name, path)?;
     }
     Ok(())
 }
@@ -308,12 +306,7 @@ pub fn merge_lora(base_dir: &Path, adapter_dir: &Path, out: &Path) -> Result<usi
     };
     let scale = alpha / r;
     let wpath = adapter_dir.join(ADAPTER_WEIGHTS);
-    let adapter = candle_core::safetensors::load(&wpath, &Device::Cpu).map_err(|e| {
-        TrainError::Checkpoint {
-            path: wpath.clone(),
-            reason: e.to_string(),
-        }
-    })?;
+    let adapter = load_file(&wpath)?;
     let base = Checkpoint::open(base_dir)?;
     let mut lora: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
     let mut whole: BTreeMap<String, Tensor> = BTreeMap::new();
@@ -425,12 +418,7 @@ pub fn load_with_adapter(
         target,
     };
     let wpath = adapter_dir.join(ADAPTER_WEIGHTS);
-    let adapter = candle_core::safetensors::load(&wpath, &Device::Cpu).map_err(|e| {
-        TrainError::Checkpoint {
-            path: wpath.clone(),
-            reason: e.to_string(),
-        }
-    })?;
+    let adapter = load_file(&wpath)?;
     let cfg = cpmv_model::ModelConfig::from_dir(base_dir)?;
     let base = Checkpoint::open(base_dir)?;
     let specs = cpmv_model::weights::param_specs(&cfg);
@@ -490,17 +478,7 @@ pub fn load_with_adapter(
                 path: wpath.clone(),
                 reason: format!("no `{key}` for adapted module {m}"),
             })?;
-            if t.dims() != var.as_tensor().dims() {
-                return Err(TrainError::Checkpoint {
-                    path: wpath.clone(),
-                    reason: format!(
-                        "`{key}` is {:?}, expected {:?}",
-                        t.dims(),
-                        var.as_tensor().dims()
-                    ),
-                });
-            }
-            var.set(&t.to_dtype(DType::F32)?)?;
+            set_var(var, t, &key, &wpath)?;
         }
     }
     Ok(model)
