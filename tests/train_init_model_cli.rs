@@ -87,3 +87,89 @@ fn init_model_refuses_bad_arguments() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("config.json"), "{err}");
 }
+
+/// `train bench` on the CPU with the tiny sizes: one JSON line (stdout and --out) with the
+/// throughput, the FLOP count and finite losses; LoRA trains a fraction of the parameters.
+#[test]
+fn bench_prints_a_json_line_per_configuration() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("bench.jsonl");
+    let mut lines = Vec::new();
+    for (like, version) in MODELS {
+        for mode in ["full", "lora"] {
+            let o = train(&[
+                "bench",
+                "--like",
+                like,
+                "--size",
+                "tiny",
+                "--mode",
+                mode,
+                "--device",
+                "cpu",
+                "--dtype",
+                "f32",
+                "--seq",
+                "512",
+                "--slices",
+                "1",
+                "--slice-px",
+                "28",
+                "--warmup",
+                "1",
+                "--steps",
+                "1",
+                "--out",
+                out.to_str().unwrap(),
+            ]);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            let v: serde_json::Value =
+                serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+            assert_eq!(v["impl"], "cpmv");
+            assert_eq!(v["version"], version);
+            assert_eq!(v["mode"], mode);
+            assert!(v["loss_first"].as_f64().unwrap().is_finite());
+            assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0);
+            let f = &v["flops"];
+            let parts = f["vision"].as_f64().unwrap()
+                + f["resampler"].as_f64().unwrap()
+                + f["llm"].as_f64().unwrap();
+            assert!(parts > 0.0 && (parts - v["flops_per_step"].as_f64().unwrap()).abs() < 1.0);
+            let (t, n) = (
+                v["trainable_params"].as_u64().unwrap(),
+                v["total_params"].as_u64().unwrap(),
+            );
+            if mode == "full" {
+                // Everything but V2.0's fixed query position table (never trained).
+                let frozen = if version == "2.0" { 64 * 256 } else { 0 };
+                assert_eq!(t + frozen, n, "{version}");
+            } else {
+                assert!(t < n, "LoRA trains {t} of {n}");
+            }
+            lines.push(v);
+        }
+    }
+    let written: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(written, lines);
+    // A CPU-only build says how to get CUDA.
+    if !cfg!(feature = "cuda") {
+        let o = train(&[
+            "bench",
+            "--like",
+            MODELS[0].0,
+            "--size",
+            "tiny",
+            "--device",
+            "cuda",
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains("--features cuda"),
+            "{err}"
+        );
+    }
+}

@@ -72,12 +72,15 @@ pub fn derive_config(template: &Value, size: Size, dtype: DType) -> Result<Model
             set(&mut vision, "image_size", json!(image));
         }
         Size::Full => {
-            let (h, i, l, nh, kv, eps, theta, q) = match version {
-                Version::V2_0 => (2304, 5760, 40, 36, 36, 1e-5, 10000.0, 64),
-                Version::V2_5 => (4096, 14336, 32, 32, 8, 1e-5, 500000.0, 96),
-                Version::V2_6 => (3584, 18944, 28, 28, 4, 1e-6, 1000000.0, 64),
+            let (h, i, l, nh, kv, eps, theta, q, vocab) = match version {
+                Version::V2_0 => (2304, 5760, 40, 36, 36, 1e-5, 10000.0, 64, 122_753),
+                Version::V2_5 => (4096, 14336, 32, 32, 8, 1e-5, 500000.0, 96, 128_256),
+                Version::V2_6 => (3584, 18944, 28, 28, 4, 1e-6, 1000000.0, 64, 151_666),
             };
             for (k, x) in [
+                // The released vocabulary (embeddings and lm_head are a large part of the model);
+                // a tiny tokenizer's ids all fit in it.
+                ("vocab_size", json!(vocab)),
                 ("hidden_size", json!(h)),
                 ("intermediate_size", json!(i)),
                 ("num_hidden_layers", json!(l)),
@@ -263,4 +266,37 @@ pub fn init_model(like: &Path, out: &Path, size: Size, seed: u64, dtype: DType) 
             .sum(),
         files,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn full(dir: &str) -> ModelConfig {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../examples/models")
+            .join(dir)
+            .join("config.json");
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        derive_config(&v, Size::Full, DType::BF16).unwrap()
+    }
+
+    fn parameters(cfg: &ModelConfig) -> usize {
+        crate::weights::param_specs(cfg)
+            .iter()
+            .map(|s| s.shape.iter().product::<usize>())
+            .sum()
+    }
+
+    /// `--size full` has the released models' parameter counts (spec §7.1, §7.3 accounting:
+    /// half the safetensors index `total_size` of the bf16 checkpoints).
+    #[test]
+    fn full_size_matches_the_released_checkpoints() {
+        assert_eq!(parameters(&full("minicpm-v-2-tiny")), 3_434_965_792);
+        assert_eq!(parameters(&full("minicpm-v-2_6-tiny")), 8_099_175_152);
+        let v25 = full("minicpm-llama3-v-2_5-tiny");
+        assert_eq!(v25.llm.vocab_size, 128_256);
+        let n = parameters(&v25);
+        assert!((8_400_000_000..8_600_000_000).contains(&n), "{n}");
+    }
 }

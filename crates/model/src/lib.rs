@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod error;
+pub mod flops;
 pub mod image;
 pub mod init;
 pub mod linear;
@@ -16,6 +17,7 @@ pub mod model;
 pub mod ops;
 pub mod params;
 pub mod positions;
+pub mod profile;
 pub mod resampler;
 pub mod synthetic;
 pub mod vision_navit;

@@ -104,7 +104,17 @@ impl LoraAdapter {
     }
 
     fn forward(&self, x: &Tensor, mode: &Mode) -> candle_core::Result<Tensor> {
-        let x = if mode.train && self.dropout > 0.0 {
+        let x = if mode.train && self.dropout > 0.0 && crate::ops::fused(x) {
+            // On the GPU: one draw of the model's generator seeds a mask made on the device
+            // (a host-made mask is as large as the activations and costs seconds per step).
+            let seed = mode
+                .rng
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .next_u64();
+            let mask = crate::ops::dropout_mask(x, seed, 1.0 - self.dropout)?;
+            (x * mask)?
+        } else if mode.train && self.dropout > 0.0 {
             let n = x.elem_count();
             let keep = 1.0 - self.dropout;
             let mask: Vec<f32> = {
@@ -124,8 +134,8 @@ impl LoraAdapter {
         } else {
             x.clone()
         };
-        let h = x.broadcast_matmul(&self.a.as_tensor().t()?)?;
-        let y = h.broadcast_matmul(&self.b.as_tensor().t()?)?;
+        let h = matmul_t(&x, self.a.as_tensor())?;
+        let y = matmul_t(&h, self.b.as_tensor())?;
         y * self.scale
     }
 }
@@ -143,7 +153,7 @@ pub struct Linear {
 impl Linear {
     pub fn forward(&self, x: &Tensor, mode: &Mode) -> candle_core::Result<Tensor> {
         let y = if self.weight_trainable {
-            x.broadcast_matmul(&self.weight.t()?)?
+            matmul_t(x, &self.weight)?
         } else {
             frozen_linear(x, &self.weight)?
         };
@@ -158,10 +168,33 @@ impl Linear {
     }
 }
 
+/// `x Wᵀ` for `x` `[.., K]` and a trainable `W` `[N, K]`, as one 2-D matrix product over all
+/// leading positions: its weight gradient is then one `[K, M] × [M, N]` product, where a batched
+/// (broadcast) product would compute one weight gradient per batch entry and then sum them.
+fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let k = *dims.last().unwrap_or(&0);
+    let m: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+    let y = x.reshape((m, k))?.matmul(&w.t()?)?;
+    let mut out = dims;
+    if let Some(last) = out.last_mut() {
+        *last = w.dim(0)?;
+    }
+    y.reshape(out)
+}
+
 /// `x @ P` for a matrix applied by right-multiplication (the resampler's `proj`).
 pub fn right_matmul(x: &Tensor, p: &Tensor, trainable: bool) -> candle_core::Result<Tensor> {
     if trainable {
-        x.broadcast_matmul(p)
+        let dims = x.dims().to_vec();
+        let k = *dims.last().unwrap_or(&0);
+        let m: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+        let y = x.reshape((m, k))?.matmul(p)?;
+        let mut out = dims;
+        if let Some(last) = out.last_mut() {
+            *last = p.dim(1)?;
+        }
+        y.reshape(out)
     } else {
         frozen_linear(x, &p.t()?)
     }

@@ -10,8 +10,9 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::LlmConfig;
 use crate::error::Result;
 use crate::linear::{Linear, Mode};
-use crate::ops::{rms_norm, rope, softmax_last};
+use crate::ops::{masked_attention_probs, rms_norm, rope_heads, silu_mul};
 use crate::params::ParamStore;
+use crate::profile::part;
 
 struct Layer {
     q: Linear,
@@ -40,7 +41,11 @@ pub struct LlmAux {
     pub cos: Tensor,
     pub sin: Tensor,
     /// Additive `[B, 1, T, T]`: 0 where query i may see key j (same sample, j ≤ i), −∞ else.
-    pub mask: Tensor,
+    /// Only built for the op-by-op path; the fused CUDA softmax reads `bounds`.
+    pub mask: Option<Tensor>,
+    /// u32 `[B, T, 2]`: the keys query i may see, `start ≤ j < i + 1` with `start` the first
+    /// position of its sample (fused CUDA path only).
+    pub bounds: Option<Tensor>,
 }
 
 impl LlmAux {
@@ -72,15 +77,40 @@ impl LlmAux {
                 }
             }
         }
-        let mut mask = vec![f32::NEG_INFINITY; b * t * t];
-        for (r, segs) in segments.iter().enumerate() {
-            let mut start = 0;
+        // Every row's samples, then its trailing padding as one more segment.
+        let row_segments = |segs: &Vec<usize>| {
             let total: usize = segs.iter().sum();
             let mut all = segs.clone();
             if total < t {
                 all.push(t - total);
             }
-            for len in all {
+            all
+        };
+        let shape = (b, 1, t, dh);
+        let cos = Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?;
+        if crate::ops::fused(&cos) {
+            let mut bounds = Vec::with_capacity(b * t * 2);
+            for segs in segments {
+                let mut start = 0u32;
+                for len in row_segments(segs) {
+                    for i in 0..len as u32 {
+                        bounds.extend([start, start + i + 1]);
+                    }
+                    start += len as u32;
+                }
+            }
+            return Ok(LlmAux {
+                cos,
+                sin,
+                mask: None,
+                bounds: Some(Tensor::from_vec(bounds, (b, t, 2), device)?),
+            });
+        }
+        let mut mask = vec![f32::NEG_INFINITY; b * t * t];
+        for (r, segs) in segments.iter().enumerate() {
+            let mut start = 0;
+            for len in row_segments(segs) {
                 for i in start..start + len {
                     for j in start..=i {
                         mask[r * t * t + i * t + j] = 0.0;
@@ -89,11 +119,11 @@ impl LlmAux {
                 start += len;
             }
         }
-        let shape = (b, 1, t, dh);
         Ok(LlmAux {
-            cos: Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,
-            sin: Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,
-            mask: Tensor::from_vec(mask, (b, 1, t, t), device)?.to_dtype(dtype)?,
+            cos,
+            sin,
+            mask: Some(Tensor::from_vec(mask, (b, 1, t, t), device)?.to_dtype(dtype)?),
+            bounds: None,
         })
     }
 }
@@ -151,21 +181,46 @@ impl Llm {
         let c = &self.cfg;
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, dh) = (c.num_heads, c.num_kv_heads, c.head_dim());
-        let h = rms_norm(x, &l.ln1, c.rms_norm_eps)?;
-        let q =
-            l.q.forward(&h, mode)?
-                .reshape((b, t, nh, dh))?
-                .transpose(1, 2)?;
-        let k =
-            l.k.forward(&h, mode)?
-                .reshape((b, t, nkv, dh))?
-                .transpose(1, 2)?;
-        let v =
-            l.v.forward(&h, mode)?
-                .reshape((b, t, nkv, dh))?
-                .transpose(1, 2)?;
-        let q = rope(&q, &aux.cos, &aux.sin)?;
-        let k = rope(&k, &aux.cos, &aux.sin)?;
+        let dev = x.device();
+        let h = part(dev, "llm.norm", || rms_norm(x, &l.ln1, c.rms_norm_eps))?;
+        let (q, k, v) = part(dev, "llm.qkv", || -> candle_core::Result<_> {
+            Ok((
+                l.q.forward(&h, mode)?.reshape((b, t, nh, dh))?,
+                l.k.forward(&h, mode)?.reshape((b, t, nkv, dh))?,
+                l.v.forward(&h, mode)?
+                    .reshape((b, t, nkv, dh))?
+                    .transpose(1, 2)?,
+            ))
+        })?;
+        let (q, k) = part(dev, "llm.rope", || -> candle_core::Result<_> {
+            Ok((
+                rope_heads(&q, &aux.cos, &aux.sin)?,
+                rope_heads(&k, &aux.cos, &aux.sin)?,
+            ))
+        })?;
+        let attn = part(dev, "llm.attn", || -> candle_core::Result<_> {
+            self.attention(q, k, v, aux, (b, t, nh, nkv, dh))
+        })?;
+        let attn = part(dev, "llm.o", || l.o.forward(&attn, mode))?;
+        let x = (x + scaled(attn, c.residual_scale)?)?;
+        let h = part(dev, "llm.norm", || rms_norm(&x, &l.ln2, c.rms_norm_eps))?;
+        let mlp = part(dev, "llm.mlp", || -> candle_core::Result<_> {
+            let a = silu_mul(&l.gate.forward(&h, mode)?, &l.up.forward(&h, mode)?)?;
+            l.down.forward(&a, mode)
+        })?;
+        Ok((x + scaled(mlp, c.residual_scale)?)?)
+    }
+
+    /// Grouped-query attention over `[B, T, H, Dh]`-laid-out q (after rope, as `[B, H, T, Dh]`
+    /// views), k and v; returns `[B, T, H·Dh]`.
+    fn attention(
+        &self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        aux: &LlmAux,
+        (b, t, nh, nkv, dh): (usize, usize, usize, usize, usize),
+    ) -> candle_core::Result<Tensor> {
         let (k, v) = if nkv != nh {
             let rep = nh / nkv;
             let expand = |x: Tensor| -> candle_core::Result<Tensor> {
@@ -178,16 +233,10 @@ impl Llm {
         } else {
             (k, v)
         };
-        let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? / (dh as f64).sqrt())?;
-        let probs = softmax_last(&scores.broadcast_add(&aux.mask)?)?;
+        let scores = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
+        let probs = masked_attention_probs(&scores, aux.mask.as_ref(), aux.bounds.as_ref(), dh)?;
         let attn = probs.matmul(&v.contiguous()?)?;
-        let attn = attn.transpose(1, 2)?.reshape((b, t, nh * dh))?;
-        let attn = l.o.forward(&attn, mode)?;
-        let x = (x + scaled(attn, c.residual_scale)?)?;
-        let h = rms_norm(&x, &l.ln2, c.rms_norm_eps)?;
-        let mlp = (l.gate.forward(&h, mode)?.silu()? * l.up.forward(&h, mode)?)?;
-        let mlp = l.down.forward(&mlp, mode)?;
-        Ok((x + scaled(mlp, c.residual_scale)?)?)
+        attn.transpose(1, 2)?.reshape((b, t, nh * dh))
     }
 
     /// The final RMSNorm.

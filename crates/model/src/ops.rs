@@ -8,6 +8,23 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 
+/// Whether `x` goes through a fused CUDA kernel (cpmv-kernels) instead of the op-by-op
+/// composition: CUDA tensors of f32 or bf16, unless `CPMV_UNFUSED=1` is set (a switch to
+/// compare the two paths on a GPU). Without the `cuda` feature, never.
+#[cfg(feature = "cuda")]
+pub fn fused(x: &Tensor) -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    x.device().is_cuda()
+        && matches!(x.dtype(), DType::F32 | DType::BF16)
+        && !*OFF.get_or_init(|| std::env::var("CPMV_UNFUSED").is_ok_and(|v| v == "1"))
+}
+
+/// Whether `x` goes through a fused CUDA kernel (never without the `cuda` feature).
+#[cfg(not(feature = "cuda"))]
+pub fn fused(_x: &Tensor) -> bool {
+    false
+}
+
 /// Statistics of half-precision tensors are computed in f32; f32/f64 stay as they are.
 fn stat_dtype(d: DType) -> DType {
     match d {
@@ -19,6 +36,10 @@ fn stat_dtype(d: DType) -> DType {
 /// Root-mean-square normalisation over the last axis, statistics in f32 (as the reference
 /// LLMs: normalise in f32, cast back, then multiply by the weight).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(x) {
+        return cpmv_kernels::rms_norm(x, weight, eps);
+    }
     let dtype = x.dtype();
     let x32 = x.to_dtype(stat_dtype(dtype))?;
     let var = x32.sqr()?.mean_keepdim(D::Minus1)?;
@@ -28,6 +49,10 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// LayerNorm over the last axis (biased variance, as torch), statistics in f32.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(x) {
+        return cpmv_kernels::layer_norm(x, weight, bias, eps);
+    }
     let dtype = x.dtype();
     let x32 = x.to_dtype(stat_dtype(dtype))?;
     let mean = x32.mean_keepdim(D::Minus1)?;
@@ -43,6 +68,10 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 /// Softmax over the last axis. The row maximum is subtracted as a constant (softmax does not
 /// depend on it), so no gradient is routed through the max.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(x) {
+        return cpmv_kernels::softmax_last(x, 1.0);
+    }
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     let sum = e.sum_keepdim(D::Minus1)?;
@@ -69,12 +98,61 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
 }
 
+/// Rotary embedding of `x` laid out `[B, T, H, Dh]` (as a projection's output is) with tables
+/// `[B, 1, T, Dh]`; returns `[B, H, T, Dh]`. The composition transposes first and calls
+/// [`rope`]; the fused kernel works in the projection's layout.
+pub fn rope_heads(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(x) {
+        let y = cpmv_kernels::rope_bthd(x, &cos.squeeze(1)?, &sin.squeeze(1)?)?;
+        return y.transpose(1, 2);
+    }
+    rope(&x.transpose(1, 2)?, cos, sin)
+}
+
+/// `silu(gate) · up`, the gated MLP's activation (one kernel on CUDA).
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(gate) {
+        return cpmv_kernels::silu_mul(gate, up);
+    }
+    gate.silu()? * up
+}
+
+/// Attention probabilities `softmax(scores / sqrt(dh) + mask)` of `[B, H, Tq, Tk]` scores.
+/// The composition adds the additive `mask` (`[B, 1, Tq, Tk]`); the fused kernel reads the
+/// allowed key range of every query from `bounds` (u32 `[B, Tq, 2]`) instead, so no mask tensor
+/// is needed. Whichever the path, the one it uses must be given.
+pub fn masked_attention_probs(
+    scores: &Tensor,
+    mask: Option<&Tensor>,
+    bounds: Option<&Tensor>,
+    dh: usize,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(scores) {
+        if let Some(b) = bounds {
+            return cpmv_kernels::masked_softmax(scores, b, 1.0 / (dh as f64).sqrt());
+        }
+    }
+    let _ = bounds;
+    let scores = (scores / (dh as f64).sqrt())?;
+    match mask {
+        Some(m) => softmax_last(&scores.broadcast_add(m)?),
+        None => candle_core::bail!("masked_attention_probs: no mask for the unfused path"),
+    }
+}
+
 /// Mean cross-entropy of `logits` `[N, V]` against `targets` (u32 `[N]`), computed in f32
 /// (f64 stays f64).
 /// Rows are expected to be supervised ones only (callers select them), so this is the
 /// reference's `CrossEntropyLoss(ignore_index=-100)` mean when the selection is done first.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let n = logits.dim(0)?;
+    #[cfg(feature = "cuda")]
+    if fused(logits) {
+        return cpmv_kernels::cross_entropy_rows(logits, targets)?.sum_all()? / n as f64;
+    }
     let logp = log_softmax_last(&logits.to_dtype(stat_dtype(logits.dtype()))?)?;
     let picked = logp.gather(&targets.unsqueeze(1)?, 1)?;
     picked.sum_all()?.neg()? / n as f64
@@ -82,6 +160,10 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 
 /// Per-row cross-entropy `[N]` in f32 (for evaluation and summed losses).
 pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(logits) {
+        return cpmv_kernels::cross_entropy_rows(logits, targets);
+    }
     let logp = log_softmax_last(&logits.to_dtype(stat_dtype(logits.dtype()))?)?;
     logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()
 }
@@ -168,6 +250,13 @@ pub fn attention(
     mask: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(q) && mask.is_none() {
+        // The scale goes into the fused softmax (no separate pass over the scores), and the
+        // product reads kᵀ as a transposed view.
+        let scores = q.contiguous()?.matmul(&k.contiguous()?.t()?)?;
+        return cpmv_kernels::softmax_last(&scores, scale)?.matmul(&v.contiguous()?);
+    }
     let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
     let scores = match mask {
         Some(m) => scores.broadcast_add(m)?,
@@ -191,6 +280,75 @@ pub fn key_padding_mask(
         }
     }
     Tensor::from_vec(m, (lens.len(), 1, 1, l_max), device)?.to_dtype(dtype)
+}
+
+/// A dropout mask made on the device for a CUDA tensor `like` (see
+/// `cpmv_kernels::dropout_mask`): values `1/keep` or 0, a pure function of `seed`. Only for
+/// tensors that [`fused`] accepts; CPU masks are drawn on the host by the callers.
+pub fn dropout_mask(like: &Tensor, seed: u64, keep: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(like) {
+        return cpmv_kernels::dropout_mask(like, seed, keep);
+    }
+    let _ = (like, seed, keep);
+    candle_core::bail!("dropout_mask: device masks need a CUDA tensor of f32 or bf16")
+}
+
+/// Back-propagates from `y` with `grad` as its gradient (the vector-Jacobian product used to
+/// run a checkpointed layer's backward with the gradient of its output).
+///
+/// Equivalent to `(y · grad).sum_all().backward()` without the reduction: the forward of a
+/// custom op returns a placeholder zero scalar, and its backward hands `grad` to `y` unchanged.
+/// (candle reduces a whole tensor in a single thread block: a `sum_all` over a layer's
+/// activations costs milliseconds on a GPU, dozens of times per step.)
+pub fn backward_with(y: &Tensor, grad: &Tensor) -> Result<candle_core::backprop::GradStore> {
+    if y.shape() != grad.shape() {
+        candle_core::bail!(
+            "backward_with: gradient {:?} for a tensor of shape {:?}",
+            grad.dims(),
+            y.dims()
+        );
+    }
+    y.apply_op1(SeedGrad {
+        grad: grad.to_dtype(y.dtype())?.detach(),
+    })?
+    .backward()
+}
+
+struct SeedGrad {
+    grad: Tensor,
+}
+
+impl candle_core::CustomOp1 for SeedGrad {
+    fn name(&self) -> &'static str {
+        "seed-grad"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, _l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let z = match s.dtype() {
+            DType::F32 => CpuStorage::F32(vec![0.0]),
+            DType::F64 => CpuStorage::F64(vec![0.0]),
+            DType::BF16 => CpuStorage::BF16(vec![half::bf16::ZERO]),
+            DType::F16 => CpuStorage::F16(vec![half::f16::ZERO]),
+            d => candle_core::bail!("backward_with: unsupported dtype {d:?}"),
+        };
+        Ok((z, Shape::from(())))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        _l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendDevice;
+        let shape = Shape::from(());
+        Ok((s.device().zeros_impl(&shape, s.dtype())?, shape))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, _grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.grad.clone()))
+    }
 }
 
 /// Bytes held by a tensor's elements.
@@ -319,6 +477,62 @@ mod tests {
         let l0 = -(3f64 - (1f64.exp() + 2f64.exp() + 3f64.exp()).ln());
         let l1 = -(0.5f64 - (2.0 * 0.5f64.exp() + (-1f64).exp()).ln());
         assert!((got as f64 - (l0 + l1) / 2.0).abs() < 1e-6);
+    }
+
+    /// `backward_with(y, g)` gives every input the gradients of `sum(y · g)`.
+    #[test]
+    fn backward_with_equals_the_gradient_of_the_dot_product() {
+        let x = var(&[3, 5], 21);
+        let w = var(&[4, 5], 22);
+        let y = x
+            .as_tensor()
+            .matmul(&w.as_tensor().t().unwrap())
+            .unwrap()
+            .tanh()
+            .unwrap();
+        let g = Tensor::from_vec(values(12, 23), (3, 4), &Device::Cpu).unwrap();
+        let a = backward_with(&y, &g).unwrap();
+        let b = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&x, &w] {
+            let ga = a.get(v.as_tensor()).unwrap();
+            let gb = b.get(v.as_tensor()).unwrap();
+            let d = (ga - gb)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(d < 1e-12, "{d}");
+        }
+        assert!(backward_with(&y, &g.t().unwrap()).is_err());
+    }
+
+    /// The composed (CPU) paths of the helpers the fused kernels replace on CUDA.
+    #[test]
+    fn silu_mul_rope_heads_and_masked_probs_compose_as_before() {
+        let g = var(&[2, 3, 4], 24);
+        let u = var(&[2, 3, 4], 25);
+        check_grad(&[g, u], &|t| silu_mul(&t[0], &t[1]));
+        // rope_heads on [B, T, H, Dh] = rope on the [B, H, T, Dh] transpose.
+        let x = Tensor::from_vec(values(2 * 5 * 3 * 8, 26), (2, 5, 3, 8), &Device::Cpu).unwrap();
+        let cos = Tensor::from_vec(values(2 * 5 * 8, 27), (2, 1, 5, 8), &Device::Cpu).unwrap();
+        let sin = Tensor::from_vec(values(2 * 5 * 8, 28), (2, 1, 5, 8), &Device::Cpu).unwrap();
+        let a = rope_heads(&x, &cos, &sin).unwrap();
+        let b = rope(&x.transpose(1, 2).unwrap(), &cos, &sin).unwrap();
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert_eq!(d, 0.0);
+        // Without a mask the composed path has nothing to use: an error, not a silent softmax.
+        let s = Tensor::zeros((1, 1, 2, 2), DType::F64, &Device::Cpu).unwrap();
+        assert!(masked_attention_probs(&s, None, None, 4).is_err());
     }
 
     #[test]

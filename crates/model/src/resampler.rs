@@ -2,7 +2,9 @@
 //! (keys carry 2-D sin-cos positions of the true patch grid), giving a fixed number of
 //! LLM-width rows per image (spec §7.1, §7.3). `out = ln_post(attn) @ proj`.
 
-use candle_core::{Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
+use std::collections::HashMap;
+use std::sync::Mutex;
 
 use crate::config::ResamplerConfig;
 use crate::error::Result;
@@ -28,6 +30,8 @@ pub struct Resampler {
     ln_post: (Tensor, Tensor),
     proj: Tensor,
     proj_trainable: bool,
+    /// Key position tables by patch grid `(h, w)`: `[h·w, D]` on the model's device.
+    pos_cache: Mutex<HashMap<(usize, usize), Tensor>>,
 }
 
 impl Resampler {
@@ -63,7 +67,42 @@ impl Resampler {
             ln_post: ln(p, "resampler.ln_post")?,
             proj: p.get("resampler.proj")?,
             proj_trainable: p.is_trainable("resampler.proj"),
+            pos_cache: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The 2-D sin-cos key positions of every image, zero-padded to `l_max`: `[n, l_max, D]`.
+    /// Tables are made once per grid size and kept on the device (building them on the host
+    /// for every image of every step costs more than the resampler's own work on a GPU).
+    fn key_positions(
+        &self,
+        images: &[ImageInput],
+        l_max: usize,
+        dt: DType,
+        dev: &Device,
+    ) -> Result<Tensor> {
+        let d = self.cfg.embed_dim;
+        let mut cache = self.pos_cache.lock().unwrap_or_else(|p| p.into_inner());
+        let mut rows = Vec::with_capacity(images.len());
+        for im in images {
+            let key = (im.ph, im.pw);
+            let t = match cache.get(&key) {
+                Some(t) if t.dtype() == dt && t.device().same_device(dev) => t.clone(),
+                _ => {
+                    let t = Tensor::from_vec(sincos_2d(im.ph, im.pw, d), (im.ph * im.pw, d), dev)?
+                        .to_dtype(dt)?;
+                    cache.insert(key, t.clone());
+                    t
+                }
+            };
+            let n = im.ph * im.pw;
+            rows.push(if n < l_max {
+                Tensor::cat(&[&t, &Tensor::zeros((l_max - n, d), dt, dev)?], 0)?
+            } else {
+                t
+            });
+        }
+        Ok(Tensor::stack(&rows, 0)?)
     }
 
     /// `x` `[n, l_max, kv_dim]` vision features with `lens` valid rows per image →
@@ -82,12 +121,7 @@ impl Resampler {
         let eps = 1e-6;
         let kv = self.kv_proj.forward(x, mode)?;
         let kv = layer_norm(&kv, &self.ln_kv.0, &self.ln_kv.1, eps)?;
-        let mut pos = vec![0f32; n * l_max * d];
-        for (i, im) in images.iter().enumerate() {
-            let t = sincos_2d(im.ph, im.pw, d);
-            pos[i * l_max * d..i * l_max * d + t.len()].copy_from_slice(&t);
-        }
-        let pos = Tensor::from_vec(pos, (n, l_max, d), &dev)?.to_dtype(dt)?;
+        let pos = self.key_positions(images, l_max, dt, &dev)?;
         let q = layer_norm(&self.query, &self.ln_q.0, &self.ln_q.1, eps)?;
         let q = match &self.query_pos {
             Some(qp) => (q + qp)?,

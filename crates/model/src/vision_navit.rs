@@ -16,6 +16,7 @@ use crate::linear::{Linear, Mode};
 use crate::ops::{attention, key_padding_mask, layer_norm};
 use crate::params::ParamStore;
 use crate::positions::navit_buckets;
+use crate::profile::part;
 use crate::vision_vit::{ln, mlp, patch_linear, stack_patches, VisionInput};
 
 struct Layer {
@@ -152,15 +153,30 @@ impl NavitSiglip {
         let split = |t: Tensor| -> candle_core::Result<Tensor> {
             t.reshape((n, l_max, heads, hd))?.transpose(1, 2)
         };
-        let h = layer_norm(x, &l.ln1.0, &l.ln1.1, eps)?;
-        let q = split(l.q.forward(&h, mode)?)?;
-        let k = split(l.k.forward(&h, mode)?)?;
-        let v = split(l.v.forward(&h, mode)?)?;
-        let a = attention(&q, &k, &v, mask, 1.0 / (hd as f64).sqrt())?;
-        let a = a.transpose(1, 2)?.reshape((n, l_max, c))?;
-        let x = (x + l.out.forward(&a, mode)?)?;
-        let h = layer_norm(&x, &l.ln2.0, &l.ln2.1, eps)?;
-        Ok((x + mlp(&h, &l.fc1, &l.fc2, self.cfg.gelu, mode)?)?)
+        let dev = x.device();
+        let h = part(dev, "vision.norm", || {
+            layer_norm(x, &l.ln1.0, &l.ln1.1, eps)
+        })?;
+        let (q, k, v) = part(dev, "vision.qkv", || -> candle_core::Result<_> {
+            Ok((
+                split(l.q.forward(&h, mode)?)?,
+                split(l.k.forward(&h, mode)?)?,
+                split(l.v.forward(&h, mode)?)?,
+            ))
+        })?;
+        let a = part(dev, "vision.attn", || -> candle_core::Result<_> {
+            attention(&q, &k, &v, mask, 1.0 / (hd as f64).sqrt())?
+                .transpose(1, 2)?
+                .reshape((n, l_max, c))
+        })?;
+        let x = (x + part(dev, "vision.proj", || l.out.forward(&a, mode))?)?;
+        let h = part(dev, "vision.norm", || {
+            layer_norm(&x, &l.ln2.0, &l.ln2.1, eps)
+        })?;
+        let m = part(dev, "vision.mlp", || {
+            mlp(&h, &l.fc1, &l.fc2, self.cfg.gelu, mode)
+        })?;
+        Ok((x + m)?)
     }
 
     /// The post LayerNorm.

@@ -14,6 +14,7 @@ use crate::linear::{Linear, Mode};
 use crate::ops::{attention, key_padding_mask, layer_norm};
 use crate::params::ParamStore;
 use crate::positions::aa_bicubic_matrix;
+use crate::profile::part;
 
 struct Block {
     norm1: (Tensor, Tensor),
@@ -173,19 +174,31 @@ impl VitSiglip {
         let (n, l_max, c) = x.dims3()?;
         let (heads, hd) = (self.cfg.num_heads, c / self.cfg.num_heads);
         let eps = self.cfg.layer_norm_eps;
-        let h = layer_norm(x, &b.norm1.0, &b.norm1.1, eps)?;
+        let dev = x.device();
+        let h = part(dev, "vision.norm", || {
+            layer_norm(x, &b.norm1.0, &b.norm1.1, eps)
+        })?;
         // qkv output is [q | k | v], each head-major.
-        let qkv = b
-            .qkv
-            .forward(&h, mode)?
-            .reshape((n, l_max, 3, heads, hd))?
-            .permute((2, 0, 3, 1, 4))?;
+        let qkv = part(dev, "vision.qkv", || -> candle_core::Result<_> {
+            b.qkv
+                .forward(&h, mode)?
+                .reshape((n, l_max, 3, heads, hd))?
+                .permute((2, 0, 3, 1, 4))
+        })?;
         let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
-        let a = attention(&q, &k, &v, mask, 1.0 / (hd as f64).sqrt())?;
-        let a = a.transpose(1, 2)?.reshape((n, l_max, c))?;
-        let x = (x + b.proj.forward(&a, mode)?)?;
-        let h = layer_norm(&x, &b.norm2.0, &b.norm2.1, eps)?;
-        Ok((x + mlp(&h, &b.fc1, &b.fc2, self.cfg.gelu, mode)?)?)
+        let a = part(dev, "vision.attn", || -> candle_core::Result<_> {
+            attention(&q, &k, &v, mask, 1.0 / (hd as f64).sqrt())?
+                .transpose(1, 2)?
+                .reshape((n, l_max, c))
+        })?;
+        let x = (x + part(dev, "vision.proj", || b.proj.forward(&a, mode))?)?;
+        let h = part(dev, "vision.norm", || {
+            layer_norm(&x, &b.norm2.0, &b.norm2.1, eps)
+        })?;
+        let m = part(dev, "vision.mlp", || {
+            mlp(&h, &b.fc1, &b.fc2, self.cfg.gelu, mode)
+        })?;
+        Ok((x + m)?)
     }
 
     /// The final LayerNorm.

@@ -2,8 +2,10 @@
 //! `fused=False`, `amsgrad=False`), fp32 moments and fp32 master weights, as the reference's
 //! DeepSpeed AdamW runs it (spec §8.5).
 //!
-//! All per-step math is candle tensor ops in f32 on the parameters' device; nothing is copied to
-//! the host during [`AdamW::step`].
+//! All per-step math runs in f32 on the parameters' device; nothing is copied to the host during
+//! [`AdamW::step`]. With the `cuda` feature, f32/bf16 parameters on a CUDA device are updated by
+//! one fused kernel each (cpmv-kernels: gradient read once, moments, master and parameter written
+//! in place, same formula); elsewhere by candle tensor ops.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -173,6 +175,34 @@ impl AdamW {
             let Some(grad) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
+            #[cfg(feature = "cuda")]
+            if p.var.device().is_cuda() && matches!(p.var.dtype(), DType::F32 | DType::BF16) {
+                let t = p.step + 1;
+                let tf = t as f64;
+                let decay = if p.decay && weight_decay != 0.0 {
+                    1.0 - lr * weight_decay
+                } else {
+                    1.0
+                };
+                cpmv_kernels::adamw_step(
+                    p.var.as_tensor(),
+                    p.master.as_ref(),
+                    &p.exp_avg,
+                    &p.exp_avg_sq,
+                    &grad.to_dtype(p.var.dtype())?,
+                    cpmv_kernels::AdamWStep {
+                        decay_factor: decay as f32,
+                        beta1: beta1 as f32,
+                        beta2: beta2 as f32,
+                        eps: eps as f32,
+                        step_size: (lr / (1.0 - beta1.powf(tf))) as f32,
+                        bc2_sqrt: (1.0 - beta2.powf(tf)).sqrt() as f32,
+                        grad_scale: grad_scale as f32,
+                    },
+                )?;
+                p.step = t;
+                continue;
+            }
             let mut g = grad.detach().to_dtype(DType::F32)?;
             if grad_scale != 1.0 {
                 g = g.affine(grad_scale, 0.0)?;

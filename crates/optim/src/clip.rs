@@ -26,6 +26,16 @@ pub fn global_norm(grads: &GradStore, params: &[(String, Var)]) -> Result<f64, O
         let Some(grad) = grads.get(var.as_tensor()) else {
             continue;
         };
+        #[cfg(feature = "cuda")]
+        if grad.device().is_cuda() && matches!(grad.dtype(), DType::F32 | DType::BF16) {
+            // One many-block pass (candle's sum_all reduces in a single block).
+            let sum = cpmv_kernels::sum_squares(grad)?;
+            total = Some(match total {
+                Some(t) => (t + sum)?,
+                None => sum,
+            });
+            continue;
+        }
         let flat = grad.detach().flatten_all()?;
         let n = flat.elem_count();
         let mut start = 0;

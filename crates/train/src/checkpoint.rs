@@ -125,7 +125,11 @@ pub fn save_full(model: &MiniCpmV, ctx: &SaveContext, out: &Path) -> Result<(), 
 
 /// The modules PEFT saves whole (`modules_to_save`), as the reference configures them.
 pub fn modules_to_save(cfg: &TrainConfig) -> Vec<String> {
-    let mut m = vec!["embed_tokens".to_string(), "resampler".to_string()];
+    let mut m = Vec::new();
+    if cfg.lora_embeddings {
+        m.push("embed_tokens".to_string());
+    }
+    m.push("resampler".to_string());
     if cfg.tune_vision {
         m.push("vpm".into());
     }

@@ -26,6 +26,66 @@ pub enum LossNorm {
     Tokens,
 }
 
+/// Dtype of the weights and activations while training. AdamW keeps f32 master weights and
+/// f32 moments for bf16 parameters; losses and softmax statistics are computed in f32 either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ComputeDtype {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl ComputeDtype {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            ComputeDtype::F32 => candle_core::DType::F32,
+            ComputeDtype::Bf16 => candle_core::DType::BF16,
+        }
+    }
+}
+
+/// Opens a device named `cpu`, `cuda` or `cuda:N`. CUDA needs a binary built with
+/// `--features cuda`; on CUDA the memory pool is told to keep freed memory (steps reuse it) and
+/// per-tensor event tracking is off (cpmv uses one stream).
+pub fn open_device(name: &str) -> Result<candle_core::Device, TrainError> {
+    let name = name.trim();
+    if name == "cpu" {
+        return Ok(candle_core::Device::Cpu);
+    }
+    let ordinal = match name.strip_prefix("cuda") {
+        Some("") => 0,
+        Some(rest) => rest
+            .strip_prefix(':')
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| {
+                TrainError::Config(format!("--device {name}: expected cpu, cuda or cuda:N"))
+            })?,
+        None => {
+            return Err(TrainError::Config(format!(
+                "--device {name}: expected cpu, cuda or cuda:N"
+            )))
+        }
+    };
+    if !cfg!(feature = "cuda") {
+        return Err(TrainError::Config(format!(
+            "--device {name}: this `train` was built without CUDA support (build with \
+             `cargo build --release --features cuda`, see docs/gpu.md)"
+        )));
+    }
+    let dev = candle_core::Device::new_cuda(ordinal)
+        .map_err(|e| TrainError::Config(format!("--device {name}: {e}")))?;
+    #[cfg(feature = "cuda")]
+    {
+        if let candle_core::Device::Cuda(cd) = &dev {
+            // SAFETY: cpmv runs every kernel and copy on this device's one stream.
+            unsafe { cd.disable_event_tracking() };
+        }
+        cpmv_kernels::keep_pool_memory(&dev)?;
+    }
+    Ok(dev)
+}
+
 /// Learning-rate schedules (spec §8.5); `reference` = DeepSpeed WarmupLR as the scripts run.
 pub use cpmv_optim::ScheduleKind;
 
@@ -67,6 +127,12 @@ pub struct TrainConfig {
     /// 2.5 only: the corrected vision masking instead of the reference quirk.
     pub v25_vision_masking: bool,
     pub log_every: u64,
+    /// `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    pub dtype: ComputeDtype,
+    /// LoRA mode: train the token embeddings too, as the reference does (`modules_to_save`
+    /// holds `embed_tokens`). Off saves their gradient, master copy and moments.
+    pub lora_embeddings: bool,
 }
 
 impl Default for TrainConfig {
@@ -102,6 +168,9 @@ impl Default for TrainConfig {
             skip_nonfinite: false,
             v25_vision_masking: false,
             log_every: 1,
+            device: "cpu".into(),
+            dtype: ComputeDtype::F32,
+            lora_embeddings: true,
         }
     }
 }
@@ -163,6 +232,11 @@ impl TrainConfig {
                 self.learning_rate
             ));
         }
+        let d = self.device.trim();
+        let cuda_n = |n: &str| n.parse::<usize>().is_ok();
+        if !(d == "cpu" || d == "cuda" || d.strip_prefix("cuda:").is_some_and(cuda_n)) {
+            return bad(format!("--device {d}: expected cpu, cuda or cuda:N"));
+        }
         if self.save_every == 0 || self.eval_every == 0 || self.log_every == 0 {
             return bad("--save-every, --eval-every and --log-every must be at least 1".into());
         }
@@ -183,7 +257,7 @@ impl TrainConfig {
                 vision: self.tune_vision,
                 resampler: true,
                 llm: false,
-                embeddings: true,
+                embeddings: self.lora_embeddings,
             },
         }
     }
@@ -236,6 +310,53 @@ mod tests {
             n += 1;
         }
         assert!(n >= 7, "only {n} presets");
+    }
+
+    #[test]
+    fn devices_are_parsed_and_cuda_needs_the_feature() {
+        assert!(matches!(open_device("cpu"), Ok(candle_core::Device::Cpu)));
+        for bad in ["gpu", "cuda:x", "cuda0", ""] {
+            let e = open_device(bad).unwrap_err().to_string();
+            assert!(e.contains("expected cpu, cuda or cuda:N"), "{bad}: {e}");
+            let c = TrainConfig {
+                device: bad.into(),
+                max_steps: Some(1),
+                ..Default::default()
+            };
+            assert!(c.validate().is_err(), "{bad}");
+        }
+        if !cfg!(feature = "cuda") {
+            let e = open_device("cuda:0").unwrap_err().to_string();
+            assert!(
+                e.contains("without CUDA support") && e.contains("--features cuda"),
+                "{e}"
+            );
+        }
+        let c = TrainConfig {
+            device: "cuda:1".into(),
+            max_steps: Some(1),
+            ..Default::default()
+        };
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn lora_embeddings_switch_sets_the_trainable_parts_and_modules_to_save() {
+        let mut c = TrainConfig {
+            mode: TrainMode::Lora,
+            ..Default::default()
+        };
+        assert!(
+            c.trainable().embeddings,
+            "the reference trains embeddings in LoRA mode"
+        );
+        assert!(crate::checkpoint::modules_to_save(&c).contains(&"embed_tokens".to_string()));
+        c.lora_embeddings = false;
+        assert!(!c.trainable().embeddings);
+        assert_eq!(
+            crate::checkpoint::modules_to_save(&c),
+            vec!["resampler".to_string(), "vpm".to_string()]
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The cpmv trainer: full and LoRA fine-tuning of MiniCPM-V over memory-mapped prep shards,
 //! writing checkpoints that transformers and PEFT load, resumable exactly.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

@@ -107,6 +107,15 @@ struct RunArgs {
     /// 2.5 only: correct vision masking instead of the reference quirk.
     #[arg(long)]
     v25_vision_masking: bool,
+    /// Where to train: cpu, cuda or cuda:N (CUDA needs a build with --features cuda).
+    #[arg(long)]
+    device: Option<String>,
+    /// Weights and activations in f32 or bf16 (f32 master weights and moments either way).
+    #[arg(long, value_enum)]
+    dtype: Option<cpmv_train::config::ComputeDtype>,
+    /// LoRA: also train the token embeddings (the reference does: modules_to_save).
+    #[arg(long)]
+    lora_embeddings: Option<bool>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -170,6 +179,46 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Training-step throughput of a real-size model with seeded random weights (no data, no
+    /// checkpoint on disk): prints one JSON line (benches/gpu/README.md).
+    Bench {
+        /// Checkpoint directory giving the version and config (its weights are not read),
+        /// e.g. examples/models/minicpm-v-2-tiny.
+        #[arg(long)]
+        like: PathBuf,
+        #[arg(long, value_enum, default_value_t = SizeArg::Full)]
+        size: SizeArg,
+        #[arg(long, value_enum, default_value_t = cpmv_train::bench::BenchMode::Full)]
+        mode: cpmv_train::bench::BenchMode,
+        #[arg(long, default_value_t = 2048)]
+        seq: usize,
+        /// Samples packed in the row.
+        #[arg(long, default_value_t = 2)]
+        samples: usize,
+        /// Image slices per sample.
+        #[arg(long, default_value_t = 5)]
+        slices: usize,
+        /// Side of a (square) slice in pixels.
+        #[arg(long, default_value_t = 448)]
+        slice_px: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        #[arg(long, default_value = "cuda")]
+        device: String,
+        #[arg(long, value_enum, default_value_t = cpmv_train::config::ComputeDtype::Bf16)]
+        dtype: cpmv_train::config::ComputeDtype,
+        /// Keep every layer's activations instead of recomputing them (the official scripts
+        /// checkpoint).
+        #[arg(long)]
+        no_grad_checkpointing: bool,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Also append the JSON line to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Merge a LoRA adapter written by `train --mode lora` into its base: a full checkpoint.
     MergeLora {
         /// Base checkpoint directory.
@@ -214,7 +263,10 @@ fn overlay(mut c: TrainConfig, a: &RunArgs) -> TrainConfig {
         lora_r,
         lora_alpha,
         lora_dropout,
-        lora_target
+        lora_target,
+        lora_embeddings,
+        device,
+        dtype
     );
     set!(
         learning_rate,
@@ -318,6 +370,53 @@ fn run() -> Result<()> {
                 println!("{text}");
             } else {
                 print!("{}", cpmv_train::eval::render(&report, top));
+            }
+        }
+        Some(Command::Bench {
+            like,
+            size,
+            mode,
+            seq,
+            samples,
+            slices,
+            slice_px,
+            warmup,
+            steps,
+            device,
+            dtype,
+            no_grad_checkpointing,
+            seed,
+            out,
+        }) => {
+            let opts = cpmv_train::bench::BenchOptions {
+                like,
+                size: match size {
+                    SizeArg::Tiny => Size::Tiny,
+                    SizeArg::Full => Size::Full,
+                },
+                mode,
+                seq,
+                samples,
+                slices,
+                slice_px,
+                warmup,
+                steps,
+                device,
+                dtype,
+                grad_checkpointing: !no_grad_checkpointing,
+                seed,
+            };
+            let r = cpmv_train::bench::run(&opts).context("train bench")?;
+            let line = serde_json::to_string(&r)?;
+            println!("{line}");
+            if let Some(path) = &out {
+                use std::io::Write;
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .with_context(|| format!("opening {}", path.display()))?;
+                writeln!(f, "{line}").with_context(|| format!("writing {}", path.display()))?;
             }
         }
         Some(Command::MergeLora {

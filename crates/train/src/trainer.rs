@@ -62,6 +62,17 @@ pub fn peak_rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// Peak memory of the run: the device memory pool's high-water mark on CUDA, the process's
+/// peak resident memory on CPU.
+pub fn peak_memory_bytes(device: &Device) -> u64 {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        return cpmv_kernels::pool_memory(device).map_or(0, |(high, _)| high);
+    }
+    let _ = device;
+    peak_rss_bytes()
+}
+
 /// Refuses shards made for another tokenizer, template or model version.
 pub fn check_fit(data: &Dataset, model_dir: &Path, model: &MiniCpmV) -> Result<(), TrainError> {
     let m = &data.shards.manifest;
@@ -144,6 +155,8 @@ impl Accum {
     }
 }
 
+pub use cpmv_model::profile;
+
 /// Forward + backward of one micro-batch; gradients of `loss · weight` are added to `acc`.
 /// Returns the micro-batch's mean loss. With `checkpointing`, the activations of every
 /// transformer layer — vision tower and LLM — are dropped after the forward pass and
@@ -171,6 +184,8 @@ pub fn micro_step(
         states: Vec<Rng>,
         last: Option<Var>,
     }
+    let device = model.params().device().clone();
+    let mut timer = profile::Timer::start(&device);
     let vision_trains = model.vision_trains();
     let plan = model.vision_plan(batch.images.len(), &batch.image_groups);
     let nv = model.vision_num_layers();
@@ -204,8 +219,10 @@ pub fn micro_step(
             last: leaf,
         });
     }
+    timer.mark("vision_fwd");
     let x0 = model.embeddings_from_vision_layers(batch, &last, &lens, true)?;
     drop(last);
+    timer.mark("resampler_embed_fwd");
     let aux = model.llm_aux(batch)?;
     let n = model.llm().num_layers();
     let mut inputs = Vec::with_capacity(n);
@@ -216,6 +233,7 @@ pub fn micro_step(
         states.push(model.dropout_state());
         x = model.layer_forward(i, &x, &aux, true)?.detach();
     }
+    timer.mark("llm_fwd");
     let xl = Var::from_tensor(&x)?;
     let out = model.head_loss(xl.as_tensor(), batch, true)?;
     let loss = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
@@ -226,21 +244,28 @@ pub fn micro_step(
         .map(Tensor::detach)
         .ok_or_else(|| TrainError::Config("internal: no gradient reached the LLM".into()))?;
     drop(grads);
+    timer.mark("head_fwd_bwd");
     let end_state = model.dropout_state();
     for i in (0..n).rev() {
         model.set_dropout_state(states[i]);
         let xi = Var::from_tensor(&inputs[i])?;
-        let y = model.layer_forward(i, xi.as_tensor(), &aux, true)?;
-        let grads = (y * &gx)?.sum_all()?.backward()?;
+        let y = profile::part(&device, "llm.recompute", || {
+            model.layer_forward(i, xi.as_tensor(), &aux, true)
+        })?;
+        let grads = profile::part(&device, "llm.backward", || {
+            cpmv_model::ops::backward_with(&y, &gx)
+        })?;
         acc.add(&grads, vars)?;
         gx = grads
             .get(xi.as_tensor())
             .map(Tensor::detach)
             .ok_or_else(|| TrainError::Config(format!("internal: no gradient below layer {i}")))?;
     }
+    timer.mark("llm_bwd");
     if x0.track_op() {
-        let grads = (x0 * gx)?.sum_all()?.backward()?;
+        let grads = cpmv_model::ops::backward_with(&x0, &gx)?;
         acc.add(&grads, vars)?;
+        timer.mark("resampler_embed_bwd");
         // Back through the vision layers, group by group.
         for g in groups {
             let Some(leaf) = g.last else { continue };
@@ -250,8 +275,12 @@ pub fn micro_step(
             for i in (0..nv).rev() {
                 model.set_dropout_state(g.states[i]);
                 let xi = Var::from_tensor(&g.inputs[i])?;
-                let y = model.vision_layer(i, xi.as_tensor(), g.first.mask.as_ref(), true)?;
-                let grads = (y * &gv)?.sum_all()?.backward()?;
+                let y = profile::part(&device, "vision.recompute", || {
+                    model.vision_layer(i, xi.as_tensor(), g.first.mask.as_ref(), true)
+                })?;
+                let grads = profile::part(&device, "vision.backward", || {
+                    cpmv_model::ops::backward_with(&y, &gv)
+                })?;
                 acc.add(&grads, vars)?;
                 gv = grads
                     .get(xi.as_tensor())
@@ -261,11 +290,12 @@ pub fn micro_step(
                     })?;
             }
             if g.first.x.track_op() {
-                let grads = (&g.first.x * gv)?.sum_all()?.backward()?;
+                let grads = cpmv_model::ops::backward_with(&g.first.x, &gv)?;
                 acc.add(&grads, vars)?;
             }
         }
     }
+    timer.mark("vision_bwd");
     model.set_dropout_state(end_state);
     Ok(loss)
 }
@@ -329,9 +359,10 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport, TrainError> {
         Some(d) => Some(Dataset::open(d)?),
         None => None,
     };
+    let device = crate::config::open_device(&cfg.device)?;
     let load = LoadOptions {
-        dtype: DType::F32,
-        device: Device::Cpu,
+        dtype: cfg.dtype.dtype(),
+        device: device.clone(),
         trainable: cfg.trainable(),
         lora: cfg.lora(),
         seed: cfg.seed,
@@ -433,6 +464,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport, TrainError> {
         b.max_steps = None;
         a.epochs = None;
         b.epochs = None;
+        // A run may continue on another device.
+        a.device.clear();
+        b.device.clear();
         if a != b {
             return Err(TrainError::Config(format!(
                 "--resume: the settings differ from those of {} (only --max-steps/--epochs may change)",
@@ -565,7 +599,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport, TrainError> {
         report.steps = state.step;
         report.losses.push(loss);
         let elapsed = started.elapsed().as_secs_f64().max(1e-9);
-        let peak = peak_rss_bytes();
+        let peak = peak_memory_bytes(&device);
         report.peak_mem_bytes = peak;
         let rec = StepRecord {
             step: state.step,

@@ -1,0 +1,1093 @@
+//! The custom ops (forward + backward) and their launchers.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, CudaStream, CudaView, LaunchArgs, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDevice, WrapErr};
+use candle_core::{
+    bail, CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape,
+    Storage, Tensor,
+};
+use half::bf16;
+use std::sync::Arc;
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/cpmv.ptx"));
+const MODULE: &str = "cpmv_kernels";
+/// Rows per block in the norm backward kernels (their weight-gradient atomics are this many
+/// times fewer than one per row).
+const NORM_BWD_ROWS: usize = 4;
+/// Largest row a norm kernel handles: 32 columns per thread × 256 threads.
+const MAX_NORM_DIM: usize = 32 * 256;
+
+fn suffix(dtype: DType) -> Result<&'static str> {
+    match dtype {
+        DType::F32 => Ok("f32"),
+        DType::BF16 => Ok("bf16"),
+        d => bail!("cpmv-kernels: {d:?} is not supported (f32 and bf16 are)"),
+    }
+}
+
+/// A kernel of the embedded module and the device's stream to launch it on.
+fn func(dev: &CudaDevice, name: &str, dtype: DType) -> Result<Kernel> {
+    let f = dev.get_or_load_custom_func(&format!("{name}_{}", suffix(dtype)?), MODULE, PTX)?;
+    Ok(Kernel {
+        func: f.into_cuda_function(),
+        stream: dev.cuda_stream(),
+    })
+}
+
+struct Kernel {
+    func: CudaFunction,
+    stream: Arc<CudaStream>,
+}
+
+impl Kernel {
+    fn builder(&self) -> LaunchArgs<'_> {
+        self.stream.launch_builder(&self.func)
+    }
+}
+
+fn cpu_unsupported(name: &str) -> Result<(CpuStorage, Shape)> {
+    bail!("{name}: a CUDA-only fused op was called on CPU tensors (use the composition in cpmv-model's ops)")
+}
+
+/// Rows of 256 threads (the row kernels), one block per row.
+fn rows_cfg(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn elems_cfg(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(256) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// A contiguous view of a storage of element type `T`.
+fn view<'a, T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
+    s: &'a CudaSlice<T>,
+    l: &Layout,
+    what: &str,
+) -> Result<CudaView<'a, T>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(s.slice(a..b)),
+        None => bail!("cpmv-kernels: {what} must be contiguous"),
+    }
+}
+
+/// Dispatches a body over the two supported element types.
+macro_rules! typed {
+    ($dtype:expr, $t:ident, $body:block) => {
+        match $dtype {
+            DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            DType::BF16 => {
+                type $t = bf16;
+                $body
+            }
+            d => bail!("cpmv-kernels: {d:?} is not supported (f32 and bf16 are)"),
+        }
+    };
+}
+
+fn check_same(a: DType, b: DType, what: &str) -> Result<()> {
+    if a != b {
+        bail!("cpmv-kernels: {what}: dtypes differ ({a:?} vs {b:?})");
+    }
+    Ok(())
+}
+
+fn last_dim(l: &Layout) -> Result<(usize, usize)> {
+    let d = l.shape().dims().last().copied().unwrap_or(1);
+    let n = l.shape().elem_count() / d.max(1);
+    Ok((n, d))
+}
+
+// ------------------------------------------------------------------------------------------
+// RMSNorm
+
+struct RmsNorm {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "cpmv-rms-norm"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_unsupported("cpmv-rms-norm")
+    }
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        lx: &Layout,
+        w: &CudaStorage,
+        lw: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        check_same(x.dtype(), w.dtype(), "rms_norm")?;
+        let dev = x.device().clone();
+        let (n, d) = last_dim(lx)?;
+        typed!(x.dtype(), T, {
+            let xs = view(x.as_cuda_slice::<T>()?, lx, "x")?;
+            let ws = view(w.as_cuda_slice::<T>()?, lw, "weight")?;
+            let y = unsafe { dev.alloc::<T>(n * d)? };
+            let f = func(&dev, "rms_norm_fwd", x.dtype())?;
+            let a_d = d as i32;
+            let mut b = f.builder();
+            b.arg(&xs).arg(&ws).arg(&y).arg(&a_d).arg(&self.eps);
+            unsafe { b.launch(rows_cfg(n)) }.w()?;
+            Ok((CudaStorage::wrap_cuda_slice(y, dev), lx.shape().clone()))
+        })
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let n = x.elem_count();
+        let d = w.elem_count();
+        let out = x.apply_op3_no_bwd(
+            w,
+            &dy.contiguous()?,
+            &NormBwd {
+                eps: self.eps,
+                bias: false,
+            },
+        )?;
+        let dx = out.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dw = out.narrow(0, n, d)?.reshape(w.shape())?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// Backward of RMSNorm (`bias: false`; output `[dx | dw]`) or LayerNorm (`bias: true`; output
+/// `[dx | dw | db]`), flattened.
+struct NormBwd {
+    eps: f32,
+    bias: bool,
+}
+
+impl CustomOp3 for NormBwd {
+    fn name(&self) -> &'static str {
+        "cpmv-norm-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_unsupported("cpmv-norm-bwd")
+    }
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        lx: &Layout,
+        w: &CudaStorage,
+        lw: &Layout,
+        dy: &CudaStorage,
+        ldy: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        check_same(x.dtype(), w.dtype(), "norm backward")?;
+        check_same(x.dtype(), dy.dtype(), "norm backward")?;
+        let dev = x.device().clone();
+        let (n, d) = last_dim(lx)?;
+        let nacc = if self.bias { 2 * d } else { d };
+        let total = n * d + nacc;
+        typed!(x.dtype(), T, {
+            let xs = view(x.as_cuda_slice::<T>()?, lx, "x")?;
+            let ws = view(w.as_cuda_slice::<T>()?, lw, "weight")?;
+            let gs = view(dy.as_cuda_slice::<T>()?, ldy, "grad")?;
+            let out = unsafe { dev.alloc::<T>(total)? };
+            let acc = dev.alloc_zeros::<f32>(nacc)?;
+            let name = if self.bias {
+                "layer_norm_bwd"
+            } else {
+                "rms_norm_bwd"
+            };
+            let f = func(&dev, name, x.dtype())?;
+            let dx = out.slice(0..n * d);
+            let a_n = n as i32;
+            let a_d = d as i32;
+            let a_rows = NORM_BWD_ROWS as i32;
+            let mut b = f.builder();
+            b.arg(&xs)
+                .arg(&ws)
+                .arg(&gs)
+                .arg(&dx)
+                .arg(&acc)
+                .arg(&a_n)
+                .arg(&a_d)
+                .arg(&self.eps)
+                .arg(&a_rows);
+            unsafe { b.launch(rows_cfg(n.div_ceil(NORM_BWD_ROWS))) }.w()?;
+            let tail = out.slice(n * d..total);
+            let f = func(&dev, "cast_out", x.dtype())?;
+            let a_nacc = nacc as i32;
+            let mut b = f.builder();
+            b.arg(&acc).arg(&tail).arg(&a_nacc);
+            unsafe { b.launch(elems_cfg(nacc)) }.w()?;
+            Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(total)))
+        })
+    }
+}
+
+/// RMSNorm over the last axis: `round(x / sqrt(mean(x²) + eps)) · w`, statistics in f32.
+/// `x` `[.., D]` and `w` `[D]` on one CUDA device, same dtype (f32 or bf16), `D ≤ 8192`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if w.dim(0)? > MAX_NORM_DIM {
+        bail!("cpmv-kernels: rms_norm rows are limited to {MAX_NORM_DIM}");
+    }
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
+}
+
+// ------------------------------------------------------------------------------------------
+// LayerNorm
+
+struct LayerNorm {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "cpmv-layer-norm"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_unsupported("cpmv-layer-norm")
+    }
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        lx: &Layout,
+        w: &CudaStorage,
+        lw: &Layout,
+        bias: &CudaStorage,
+        lb: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        check_same(x.dtype(), w.dtype(), "layer_norm")?;
+        check_same(x.dtype(), bias.dtype(), "layer_norm")?;
+        let dev = x.device().clone();
+        let (n, d) = last_dim(lx)?;
+        typed!(x.dtype(), T, {
+            let xs = view(x.as_cuda_slice::<T>()?, lx, "x")?;
+            let ws = view(w.as_cuda_slice::<T>()?, lw, "weight")?;
+            let bs = view(bias.as_cuda_slice::<T>()?, lb, "bias")?;
+            let y = unsafe { dev.alloc::<T>(n * d)? };
+            let f = func(&dev, "layer_norm_fwd", x.dtype())?;
+            let a_d = d as i32;
+            let mut b = f.builder();
+            b.arg(&xs)
+                .arg(&ws)
+                .arg(&bs)
+                .arg(&y)
+                .arg(&a_d)
+                .arg(&self.eps);
+            unsafe { b.launch(rows_cfg(n)) }.w()?;
+            Ok((CudaStorage::wrap_cuda_slice(y, dev), lx.shape().clone()))
+        })
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let n = x.elem_count();
+        let d = w.elem_count();
+        let out = x.apply_op3_no_bwd(
+            w,
+            &dy.contiguous()?,
+            &NormBwd {
+                eps: self.eps,
+                bias: true,
+            },
+        )?;
+        let dx = out.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dw = out.narrow(0, n, d)?.reshape(w.shape())?;
+        let db = out.narrow(0, n + d, d)?.reshape(b.shape())?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// LayerNorm over the last axis (biased variance, as torch): `round(round(x̂)·w) + b`,
+/// statistics in f32. Same constraints as [`rms_norm`].
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    if w.dim(0)? > MAX_NORM_DIM {
+        bail!("cpmv-kernels: layer_norm rows are limited to {MAX_NORM_DIM}");
+    }
+    x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &b.contiguous()?,
+        LayerNorm { eps: eps as f32 },
+    )
+}
+
+// ------------------------------------------------------------------------------------------
+// SiLU(gate) · up
+
+struct SiluMul;
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "cpmv-silu-mul"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_unsupported("cpmv-silu-mul")
+    }
+    fn cuda_fwd(
+        &self,
+        g: &CudaStorage,
+        lg: &Layout,
+        u: &CudaStorage,
+        lu: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        check_same(g.dtype(), u.dtype(), "silu_mul")?;
+        if lg.shape() != lu.shape() {
+            bail!("cpmv-kernels: silu_mul shapes differ");
+        }
+        let dev = g.device().clone();
+        let n = lg.shape().elem_count();
+        typed!(g.dtype(), T, {
+            let gs = view(g.as_cuda_slice::<T>()?, lg, "gate")?;
+            let us = view(u.as_cuda_slice::<T>()?, lu, "up")?;
+            let y = unsafe { dev.alloc::<T>(n)? };
+            let f = func(&dev, "silu_mul_fwd", g.dtype())?;
+            let mut b = f.builder();
+            b.arg(&gs).arg(&us).arg(&y).arg(&n);
+            unsafe { b.launch(elems_cfg(n)) }.w()?;
+            Ok((CudaStorage::wrap_cuda_slice(y, dev), lg.shape().clone()))
+        })
+    }
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let n = g.elem_count();
+        let out = g.apply_op3_no_bwd(u, &dy.contiguous()?, &SiluMulBwd)?;
+        Ok((
+            Some(out.narrow(0, 0, n)?.reshape(g.shape())?),
+            Some(out.narrow(0, n, n)?.reshape(u.shape())?),
+        ))
+    }
+}
+
+struct SiluMulBwd;
+
+impl CustomOp3 for SiluMulBwd {
+    fn name(&self) -> &'static str {
+        "cpmv-silu-mul-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_unsupported("cpmv-silu-mul-bwd")
+    }
+    fn cuda_fwd(
+        &self,
+        g: &CudaStorage,
+        lg: &Layout,
+        u: &CudaStorage,
+        lu: &Layout,
+        dy: &CudaStorage,
+        ldy: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = g.device().clone();
+        let n = lg.shape().elem_count();
+        typed!(g.dtype(), T, {
+            let gs = view(g.as_cuda_slice::<T>()?, lg, "gate")?;
+            let us = view(u.as_cuda_slice::<T>()?, lu, "up")?;
+            let ds = view(dy.as_cuda_slice::<T>()?, ldy, "grad")?;
+            let out = unsafe { dev.alloc::<T>(2 * n)? };
+            let f = func(&dev, "silu_mul_bwd", g.dtype())?;
+            let mut b = f.builder();
+            b.arg(&gs).arg(&us).arg(&ds).arg(&out).arg(&n);
+            unsafe { b.launch(elems_cfg(n)) }.w()?;
+            Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(2 * n)))
+        })
+    }
+}
+
+/// `silu(gate) · up` in one pass (the gated MLP's activation), same shapes and dtype.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul)
+}
+
+// ------------------------------------------------------------------------------------------
+// Rotary embedding
+
+struct Rope {
+    heads: usize,
+    forward: bool,
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "cpmv-rope"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_unsupported("cpmv-rope")
+    }
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        lx: &Layout,
+        c: &CudaStorage,
+        lc: &Layout,
+        s: &CudaStorage,
+        ls: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        check_same(x.dtype(), c.dtype(), "rope")?;
+        check_same(x.dtype(), s.dtype(), "rope")?;
+        let dev = x.device().clone();
+        let n = lx.shape().elem_count();
+        let (bt, dh) = last_dim(lc)?;
+        if n != bt * self.heads * dh {
+            bail!("cpmv-kernels: rope tables do not match x");
+        }
+        typed!(x.dtype(), T, {
+            let xs = view(x.as_cuda_slice::<T>()?, lx, "x")?;
+            let cs = view(c.as_cuda_slice::<T>()?, lc, "cos")?;
+            let ss = view(s.as_cuda_slice::<T>()?, ls, "sin")?;
+            let y = unsafe { dev.alloc::<T>(n)? };
+            let f = func(&dev, "rope", x.dtype())?;
+            let dir: f32 = if self.forward { 1.0 } else { -1.0 };
+            let a_bt = bt as i32;
+            let a_heads = self.heads as i32;
+            let a_dh = dh as i32;
+            let mut b = f.builder();
+            b.arg(&xs)
+                .arg(&cs)
+                .arg(&ss)
+                .arg(&y)
+                .arg(&a_bt)
+                .arg(&a_heads)
+                .arg(&a_dh)
+                .arg(&dir);
+            unsafe { b.launch(elems_cfg(n)) }.w()?;
+            Ok((CudaStorage::wrap_cuda_slice(y, dev), lx.shape().clone()))
+        })
+    }
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        c: &Tensor,
+        s: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = dy.contiguous()?.apply_op3_no_bwd(
+            c,
+            s,
+            &Rope {
+                heads: self.heads,
+                forward: false,
+            },
+        )?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+/// Rotary embedding (rotate-half convention over the full head dimension) of `x` laid out
+/// `[B, T, H, Dh]` with tables `cos`/`sin` `[B, T, Dh]` (no gradient to the tables).
+pub fn rope_bthd(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (_, _, h, _) = x.dims4()?;
+    x.contiguous()?.apply_op3(
+        &cos.contiguous()?,
+        &sin.contiguous()?,
+        Rope {
+            heads: h,
+            forward: true,
+        },
+    )
+}
+
+// ------------------------------------------------------------------------------------------
+// Softmax (optionally masked by allowed-key ranges)
+
+struct Softmax {
+    heads: usize,
+    tq: usize,
+    scale: f32,
+}
+
+impl Softmax {
+    fn launch(
+        &self,
+        s: &CudaStorage,
+        ls: &Layout,
+        bounds: Option<(&CudaStorage, &Layout)>,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = s.device().clone();
+        let (rows, tk) = last_dim(ls)?;
+        typed!(s.dtype(), T, {
+            let ss = view(s.as_cuda_slice::<T>()?, ls, "scores")?;
+            let p = unsafe { dev.alloc::<T>(rows * tk)? };
+            let f = func(&dev, "softmax_fwd", s.dtype())?;
+            let a_tk = tk as i32;
+            let mut b = f.builder();
+            b.arg(&ss).arg(&p);
+            let bv;
+            let null = 0u64;
+            match bounds {
+                Some((bs, lb)) => {
+                    bv = view(bs.as_cuda_slice::<u32>()?, lb, "bounds")?;
+                    b.arg(&bv);
+                }
+                None => {
+                    b.arg(&null);
+                }
+            }
+            let (heads, tq) = (self.heads as i32, self.tq as i32);
+            b.arg(&heads).arg(&tq).arg(&a_tk).arg(&self.scale);
+            unsafe { b.launch(rows_cfg(rows)) }.w()?;
+            Ok((CudaStorage::wrap_cuda_slice(p, dev), ls.shape().clone()))
+        })
+    }
+}
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "cpmv-softmax"
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        cpu_unsupported("cpmv-softmax")
+    }
+    fn cuda_fwd(&self, s: &CudaStorage, ls: &Layout) -> Result<(CudaStorage, Shape)> {
+        self.launch(s, ls, None)
+    }
+    fn bwd(&self, _s: &Tensor, p: &Tensor, dp: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(p.apply_op2_no_bwd(
+            &dp.contiguous()?,
+            &SoftmaxBwd { scale: self.scale },
+        )?))
+    }
+}
+
+impl CustomOp2 for Softmax {
+    fn name(&self) -> &'static str {
+        "cpmv-masked-softmax"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_unsupported("cpmv-masked-softmax")
+    }
+    fn cuda_fwd(
+        &self,
+        s: &CudaStorage,
+        ls: &Layout,
+        b: &CudaStorage,
+        lb: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        if b.dtype() != DType::U32 {
+            bail!("cpmv-kernels: softmax bounds must be u32");
+        }
+        self.launch(s, ls, Some((b, lb)))
+    }
+    fn bwd(
+        &self,
+        _s: &Tensor,
+        _b: &Tensor,
+        p: &Tensor,
+        dp: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let ds = p.apply_op2_no_bwd(&dp.contiguous()?, &SoftmaxBwd { scale: self.scale })?;
+        Ok((Some(ds), None))
+    }
+}
+
+struct SoftmaxBwd {
+    scale: f32,
+}
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "cpmv-softmax-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_unsupported("cpmv-softmax-bwd")
+    }
+    fn cuda_fwd(
+        &self,
+        p: &CudaStorage,
+        lp: &Layout,
+        dp: &CudaStorage,
+        ldp: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        check_same(p.dtype(), dp.dtype(), "softmax backward")?;
+        let dev = p.device().clone();
+        let (rows, tk) = last_dim(lp)?;
+        typed!(p.dtype(), T, {
+            let ps = view(p.as_cuda_slice::<T>()?, lp, "probs")?;
+            let gs = view(dp.as_cuda_slice::<T>()?, ldp, "grad")?;
+            let ds = unsafe { dev.alloc::<T>(rows * tk)? };
+            let f = func(&dev, "softmax_bwd", p.dtype())?;
+            let a_tk = tk as i32;
+            let mut b = f.builder();
+            b.arg(&ps).arg(&gs).arg(&ds).arg(&a_tk).arg(&self.scale);
+            unsafe { b.launch(rows_cfg(rows)) }.w()?;
+            Ok((CudaStorage::wrap_cuda_slice(ds, dev), lp.shape().clone()))
+        })
+    }
+}
+
+/// Softmax over the last axis of `scores · scale`, statistics in f32.
+pub fn softmax_last(scores: &Tensor, scale: f64) -> Result<Tensor> {
+    scores.contiguous()?.apply_op1(Softmax {
+        heads: 1,
+        tq: 1,
+        scale: scale as f32,
+    })
+}
+
+/// Attention probabilities of `scores` `[B, H, Tq, Tk]` (times `scale`) where query `q` of row
+/// `b` may only see keys `lo ≤ j < hi`, `(lo, hi) = bounds[b, q]` (`bounds` u32 `[B, Tq, 2]`);
+/// other keys get probability 0. A packed causal row uses `lo` = its sample's first position and
+/// `hi = q + 1`, so no `[T, T]` mask tensor exists.
+pub fn masked_softmax(scores: &Tensor, bounds: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, h, tq, _) = scores.dims4()?;
+    if bounds.dims() != [b, tq, 2] {
+        bail!(
+            "cpmv-kernels: bounds {:?} do not match scores {:?}",
+            bounds.dims(),
+            scores.dims()
+        );
+    }
+    scores.contiguous()?.apply_op2(
+        &bounds.contiguous()?,
+        Softmax {
+            heads: h,
+            tq,
+            scale: scale as f32,
+        },
+    )
+}
+
+// ------------------------------------------------------------------------------------------
+// Cross-entropy
+
+struct CrossEntropy;
+
+impl CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "cpmv-cross-entropy"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_unsupported("cpmv-cross-entropy")
+    }
+    fn cuda_fwd(
+        &self,
+        l: &CudaStorage,
+        ll: &Layout,
+        t: &CudaStorage,
+        lt: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = l.device().clone();
+        let (n, v) = ll.shape().dims2()?;
+        if lt.shape().elem_count() != n {
+            bail!(
+                "cpmv-kernels: cross_entropy: {n} rows but {} targets",
+                lt.shape().elem_count()
+            );
+        }
+        typed!(l.dtype(), T, {
+            let ls = view(l.as_cuda_slice::<T>()?, ll, "logits")?;
+            let ts = view(t.as_cuda_slice::<u32>()?, lt, "targets")?;
+            let loss = unsafe { dev.alloc::<f32>(n)? };
+            let f = func(&dev, "ce_fwd", l.dtype())?;
+            let a_v = v as i32;
+            let mut b = f.builder();
+            b.arg(&ls).arg(&ts).arg(&loss).arg(&a_v);
+            unsafe { b.launch(rows_cfg(n)) }.w()?;
+            Ok((CudaStorage::wrap_cuda_slice(loss, dev), Shape::from(n)))
+        })
+    }
+    fn bwd(
+        &self,
+        l: &Tensor,
+        t: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = g.to_dtype(DType::F32)?.contiguous()?;
+        Ok((Some(l.apply_op3_no_bwd(t, &g, &CrossEntropyBwd)?), None))
+    }
+}
+
+struct CrossEntropyBwd;
+
+impl CustomOp3 for CrossEntropyBwd {
+    fn name(&self) -> &'static str {
+        "cpmv-cross-entropy-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_unsupported("cpmv-cross-entropy-bwd")
+    }
+    fn cuda_fwd(
+        &self,
+        l: &CudaStorage,
+        ll: &Layout,
+        t: &CudaStorage,
+        lt: &Layout,
+        g: &CudaStorage,
+        lg: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = l.device().clone();
+        let (n, v) = ll.shape().dims2()?;
+        typed!(l.dtype(), T, {
+            let ls = view(l.as_cuda_slice::<T>()?, ll, "logits")?;
+            let ts = view(t.as_cuda_slice::<u32>()?, lt, "targets")?;
+            let gs = view(g.as_cuda_slice::<f32>()?, lg, "grad")?;
+            let dl = unsafe { dev.alloc::<T>(n * v)? };
+            let f = func(&dev, "ce_bwd", l.dtype())?;
+            let a_v = v as i32;
+            let mut b = f.builder();
+            b.arg(&ls).arg(&ts).arg(&gs).arg(&dl).arg(&a_v);
+            unsafe { b.launch(rows_cfg(n)) }.w()?;
+            Ok((CudaStorage::wrap_cuda_slice(dl, dev), ll.shape().clone()))
+        })
+    }
+}
+
+/// Per-row cross-entropy `[N]` (f32) of `logits` `[N, V]` (f32 or bf16) against u32 `targets`
+/// `[N]`: one pass per row for the loss and one for the gradient (written in the logits' dtype),
+/// so no f32 copy of the `[N, V]` logits (or of their softmax) is ever made.
+pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if targets.dtype() != DType::U32 {
+        bail!("cpmv-kernels: cross_entropy targets must be u32");
+    }
+    logits
+        .contiguous()?
+        .apply_op2(&targets.contiguous()?, CrossEntropy)
+}
+
+// ------------------------------------------------------------------------------------------
+// AdamW
+
+/// Hyper-parameters of one fused AdamW update (see [`adamw_step`]).
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWStep {
+    /// `1 − lr·wd` (1 when the parameter is not decayed).
+    pub decay_factor: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// `lr / (1 − β1ᵗ)`.
+    pub step_size: f32,
+    /// `sqrt(1 − β2ᵗ)`.
+    pub bc2_sqrt: f32,
+    /// Multiplies the gradient first (clip factor).
+    pub grad_scale: f32,
+}
+
+fn cuda_of(t: &Tensor) -> Result<(impl std::ops::Deref<Target = Storage> + '_, &Layout)> {
+    let (s, l) = t.storage_and_layout();
+    if l.contiguous_offsets().is_none() {
+        bail!("cpmv-kernels: adamw operands must be contiguous");
+    }
+    Ok((s, l))
+}
+
+/// One AdamW update of a parameter in place, torch's formula, in a single kernel: reads the
+/// gradient once, updates the f32 moments `m`/`v` and the f32 `master` copy (when the parameter
+/// is bf16; `None` when the parameter is f32 and is its own master), and writes the parameter.
+///
+/// The tensors are modified in place: callers own them exclusively (no other tensor may share
+/// their storage).
+pub fn adamw_step(
+    param: &Tensor,
+    master: Option<&Tensor>,
+    m: &Tensor,
+    v: &Tensor,
+    grad: &Tensor,
+    h: AdamWStep,
+) -> Result<()> {
+    let n = param.elem_count();
+    for (what, t) in [("m", m), ("v", v), ("grad", grad)] {
+        if t.elem_count() != n {
+            bail!(
+                "cpmv-kernels: adamw {what} has {} elements, the parameter {n}",
+                t.elem_count()
+            );
+        }
+    }
+    check_same(param.dtype(), grad.dtype(), "adamw gradient")?;
+    let grad = grad.contiguous()?;
+    let (ps, pl) = cuda_of(param)?;
+    let (ms, ml) = cuda_of(m)?;
+    let (vs, vl) = cuda_of(v)?;
+    let (gs, gl) = cuda_of(&grad)?;
+    let master_sl = match master {
+        Some(t) => Some(cuda_of(t)?),
+        None => None,
+    };
+    let (Storage::Cuda(pc), Storage::Cuda(mc), Storage::Cuda(vc), Storage::Cuda(gc)) =
+        (&*ps, &*ms, &*vs, &*gs)
+    else {
+        bail!("cpmv-kernels: adamw operands must be CUDA tensors");
+    };
+    let dev = pc.device().clone();
+    typed!(param.dtype(), T, {
+        let p = view(pc.as_cuda_slice::<T>()?, pl, "param")?;
+        let mm = view(mc.as_cuda_slice::<f32>()?, ml, "m")?;
+        let vv = view(vc.as_cuda_slice::<f32>()?, vl, "v")?;
+        let g = view(gc.as_cuda_slice::<T>()?, gl, "grad")?;
+        let f = func(&dev, "adamw", param.dtype())?;
+        let mut b = f.builder();
+        b.arg(&p);
+        let null = 0u64;
+        let master_view;
+        match &master_sl {
+            Some((s, l)) => {
+                let Storage::Cuda(c) = &**s else {
+                    bail!("cpmv-kernels: adamw master must be a CUDA tensor");
+                };
+                master_view = view(c.as_cuda_slice::<f32>()?, l, "master")?;
+                b.arg(&master_view);
+            }
+            None => {
+                b.arg(&null);
+            }
+        }
+        b.arg(&mm)
+            .arg(&vv)
+            .arg(&g)
+            .arg(&n)
+            .arg(&h.decay_factor)
+            .arg(&h.beta1)
+            .arg(&h.beta2)
+            .arg(&h.eps)
+            .arg(&h.step_size)
+            .arg(&h.bc2_sqrt)
+            .arg(&h.grad_scale);
+        unsafe { b.launch(elems_cfg(n)) }.w()?;
+        Ok(())
+    })
+}
+
+/// A dropout mask shaped like `like` (its dtype and device): each element `1/keep` with
+/// probability `keep`, else 0, drawn by a counter-based generator from `seed`, so the same seed
+/// gives the same mask (gradient checkpointing replays masks from their seeds).
+pub fn dropout_mask(like: &Tensor, seed: u64, keep: f64) -> Result<Tensor> {
+    let candle_core::Device::Cuda(dev) = like.device() else {
+        bail!("cpmv-kernels: dropout_mask needs a CUDA tensor");
+    };
+    let n = like.elem_count();
+    typed!(like.dtype(), T, {
+        let out = unsafe { dev.alloc::<T>(n)? };
+        let f = func(dev, "dropout_mask", like.dtype())?;
+        let keep = keep as f32;
+        let mut b = f.builder();
+        b.arg(&out).arg(&n).arg(&seed).arg(&keep);
+        unsafe { b.launch(elems_cfg(n)) }.w()?;
+        let s = CudaStorage::wrap_cuda_slice(out, dev.clone());
+        Ok(Tensor::from_storage(
+            Storage::Cuda(s),
+            like.shape().clone(),
+            candle_core::op::BackpropOp::none(),
+            false,
+        ))
+    })
+}
+
+/// Blocks of the sum-of-squares kernel (each leaves one f64 partial).
+const SUMSQ_BLOCKS: usize = 1024;
+
+/// `Σ x²` of a CUDA tensor (f32 or bf16) in f64, as a scalar f64 tensor on the device: one
+/// pass over memory with many blocks (candle's `sum_all` reduces in a single block).
+pub fn sum_squares(x: &Tensor) -> Result<Tensor> {
+    let candle_core::Device::Cuda(dev) = x.device() else {
+        bail!("cpmv-kernels: sum_squares needs a CUDA tensor");
+    };
+    let x = x.contiguous()?;
+    let n = x.elem_count();
+    let blocks = SUMSQ_BLOCKS.min(n.div_ceil(256)).max(1);
+    let (st, l) = x.storage_and_layout();
+    let Storage::Cuda(cs) = &*st else {
+        bail!("cpmv-kernels: sum_squares needs a CUDA tensor");
+    };
+    let partial = typed!(x.dtype(), T, {
+        let xs = view(cs.as_cuda_slice::<T>()?, l, "x")?;
+        let partial = dev.alloc_zeros::<f64>(blocks)?;
+        let f = func(dev, "sum_squares", x.dtype())?;
+        let mut b = f.builder();
+        b.arg(&xs).arg(&n).arg(&partial);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { b.launch(cfg) }.w()?;
+        partial
+    });
+    drop(st);
+    let s = CudaStorage::wrap_cuda_slice(partial, dev.clone());
+    Tensor::from_storage(
+        Storage::Cuda(s),
+        blocks,
+        candle_core::op::BackpropOp::none(),
+        false,
+    )
+    .sum_all()
+}
+
+/// Peak bytes allocated from the device's default memory pool since the last
+/// [`reset_peak_memory`] (cudarc allocates stream-ordered from that pool), and the bytes in use now.
+pub fn pool_memory(dev: &candle_core::Device) -> Result<(u64, u64)> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let candle_core::Device::Cuda(cd) = dev else {
+        bail!("cpmv-kernels: pool_memory needs a CUDA device");
+    };
+    let stream = cd.cuda_stream();
+    let ordinal = stream.context().ordinal();
+    unsafe {
+        let mut pool = std::ptr::null_mut();
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ordinal as i32)
+            .result()
+            .w()?;
+        let mut high = 0u64;
+        let mut used = 0u64;
+        sys::cuMemPoolGetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            &mut high as *mut u64 as *mut std::ffi::c_void,
+        )
+        .result()
+        .w()?;
+        sys::cuMemPoolGetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
+            &mut used as *mut u64 as *mut std::ffi::c_void,
+        )
+        .result()
+        .w()?;
+        Ok((high, used))
+    }
+}
+
+/// Makes the device's default memory pool keep freed memory instead of returning it to the
+/// driver at every synchronisation (its default threshold is 0): without this, every step
+/// re-maps gigabytes of activations. Call once before training.
+pub fn keep_pool_memory(dev: &candle_core::Device) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let candle_core::Device::Cuda(cd) = dev else {
+        bail!("cpmv-kernels: keep_pool_memory needs a CUDA device");
+    };
+    let ordinal = cd.cuda_stream().context().ordinal();
+    unsafe {
+        let mut pool = std::ptr::null_mut();
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ordinal as i32)
+            .result()
+            .w()?;
+        let mut max = u64::MAX;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut max as *mut u64 as *mut std::ffi::c_void,
+        )
+        .result()
+        .w()?;
+    }
+    Ok(())
+}
+
+/// Resets the pool's high-water mark to the current use.
+pub fn reset_peak_memory(dev: &candle_core::Device) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let candle_core::Device::Cuda(cd) = dev else {
+        bail!("cpmv-kernels: reset_peak_memory needs a CUDA device");
+    };
+    let ordinal = cd.cuda_stream().context().ordinal();
+    unsafe {
+        let mut pool = std::ptr::null_mut();
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ordinal as i32)
+            .result()
+            .w()?;
+        let mut zero = 0u64;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            &mut zero as *mut u64 as *mut std::ffi::c_void,
+        )
+        .result()
+        .w()?;
+    }
+    Ok(())
+}
