@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Builds here (no GPU needed) what benches/gpu/run.sh needs on the GPU machine, into the ignored
+# folder target/gpu-carry (pass it as the device tool's `carry`):
+#   bin/train.xz      the CUDA build of `train` (stripped, xz)
+#   bin/gpu.xz        the GPU test binary (crates/model/tests/gpu: kernels vs CPU, AdamW, parity)
+#   tiny-shards/      the bundled example prepared for the tiny 2.6 model (50-step CPU/GPU run)
+#   tests/fixtures/model/{v2_0,v2_6}  the PyTorch parity fixtures the GPU test runs (the device tool's
+#                        64 MiB budget cannot take all three: v2_0 has the ViT and MiniCPM's
+#                        scalings, v2_6 NaViT, Qwen2 biases and GQA; 2.5 shares their parts)
+# Needs the CUDA toolkit: scripts/cuda-env.sh (CUDA 13.0 from PyPI wheels).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+C=target/gpu-carry
+source scripts/cuda-env.sh >/dev/null
+cargo build --release --features cuda -p cpmv-train --bin train
+test_bin=$(cargo test --release --features cuda -p cpmv-model --test gpu --no-run 2>&1 \
+  | sed -n 's/.*Executable tests\/gpu\/main.rs (\(.*\))/\1/p' | tail -1)
+[ -n "$test_bin" ] || { echo "prepare: no GPU test binary" >&2; exit 1; }
+cargo build --release -p cpmv-prep --bin prep
+rm -rf "$C" && mkdir -p "$C/bin" "$C/tests/fixtures/model"
+strip -o "$C/bin/train" target/release/train
+strip -o "$C/bin/gpu" "$test_bin"
+xz -T2 -6 "$C/bin/train" "$C/bin/gpu"
+target/release/prep build --config pipelines/tiny-cpu-demo.toml --data examples/data/train.json \
+  --model examples/models/minicpm-v-2_6-tiny --out "$C/tiny-shards" --overwrite --quiet
+cp -r tests/fixtures/model/v2_0 tests/fixtures/model/v2_6 "$C/tests/fixtures/model/"
+du -sh "$C" "$C"/bin/* "$C"/tiny-shards "$C"/tests/fixtures
