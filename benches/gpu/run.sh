@@ -49,16 +49,26 @@ check() {
     dev=${run%%:*}; dt=${run##*:}
     timeout 240 "$TRAIN" --config pipelines/tiny-cpu-demo.toml --shards "$C/tiny-shards" --model "$W/model" \
       --output "$W/run-$dev-$dt" --max-steps 50 --save-every 1000 --eval-every 1000 --device "$dev" --dtype "$dt" --quiet 2>&1 | tail -2
-    cp "$W/run-$dev-$dt/log.jsonl" "$OUT/tiny-$dev-$dt.jsonl" 2>/dev/null
   done
-  "$PY" - "$OUT" <<'PYEOF' | tee -a "$OUT/check.txt"
+  # One file for the three logs (the device tool returns at most 8 files): each line gets "run".
+  "$PY" - "$W" "$OUT" <<'PYEOF' | tee -a "$OUT/check.txt"
 import json, sys
-out = sys.argv[1]
+work, out = sys.argv[1], sys.argv[2]
+runs = {}
+with open(f"{out}/tiny.jsonl", "w") as merged:
+    for name in ("cpu-f32", "cuda-f32", "cuda-bf16"):
+        runs[name] = []
+        try:
+            lines = open(f"{work}/run-{name}/log.jsonl").read().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            rec = json.loads(line)
+            merged.write(json.dumps({"run": name, **rec}) + "\n")
+            if rec.get("kind") == "train":
+                runs[name].append(rec["loss"])
 def losses(name):
-    try:
-        return [json.loads(l)["loss"] for l in open(f"{out}/tiny-{name}.jsonl") if '"loss"' in l and '"eval' not in l]
-    except OSError:
-        return []
+    return runs.get(name, [])
 cpu, g32, g16 = losses("cpu-f32"), losses("cuda-f32"), losses("cuda-bf16")
 print(f"tiny 50 steps: cpu {len(cpu)} losses, cuda f32 {len(g32)}, cuda bf16 {len(g16)}")
 # lr 2e-3 on a random tiny model is chaotic: rounding differences (GPU reduction order, bf16)

@@ -20,6 +20,7 @@ use crate::checkpoint::{
 use crate::config::{LossNorm, TrainConfig};
 use crate::data::{make_batch, stream, Cursor, Dataset};
 use crate::error::{io, TrainError};
+pub use cpmv_model::profile;
 
 /// What to train on and where to write.
 #[derive(Debug, Clone)]
@@ -154,8 +155,6 @@ impl Accum {
         store
     }
 }
-
-pub use cpmv_model::profile;
 
 /// Forward + backward of one micro-batch; gradients of `loss · weight` are added to `acc`.
 /// Returns the micro-batch's mean loss. With `checkpointing`, the activations of every
