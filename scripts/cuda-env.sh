@@ -15,6 +15,7 @@ _cpmv_cuda() {
       "nvidia-nccl-cu13==2.28.9" || return 1
     cu=$(ls -d "$dir"/venv/lib/python3*/site-packages/nvidia/cu13 | head -1)
   fi
+  [ -n "$cu" ] && [ -x "$cu/bin/nvcc" ] || { echo "cuda-env: no nvcc under $dir" >&2; return 1; }
   # A CUDA_HOME layout (bin, include, nvvm, lib64) made of links into the wheels.
   root=$dir/root
   if [ ! -e "$root/lib64/libcublas.so" ]; then

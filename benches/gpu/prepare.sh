@@ -11,11 +11,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 C=target/gpu-carry
+cargo fetch --quiet # cudarc's sources (an optional dependency): the driver stub is made from them
 source scripts/cuda-env.sh >/dev/null
 cargo build --release --features cuda -p cpmv-train --bin train
-test_bin=$(cargo test --release --features cuda -p cpmv-model --test gpu --no-run 2>&1 \
-  | sed -n 's/.*Executable tests\/gpu\/main.rs (\(.*\))/\1/p' | tail -1)
-[ -n "$test_bin" ] || { echo "prepare: no GPU test binary" >&2; exit 1; }
+log=$(cargo test --release --features cuda -p cpmv-model --test gpu --no-run 2>&1) \
+  || { echo "$log" >&2; exit 1; }
+test_bin=$(echo "$log" | sed -n 's/.*Executable tests\/gpu\/main.rs (\(.*\))/\1/p' | tail -1)
+[ -n "$test_bin" ] || { echo "$log" >&2; echo "prepare: no GPU test binary" >&2; exit 1; }
 cargo build --release -p cpmv-prep --bin prep
 rm -rf "$C" && mkdir -p "$C/bin" "$C/tests/fixtures/model"
 strip -o "$C/bin/train" target/release/train

@@ -2,8 +2,10 @@
 # On the GPU machine, from the repository root, after benches/gpu/prepare.sh here:
 #   benches/gpu/run.sh [check|bench|all]      (results and logs in $OUT, default out/gpu)
 # check: the GPU test binary (fused kernels vs their CPU references, fused AdamW vs the CPU
-#        optimiser, PyTorch parity fixture v2_6 on the GPU in f32 and bf16), then 50 steps of the
-#        tiny 2.6 model on CPU, GPU f32 and GPU bf16 with their loss curves compared.
+#        optimiser, PyTorch parity fixtures v2_0 and v2_6 on the GPU in f32 and bf16), the PyTorch
+#        baseline's self-check, then 50 steps of the tiny 2.6 model on CPU, GPU f32 and GPU bf16
+#        with their loss curves compared.
+# The exit status is non-zero when a check failed or a cpmv benchmark did not run.
 # bench: `train bench` and benches/gpu/torch_baseline.py on the same configurations, one
 #        process each, then the side-by-side table (benches/gpu/table.py), printed last.
 set -uo pipefail
@@ -26,15 +28,22 @@ TRAIN=$C/bin/train
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 t0=$(date +%s)
 stamp() { echo "== $* (t+$(( $(date +%s) - t0 ))s)"; }
+status=0
+fail() { status=1; echo "!! $*"; }
+case $C in /*) repo_c=$C ;; *) repo_c=$PWD/$C ;; esac
 
 check() {
   stamp "kernels and AdamW vs CPU"
-  timeout 240 "$C/bin/gpu" --test-threads 1 --nocapture ops:: adamw:: 2>&1 | grep -E "rel diff|masked attention|max \||test result|panicked|FAILED|error" | tee "$OUT/check.txt"
+  timeout 240 "$C/bin/gpu" --test-threads 1 --nocapture ops:: adamw:: >"$OUT/gpu-tests.log" 2>&1 \
+    || fail "kernel/AdamW tests"
+  grep -E "rel diff|masked attention|max \||test result|panicked|FAILED|error" | tee "$OUT/check.txt"
   stamp "PyTorch parity fixtures v2_0 and v2_6 on the GPU, f32 then bf16"
   for dt in f32 bf16; do
     for v in v2_0 v2_6; do
-      CPMV_REPO=$PWD/$C CPMV_TEST_DEVICE=cuda CPMV_TEST_DTYPE=$dt timeout 120 "$C/bin/gpu" --test-threads 1 \
-        --nocapture "parity::$v" 2>&1 | grep -E "on Cuda|test result|panicked|differs|FAILED" | tee -a "$OUT/check.txt"
+      CPMV_REPO=$repo_c CPMV_TEST_DEVICE=cuda CPMV_TEST_DTYPE=$dt timeout 120 "$C/bin/gpu" --test-threads 1 \
+        --nocapture "parity::$v" >"$OUT/parity.log" 2>&1 || fail "parity $v $dt"
+      grep -E "on Cuda|test result|panicked|differs|FAILED" "$OUT/parity.log" | tee -a "$OUT/check.txt"
+      rm -f "$OUT/parity.log"
     done
   done
   if [ "${TORCH_CHECK:-1}" = 1 ]; then
@@ -44,6 +53,7 @@ check() {
   [ "${TINY:-1}" = 1 ] || return 0
   stamp "50 tiny steps: CPU f32, GPU f32, GPU bf16"
   W=$(mktemp -d)
+  trap 'rm -rf "$W"' EXIT
   "$TRAIN" init-model --like examples/models/minicpm-v-2_6-tiny --size tiny --seed 0 --out "$W/model" >/dev/null
   for run in cpu:f32 cuda:f32 cuda:bf16; do
     dev=${run%%:*}; dt=${run##*:}
@@ -74,26 +84,31 @@ print(f"tiny 50 steps: cpu {len(cpu)} losses, cuda f32 {len(g32)}, cuda bf16 {le
 # lr 2e-3 on a random tiny model is chaotic: rounding differences (GPU reduction order, bf16)
 # grow as training proceeds, so the first 20 steps are held to a tight tolerance and the whole
 # curve to a loose one.
+bad = False
 for name, other, tol20, tol50 in [("cuda f32", g32, 1e-5, 2e-2), ("cuda bf16", g16, 1e-2, 1e-1)]:
     if len(other) != len(cpu) or not cpu:
-        print(f"{name}: MISSING"); continue
+        print(f"{name}: MISSING"); bad = True; continue
     rel = [abs(a - b) / abs(a) for a, b in zip(cpu, other)]
     w20, w50 = max(rel[:20]), max(rel)
     ok = w20 <= tol20 and w50 <= tol50
     print(f"{name} vs cpu: first {other[0]:.5f}/{cpu[0]:.5f} last {other[-1]:.5f}/{cpu[-1]:.5f} "
           f"max rel diff steps 1-20 {w20:.2e} (tol {tol20}), 1-50 {w50:.2e} (tol {tol50}) -> "
           f"{'PASS' if ok else 'FAIL'}")
+    bad = bad or not ok
+sys.exit(1 if bad else 0)
 PYEOF
+  [ "${PIPESTATUS[0]}" = 0 ] || fail "tiny loss curves"
 }
 
 bench() {
   configs=${CONFIGS:-"2.0:full 2.0:lora 2.5:lora 2.5:lora-embed"}
+  rm -f "$OUT/cpmv.jsonl" "$OUT/torch.jsonl" # this run's lines only
   for c in $configs; do
     v=${c%%:*}; m=${c##*:}
     case $v in 2.0) like=examples/models/minicpm-v-2-tiny ;; 2.5) like=examples/models/minicpm-llama3-v-2_5-tiny ;; *) like=examples/models/minicpm-v-2_6-tiny ;; esac
     stamp "cpmv $v $m"
     CPMV_PROFILE=${CPMV_PROFILE:-0} timeout 150 "$TRAIN" bench --like "$like" --mode "$m" --warmup "$WARMUP" --steps "$STEPS" --out "$OUT/cpmv.jsonl" 2>&1 | tail -3 \
-      || echo "{\"impl\":\"cpmv\",\"version\":\"$v\",\"mode\":\"$m\",\"seq\":2048,\"error\":\"exit status ${PIPESTATUS[0]}\"}" >> "$OUT/cpmv.jsonl"
+      || { echo "{\"impl\":\"cpmv\",\"version\":\"$v\",\"mode\":\"$m\",\"seq\":2048,\"error\":\"exit status ${PIPESTATUS[0]}\"}" >> "$OUT/cpmv.jsonl"; fail "cpmv bench $v $m"; }
     for w in ${TORCH_WEIGHTS:-bf16}; do
       stamp "pytorch $v $m $w"
       timeout 180 "$PY" benches/gpu/torch_baseline.py --version "$v" --mode "$m" --weights "$w" --warmup "$WARMUP" --steps "$STEPS" --out "$OUT/torch.jsonl" 2>&1 | tail -2
@@ -116,4 +131,5 @@ case $PHASE in
   bench-first) bench; check ;;
   *) echo "usage: $0 [check|bench|all|bench-first]" >&2; exit 2 ;;
 esac
-stamp done
+stamp "done (status $status)"
+exit $status

@@ -268,7 +268,8 @@ template <typename T> __device__ void ce_fwd(const T *l, const uint32_t *t, floa
   float s = 0.f;
   for (int j = threadIdx.x; j < v; j += blockDim.x) s += expf(tof(lr[j]) - m);
   s = block_sum(s);
-  if (threadIdx.x == 0) loss[r] = logf(s) + m - tof(lr[t[r]]);
+  // A target outside the vocabulary gives NaN (callers validate; never read out of bounds).
+  if (threadIdx.x == 0) loss[r] = t[r] < (uint32_t)v ? logf(s) + m - tof(lr[t[r]]) : NAN;
 }
 
 // dl[r, j] = g[r] * (softmax(l[r])_j - [j == t[r]]), recomputing the row statistics.
@@ -290,18 +291,20 @@ __device__ void ce_bwd(const T *l, const uint32_t *t, const float *g, T *dl, int
 
 // ---- AdamW, torch's formula, one pass: moments and master in f32 --------------------------------
 // master == NULL: the parameter itself is f32 and is the master.
+// The scalars come from the host: 1 - beta1 and 1 - beta2 rounded from f64 to f32, as torch
+// passes them (computing 1 - beta2 in f32 here would be off by 1e-5 relative for beta2 = 0.999).
 template <typename T>
 __device__ void adamw(T *p, float *master, float *m, float *v, const T *g, size_t n, float lr_wd,
-                      float beta1, float beta2, float eps, float step_size, float bc2_sqrt,
-                      float grad_scale) {
+                      float one_minus_beta1, float beta2, float one_minus_beta2, float eps,
+                      float step_size, float bc2_sqrt, float grad_scale) {
   size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
   float gi = tof(g[i]) * grad_scale;
   float pv = master ? master[i] : tof(p[i]);
   pv = pv * lr_wd;
-  float mi = m[i], w = 1.f - beta1;
+  float mi = m[i], w = one_minus_beta1;
   float mn = w < 0.5f ? mi + w * (gi - mi) : gi - (gi - mi) * (1.f - w);
-  float vn = beta2 * v[i] + (1.f - beta2) * gi * gi;
+  float vn = beta2 * v[i] + one_minus_beta2 * gi * gi;
   float den = sqrtf(vn) / bc2_sqrt + eps;
   pv = pv + (-step_size) * (mn / den);
   m[i] = mn;
@@ -391,9 +394,11 @@ template <typename T> __device__ void sum_squares(const T *x, size_t n, double *
     ce_bwd<T>(l, t, g, dl, v);                                                                      \
   }                                                                                                 \
   extern "C" __global__ void adamw_##S(T *p, float *master, float *m, float *v, const T *g,         \
-                                       size_t n, float lr_wd, float beta1, float beta2, float eps,  \
-                                       float step_size, float bc2_sqrt, float grad_scale) {         \
-    adamw<T>(p, master, m, v, g, n, lr_wd, beta1, beta2, eps, step_size, bc2_sqrt, grad_scale);    \
+                                       size_t n, float lr_wd, float omb1, float beta2, float omb2,  \
+                                       float eps, float step_size, float bc2_sqrt,                  \
+                                       float grad_scale) {                                          \
+    adamw<T>(p, master, m, v, g, n, lr_wd, omb1, beta2, omb2, eps, step_size, bc2_sqrt,            \
+             grad_scale);                                                                           \
   }                                                                                                 \
   extern "C" __global__ void dropout_mask_##S(T *out, size_t n, uint64_t seed, float keep) {      \
     dropout_mask<T>(out, n, seed, keep);                                                            \

@@ -251,12 +251,31 @@ impl CustomOp3 for NormBwd {
     }
 }
 
+/// A norm's row length must equal its parameters' and fit the kernels (1 ≤ D ≤ 8192); rows
+/// of zero are not launched.
+fn check_norm_shapes(x: &Tensor, params: &[&Tensor], what: &str) -> Result<()> {
+    let d = x.dim(candle_core::D::Minus1)?;
+    if d == 0 || d > MAX_NORM_DIM {
+        bail!("cpmv-kernels: {what} rows of {d} (1..={MAX_NORM_DIM} supported)");
+    }
+    for p in params {
+        if p.dims() != [d] {
+            bail!(
+                "cpmv-kernels: {what} parameter {:?} for rows of {d}",
+                p.dims()
+            );
+        }
+    }
+    if x.elem_count() == 0 {
+        bail!("cpmv-kernels: {what} of an empty tensor");
+    }
+    Ok(())
+}
+
 /// RMSNorm over the last axis: `round(x / sqrt(mean(x²) + eps)) · w`, statistics in f32.
 /// `x` `[.., D]` and `w` `[D]` on one CUDA device, same dtype (f32 or bf16), `D ≤ 8192`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    if w.dim(0)? > MAX_NORM_DIM {
-        bail!("cpmv-kernels: rms_norm rows are limited to {MAX_NORM_DIM}");
-    }
+    check_norm_shapes(x, &[w], "rms_norm")?;
     x.contiguous()?
         .apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
 }
@@ -342,9 +361,7 @@ impl CustomOp3 for LayerNorm {
 /// LayerNorm over the last axis (biased variance, as torch): `round(round(x̂)·w) + b`,
 /// statistics in f32. Same constraints as [`rms_norm`].
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-    if w.dim(0)? > MAX_NORM_DIM {
-        bail!("cpmv-kernels: layer_norm rows are limited to {MAX_NORM_DIM}");
-    }
+    check_norm_shapes(x, &[w, b], "layer_norm")?;
     x.contiguous()?.apply_op3(
         &w.contiguous()?,
         &b.contiguous()?,
@@ -454,6 +471,9 @@ impl CustomOp3 for SiluMulBwd {
 
 /// `silu(gate) · up` in one pass (the gated MLP's activation), same shapes and dtype.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if gate.elem_count() == 0 {
+        return gate.mul(up);
+    }
     gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul)
 }
 
@@ -543,7 +563,15 @@ impl CustomOp3 for Rope {
 /// Rotary embedding (rotate-half convention over the full head dimension) of `x` laid out
 /// `[B, T, H, Dh]` with tables `cos`/`sin` `[B, T, Dh]` (no gradient to the tables).
 pub fn rope_bthd(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (_, _, h, _) = x.dims4()?;
+    let (b, t, h, dh) = x.dims4()?;
+    if dh % 2 != 0 || cos.dims() != [b, t, dh] || sin.dims() != [b, t, dh] {
+        bail!(
+            "cpmv-kernels: rope of {:?} needs an even head dim and tables [{b}, {t}, {dh}], got {:?} / {:?}",
+            x.dims(),
+            cos.dims(),
+            sin.dims()
+        );
+    }
     x.contiguous()?.apply_op3(
         &cos.contiguous()?,
         &sin.contiguous()?,
@@ -696,6 +724,9 @@ impl CustomOp2 for SoftmaxBwd {
 
 /// Softmax over the last axis of `scores · scale`, statistics in f32.
 pub fn softmax_last(scores: &Tensor, scale: f64) -> Result<Tensor> {
+    if scores.elem_count() == 0 {
+        bail!("cpmv-kernels: softmax of an empty tensor");
+    }
     scores.contiguous()?.apply_op1(Softmax {
         heads: 1,
         tq: 1,
@@ -708,7 +739,13 @@ pub fn softmax_last(scores: &Tensor, scale: f64) -> Result<Tensor> {
 /// other keys get probability 0. A packed causal row uses `lo` = its sample's first position and
 /// `hi = q + 1`, so no `[T, T]` mask tensor exists.
 pub fn masked_softmax(scores: &Tensor, bounds: &Tensor, scale: f64) -> Result<Tensor> {
-    let (b, h, tq, _) = scores.dims4()?;
+    let (b, h, tq, tk) = scores.dims4()?;
+    if b * h * tq * tk == 0 {
+        bail!(
+            "cpmv-kernels: masked_softmax of empty scores {:?}",
+            scores.dims()
+        );
+    }
     if bounds.dims() != [b, tq, 2] {
         bail!(
             "cpmv-kernels: bounds {:?} do not match scores {:?}",
@@ -833,6 +870,10 @@ pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     if targets.dtype() != DType::U32 {
         bail!("cpmv-kernels: cross_entropy targets must be u32");
     }
+    let (n, v) = logits.dims2()?;
+    if n == 0 || v == 0 {
+        bail!("cpmv-kernels: cross_entropy of {n} rows of {v} classes");
+    }
     logits
         .contiguous()?
         .apply_op2(&targets.contiguous()?, CrossEntropy)
@@ -846,8 +887,11 @@ pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 pub struct AdamWStep {
     /// `1 − lr·wd` (1 when the parameter is not decayed).
     pub decay_factor: f32,
-    pub beta1: f32,
+    /// `1 − β1`, computed in f64 and rounded (as torch passes it).
+    pub one_minus_beta1: f32,
     pub beta2: f32,
+    /// `1 − β2`, computed in f64 and rounded.
+    pub one_minus_beta2: f32,
     pub eps: f32,
     /// `lr / (1 − β1ᵗ)`.
     pub step_size: f32,
@@ -887,6 +931,14 @@ pub fn adamw_step(
                 t.elem_count()
             );
         }
+    }
+    if let Some(t) = master {
+        if t.elem_count() != n || t.dtype() != DType::F32 {
+            bail!("cpmv-kernels: adamw master must be f32 with {n} elements");
+        }
+    }
+    if n == 0 {
+        return Ok(());
     }
     check_same(param.dtype(), grad.dtype(), "adamw gradient")?;
     let grad = grad.contiguous()?;
@@ -931,8 +983,9 @@ pub fn adamw_step(
             .arg(&g)
             .arg(&n)
             .arg(&h.decay_factor)
-            .arg(&h.beta1)
+            .arg(&h.one_minus_beta1)
             .arg(&h.beta2)
+            .arg(&h.one_minus_beta2)
             .arg(&h.eps)
             .arg(&h.step_size)
             .arg(&h.bc2_sqrt)
@@ -950,6 +1003,9 @@ pub fn dropout_mask(like: &Tensor, seed: u64, keep: f64) -> Result<Tensor> {
         bail!("cpmv-kernels: dropout_mask needs a CUDA tensor");
     };
     let n = like.elem_count();
+    if n == 0 {
+        return like.zeros_like();
+    }
     typed!(like.dtype(), T, {
         let out = unsafe { dev.alloc::<T>(n)? };
         let f = func(dev, "dropout_mask", like.dtype())?;

@@ -200,6 +200,15 @@ mod tests {
             ..Default::default()
         };
         let g = step_flops(&cfg, &batch, &frozen, Some(&lc));
-        assert!(g.llm < f.llm && g.llm > 0.6 * f.llm);
+        let attn = nl * 4.0 * nh * dh * tt * (tt + 1.0) / 2.0;
+        let linear = llm_fwd - attn;
+        // The default target adapts q, k and v: A (r × in) and B (out × r) on each.
+        let lora = 2.0 * 8.0 * ((h + nh * dh) + 2.0 * (h + nkv * dh)) * nl * tt;
+        let want = 2.0 * linear + 3.0 * attn + 3.0 * lora;
+        assert!((g.llm - want).abs() <= 1e-9 * want, "{} vs {want}", g.llm);
+        // Nothing trains below the LLM and no adapters: the LLM runs forward only.
+        let none = step_flops(&cfg, &batch, &Trainable::NONE, None);
+        assert!((none.llm - llm_fwd).abs() <= 1e-9 * llm_fwd);
+        assert_eq!(none.vision, vis_fwd);
     }
 }

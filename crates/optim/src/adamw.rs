@@ -192,8 +192,9 @@ impl AdamW {
                     &grad.to_dtype(p.var.dtype())?,
                     cpmv_kernels::AdamWStep {
                         decay_factor: decay as f32,
-                        beta1: beta1 as f32,
+                        one_minus_beta1: (1.0 - beta1) as f32,
                         beta2: beta2 as f32,
+                        one_minus_beta2: (1.0 - beta2) as f32,
                         eps: eps as f32,
                         step_size: (lr / (1.0 - beta1.powf(tf))) as f32,
                         bc2_sqrt: (1.0 - beta2.powf(tf)).sqrt() as f32,

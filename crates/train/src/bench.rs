@@ -26,10 +26,10 @@ pub const PEAK_TFLOPS: f64 = 989.0;
 pub enum BenchMode {
     /// Everything trains (vision, resampler, LLM, embeddings, lm_head).
     Full,
-    /// finetune_lora.sh: LoRA r=64 on the LLM's q/k/v/o, vision and resampler trained, the
-    /// embeddings frozen.
+    /// LoRA r=64 on the LLM's q/k/v/o (the targets finetune_lora.sh passes), vision and
+    /// resampler trained whole, the embeddings frozen (`--lora-embeddings false`).
     Lora,
-    /// As `lora`, plus trainable embeddings (the reference's `modules_to_save`).
+    /// As `lora`, plus trainable embeddings: what finetune_lora.sh trains (`modules_to_save`).
     LoraEmbed,
 }
 

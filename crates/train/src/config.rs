@@ -70,7 +70,7 @@ pub fn open_device(name: &str) -> Result<candle_core::Device, TrainError> {
     if !cfg!(feature = "cuda") {
         return Err(TrainError::Config(format!(
             "--device {name}: this `train` was built without CUDA support (build with \
-             `cargo build --release --features cuda`, see docs/gpu.md)"
+             `cargo build --release --features cuda`; README: \"train on NVIDIA GPUs\")"
         )));
     }
     let dev = candle_core::Device::new_cuda(ordinal)

@@ -115,8 +115,9 @@ fn fused_adamw_matches_the_cpu_optimiser() {
                     } else {
                         1.0
                     },
-                    beta1: CFG.beta1 as f32,
+                    one_minus_beta1: (1.0 - CFG.beta1) as f32,
                     beta2: CFG.beta2 as f32,
+                    one_minus_beta2: (1.0 - CFG.beta2) as f32,
                     eps: CFG.eps as f32,
                     step_size: (l / (1.0 - CFG.beta1.powf(tf))) as f32,
                     bc2_sqrt: (1.0 - CFG.beta2.powf(tf)).sqrt() as f32,

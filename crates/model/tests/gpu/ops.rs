@@ -281,3 +281,67 @@ fn cross_entropy_matches_cpu() {
         (1e-5, 1e-4),
     );
 }
+
+/// Device dropout masks: a pure function of the seed (so a recomputation replays it), values
+/// 0 or 1/keep, and the keep rate as asked.
+#[test]
+fn dropout_masks_replay_from_their_seed() {
+    let dev = gpu();
+    let like = Tensor::zeros((1000, 1003), DType::BF16, &dev).unwrap();
+    let keep = 0.95;
+    let host = |t: &Tensor| {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let a = host(&ops::dropout_mask(&like, 7, keep).unwrap());
+    let b = host(&ops::dropout_mask(&like, 7, keep).unwrap());
+    let c = host(&ops::dropout_mask(&like, 8, keep).unwrap());
+    assert_eq!(a, b, "same seed, same mask");
+    assert_ne!(a, c, "another seed, another mask");
+    let scale = half::bf16::from_f64(1.0 / keep).to_f32();
+    assert!(a.iter().all(|&x| x == 0.0 || x == scale));
+    let kept = a.iter().filter(|&&x| x != 0.0).count() as f64 / a.len() as f64;
+    eprintln!("dropout keep rate {kept:.5} (asked {keep})");
+    assert!((kept - keep).abs() < 2e-3, "{kept}");
+}
+
+/// The many-block sum of squares behind the gradient norm, against an f64 sum on the CPU.
+#[test]
+fn sum_of_squares_matches_cpu() {
+    let dev = gpu();
+    let x = tensor(&[1_000_003], 31, 3.0);
+    let want: f64 = x
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|&v| v as f64 * v as f64)
+        .sum();
+    for dtype in [DType::F32, DType::BF16] {
+        let xd = x.to_dtype(dtype).unwrap().to_device(&dev).unwrap();
+        let got = cpmv_kernels::sum_squares(&xd)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        // bf16 rounds each element (relative 2^-9) before squaring.
+        let want = if dtype == DType::F32 {
+            want
+        } else {
+            x.to_dtype(DType::BF16)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|&v| v as f64 * v as f64)
+                .sum()
+        };
+        let rel = ((got - want) / want).abs();
+        eprintln!("sum_squares {dtype:?}: rel diff {rel:.2e}");
+        assert!(rel < 1e-12, "{dtype:?}: {got} vs {want}");
+    }
+}
