@@ -1064,86 +1064,72 @@ pub fn sum_squares(x: &Tensor) -> Result<Tensor> {
     .sum_all()
 }
 
+/// The default memory pool of a CUDA device (cudarc allocates stream-ordered from it).
+fn default_pool(
+    dev: &candle_core::Device,
+    what: &str,
+) -> Result<candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let candle_core::Device::Cuda(cd) = dev else {
+        bail!("cpmv-kernels: {what} needs a CUDA device");
+    };
+    let ordinal = cd.cuda_stream().context().ordinal();
+    let mut pool = std::ptr::null_mut();
+    unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ordinal as i32) }
+        .result()
+        .w()?;
+    Ok(pool)
+}
+
+/// Reads (`set: None`) or writes a u64 attribute of the device's default memory pool.
+fn pool_attribute(
+    dev: &candle_core::Device,
+    attr: candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute,
+    set: Option<u64>,
+    what: &str,
+) -> Result<u64> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let pool = default_pool(dev, what)?;
+    let mut value = set.unwrap_or(0);
+    let ptr = &mut value as *mut u64 as *mut std::ffi::c_void;
+    // SAFETY: the pool is the device's own; these attributes are 64-bit values.
+    unsafe {
+        match set {
+            Some(_) => sys::cuMemPoolSetAttribute(pool, attr, ptr),
+            None => sys::cuMemPoolGetAttribute(pool, attr, ptr),
+        }
+    }
+    .result()
+    .w()?;
+    Ok(value)
+}
+
 /// Peak bytes allocated from the device's default memory pool since the last
 /// [`reset_peak_memory`] (cudarc allocates stream-ordered from that pool), and the bytes in use now.
 pub fn pool_memory(dev: &candle_core::Device) -> Result<(u64, u64)> {
-    use candle_core::cuda_backend::cudarc::driver::sys;
-    let candle_core::Device::Cuda(cd) = dev else {
-        bail!("cpmv-kernels: pool_memory needs a CUDA device");
-    };
-    let stream = cd.cuda_stream();
-    let ordinal = stream.context().ordinal();
-    unsafe {
-        let mut pool = std::ptr::null_mut();
-        sys::cuDeviceGetDefaultMemPool(&mut pool, ordinal as i32)
-            .result()
-            .w()?;
-        let mut high = 0u64;
-        let mut used = 0u64;
-        sys::cuMemPoolGetAttribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-            &mut high as *mut u64 as *mut std::ffi::c_void,
-        )
-        .result()
-        .w()?;
-        sys::cuMemPoolGetAttribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
-            &mut used as *mut u64 as *mut std::ffi::c_void,
-        )
-        .result()
-        .w()?;
-        Ok((high, used))
-    }
+    use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute as A;
+    let high = pool_attribute(dev, A::CU_MEMPOOL_ATTR_USED_MEM_HIGH, None, "pool_memory")?;
+    let used = pool_attribute(
+        dev,
+        A::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
+        None,
+        "pool_memory",
+    )?;
+    Ok((high, used))
 }
 
 /// Makes the device's default memory pool keep freed memory instead of returning it to the
 /// driver at every synchronisation (its default threshold is 0): without this, every step
 /// re-maps gigabytes of activations. Call once before training.
 pub fn keep_pool_memory(dev: &candle_core::Device) -> Result<()> {
-    use candle_core::cuda_backend::cudarc::driver::sys;
-    let candle_core::Device::Cuda(cd) = dev else {
-        bail!("cpmv-kernels: keep_pool_memory needs a CUDA device");
-    };
-    let ordinal = cd.cuda_stream().context().ordinal();
-    unsafe {
-        let mut pool = std::ptr::null_mut();
-        sys::cuDeviceGetDefaultMemPool(&mut pool, ordinal as i32)
-            .result()
-            .w()?;
-        let mut max = u64::MAX;
-        sys::cuMemPoolSetAttribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-            &mut max as *mut u64 as *mut std::ffi::c_void,
-        )
-        .result()
-        .w()?;
-    }
-    Ok(())
+    use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute as A;
+    let attr = A::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+    pool_attribute(dev, attr, Some(u64::MAX), "keep_pool_memory").map(|_| ())
 }
 
 /// Resets the pool's high-water mark to the current use.
 pub fn reset_peak_memory(dev: &candle_core::Device) -> Result<()> {
-    use candle_core::cuda_backend::cudarc::driver::sys;
-    let candle_core::Device::Cuda(cd) = dev else {
-        bail!("cpmv-kernels: reset_peak_memory needs a CUDA device");
-    };
-    let ordinal = cd.cuda_stream().context().ordinal();
-    unsafe {
-        let mut pool = std::ptr::null_mut();
-        sys::cuDeviceGetDefaultMemPool(&mut pool, ordinal as i32)
-            .result()
-            .w()?;
-        let mut zero = 0u64;
-        sys::cuMemPoolSetAttribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-            &mut zero as *mut u64 as *mut std::ffi::c_void,
-        )
-        .result()
-        .w()?;
-    }
-    Ok(())
+    use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute as A;
+    let attr = A::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+    pool_attribute(dev, attr, Some(0), "reset_peak_memory").map(|_| ())
 }
