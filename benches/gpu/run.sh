@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine, from the repository root, after benches/gpu/prepare.sh here:
-#   benches/gpu/run.sh [check|bench|all]      (results and logs in $OUT, default out/gpu)
+#   benches/gpu/run.sh [check|bench|all|bench-first|kernels]   (results in $OUT, default out/gpu)
 # check: the GPU test binary (fused kernels vs their CPU references, fused AdamW vs the CPU
 #        optimiser, PyTorch parity fixtures v2_0 and v2_6 on the GPU in f32 and bf16), the PyTorch
 #        baseline's self-check, then 50 steps of the tiny 2.6 model on CPU, GPU f32 and GPU bf16
@@ -124,12 +124,29 @@ bench() {
   "$PY" benches/gpu/table.py --pytorch-weights all "$OUT/cpmv.jsonl" "$OUT/torch.jsonl" | tee "$OUT/table.md"
 }
 
+# Per-kernel GPU time of one `train bench` step (Nsight Compute, which works on the Firecracker
+# machines; nsys does not): $OUT/kernels.txt lists the kernels by total time. KERNEL_CONFIG picks
+# the configuration (default 2.0:full); the step runs under ncu, so only the kernel times count.
+kernels() {
+  local ncu v m like
+  ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  [ -n "$ncu" ] || { fail "no ncu"; return; }
+  v=${KERNEL_CONFIG:-2.0:full}; m=${v##*:}; v=${v%%:*}
+  case $v in 2.0) like=examples/models/minicpm-v-2-tiny ;; 2.5) like=examples/models/minicpm-llama3-v-2_5-tiny ;; *) like=examples/models/minicpm-v-2_6-tiny ;; esac
+  stamp "ncu: kernels of one cpmv $v $m step"
+  timeout 400 "$ncu" --metrics gpu__time_duration.sum --csv --page raw --print-units base \
+    "$TRAIN" bench --like "$like" --mode "$m" --warmup 0 --steps 1 >"$W_NCU" 2>"$W_NCU.err" \
+    || { tail -5 "$W_NCU.err"; fail "ncu run"; }
+  "$PY" benches/gpu/kernel_table.py "$W_NCU" | tee "$OUT/kernels.txt"
+}
+
 case $PHASE in
   check) check ;;
   bench) bench ;;
   all) check; bench ;;
   bench-first) bench; check ;;
-  *) echo "usage: $0 [check|bench|all|bench-first]" >&2; exit 2 ;;
+  kernels) W_NCU=$(mktemp); kernels; rm -f "$W_NCU" "$W_NCU.err" ;;
+  *) echo "usage: $0 [check|bench|all|bench-first|kernels]" >&2; exit 2 ;;
 esac
 stamp "done (status $status)"
 exit $status
