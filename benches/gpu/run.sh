@@ -29,6 +29,15 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 t0=$(date +%s)
 stamp() { echo "== $* (t+$(( $(date +%s) - t0 ))s)"; }
 status=0
+# The tiny model directory of a version: its config.json is the template `train bench` derives
+# the full-size configuration from.
+like_of() {
+  case $1 in
+    2.0) echo examples/models/minicpm-v-2-tiny ;;
+    2.5) echo examples/models/minicpm-llama3-v-2_5-tiny ;;
+    *) echo examples/models/minicpm-v-2_6-tiny ;;
+  esac
+}
 fail() { status=1; echo "!! $*"; }
 case $C in /*) repo_c=$C ;; *) repo_c=$PWD/$C ;; esac
 
@@ -105,7 +114,7 @@ bench() {
   rm -f "$OUT/cpmv.jsonl" "$OUT/torch.jsonl" # this run's lines only
   for c in $configs; do
     v=${c%%:*}; m=${c##*:}
-    case $v in 2.0) like=examples/models/minicpm-v-2-tiny ;; 2.5) like=examples/models/minicpm-llama3-v-2_5-tiny ;; *) like=examples/models/minicpm-v-2_6-tiny ;; esac
+    like=$(like_of "$v")
     stamp "cpmv $v $m"
     CPMV_PROFILE=${CPMV_PROFILE:-0} timeout 150 "$TRAIN" bench --like "$like" --mode "$m" --warmup "$WARMUP" --steps "$STEPS" --out "$OUT/cpmv.jsonl" 2>&1 | tail -3 \
       || { echo "{\"impl\":\"cpmv\",\"version\":\"$v\",\"mode\":\"$m\",\"seq\":2048,\"error\":\"exit status ${PIPESTATUS[0]}\"}" >> "$OUT/cpmv.jsonl"; fail "cpmv bench $v $m"; }
@@ -116,7 +125,7 @@ bench() {
   done
   if [ -n "${PROFILE_CONFIG:-}" ]; then
     v=${PROFILE_CONFIG%%:*}; m=${PROFILE_CONFIG##*:}
-    case $v in 2.0) like=examples/models/minicpm-v-2-tiny ;; 2.5) like=examples/models/minicpm-llama3-v-2_5-tiny ;; *) like=examples/models/minicpm-v-2_6-tiny ;; esac
+    like=$(like_of "$v")
     stamp "cpmv $v $m with the per-part profile (CPMV_PROFILE=2; not in the table)"
     CPMV_PROFILE=2 timeout 150 "$TRAIN" bench --like "$like" --mode "$m" --warmup 1 --steps 2 2>&1 | tail -1 | tee "$OUT/profile.json"
   fi
@@ -132,7 +141,7 @@ kernels() {
   ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
   [ -n "$ncu" ] || { fail "no ncu"; return; }
   v=${KERNEL_CONFIG:-2.0:full}; m=${v##*:}; v=${v%%:*}
-  case $v in 2.0) like=examples/models/minicpm-v-2-tiny ;; 2.5) like=examples/models/minicpm-llama3-v-2_5-tiny ;; *) like=examples/models/minicpm-v-2_6-tiny ;; esac
+  like=$(like_of "$v")
   stamp "ncu: kernels of one cpmv $v $m step"
   timeout 400 "$ncu" --metrics gpu__time_duration.sum --csv --page raw --print-units base \
     "$TRAIN" bench --like "$like" --mode "$m" --warmup 0 --steps 1 >"$W_NCU" 2>"$W_NCU.err" \

@@ -5,7 +5,7 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 use std::sync::Mutex;
 
-use crate::ops::frozen_linear;
+use crate::ops::{frozen_linear, on_rows};
 
 /// The reference's default target: only the LLM's attention q/k/v projections.
 pub const DEFAULT_LORA_TARGET: &str = r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj)";
@@ -169,32 +169,15 @@ impl Linear {
 }
 
 /// `x Wᵀ` for `x` `[.., K]` and a trainable `W` `[N, K]`, as one 2-D matrix product over all
-/// leading positions: its weight gradient is then one `[K, M] × [M, N]` product, where a batched
-/// (broadcast) product would compute one weight gradient per batch entry and then sum them.
+/// leading positions (see [`on_rows`]).
 fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let k = *dims.last().unwrap_or(&0);
-    let m: usize = dims[..dims.len().saturating_sub(1)].iter().product();
-    let y = x.reshape((m, k))?.matmul(&w.t()?)?;
-    let mut out = dims;
-    if let Some(last) = out.last_mut() {
-        *last = w.dim(0)?;
-    }
-    y.reshape(out)
+    on_rows(x, |x2| x2.matmul(&w.t()?))
 }
 
 /// `x @ P` for a matrix applied by right-multiplication (the resampler's `proj`).
 pub fn right_matmul(x: &Tensor, p: &Tensor, trainable: bool) -> candle_core::Result<Tensor> {
     if trainable {
-        let dims = x.dims().to_vec();
-        let k = *dims.last().unwrap_or(&0);
-        let m: usize = dims[..dims.len().saturating_sub(1)].iter().product();
-        let y = x.reshape((m, k))?.matmul(p)?;
-        let mut out = dims;
-        if let Some(last) = out.last_mut() {
-            *last = p.dim(1)?;
-        }
-        y.reshape(out)
+        on_rows(x, |x2| x2.matmul(p))
     } else {
         frozen_linear(x, &p.t()?)
     }

@@ -175,16 +175,22 @@ pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 /// "vision only" full fine-tune would pay for the whole LLM's weight gradients). This op passes
 /// the gradient to `x` only. `x` is `[.., K]`, `w` is `[N, K]`, the result `[.., N]`.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    on_rows(x, |x2| x2.contiguous()?.apply_op2(w, FrozenMatmul))
+}
+
+/// Applies `f` to `x` `[.., K]` viewed as one `[M, K]` matrix of all leading positions and
+/// gives the result `[M, N]` back the leading shape `[.., N]`. Linear layers run as one 2-D
+/// product this way: one weight-gradient product instead of one per batch entry plus a sum.
+pub fn on_rows(x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let k = *dims.last().unwrap_or(&0);
     let m: usize = dims[..dims.len().saturating_sub(1)].iter().product();
-    let x2 = x.reshape((m, k))?.contiguous()?;
-    let y = x2.apply_op2(w, FrozenMatmul)?;
-    let mut out_dims = dims;
-    if let Some(last) = out_dims.last_mut() {
-        *last = w.dim(0)?;
+    let y = f(&x.reshape((m, k))?)?;
+    let mut out = dims;
+    if let Some(last) = out.last_mut() {
+        *last = y.dim(1)?;
     }
-    y.reshape(out_dims)
+    y.reshape(out)
 }
 
 struct FrozenMatmul;

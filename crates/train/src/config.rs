@@ -48,25 +48,26 @@ impl ComputeDtype {
 /// Opens a device named `cpu`, `cuda` or `cuda:N`. CUDA needs a binary built with
 /// `--features cuda`; on CUDA the memory pool is told to keep freed memory (steps reuse it) and
 /// per-tensor event tracking is off (cpmv uses one stream).
-pub fn open_device(name: &str) -> Result<candle_core::Device, TrainError> {
+/// Parses a device name: `None` for `cpu`, the ordinal for `cuda` (0) or `cuda:N`.
+pub fn parse_device(name: &str) -> Result<Option<usize>, TrainError> {
     let name = name.trim();
-    if name == "cpu" {
-        return Ok(candle_core::Device::Cpu);
-    }
-    let ordinal = match name.strip_prefix("cuda") {
-        Some("") => 0,
-        Some(rest) => rest
-            .strip_prefix(':')
+    let bad = || TrainError::Config(format!("--device {name}: expected cpu, cuda or cuda:N"));
+    match name {
+        "cpu" => Ok(None),
+        "cuda" => Ok(Some(0)),
+        _ => name
+            .strip_prefix("cuda:")
             .and_then(|n| n.parse::<usize>().ok())
-            .ok_or_else(|| {
-                TrainError::Config(format!("--device {name}: expected cpu, cuda or cuda:N"))
-            })?,
-        None => {
-            return Err(TrainError::Config(format!(
-                "--device {name}: expected cpu, cuda or cuda:N"
-            )))
-        }
+            .map(Some)
+            .ok_or_else(bad),
+    }
+}
+
+pub fn open_device(name: &str) -> Result<candle_core::Device, TrainError> {
+    let Some(ordinal) = parse_device(name)? else {
+        return Ok(candle_core::Device::Cpu);
     };
+    let name = name.trim();
     if !cfg!(feature = "cuda") {
         return Err(TrainError::Config(format!(
             "--device {name}: this `train` was built without CUDA support (build with \
@@ -232,11 +233,7 @@ impl TrainConfig {
                 self.learning_rate
             ));
         }
-        let d = self.device.trim();
-        let cuda_n = |n: &str| n.parse::<usize>().is_ok();
-        if !(d == "cpu" || d == "cuda" || d.strip_prefix("cuda:").is_some_and(cuda_n)) {
-            return bad(format!("--device {d}: expected cpu, cuda or cuda:N"));
-        }
+        parse_device(&self.device)?;
         if self.save_every == 0 || self.eval_every == 0 || self.log_every == 0 {
             return bad("--save-every, --eval-every and --log-every must be at least 1".into());
         }
