@@ -45,15 +45,13 @@ check() {
   stamp "kernels and AdamW vs CPU"
   timeout 240 "$C/bin/gpu" --test-threads 1 --nocapture ops:: adamw:: >"$OUT/gpu-tests.log" 2>&1 \
     || fail "kernel/AdamW tests"
-  grep -E "rel diff|masked attention|max \||test result|panicked|FAILED|error" | tee "$OUT/check.txt"
-  stamp "PyTorch parity fixtures v2_0 and v2_6 on the GPU, f32 then bf16"
-  for dt in f32 bf16; do
-    for v in v2_0 v2_6; do
-      CPMV_REPO=$repo_c CPMV_TEST_DEVICE=cuda CPMV_TEST_DTYPE=$dt timeout 120 "$C/bin/gpu" --test-threads 1 \
-        --nocapture "parity::$v" >"$OUT/parity.log" 2>&1 || fail "parity $v $dt"
-      grep -E "on Cuda|test result|panicked|differs|FAILED" "$OUT/parity.log" | tee -a "$OUT/check.txt"
-      rm -f "$OUT/parity.log"
-    done
+  grep -E "rel diff|masked attention|max \||test result|panicked|FAILED|error" "$OUT/gpu-tests.log" | tee "$OUT/check.txt"
+  stamp "PyTorch parity fixtures v2_0 and v2_6 on the GPU, f32 and bf16 (bf16 bounds: 2x PyTorch's own bf16 error)"
+  for v in v2_0 v2_6; do
+    CPMV_REPO=$repo_c CPMV_TEST_DEVICE=cuda timeout 180 "$C/bin/gpu" --test-threads 1 \
+      --nocapture "parity::$v" >"$OUT/parity.log" 2>&1 || fail "parity $v"
+    grep -E "on Cuda|test result|panicked|differs|relative L2|should be|FAILED" "$OUT/parity.log" | tee -a "$OUT/check.txt"
+    rm -f "$OUT/parity.log"
   done
   if [ "${TORCH_CHECK:-1}" = 1 ]; then
     stamp "PyTorch baseline self-check (packed mask honoured, recompute on)"

@@ -106,7 +106,7 @@ __device__ void rms_norm_bwd(const T *x, const T *w, const T *dy, T *dx, float *
   for (int i = threadIdx.x; i < d; i += blockDim.x, c++) atomicAdd(&dw32[i], acc[c]);
 }
 
-// ---- LayerNorm: y = round(round(xhat) * w) + b ---------------------------------------------------
+// ---- LayerNorm: y = round(xhat * w + b), all in f32 (as torch's LayerNorm) ---------------------------------------------------
 template <typename T>
 __device__ void layer_norm_fwd(const T *x, const T *w, const T *b, T *y, int d, float eps) {
   const T *xr = x + (size_t)blockIdx.x * d;
@@ -121,8 +121,7 @@ __device__ void layer_norm_fwd(const T *x, const T *w, const T *b, T *y, int d, 
   }
   float den = sqrtf(block_sum(ss) / d + eps);
   for (int i = threadIdx.x; i < d; i += blockDim.x) {
-    float xh = rnd<T>((tof(xr[i]) - mean) / den);
-    yr[i] = fromf<T>(rnd<T>(xh * tof(w[i])) + tof(b[i]));
+    yr[i] = fromf<T>((tof(xr[i]) - mean) / den * tof(w[i]) + tof(b[i]));
   }
 }
 
@@ -289,16 +288,70 @@ __device__ void ce_bwd(const T *l, const uint32_t *t, const float *g, T *dl, int
     dl[r * v + j] = fromf<T>(gr * (expf(tof(lr[j]) - m) * inv - (j == (int)tr ? 1.f : 0.f)));
 }
 
+// ---- Bias + activation: y = act(round(x + b)) over [n/d, d] rows, b [d] ---------------------------
+// act: 0 none, 1 GELU tanh approximation, 2 GELU erf (exact).
+#define GELU_C 0.7978845608028654f   // sqrt(2/pi)
+#define GELU_K 0.044715f
+__device__ __forceinline__ float act_f(float z, int act) {
+  if (act == 1) return 0.5f * z * (1.f + tanhf(GELU_C * (z + GELU_K * z * z * z)));
+  if (act == 2) return 0.5f * z * (1.f + erff(z * 0.7071067811865476f));
+  return z;
+}
+__device__ __forceinline__ float act_grad(float z, int act) {
+  if (act == 1) {
+    float t = tanhf(GELU_C * (z + GELU_K * z * z * z));
+    return 0.5f * (1.f + t) + 0.5f * z * (1.f - t * t) * GELU_C * (1.f + 3.f * GELU_K * z * z);
+  }
+  if (act == 2)
+    return 0.5f * (1.f + erff(z * 0.7071067811865476f)) + z * expf(-0.5f * z * z) * 0.3989422804014327f;
+  return 1.f;
+}
+
+template <typename T> __device__ void bias_act_fwd(const T *x, const T *b, T *y, size_t n, int d, int act) {
+  size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  float z = rnd<T>(tof(x[i]) + tof(b[i % d]));
+  y[i] = fromf<T>(act_f(z, act));
+}
+
+// dz = dy * act'(round(x + b)): the gradient of the pre-activation (= of x; its column sums are
+// the bias gradient, see col_sum).
+template <typename T>
+__device__ void bias_act_bwd(const T *x, const T *b, const T *dy, T *dz, size_t n, int d, int act) {
+  size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  float z = rnd<T>(tof(x[i]) + tof(b[i % d]));
+  dz[i] = fromf<T>(tof(dy[i]) * act_grad(z, act));
+}
+
+// ---- Column sums of an [m, d] matrix into f32 out[d] (zeroed by the caller) ---------------------
+// Block (32, 8): the 32 threads of a warp read 32 adjacent columns of one row (coalesced); the 8
+// warps take every 8th row of the block's `rows` rows; one atomic per column and block.
+template <typename T> __device__ void col_sum(const T *x, float *out, int m, int d, int rows) {
+  __shared__ float sh[8][33];
+  int col = blockIdx.x * 32 + threadIdx.x;
+  int r0 = blockIdx.y * rows, r1 = min(m, r0 + rows);
+  float acc = 0.f;
+  if (col < d)
+    for (int r = r0 + threadIdx.y; r < r1; r += 8) acc += tof(x[(size_t)r * d + col]);
+  sh[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < d) {
+    float s = 0.f;
+    for (int k = 0; k < 8; k++) s += sh[k][threadIdx.x];
+    atomicAdd(out + col, s);
+  }
+}
+
 // ---- AdamW, torch's formula, one pass: moments and master in f32 --------------------------------
 // master == NULL: the parameter itself is f32 and is the master.
 // The scalars come from the host: 1 - beta1 and 1 - beta2 rounded from f64 to f32, as torch
 // passes them (computing 1 - beta2 in f32 here would be off by 1e-5 relative for beta2 = 0.999).
 template <typename T>
-__device__ void adamw(T *p, float *master, float *m, float *v, const T *g, size_t n, float lr_wd,
-                      float one_minus_beta1, float beta2, float one_minus_beta2, float eps,
-                      float step_size, float bc2_sqrt, float grad_scale) {
-  size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= n) return;
+__device__ __forceinline__ void adamw_elem(T *p, float *master, float *m, float *v, const T *g, size_t i,
+                                           float lr_wd, float one_minus_beta1, float beta2,
+                                           float one_minus_beta2, float eps, float step_size,
+                                           float bc2_sqrt, float grad_scale) {
   float gi = tof(g[i]) * grad_scale;
   float pv = master ? master[i] : tof(p[i]);
   pv = pv * lr_wd;
@@ -311,6 +364,37 @@ __device__ void adamw(T *p, float *master, float *m, float *v, const T *g, size_
   v[i] = vn;
   if (master) master[i] = pv;
   p[i] = fromf<T>(pv);
+}
+
+// All parameters of one dtype in one launch. `desc` holds ADAMW_DESC words per parameter:
+// addresses of param, master (0 = none), m, v, grad; element count; index of its first chunk
+// (ascending); decay factor | step size << 32 (f32 bits); sqrt(1 - beta2^t) (f32 bits). Block k
+// updates chunk k (ADAMW_CHUNK elements) of the parameter whose chunks contain k.
+#define ADAMW_DESC 10
+#define ADAMW_CHUNK 65536
+template <typename T>
+__device__ void adamw_multi(const unsigned long long *desc, int count, float one_minus_beta1,
+                            float beta2, float one_minus_beta2, float eps, float grad_scale) {
+  unsigned long long k = blockIdx.x;
+  int lo = 0, hi = count - 1;
+  while (lo < hi) {
+    int mid = (lo + hi + 1) >> 1;
+    if (desc[(size_t)mid * ADAMW_DESC + 6] <= k) lo = mid; else hi = mid - 1;
+  }
+  const unsigned long long *d = desc + (size_t)lo * ADAMW_DESC;
+  T *p = (T *)d[0];
+  float *master = (float *)d[1];
+  float *m = (float *)d[2], *v = (float *)d[3];
+  const T *g = (const T *)d[4];
+  size_t n = d[5];
+  size_t start = (size_t)(k - d[6]) * ADAMW_CHUNK;
+  size_t end = min(n, start + ADAMW_CHUNK);
+  float lr_wd = __uint_as_float((unsigned)(d[7] & 0xffffffffull));
+  float step_size = __uint_as_float((unsigned)(d[7] >> 32));
+  float bc2_sqrt = __uint_as_float((unsigned)d[8]);
+  for (size_t i = start + threadIdx.x; i < end; i += blockDim.x)
+    adamw_elem<T>(p, master, m, v, g, i, lr_wd, one_minus_beta1, beta2, one_minus_beta2, eps,
+                  step_size, bc2_sqrt, grad_scale);
 }
 
 // ---- Dropout mask from a counter-based generator: out[i] = 1/keep with probability keep, else 0.
@@ -393,12 +477,20 @@ template <typename T> __device__ void sum_squares(const T *x, size_t n, double *
                                         int v) {                                                    \
     ce_bwd<T>(l, t, g, dl, v);                                                                      \
   }                                                                                                 \
-  extern "C" __global__ void adamw_##S(T *p, float *master, float *m, float *v, const T *g,         \
-                                       size_t n, float lr_wd, float omb1, float beta2, float omb2,  \
-                                       float eps, float step_size, float bc2_sqrt,                  \
-                                       float grad_scale) {                                          \
-    adamw<T>(p, master, m, v, g, n, lr_wd, omb1, beta2, omb2, eps, step_size, bc2_sqrt,            \
-             grad_scale);                                                                           \
+  extern "C" __global__ void bias_act_fwd_##S(const T *x, const T *b, T *y, size_t n, int d,       \
+                                              int act) {                                           \
+    bias_act_fwd<T>(x, b, y, n, d, act);                                                            \
+  }                                                                                                 \
+  extern "C" __global__ void bias_act_bwd_##S(const T *x, const T *b, const T *dy, T *dz, size_t n, \
+                                              int d, int act) {                                     \
+    bias_act_bwd<T>(x, b, dy, dz, n, d, act);                                                       \
+  }                                                                                                 \
+  extern "C" __global__ void col_sum_##S(const T *x, float *out, int m, int d, int rows) {          \
+    col_sum<T>(x, out, m, d, rows);                                                                 \
+  }                                                                                                 \
+  extern "C" __global__ void adamw_multi_##S(const unsigned long long *desc, int count, float omb1, \
+                                             float beta2, float omb2, float eps, float grad_scale) { \
+    adamw_multi<T>(desc, count, omb1, beta2, omb2, eps, grad_scale);                                \
   }                                                                                                 \
   extern "C" __global__ void dropout_mask_##S(T *out, size_t n, uint64_t seed, float keep) {      \
     dropout_mask<T>(out, n, seed, keep);                                                            \

@@ -880,119 +880,372 @@ pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 }
 
 // ------------------------------------------------------------------------------------------
+// Bias + activation, and the bias gradient as coalesced column sums
+
+/// The activation applied after a fused bias add.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    /// The bias add alone.
+    None,
+    /// GELU, tanh approximation (`gelu_pytorch_tanh`).
+    GeluTanh,
+    /// GELU with erf (exact).
+    GeluErf,
+}
+
+impl Act {
+    fn code(self) -> i32 {
+        match self {
+            Act::None => 0,
+            Act::GeluTanh => 1,
+            Act::GeluErf => 2,
+        }
+    }
+}
+
+/// Rows one block of the column-sum kernel covers (its 8 warps take every 8th row).
+const COL_SUM_ROWS: usize = 256;
+
+struct BiasAct {
+    act: Act,
+}
+
+impl CustomOp2 for BiasAct {
+    fn name(&self) -> &'static str {
+        "cpmv-bias-act"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_unsupported("cpmv-bias-act")
+    }
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        lx: &Layout,
+        b: &CudaStorage,
+        lb: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        check_same(x.dtype(), b.dtype(), "bias_act")?;
+        let dev = x.device().clone();
+        let (_, d) = last_dim(lx)?;
+        let n = lx.shape().elem_count();
+        let (a_d, a_act) = (d as i32, self.act.code());
+        typed!(x.dtype(), T, {
+            let xs = view(x.as_cuda_slice::<T>()?, lx, "x")?;
+            let bs = view(b.as_cuda_slice::<T>()?, lb, "bias")?;
+            let y = unsafe { dev.alloc::<T>(n)? };
+            let f = func(&dev, "bias_act_fwd", x.dtype())?;
+            let mut bld = f.builder();
+            bld.arg(&xs).arg(&bs).arg(&y).arg(&n).arg(&a_d).arg(&a_act);
+            unsafe { bld.launch(elems_cfg(n)) }.w()?;
+            Ok((CudaStorage::wrap_cuda_slice(y, dev), lx.shape().clone()))
+        })
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let dz = match self.act {
+            Act::None => dy,
+            act => x.apply_op3_no_bwd(b, &dy, &BiasActBwd { act })?,
+        };
+        // A frozen bias (e.g. the LLM's q/k/v biases under LoRA) needs no column sums.
+        let db = if b.track_op() {
+            Some(col_sum(&dz)?.reshape(b.shape())?)
+        } else {
+            None
+        };
+        Ok((Some(dz), db))
+    }
+}
+
+struct BiasActBwd {
+    act: Act,
+}
+
+impl CustomOp3 for BiasActBwd {
+    fn name(&self) -> &'static str {
+        "cpmv-bias-act-bwd"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_unsupported("cpmv-bias-act-bwd")
+    }
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        lx: &Layout,
+        b: &CudaStorage,
+        lb: &Layout,
+        dy: &CudaStorage,
+        ldy: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        check_same(x.dtype(), dy.dtype(), "bias_act backward")?;
+        let dev = x.device().clone();
+        let (_, d) = last_dim(lx)?;
+        let n = lx.shape().elem_count();
+        let (a_d, a_act) = (d as i32, self.act.code());
+        typed!(x.dtype(), T, {
+            let xs = view(x.as_cuda_slice::<T>()?, lx, "x")?;
+            let bs = view(b.as_cuda_slice::<T>()?, lb, "bias")?;
+            let gs = view(dy.as_cuda_slice::<T>()?, ldy, "grad")?;
+            let dz = unsafe { dev.alloc::<T>(n)? };
+            let f = func(&dev, "bias_act_bwd", x.dtype())?;
+            let mut bld = f.builder();
+            bld.arg(&xs)
+                .arg(&bs)
+                .arg(&gs)
+                .arg(&dz)
+                .arg(&n)
+                .arg(&a_d)
+                .arg(&a_act);
+            unsafe { bld.launch(elems_cfg(n)) }.w()?;
+            Ok((CudaStorage::wrap_cuda_slice(dz, dev), lx.shape().clone()))
+        })
+    }
+}
+
+struct ColSum;
+
+impl CustomOp1 for ColSum {
+    fn name(&self) -> &'static str {
+        "cpmv-col-sum"
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        cpu_unsupported("cpmv-col-sum")
+    }
+    fn cuda_fwd(&self, x: &CudaStorage, lx: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = x.device().clone();
+        let (m, d) = last_dim(lx)?;
+        // grid.y ≤ 65535: taller matrices give each block more rows.
+        let rows = COL_SUM_ROWS.max(m.div_ceil(65_535));
+        let cfg = LaunchConfig {
+            grid_dim: (d.div_ceil(32) as u32, m.div_ceil(rows) as u32, 1),
+            block_dim: (32, 8, 1),
+            shared_mem_bytes: 0,
+        };
+        let (a_m, a_d, a_rows) = (m as i32, d as i32, rows as i32);
+        let acc = dev.alloc_zeros::<f32>(d)?;
+        typed!(x.dtype(), T, {
+            let xs = view(x.as_cuda_slice::<T>()?, lx, "x")?;
+            let f = func(&dev, "col_sum", x.dtype())?;
+            let mut bld = f.builder();
+            bld.arg(&xs).arg(&acc).arg(&a_m).arg(&a_d).arg(&a_rows);
+            unsafe { bld.launch(cfg) }.w()?;
+        });
+        if x.dtype() == DType::F32 {
+            return Ok((CudaStorage::wrap_cuda_slice(acc, dev), Shape::from(d)));
+        }
+        let out = unsafe { dev.alloc::<bf16>(d)? };
+        let f = func(&dev, "cast_out", DType::BF16)?;
+        let mut bld = f.builder();
+        bld.arg(&acc).arg(&out).arg(&a_d);
+        unsafe { bld.launch(elems_cfg(d)) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(d)))
+    }
+}
+
+/// Sums of `x` `[.., D]` over all leading positions: `[D]`, accumulated in f32 and read
+/// row-coalesced (candle's reduction over a leading axis reads one strided element per
+/// thread). The backward pass of a bias; no gradient of its own.
+pub fn col_sum(x: &Tensor) -> Result<Tensor> {
+    let d = x.dim(candle_core::D::Minus1)?;
+    if x.elem_count() == 0 || d >= i32::MAX as usize || x.elem_count() / d >= i32::MAX as usize {
+        bail!(
+            "cpmv-kernels: col_sum of {:?} (non-empty, < 2³¹ rows and columns)",
+            x.dims()
+        );
+    }
+    x.contiguous()?.apply_op1_no_bwd(&ColSum)
+}
+
+/// `act(round(x + b))` for `x` `[.., D]` and a bias `b` `[D]` (same dtype, f32 or bf16): one
+/// pass forward, one backward (the pre-activation gradient), and the bias gradient as
+/// [`col_sum`]s of it.
+pub fn bias_act(x: &Tensor, b: &Tensor, act: Act) -> Result<Tensor> {
+    let d = x.dim(candle_core::D::Minus1)?;
+    if b.dims() != [d] {
+        bail!("cpmv-kernels: bias {:?} for rows of {d}", b.dims());
+    }
+    if x.elem_count() == 0 {
+        bail!("cpmv-kernels: bias_act of an empty tensor");
+    }
+    x.contiguous()?.apply_op2(&b.contiguous()?, BiasAct { act })
+}
+
+// ------------------------------------------------------------------------------------------
 // AdamW
 
-/// Hyper-parameters of one fused AdamW update (see [`adamw_step`]).
+/// Words per parameter in the descriptor table of the multi-tensor AdamW kernel.
+const ADAMW_DESC: usize = 10;
+/// Elements one block of the multi-tensor AdamW kernel updates.
+const ADAMW_CHUNK: usize = 65_536;
+
+/// The AdamW hyper-parameters shared by all parameters of one step (see [`adamw_multi`]).
 #[derive(Debug, Clone, Copy)]
-pub struct AdamWStep {
-    /// `1 − lr·wd` (1 when the parameter is not decayed).
-    pub decay_factor: f32,
+pub struct AdamWHyper {
     /// `1 − β1`, computed in f64 and rounded (as torch passes it).
     pub one_minus_beta1: f32,
     pub beta2: f32,
     /// `1 − β2`, computed in f64 and rounded.
     pub one_minus_beta2: f32,
     pub eps: f32,
-    /// `lr / (1 − β1ᵗ)`.
-    pub step_size: f32,
-    /// `sqrt(1 − β2ᵗ)`.
-    pub bc2_sqrt: f32,
-    /// Multiplies the gradient first (clip factor).
+    /// Multiplies every gradient first (clip factor).
     pub grad_scale: f32,
 }
 
-fn cuda_of(t: &Tensor) -> Result<(impl std::ops::Deref<Target = Storage> + '_, &Layout)> {
-    let (s, l) = t.storage_and_layout();
-    if l.contiguous_offsets().is_none() {
-        bail!("cpmv-kernels: adamw operands must be contiguous");
-    }
-    Ok((s, l))
+/// One parameter of a multi-tensor AdamW update with its own step-dependent scalars.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWParam<'a> {
+    /// The parameter (f32 or bf16), updated in place.
+    pub param: &'a Tensor,
+    /// Its f32 master copy when the parameter is bf16 (`None`: the f32 parameter is its own).
+    pub master: Option<&'a Tensor>,
+    /// First and second moments (f32).
+    pub m: &'a Tensor,
+    pub v: &'a Tensor,
+    /// The gradient, in the parameter's dtype.
+    pub grad: &'a Tensor,
+    /// `1 − lr·wd` (1 when the parameter is not decayed).
+    pub decay_factor: f32,
+    /// `lr / (1 − β1ᵗ)` for this parameter's own step count `t`.
+    pub step_size: f32,
+    /// `sqrt(1 − β2ᵗ)`.
+    pub bc2_sqrt: f32,
 }
 
-/// One AdamW update of a parameter in place, torch's formula, in a single kernel: reads the
-/// gradient once, updates the f32 moments `m`/`v` and the f32 `master` copy (when the parameter
-/// is bf16; `None` when the parameter is f32 and is its own master), and writes the parameter.
+/// The device address of a contiguous CUDA tensor's first element. Valid while the tensor
+/// lives; candle runs everything on one stream, so work queued later on it is ordered after
+/// whatever reads or writes through the address.
+fn device_address(t: &Tensor, what: &str) -> Result<(u64, CudaDevice)> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let (s, l) = t.storage_and_layout();
+    let Some((start, _)) = l.contiguous_offsets() else {
+        bail!("cpmv-kernels: adamw {what} must be contiguous");
+    };
+    let Storage::Cuda(c) = &*s else {
+        bail!("cpmv-kernels: adamw {what} must be a CUDA tensor");
+    };
+    let dev = c.device().clone();
+    let stream = dev.cuda_stream();
+    let base = match t.dtype() {
+        DType::F32 => c.as_cuda_slice::<f32>()?.device_ptr(&stream).0 + 4 * start as u64,
+        DType::BF16 => c.as_cuda_slice::<bf16>()?.device_ptr(&stream).0 + 2 * start as u64,
+        d => bail!("cpmv-kernels: adamw {what} of {d:?}"),
+    };
+    Ok((base, dev))
+}
+
+/// One AdamW update of many parameters in place, torch's formula: one kernel launch per
+/// parameter dtype (usually one in all). Each element's gradient is read once; the f32 moments,
+/// the f32 master (for bf16 parameters) and the parameter are written in the same pass.
 ///
 /// The tensors are modified in place: callers own them exclusively (no other tensor may share
 /// their storage).
-pub fn adamw_step(
-    param: &Tensor,
-    master: Option<&Tensor>,
-    m: &Tensor,
-    v: &Tensor,
-    grad: &Tensor,
-    h: AdamWStep,
-) -> Result<()> {
-    let n = param.elem_count();
-    for (what, t) in [("m", m), ("v", v), ("grad", grad)] {
-        if t.elem_count() != n {
-            bail!(
-                "cpmv-kernels: adamw {what} has {} elements, the parameter {n}",
-                t.elem_count()
-            );
+pub fn adamw_multi(params: &[AdamWParam<'_>], h: AdamWHyper) -> Result<()> {
+    for dtype in [DType::F32, DType::BF16] {
+        let group: Vec<&AdamWParam> = params
+            .iter()
+            .filter(|p| p.param.dtype() == dtype && p.param.elem_count() > 0)
+            .collect();
+        if group.is_empty() {
+            continue;
         }
-    }
-    if let Some(t) = master {
-        if t.elem_count() != n || t.dtype() != DType::F32 {
-            bail!("cpmv-kernels: adamw master must be f32 with {n} elements");
+        let mut words: Vec<u64> = Vec::with_capacity(ADAMW_DESC * group.len());
+        let mut grads = Vec::with_capacity(group.len());
+        let mut chunks = 0u64;
+        let mut device: Option<CudaDevice> = None;
+        for p in group {
+            use candle_core::backend::BackendDevice;
+            let n = p.param.elem_count();
+            for (what, t) in [("m", p.m), ("v", p.v), ("grad", p.grad)] {
+                if t.elem_count() != n {
+                    bail!(
+                        "cpmv-kernels: adamw {what} has {} elements, the parameter {n}",
+                        t.elem_count()
+                    );
+                }
+            }
+            for (what, t) in [("m", Some(p.m)), ("v", Some(p.v)), ("master", p.master)] {
+                if let Some(t) = t {
+                    if t.dtype() != DType::F32 || t.elem_count() != n {
+                        bail!("cpmv-kernels: adamw {what} must be f32 with {n} elements");
+                    }
+                }
+            }
+            if dtype != DType::F32 && p.master.is_none() {
+                bail!("cpmv-kernels: a {dtype:?} parameter needs an f32 master copy");
+            }
+            check_same(dtype, p.grad.dtype(), "adamw gradient")?;
+            let grad = p.grad.contiguous()?;
+            let (pa, dev) = device_address(p.param, "param")?;
+            if let Some(d) = &device {
+                if !d.same_device(&dev) {
+                    bail!("cpmv-kernels: adamw parameters on different devices");
+                }
+            }
+            let master = match p.master {
+                Some(t) => device_address(t, "master")?.0,
+                None => 0,
+            };
+            words.extend([
+                pa,
+                master,
+                device_address(p.m, "m")?.0,
+                device_address(p.v, "v")?.0,
+                device_address(&grad, "grad")?.0,
+                n as u64,
+                chunks,
+                u64::from(p.decay_factor.to_bits()) | (u64::from(p.step_size.to_bits()) << 32),
+                u64::from(p.bc2_sqrt.to_bits()),
+                0,
+            ]);
+            chunks += n.div_ceil(ADAMW_CHUNK) as u64;
+            grads.push(grad);
+            device = Some(dev);
         }
-    }
-    if n == 0 {
-        return Ok(());
-    }
-    check_same(param.dtype(), grad.dtype(), "adamw gradient")?;
-    let grad = grad.contiguous()?;
-    let (ps, pl) = cuda_of(param)?;
-    let (ms, ml) = cuda_of(m)?;
-    let (vs, vl) = cuda_of(v)?;
-    let (gs, gl) = cuda_of(&grad)?;
-    let master_sl = match master {
-        Some(t) => Some(cuda_of(t)?),
-        None => None,
-    };
-    let (Storage::Cuda(pc), Storage::Cuda(mc), Storage::Cuda(vc), Storage::Cuda(gc)) =
-        (&*ps, &*ms, &*vs, &*gs)
-    else {
-        bail!("cpmv-kernels: adamw operands must be CUDA tensors");
-    };
-    let dev = pc.device().clone();
-    typed!(param.dtype(), T, {
-        let p = view(pc.as_cuda_slice::<T>()?, pl, "param")?;
-        let mm = view(mc.as_cuda_slice::<f32>()?, ml, "m")?;
-        let vv = view(vc.as_cuda_slice::<f32>()?, vl, "v")?;
-        let g = view(gc.as_cuda_slice::<T>()?, gl, "grad")?;
-        let f = func(&dev, "adamw", param.dtype())?;
+        let Some(dev) = device else { continue };
+        if chunks > i32::MAX as u64 {
+            bail!("cpmv-kernels: adamw over {chunks} chunks");
+        }
+        let table = dev.cuda_stream().clone_htod(&words).w()?;
+        let count = (words.len() / ADAMW_DESC) as i32;
+        let f = func(&dev, "adamw_multi", dtype)?;
         let mut b = f.builder();
-        b.arg(&p);
-        let null = 0u64;
-        let master_view;
-        match &master_sl {
-            Some((s, l)) => {
-                let Storage::Cuda(c) = &**s else {
-                    bail!("cpmv-kernels: adamw master must be a CUDA tensor");
-                };
-                master_view = view(c.as_cuda_slice::<f32>()?, l, "master")?;
-                b.arg(&master_view);
-            }
-            None => {
-                b.arg(&null);
-            }
-        }
-        b.arg(&mm)
-            .arg(&vv)
-            .arg(&g)
-            .arg(&n)
-            .arg(&h.decay_factor)
+        b.arg(&table)
+            .arg(&count)
             .arg(&h.one_minus_beta1)
             .arg(&h.beta2)
             .arg(&h.one_minus_beta2)
             .arg(&h.eps)
-            .arg(&h.step_size)
-            .arg(&h.bc2_sqrt)
             .arg(&h.grad_scale);
-        unsafe { b.launch(elems_cfg(n)) }.w()?;
-        Ok(())
-    })
+        let cfg = LaunchConfig {
+            grid_dim: (chunks as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { b.launch(cfg) }.w()?;
+        // The table and any contiguous copies of gradients are freed in stream order, after
+        // the kernel.
+        drop(grads);
+    }
+    Ok(())
 }
 
 /// A dropout mask shaped like `like` (its dtype and device): each element `1/keep` with

@@ -26,7 +26,7 @@ pub mod weights;
 
 pub use config::{Fixes, ModelConfig, Version};
 pub use error::ModelError;
-pub use image::ImageInput;
+pub use image::{ImageInput, Pixels};
 pub use linear::{LoraConfig, Rng, DEFAULT_LORA_TARGET};
 pub use model::{Batch, LossOutput, MiniCpmV};
 pub use params::{LoadOptions, ParamStore, Trainable};

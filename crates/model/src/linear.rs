@@ -5,7 +5,8 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 use std::sync::Mutex;
 
-use crate::ops::{frozen_linear, on_rows};
+use crate::config::Gelu;
+use crate::ops::{activation, add_row_param, bias_act, frozen_linear, on_rows};
 
 /// The reference's default target: only the LLM's attention q/k/v projections.
 pub const DEFAULT_LORA_TARGET: &str = r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj)";
@@ -152,19 +153,39 @@ pub struct Linear {
 
 impl Linear {
     pub fn forward(&self, x: &Tensor, mode: &Mode) -> candle_core::Result<Tensor> {
+        self.forward_act(x, mode, None)
+    }
+
+    /// `gelu(x Wᵀ + b (+ LoRA))`, or without the activation for `None`. On CUDA the bias add
+    /// and the activation are one fused op after the LoRA term (see [`bias_act`]); elsewhere
+    /// the reference order: bias, LoRA, activation.
+    pub fn forward_act(
+        &self,
+        x: &Tensor,
+        mode: &Mode,
+        gelu: Option<Gelu>,
+    ) -> candle_core::Result<Tensor> {
         let y = if self.weight_trainable {
             matmul_t(x, &self.weight)?
         } else {
             frozen_linear(x, &self.weight)?
         };
+        if let (Some(b), true) = (&self.bias, crate::ops::fused(&y)) {
+            let y = match &self.lora {
+                Some(l) => (y + l.forward(x, mode)?)?,
+                None => y,
+            };
+            return bias_act(&y, b, gelu);
+        }
         let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
+            Some(b) => add_row_param(&y, b)?,
             None => y,
         };
-        match &self.lora {
-            Some(l) => y + l.forward(x, mode)?,
-            None => Ok(y),
-        }
+        let y = match &self.lora {
+            Some(l) => (y + l.forward(x, mode)?)?,
+            None => y,
+        };
+        activation(y, gelu)
     }
 }
 

@@ -221,21 +221,19 @@ impl Llm {
         aux: &LlmAux,
         (b, t, nh, nkv, dh): (usize, usize, usize, usize, usize),
     ) -> candle_core::Result<Tensor> {
-        let (k, v) = if nkv != nh {
-            let rep = nh / nkv;
-            let expand = |x: Tensor| -> candle_core::Result<Tensor> {
-                x.unsqueeze(2)?
-                    .broadcast_as((b, nkv, rep, t, dh))?
-                    .contiguous()?
-                    .reshape((b, nh, t, dh))
-            };
-            (expand(k)?, expand(v.contiguous()?)?)
-        } else {
-            (k, v)
-        };
-        let scores = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
+        // Grouped heads without copying k and v `rep` times: the `rep` query heads that share a
+        // key/value head are stacked along the query axis ([B, H, T, Dh] is [B, KV, rep·T, Dh]
+        // in memory), so one batched product per KV head serves them all and the backward pass
+        // sums their k/v gradients inside the matmul.
+        let rep = nh / nkv;
+        let q = q.contiguous()?.reshape((b, nkv, rep * t, dh))?;
+        let scores = q.matmul(&k.t()?.contiguous()?)?.reshape((b, nh, t, t))?;
         let probs = masked_attention_probs(&scores, aux.mask.as_ref(), aux.bounds.as_ref(), dh)?;
-        let attn = probs.matmul(&v.contiguous()?)?;
+        let attn = probs
+            .contiguous()?
+            .reshape((b, nkv, rep * t, t))?
+            .matmul(&v.contiguous()?)?
+            .reshape((b, nh, t, dh))?;
         attn.transpose(1, 2)?.reshape((b, t, nh * dh))
     }
 

@@ -8,6 +8,8 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 
+use crate::config::Gelu;
+
 /// Whether `x` goes through a fused CUDA kernel (cpmv-kernels) instead of the op-by-op
 /// composition: CUDA tensors of f32 or bf16, unless `CPMV_UNFUSED=1` is set (a switch to
 /// compare the two paths on a GPU). Without the `cuda` feature, never.
@@ -33,6 +35,37 @@ fn stat_dtype(d: DType) -> DType {
     }
 }
 
+fn is_half(d: DType) -> bool {
+    matches!(d, DType::F16 | DType::BF16)
+}
+
+/// `x + b` for a parameter row `b` `[D]` broadcast over `x` `[.., D]`. In half precision the add
+/// runs in f32 and rounds once, which gives the same values as the half-precision add (that
+/// too computes in f32 and rounds), but the backward sum over all rows that makes `b`'s gradient
+/// then accumulates in f32, as PyTorch's reductions do, instead of in bf16 (which loses
+/// several percent over a few thousand rows).
+pub fn add_row_param(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if is_half(x.dtype()) {
+        x.to_dtype(DType::F32)?
+            .broadcast_add(&b.to_dtype(DType::F32)?)?
+            .to_dtype(x.dtype())
+    } else {
+        x.broadcast_add(b)
+    }
+}
+
+/// `x · w` for a parameter row `w` `[D]`, with `w`'s gradient summed in f32 (see
+/// [`add_row_param`]; the product of two bf16 values is exact in f32).
+pub fn mul_row_param(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if is_half(x.dtype()) {
+        x.to_dtype(DType::F32)?
+            .broadcast_mul(&w.to_dtype(DType::F32)?)?
+            .to_dtype(x.dtype())
+    } else {
+        x.broadcast_mul(w)
+    }
+}
+
 /// Root-mean-square normalisation over the last axis, statistics in f32 (as the reference
 /// LLMs: normalise in f32, cast back, then multiply by the weight).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
@@ -44,10 +77,10 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let x32 = x.to_dtype(stat_dtype(dtype))?;
     let var = x32.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = x32.broadcast_div(&(var + eps)?.sqrt()?)?;
-    normed.to_dtype(dtype)?.broadcast_mul(weight)
+    mul_row_param(&normed.to_dtype(dtype)?, weight)
 }
 
-/// LayerNorm over the last axis (biased variance, as torch), statistics in f32.
+/// LayerNorm over the last axis (biased variance, as torch), computed in f32 and rounded once.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if fused(x) {
@@ -59,18 +92,28 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     let centered = x32.broadcast_sub(&mean)?;
     let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
-    normed
-        .to_dtype(dtype)?
-        .broadcast_mul(weight)?
-        .broadcast_add(bias)
+    if is_half(dtype) {
+        // As torch's LayerNorm on half-precision input: all in f32, one rounding at the end
+        // (which also makes the weight and bias gradients f32 sums).
+        return normed
+            .broadcast_mul(&weight.to_dtype(DType::F32)?)?
+            .broadcast_add(&bias.to_dtype(DType::F32)?)?
+            .to_dtype(dtype);
+    }
+    normed.broadcast_mul(weight)?.broadcast_add(bias)
 }
 
 /// Softmax over the last axis. The row maximum is subtracted as a constant (softmax does not
-/// depend on it), so no gradient is routed through the max.
+/// depend on it), so no gradient is routed through the max. Half-precision scores are
+/// normalised in f32 and the probabilities rounded once (the reference's attention does the
+/// same: `softmax(dtype=float32).to(dtype)`), so the backward pass runs in f32 too.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if fused(x) {
         return cpmv_kernels::softmax_last(x, 1.0);
+    }
+    if is_half(x.dtype()) {
+        return softmax_last(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype());
     }
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
@@ -117,6 +160,36 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         return cpmv_kernels::silu_mul(gate, up);
     }
     gate.silu()? * up
+}
+
+/// `gelu(x)` in the given variant, or `x` for `None`. Half-precision inputs are evaluated in
+/// f32 and rounded once, forward (as the half-precision op does) and backward (which candle
+/// would otherwise compose from a dozen half-precision ops, each rounding).
+pub fn activation(x: Tensor, gelu: Option<Gelu>) -> Result<Tensor> {
+    if gelu.is_some() && is_half(x.dtype()) {
+        return activation(x.to_dtype(DType::F32)?, gelu)?.to_dtype(x.dtype());
+    }
+    match gelu {
+        None => Ok(x),
+        Some(Gelu::Erf) => x.gelu_erf(),
+        Some(Gelu::Tanh) => x.gelu(),
+    }
+}
+
+/// `activation(x + b)` for `x` `[.., D]` and a bias `b` `[D]`. On CUDA one kernel each way, with
+/// the bias gradient summed row-coalesced (candle's reduction over the leading axis, the
+/// broadcast add's backward, reads one strided element per thread); else the composition.
+pub fn bias_act(x: &Tensor, b: &Tensor, gelu: Option<Gelu>) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused(x) {
+        let act = match gelu {
+            None => cpmv_kernels::Act::None,
+            Some(Gelu::Tanh) => cpmv_kernels::Act::GeluTanh,
+            Some(Gelu::Erf) => cpmv_kernels::Act::GeluErf,
+        };
+        return cpmv_kernels::bias_act(x, b, act);
+    }
+    activation(add_row_param(x, b)?, gelu)
 }
 
 /// Attention probabilities `softmax(scores / sqrt(dh) + mask)` of `[B, H, Tq, Tk]` scores.

@@ -11,13 +11,13 @@ use candle_core::Tensor;
 
 use crate::config::VisionConfig;
 use crate::error::Result;
-use crate::image::ImageInput;
+use crate::image::{stack_patches, ImageInput};
 use crate::linear::{Linear, Mode};
 use crate::ops::{attention, key_padding_mask, layer_norm};
 use crate::params::ParamStore;
 use crate::positions::navit_buckets;
 use crate::profile::part;
-use crate::vision_vit::{ln, mlp, patch_linear, stack_patches, VisionInput};
+use crate::vision_vit::{ln, mlp, patch_linear, VisionInput};
 
 struct Layer {
     ln1: (Tensor, Tensor),

@@ -9,7 +9,7 @@ use candle_core::{Tensor, D};
 
 use crate::config::{Gelu, VisionConfig};
 use crate::error::Result;
-use crate::image::ImageInput;
+use crate::image::{stack_patches, ImageInput};
 use crate::linear::{Linear, Mode};
 use crate::ops::{attention, key_padding_mask, layer_norm};
 use crate::params::ParamStore;
@@ -66,27 +66,8 @@ pub(crate) fn mlp(
     gelu: Gelu,
     mode: &Mode,
 ) -> Result<Tensor> {
-    let h = fc1.forward(x, mode)?;
-    let h = match gelu {
-        Gelu::Erf => h.gelu_erf()?,
-        Gelu::Tanh => h.gelu()?,
-    };
+    let h = fc1.forward_act(x, mode, Some(gelu))?;
     Ok(fc2.forward(&h, mode)?)
-}
-
-/// Stacks the images' patches into `[n, l_max, 3·p·p]`, zero-padded.
-pub(crate) fn stack_patches(
-    images: &[ImageInput],
-    l_max: usize,
-    dtype: candle_core::DType,
-    device: &candle_core::Device,
-) -> Result<Tensor> {
-    let dim = images.first().map_or(0, |i| 3 * i.patch * i.patch);
-    let mut data = vec![0f32; images.len() * l_max * dim];
-    for (i, im) in images.iter().enumerate() {
-        data[i * l_max * dim..i * l_max * dim + im.patches.len()].copy_from_slice(&im.patches);
-    }
-    Ok(Tensor::from_vec(data, (images.len(), l_max, dim), device)?.to_dtype(dtype)?)
 }
 
 impl VitSiglip {

@@ -3,9 +3,9 @@
 //! DeepSpeed AdamW runs it (spec §8.5).
 //!
 //! All per-step math runs in f32 on the parameters' device; nothing is copied to the host during
-//! [`AdamW::step`]. With the `cuda` feature, f32/bf16 parameters on a CUDA device are updated by
-//! one fused kernel each (cpmv-kernels: gradient read once, moments, master and parameter written
-//! in place, same formula); elsewhere by candle tensor ops.
+//! [`AdamW::step`]. With the `cuda` feature, all f32/bf16 parameters on a CUDA device are updated
+//! by one multi-tensor kernel launch per dtype (cpmv-kernels: gradient read once, moments, master
+//! and parameter written in place, same formula); elsewhere by candle tensor ops.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -171,39 +171,18 @@ impl AdamW {
             eps,
             weight_decay,
         } = self.cfg;
-        for p in &mut self.params {
+        #[cfg(feature = "cuda")]
+        let fused = self.fused_step(grads, lr, grad_scale)?;
+        #[cfg(not(feature = "cuda"))]
+        let fused = vec![false; self.params.len()];
+        for (p, fused) in self.params.iter_mut().zip(fused) {
+            if fused {
+                p.step += 1;
+                continue;
+            }
             let Some(grad) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
-            #[cfg(feature = "cuda")]
-            if p.var.device().is_cuda() && matches!(p.var.dtype(), DType::F32 | DType::BF16) {
-                let t = p.step + 1;
-                let tf = t as f64;
-                let decay = if p.decay && weight_decay != 0.0 {
-                    1.0 - lr * weight_decay
-                } else {
-                    1.0
-                };
-                cpmv_kernels::adamw_step(
-                    p.var.as_tensor(),
-                    p.master.as_ref(),
-                    &p.exp_avg,
-                    &p.exp_avg_sq,
-                    &grad.to_dtype(p.var.dtype())?,
-                    cpmv_kernels::AdamWStep {
-                        decay_factor: decay as f32,
-                        one_minus_beta1: (1.0 - beta1) as f32,
-                        beta2: beta2 as f32,
-                        one_minus_beta2: (1.0 - beta2) as f32,
-                        eps: eps as f32,
-                        step_size: (lr / (1.0 - beta1.powf(tf))) as f32,
-                        bc2_sqrt: (1.0 - beta2.powf(tf)).sqrt() as f32,
-                        grad_scale: grad_scale as f32,
-                    },
-                )?;
-                p.step = t;
-                continue;
-            }
             let mut g = grad.detach().to_dtype(DType::F32)?;
             if grad_scale != 1.0 {
                 g = g.affine(grad_scale, 0.0)?;
@@ -256,6 +235,68 @@ impl AdamW {
         }
         self.steps += 1;
         Ok(())
+    }
+
+    /// The CUDA part of [`AdamW::step`]: every f32/bf16 parameter on a CUDA device that has a
+    /// gradient is updated by one multi-tensor kernel launch (per dtype). Returns which
+    /// parameters it updated; their step counts are advanced by the caller.
+    #[cfg(feature = "cuda")]
+    fn fused_step(
+        &self,
+        grads: &GradStore,
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<Vec<bool>, OptimError> {
+        let AdamWConfig {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        } = self.cfg;
+        let mut which = vec![false; self.params.len()];
+        let mut cast = Vec::new();
+        for (i, p) in self.params.iter().enumerate() {
+            if !(p.var.device().is_cuda() && matches!(p.var.dtype(), DType::F32 | DType::BF16)) {
+                continue;
+            }
+            if let Some(g) = grads.get(p.var.as_tensor()) {
+                cast.push((i, g.to_dtype(p.var.dtype())?));
+                which[i] = true;
+            }
+        }
+        let items: Vec<cpmv_kernels::AdamWParam> = cast
+            .iter()
+            .map(|(i, g)| {
+                let p = &self.params[*i];
+                let t = (p.step + 1) as f64;
+                let decay = if p.decay && weight_decay != 0.0 {
+                    1.0 - lr * weight_decay
+                } else {
+                    1.0
+                };
+                cpmv_kernels::AdamWParam {
+                    param: p.var.as_tensor(),
+                    master: p.master.as_ref(),
+                    m: &p.exp_avg,
+                    v: &p.exp_avg_sq,
+                    grad: g,
+                    decay_factor: decay as f32,
+                    step_size: (lr / (1.0 - beta1.powf(t))) as f32,
+                    bc2_sqrt: (1.0 - beta2.powf(t)).sqrt() as f32,
+                }
+            })
+            .collect();
+        cpmv_kernels::adamw_multi(
+            &items,
+            cpmv_kernels::AdamWHyper {
+                one_minus_beta1: (1.0 - beta1) as f32,
+                beta2: beta2 as f32,
+                one_minus_beta2: (1.0 - beta2) as f32,
+                eps: eps as f32,
+                grad_scale: grad_scale as f32,
+            },
+        )?;
+        Ok(which)
     }
 
     /// Number of completed [`AdamW::step`] calls (restored by [`AdamW::load_state`]).

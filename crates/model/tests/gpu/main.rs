@@ -1,7 +1,7 @@
 //! The GPU checks, in one test binary so that one file travels to the GPU machine
 //! (benches/gpu/run.sh): the fused kernels against their CPU references (`ops`), the fused
 //! AdamW step against the CPU optimiser (`adamw`), and the PyTorch parity fixtures run on the
-//! GPU (`parity`, with `CPMV_TEST_DEVICE=cuda` and optionally `CPMV_TEST_DTYPE=bf16`).
+//! GPU (`parity`, f32 and bf16, with `CPMV_TEST_DEVICE=cuda`).
 //!
 //! `cargo test -p cpmv-model --features cuda --test gpu` on a machine with a GPU; without the
 //! `cuda` feature the binary is empty.

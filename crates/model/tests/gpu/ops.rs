@@ -345,3 +345,59 @@ fn sum_of_squares_matches_cpu() {
         assert!(rel < 1e-12, "{dtype:?}: {got} vs {want}");
     }
 }
+
+/// Bias + GELU (both variants) and the bias alone: the fused op and its column-sum bias
+/// gradient against the broadcast-add composition. 2·129 rows (not a multiple of the kernel's
+/// 8-row stride nor of its 256-row blocks) by 1000 columns (not a multiple of 32).
+#[test]
+fn bias_act_matches_cpu() {
+    use cpmv_model::config::Gelu;
+    for (name, gelu) in [
+        ("bias", None),
+        ("bias+gelu_tanh", Some(Gelu::Tanh)),
+        ("bias+gelu_erf", Some(Gelu::Erf)),
+    ] {
+        compare(
+            name,
+            &[
+                (tensor(&[2, 129, 1000], 41, 3.0), true),
+                (tensor(&[1000], 42, 1.0), true),
+            ],
+            &|t| ops::bias_act(&t[0], &t[1], gelu),
+            (1e-5, 1e-4),
+        );
+    }
+}
+
+/// u8 pixels normalised on the device through the 256-entry table: bit-identical to the host
+/// path, padding included.
+#[test]
+fn u8_pixels_normalise_on_the_device_as_on_the_host() {
+    use cpmv_model::image::{stack_patches, ImageInput};
+    let dev = gpu();
+    let img = |h: usize, w: usize, seed: u8| {
+        let px: Vec<u8> = (0..h * w * 3)
+            .map(|i| (i as u8).wrapping_mul(37).wrapping_add(seed))
+            .collect();
+        ImageInput::from_hwc_u8(&px, h, w, 14).unwrap()
+    };
+    let images = vec![img(42, 56, 1), img(28, 14, 2), img(42, 56, 3)];
+    for dtype in [DType::F32, DType::BF16] {
+        let a = stack_patches(&images, 12, dtype, &dev).unwrap();
+        let b = stack_patches(&images, 12, dtype, &Device::Cpu).unwrap();
+        let bits = |t: &Tensor| -> Vec<u32> {
+            t.to_device(&Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        };
+        assert_eq!(bits(&a), bits(&b), "{dtype:?}");
+    }
+}
