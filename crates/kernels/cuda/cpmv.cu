@@ -330,10 +330,10 @@ __device__ void bias_act_bwd(const T *x, const T *b, const T *dy, T *dz, size_t 
 template <typename T> __device__ void col_sum(const T *x, float *out, int m, int d, int rows) {
   __shared__ float sh[8][33];
   int col = blockIdx.x * 32 + threadIdx.x;
-  int r0 = blockIdx.y * rows, r1 = min(m, r0 + rows);
+  long long r0 = (long long)blockIdx.y * rows, r1 = min((long long)m, r0 + rows);
   float acc = 0.f;
   if (col < d)
-    for (int r = r0 + threadIdx.y; r < r1; r += 8) acc += tof(x[(size_t)r * d + col]);
+    for (long long r = r0 + threadIdx.y; r < r1; r += 8) acc += tof(x[(size_t)r * d + col]);
   sh[threadIdx.y][threadIdx.x] = acc;
   __syncthreads();
   if (threadIdx.y == 0 && col < d) {

@@ -171,8 +171,14 @@ impl CustomOp2 for RmsNorm {
             },
         )?;
         let dx = out.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dw = out.narrow(0, n, d)?.reshape(w.shape())?;
-        Ok((Some(dx), Some(dw)))
+        // The weight gradient is copied out of the activation-sized buffer (a view would keep
+        // that buffer alive as long as the gradient is held, i.e. until the optimiser step),
+        // and not made at all for a frozen weight.
+        let dw = match w.track_op() {
+            true => Some(out.narrow(0, n, d)?.copy()?.reshape(w.shape())?),
+            false => None,
+        };
+        Ok((Some(dx), dw))
     }
 }
 
@@ -352,14 +358,18 @@ impl CustomOp3 for LayerNorm {
             },
         )?;
         let dx = out.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dw = out.narrow(0, n, d)?.reshape(w.shape())?;
-        let db = out.narrow(0, n + d, d)?.reshape(b.shape())?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        // Copied out, or not made when frozen (see RmsNorm's backward).
+        let tail = |t: &Tensor, start: usize| -> Result<Option<Tensor>> {
+            match t.track_op() {
+                true => Ok(Some(out.narrow(0, start, d)?.copy()?.reshape(t.shape())?)),
+                false => Ok(None),
+            }
+        };
+        Ok((Some(dx), tail(w, n)?, tail(b, n + d)?))
     }
 }
 
-/// LayerNorm over the last axis (biased variance, as torch): `round(round(x̂)·w) + b`,
-/// statistics in f32. Same constraints as [`rms_norm`].
+/// LayerNorm over the last axis (biased variance, as torch): `round(x̂·w + b)`, all in f32. Same constraints as [`rms_norm`].
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     check_norm_shapes(x, &[w, b], "layer_norm")?;
     x.contiguous()?.apply_op3(
@@ -1157,73 +1167,28 @@ fn device_address(t: &Tensor, what: &str) -> Result<(u64, CudaDevice)> {
 /// the f32 master (for bf16 parameters) and the parameter are written in the same pass.
 ///
 /// The tensors are modified in place: callers own them exclusively (no other tensor may share
-/// their storage).
+/// their storage, and no two parameters may share a buffer: they are updated concurrently,
+/// which is checked by address).
 pub fn adamw_multi(params: &[AdamWParam<'_>], h: AdamWHyper) -> Result<()> {
+    if let Some(p) = params
+        .iter()
+        .find(|p| !matches!(p.param.dtype(), DType::F32 | DType::BF16))
+    {
+        bail!("cpmv-kernels: adamw of a {:?} parameter", p.param.dtype());
+    }
+    // Every group is checked and its table built before the first launch, so an error leaves
+    // all parameters untouched (never half a step).
+    let mut launches = Vec::new();
     for dtype in [DType::F32, DType::BF16] {
         let group: Vec<&AdamWParam> = params
             .iter()
             .filter(|p| p.param.dtype() == dtype && p.param.elem_count() > 0)
             .collect();
-        if group.is_empty() {
-            continue;
+        if let Some(l) = adamw_table(&group, dtype)? {
+            launches.push(l);
         }
-        let mut words: Vec<u64> = Vec::with_capacity(ADAMW_DESC * group.len());
-        let mut grads = Vec::with_capacity(group.len());
-        let mut chunks = 0u64;
-        let mut device: Option<CudaDevice> = None;
-        for p in group {
-            use candle_core::backend::BackendDevice;
-            let n = p.param.elem_count();
-            for (what, t) in [("m", p.m), ("v", p.v), ("grad", p.grad)] {
-                if t.elem_count() != n {
-                    bail!(
-                        "cpmv-kernels: adamw {what} has {} elements, the parameter {n}",
-                        t.elem_count()
-                    );
-                }
-            }
-            for (what, t) in [("m", Some(p.m)), ("v", Some(p.v)), ("master", p.master)] {
-                if let Some(t) = t {
-                    if t.dtype() != DType::F32 || t.elem_count() != n {
-                        bail!("cpmv-kernels: adamw {what} must be f32 with {n} elements");
-                    }
-                }
-            }
-            if dtype != DType::F32 && p.master.is_none() {
-                bail!("cpmv-kernels: a {dtype:?} parameter needs an f32 master copy");
-            }
-            check_same(dtype, p.grad.dtype(), "adamw gradient")?;
-            let grad = p.grad.contiguous()?;
-            let (pa, dev) = device_address(p.param, "param")?;
-            if let Some(d) = &device {
-                if !d.same_device(&dev) {
-                    bail!("cpmv-kernels: adamw parameters on different devices");
-                }
-            }
-            let master = match p.master {
-                Some(t) => device_address(t, "master")?.0,
-                None => 0,
-            };
-            words.extend([
-                pa,
-                master,
-                device_address(p.m, "m")?.0,
-                device_address(p.v, "v")?.0,
-                device_address(&grad, "grad")?.0,
-                n as u64,
-                chunks,
-                u64::from(p.decay_factor.to_bits()) | (u64::from(p.step_size.to_bits()) << 32),
-                u64::from(p.bc2_sqrt.to_bits()),
-                0,
-            ]);
-            chunks += n.div_ceil(ADAMW_CHUNK) as u64;
-            grads.push(grad);
-            device = Some(dev);
-        }
-        let Some(dev) = device else { continue };
-        if chunks > i32::MAX as u64 {
-            bail!("cpmv-kernels: adamw over {chunks} chunks");
-        }
+    }
+    for (dev, dtype, words, chunks, grads) in launches {
         let table = dev.cuda_stream().clone_htod(&words).w()?;
         let count = (words.len() / ADAMW_DESC) as i32;
         let f = func(&dev, "adamw_multi", dtype)?;
@@ -1236,7 +1201,7 @@ pub fn adamw_multi(params: &[AdamWParam<'_>], h: AdamWHyper) -> Result<()> {
             .arg(&h.eps)
             .arg(&h.grad_scale);
         let cfg = LaunchConfig {
-            grid_dim: (chunks as u32, 1, 1),
+            grid_dim: (chunks, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -1246,6 +1211,82 @@ pub fn adamw_multi(params: &[AdamWParam<'_>], h: AdamWHyper) -> Result<()> {
         drop(grads);
     }
     Ok(())
+}
+
+/// One dtype's launch of [`adamw_multi`]: the device, the descriptor words, the number of
+/// chunks (blocks) and the gradients the table points into (kept alive until the launch).
+type AdamWLaunch = (CudaDevice, DType, Vec<u64>, u32, Vec<Tensor>);
+
+/// Checks one dtype group of parameters and builds its descriptor table (`None` when empty).
+fn adamw_table(group: &[&AdamWParam<'_>], dtype: DType) -> Result<Option<AdamWLaunch>> {
+    use candle_core::backend::BackendDevice;
+    let mut words: Vec<u64> = Vec::with_capacity(ADAMW_DESC * group.len());
+    let mut grads = Vec::with_capacity(group.len());
+    let mut chunks = 0u64;
+    let mut device: Option<CudaDevice> = None;
+    let mut seen = std::collections::HashSet::new();
+    for p in group {
+        let n = p.param.elem_count();
+        for (what, t) in [("m", p.m), ("v", p.v), ("grad", p.grad)] {
+            if t.elem_count() != n {
+                bail!(
+                    "cpmv-kernels: adamw {what} has {} elements, the parameter {n}",
+                    t.elem_count()
+                );
+            }
+        }
+        for (what, t) in [("m", Some(p.m)), ("v", Some(p.v)), ("master", p.master)] {
+            if let Some(t) = t {
+                if t.dtype() != DType::F32 || t.elem_count() != n {
+                    bail!("cpmv-kernels: adamw {what} must be f32 with {n} elements");
+                }
+            }
+        }
+        if dtype != DType::F32 && p.master.is_none() {
+            bail!("cpmv-kernels: a {dtype:?} parameter needs an f32 master copy");
+        }
+        check_same(dtype, p.grad.dtype(), "adamw gradient")?;
+        let grad = p.grad.contiguous()?;
+        let (pa, dev) = device_address(p.param, "param")?;
+        if let Some(d) = &device {
+            if !d.same_device(&dev) {
+                bail!("cpmv-kernels: adamw parameters on different devices");
+            }
+        }
+        let master = match p.master {
+            Some(t) => device_address(t, "master")?.0,
+            None => 0,
+        };
+        let (ma, va) = (device_address(p.m, "m")?.0, device_address(p.v, "v")?.0);
+        // The entries of one launch are updated concurrently: none may share memory.
+        for a in [pa, master, ma, va] {
+            if a != 0 && !seen.insert(a) {
+                bail!("cpmv-kernels: adamw buffers shared between parameters");
+            }
+        }
+        words.extend([
+            pa,
+            master,
+            ma,
+            va,
+            device_address(&grad, "grad")?.0,
+            n as u64,
+            chunks,
+            u64::from(p.decay_factor.to_bits()) | (u64::from(p.step_size.to_bits()) << 32),
+            u64::from(p.bc2_sqrt.to_bits()),
+            0,
+        ]);
+        chunks += n.div_ceil(ADAMW_CHUNK) as u64;
+        grads.push(grad);
+        device = Some(dev);
+    }
+    let Some(dev) = device else {
+        return Ok(None);
+    };
+    if chunks > i32::MAX as u64 {
+        bail!("cpmv-kernels: adamw over {chunks} chunks");
+    }
+    Ok(Some((dev, dtype, words, chunks as u32, grads)))
 }
 
 /// A dropout mask shaped like `like` (its dtype and device): each element `1/keep` with
