@@ -52,6 +52,48 @@ fn cpu_unsupported(name: &str) -> Result<(CpuStorage, Shape)> {
     bail!("{name}: a CUDA-only fused op was called on CPU tensors (use the composition in cpmv-model's ops)")
 }
 
+/// The `name` and the refusing `cpu_fwd` of a CUDA-only custom op of 1, 2 or 3 arguments.
+macro_rules! cuda_only {
+    (1, $name:literal) => {
+        fn name(&self) -> &'static str {
+            $name
+        }
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            cpu_unsupported($name)
+        }
+    };
+    (2, $name:literal) => {
+        fn name(&self) -> &'static str {
+            $name
+        }
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            cpu_unsupported($name)
+        }
+    };
+    (3, $name:literal) => {
+        fn name(&self) -> &'static str {
+            $name
+        }
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            cpu_unsupported($name)
+        }
+    };
+}
+
 /// Rows of 256 threads (the row kernels), one block per row.
 fn rows_cfg(rows: usize) -> LaunchConfig {
     LaunchConfig {
@@ -119,18 +161,7 @@ struct RmsNorm {
 }
 
 impl CustomOp2 for RmsNorm {
-    fn name(&self) -> &'static str {
-        "cpmv-rms-norm"
-    }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_unsupported("cpmv-rms-norm")
-    }
+    cuda_only!(2, "cpmv-rms-norm");
     fn cuda_fwd(
         &self,
         x: &CudaStorage,
@@ -190,20 +221,7 @@ struct NormBwd {
 }
 
 impl CustomOp3 for NormBwd {
-    fn name(&self) -> &'static str {
-        "cpmv-norm-bwd"
-    }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_unsupported("cpmv-norm-bwd")
-    }
+    cuda_only!(3, "cpmv-norm-bwd");
     fn cuda_fwd(
         &self,
         x: &CudaStorage,
@@ -294,20 +312,7 @@ struct LayerNorm {
 }
 
 impl CustomOp3 for LayerNorm {
-    fn name(&self) -> &'static str {
-        "cpmv-layer-norm"
-    }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_unsupported("cpmv-layer-norm")
-    }
+    cuda_only!(3, "cpmv-layer-norm");
     fn cuda_fwd(
         &self,
         x: &CudaStorage,
@@ -385,18 +390,7 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
 struct SiluMul;
 
 impl CustomOp2 for SiluMul {
-    fn name(&self) -> &'static str {
-        "cpmv-silu-mul"
-    }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_unsupported("cpmv-silu-mul")
-    }
+    cuda_only!(2, "cpmv-silu-mul");
     fn cuda_fwd(
         &self,
         g: &CudaStorage,
@@ -440,20 +434,7 @@ impl CustomOp2 for SiluMul {
 struct SiluMulBwd;
 
 impl CustomOp3 for SiluMulBwd {
-    fn name(&self) -> &'static str {
-        "cpmv-silu-mul-bwd"
-    }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_unsupported("cpmv-silu-mul-bwd")
-    }
+    cuda_only!(3, "cpmv-silu-mul-bwd");
     fn cuda_fwd(
         &self,
         g: &CudaStorage,
@@ -496,20 +477,7 @@ struct Rope {
 }
 
 impl CustomOp3 for Rope {
-    fn name(&self) -> &'static str {
-        "cpmv-rope"
-    }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_unsupported("cpmv-rope")
-    }
+    cuda_only!(3, "cpmv-rope");
     fn cuda_fwd(
         &self,
         x: &CudaStorage,
@@ -637,12 +605,7 @@ impl Softmax {
 }
 
 impl CustomOp1 for Softmax {
-    fn name(&self) -> &'static str {
-        "cpmv-softmax"
-    }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        cpu_unsupported("cpmv-softmax")
-    }
+    cuda_only!(1, "cpmv-softmax");
     fn cuda_fwd(&self, s: &CudaStorage, ls: &Layout) -> Result<(CudaStorage, Shape)> {
         self.launch(s, ls, None)
     }
@@ -655,18 +618,7 @@ impl CustomOp1 for Softmax {
 }
 
 impl CustomOp2 for Softmax {
-    fn name(&self) -> &'static str {
-        "cpmv-masked-softmax"
-    }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_unsupported("cpmv-masked-softmax")
-    }
+    cuda_only!(2, "cpmv-masked-softmax");
     fn cuda_fwd(
         &self,
         s: &CudaStorage,
@@ -696,18 +648,7 @@ struct SoftmaxBwd {
 }
 
 impl CustomOp2 for SoftmaxBwd {
-    fn name(&self) -> &'static str {
-        "cpmv-softmax-bwd"
-    }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_unsupported("cpmv-softmax-bwd")
-    }
+    cuda_only!(2, "cpmv-softmax-bwd");
     fn cuda_fwd(
         &self,
         p: &CudaStorage,
@@ -779,18 +720,7 @@ pub fn masked_softmax(scores: &Tensor, bounds: &Tensor, scale: f64) -> Result<Te
 struct CrossEntropy;
 
 impl CustomOp2 for CrossEntropy {
-    fn name(&self) -> &'static str {
-        "cpmv-cross-entropy"
-    }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_unsupported("cpmv-cross-entropy")
-    }
+    cuda_only!(2, "cpmv-cross-entropy");
     fn cuda_fwd(
         &self,
         l: &CudaStorage,
@@ -833,20 +763,7 @@ impl CustomOp2 for CrossEntropy {
 struct CrossEntropyBwd;
 
 impl CustomOp3 for CrossEntropyBwd {
-    fn name(&self) -> &'static str {
-        "cpmv-cross-entropy-bwd"
-    }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_unsupported("cpmv-cross-entropy-bwd")
-    }
+    cuda_only!(3, "cpmv-cross-entropy-bwd");
     fn cuda_fwd(
         &self,
         l: &CudaStorage,
@@ -921,18 +838,7 @@ struct BiasAct {
 }
 
 impl CustomOp2 for BiasAct {
-    fn name(&self) -> &'static str {
-        "cpmv-bias-act"
-    }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_unsupported("cpmv-bias-act")
-    }
+    cuda_only!(2, "cpmv-bias-act");
     fn cuda_fwd(
         &self,
         x: &CudaStorage,
@@ -983,20 +889,7 @@ struct BiasActBwd {
 }
 
 impl CustomOp3 for BiasActBwd {
-    fn name(&self) -> &'static str {
-        "cpmv-bias-act-bwd"
-    }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_unsupported("cpmv-bias-act-bwd")
-    }
+    cuda_only!(3, "cpmv-bias-act-bwd");
     fn cuda_fwd(
         &self,
         x: &CudaStorage,
@@ -1034,12 +927,7 @@ impl CustomOp3 for BiasActBwd {
 struct ColSum;
 
 impl CustomOp1 for ColSum {
-    fn name(&self) -> &'static str {
-        "cpmv-col-sum"
-    }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        cpu_unsupported("cpmv-col-sum")
-    }
+    cuda_only!(1, "cpmv-col-sum");
     fn cuda_fwd(&self, x: &CudaStorage, lx: &Layout) -> Result<(CudaStorage, Shape)> {
         let dev = x.device().clone();
         let (m, d) = last_dim(lx)?;

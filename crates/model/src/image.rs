@@ -51,29 +51,24 @@ impl ImageInput {
     /// From normalised f32 pixels in CHW layout.
     pub fn from_chw(data: &[f32], h: usize, w: usize, patch: usize) -> Result<Self> {
         Self::check(h, w, patch, data.len())?;
-        let (ph, pw) = (h / patch, w / patch);
-        Ok(ImageInput {
-            ph,
-            pw,
-            patch,
-            pixels: Pixels::F32(patch_order(h, w, patch, |c, y, x| {
-                data[c * h * w + y * w + x]
-            })),
-        })
+        let px = patch_order(h, w, patch, |c, y, x| data[c * h * w + y * w + x]);
+        Ok(Self::of(h, w, patch, Pixels::F32(px)))
     }
 
     /// From u8 RGB in HWC layout (the shard format); normalised later, on the device.
     pub fn from_hwc_u8(data: &[u8], h: usize, w: usize, patch: usize) -> Result<Self> {
         Self::check(h, w, patch, data.len())?;
-        let (ph, pw) = (h / patch, w / patch);
-        Ok(ImageInput {
-            ph,
-            pw,
+        let px = patch_order(h, w, patch, |c, y, x| data[(y * w + x) * 3 + c]);
+        Ok(Self::of(h, w, patch, Pixels::U8(px)))
+    }
+
+    fn of(h: usize, w: usize, patch: usize, pixels: Pixels) -> Self {
+        ImageInput {
+            ph: h / patch,
+            pw: w / patch,
             patch,
-            pixels: Pixels::U8(patch_order(h, w, patch, |c, y, x| {
-                data[(y * w + x) * 3 + c]
-            })),
-        })
+            pixels,
+        }
     }
 
     /// The normalised values on the host (what the device computes from u8 pixels).

@@ -45,24 +45,25 @@ fn is_half(d: DType) -> bool {
 /// then accumulates in f32, as PyTorch's reductions do, instead of in bf16 (which loses
 /// several percent over a few thousand rows).
 pub fn add_row_param(x: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if is_half(x.dtype()) {
-        x.to_dtype(DType::F32)?
-            .broadcast_add(&b.to_dtype(DType::F32)?)?
-            .to_dtype(x.dtype())
-    } else {
-        x.broadcast_add(b)
-    }
+    widened(x, b, |x, b| x.broadcast_add(b))
 }
 
 /// `x · w` for a parameter row `w` `[D]`, with `w`'s gradient summed in f32 (see
 /// [`add_row_param`]; the product of two bf16 values is exact in f32).
 pub fn mul_row_param(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    widened(x, w, |x, w| x.broadcast_mul(w))
+}
+
+/// `f(x, p)`, computed in f32 and rounded back when `x` is half precision.
+fn widened(
+    x: &Tensor,
+    p: &Tensor,
+    f: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
     if is_half(x.dtype()) {
-        x.to_dtype(DType::F32)?
-            .broadcast_mul(&w.to_dtype(DType::F32)?)?
-            .to_dtype(x.dtype())
+        f(&x.to_dtype(DType::F32)?, &p.to_dtype(DType::F32)?)?.to_dtype(x.dtype())
     } else {
-        x.broadcast_mul(w)
+        f(x, p)
     }
 }
 

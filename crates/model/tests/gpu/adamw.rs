@@ -67,48 +67,37 @@ fn host(t: &Tensor) -> Vec<f32> {
         .unwrap()
 }
 
-#[test]
-fn fused_adamw_matches_the_cpu_optimiser() {
-    let cpu = Device::Cpu;
+/// Five steps of cpmv-optim's AdamW on the parameters placed on `device`.
+fn train(device: &Device) -> Vec<(String, Var)> {
     let params: Vec<(String, Var)> = (0..3)
         .map(|i| {
             (
                 PARAMS[i].0.to_string(),
-                Var::from_tensor(&init(i, &cpu)).unwrap(),
+                Var::from_tensor(&init(i, device)).unwrap(),
             )
         })
         .collect();
-    let decays = |n: &str| !n.ends_with("bias");
     let mut opt = AdamW::new(params.clone(), CFG, decays).unwrap();
     for step in 0..5 {
         let mut g = GradStore::default();
         for (i, (_, v)) in params.iter().enumerate() {
-            if let Some(t) = grad(i, step, &cpu) {
+            if let Some(t) = grad(i, step, device) {
                 g.insert(v.as_tensor(), t);
             }
         }
         opt.step(&g, lr(step), 0.7).unwrap();
     }
+    params
+}
 
-    let gpu = Device::new_cuda(0).expect("needs a CUDA GPU");
-    let gparams: Vec<(String, Var)> = (0..3)
-        .map(|i| {
-            (
-                PARAMS[i].0.to_string(),
-                Var::from_tensor(&init(i, &gpu)).unwrap(),
-            )
-        })
-        .collect();
-    let mut gopt = AdamW::new(gparams.clone(), CFG, decays).unwrap();
-    for step in 0..5 {
-        let mut g = GradStore::default();
-        for (i, (_, v)) in gparams.iter().enumerate() {
-            if let Some(t) = grad(i, step, &gpu) {
-                g.insert(v.as_tensor(), t);
-            }
-        }
-        gopt.step(&g, lr(step), 0.7).unwrap();
-    }
+fn decays(name: &str) -> bool {
+    !name.ends_with("bias")
+}
+
+#[test]
+fn fused_adamw_matches_the_cpu_optimiser() {
+    let params = train(&Device::Cpu);
+    let gparams = train(&Device::new_cuda(0).expect("needs a CUDA GPU"));
     for i in 0..3 {
         let (name, _, dt) = PARAMS[i];
         let p = gparams[i].1.as_tensor();
