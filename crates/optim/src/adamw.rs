@@ -95,6 +95,29 @@ impl ParamState {
     }
 }
 
+/// The host-side scalars of one parameter's next update, in f64 as torch computes them.
+struct UpdateScalars {
+    /// `1 − lr·wd`, or `None` when the parameter is not decayed.
+    decay: Option<f64>,
+    /// `lr / (1 − β1ᵗ)`.
+    step_size: f64,
+    /// `sqrt(1 − β2ᵗ)`.
+    bc2_sqrt: f64,
+}
+
+impl AdamWConfig {
+    /// The scalars for update number `t` of a parameter (`decay`: whether weight decay applies
+    /// to it) at learning rate `lr`.
+    fn scalars(&self, t: u64, decay: bool, lr: f64) -> UpdateScalars {
+        let tf = t as f64;
+        UpdateScalars {
+            decay: (decay && self.weight_decay != 0.0).then_some(1.0 - lr * self.weight_decay),
+            step_size: lr / (1.0 - self.beta1.powf(tf)),
+            bc2_sqrt: (1.0 - self.beta2.powf(tf)).powf(0.5),
+        }
+    }
+}
+
 /// AdamW over a fixed list of named parameters, with fp32 moments and, for bf16/f16 parameters,
 /// an fp32 master copy that receives the updates (the var gets the master rounded to its dtype
 /// after every step, so updates below the var's resolution still accumulate).
@@ -166,10 +189,7 @@ impl AdamW {
     /// `denom = sqrt(v)/sqrt(1 − β2ᵗ) + eps`; `p ← p − (lr/(1 − β1ᵗ))·m/denom`.
     pub fn step(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<(), OptimError> {
         let AdamWConfig {
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
+            beta1, beta2, eps, ..
         } = self.cfg;
         #[cfg(feature = "cuda")]
         let fused = self.fused_step(grads, lr, grad_scale)?;
@@ -188,10 +208,11 @@ impl AdamW {
                 g = g.affine(grad_scale, 0.0)?;
             }
             let t = p.step + 1;
+            let sc = self.cfg.scalars(t, p.decay, lr);
 
             let mut param = p.value();
-            if p.decay && weight_decay != 0.0 {
-                param = param.affine(1.0 - lr * weight_decay, 0.0)?;
+            if let Some(f) = sc.decay {
+                param = param.affine(f, 0.0)?;
             }
 
             // exp_avg.lerp_(grad, 1 - beta1): torch's lerp picks its formula by weight size.
@@ -206,21 +227,16 @@ impl AdamW {
             let exp_avg_sq =
                 (p.exp_avg_sq.affine(beta2, 0.0)? + (g.affine(1.0 - beta2, 0.0)? * &g)?)?;
 
-            let tf = t as f64;
-            let bias_correction1 = 1.0 - beta1.powf(tf);
-            let bias_correction2 = 1.0 - beta2.powf(tf);
-            let step_size = lr / bias_correction1;
-            let bias_correction2_sqrt = bias_correction2.powf(0.5);
             // denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps), a true f32 division
             // like torch's (multiplying by the reciprocal rounds differently); `full` fills the
             // scalar on the device.
-            let bc2_sqrt = Tensor::full(bias_correction2_sqrt as f32, (), g.device())?;
+            let bc2_sqrt = Tensor::full(sc.bc2_sqrt as f32, (), g.device())?;
             let denom = exp_avg_sq
                 .sqrt()?
                 .broadcast_div(&bc2_sqrt)?
                 .affine(1.0, eps)?;
             // param.addcdiv_(exp_avg, denom, value=-step_size)
-            let param = (param + exp_avg.affine(-step_size, 0.0)?.div(&denom)?)?;
+            let param = (param + exp_avg.affine(-sc.step_size, 0.0)?.div(&denom)?)?;
 
             match &mut p.master {
                 Some(master) => {
@@ -248,10 +264,7 @@ impl AdamW {
         grad_scale: f64,
     ) -> Result<Vec<bool>, OptimError> {
         let AdamWConfig {
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
+            beta1, beta2, eps, ..
         } = self.cfg;
         let mut which = vec![false; self.params.len()];
         let mut cast = Vec::new();
@@ -268,21 +281,16 @@ impl AdamW {
             .iter()
             .map(|(i, g)| {
                 let p = &self.params[*i];
-                let t = (p.step + 1) as f64;
-                let decay = if p.decay && weight_decay != 0.0 {
-                    1.0 - lr * weight_decay
-                } else {
-                    1.0
-                };
+                let sc = self.cfg.scalars(p.step + 1, p.decay, lr);
                 cpmv_kernels::AdamWParam {
                     param: p.var.as_tensor(),
                     master: p.master.as_ref(),
                     m: &p.exp_avg,
                     v: &p.exp_avg_sq,
                     grad: g,
-                    decay_factor: decay as f32,
-                    step_size: (lr / (1.0 - beta1.powf(t))) as f32,
-                    bc2_sqrt: (1.0 - beta2.powf(t)).sqrt() as f32,
+                    decay_factor: sc.decay.unwrap_or(1.0) as f32,
+                    step_size: sc.step_size as f32,
+                    bc2_sqrt: sc.bc2_sqrt as f32,
                 }
             })
             .collect();
