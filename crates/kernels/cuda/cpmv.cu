@@ -220,8 +220,9 @@ __device__ void rope(const T *x, const T *cs, const T *sn, T *y, int bt, int h, 
 
 // ---- Softmax over the last axis of [rows, tk], optionally with allowed-key ranges --------------
 // Row r = ((b * heads + head) * tq + q); keys j with lo <= j < hi are allowed, where (lo, hi) =
-// bounds[2 * (b * tq + q) .. +2] (bounds == NULL: all keys). Scores are multiplied by `scale`
-// first. Blocked keys get probability 0 (a row always has at least one allowed key).
+// bounds[2 * (b * tq + q) .. +2] (bounds == NULL: all keys), clamped to [0, tk] so bad bounds
+// never index outside the row. Scores are multiplied by `scale` first. Blocked keys get
+// probability 0 (a row always has at least one allowed key).
 template <typename T>
 __device__ void softmax_fwd(const T *s, T *p, const uint32_t *bounds, int heads, int tq, int tk,
                             float scale) {
@@ -232,8 +233,9 @@ __device__ void softmax_fwd(const T *s, T *p, const uint32_t *bounds, int heads,
   if (bounds) {
     size_t b = r / ((size_t)heads * tq);
     size_t q = r % tq;
-    lo = bounds[2 * (b * tq + q)];
-    hi = bounds[2 * (b * tq + q) + 1];
+    uint32_t l = bounds[2 * (b * tq + q)], h = bounds[2 * (b * tq + q) + 1];
+    lo = l < (uint32_t)tk ? (int)l : tk;
+    hi = h < (uint32_t)tk ? (int)h : tk;
   }
   float m = -INFINITY;
   for (int j = lo + threadIdx.x; j < hi; j += blockDim.x) m = fmaxf(m, tof(sr[j]) * scale);

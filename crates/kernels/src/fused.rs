@@ -94,21 +94,62 @@ macro_rules! cuda_only {
     };
 }
 
+// Launch soundness. Every `unsafe` launch below relies on these, and its `SAFETY:` comment
+// adds what is particular to it (argument list, buffer lengths, the checks guaranteeing them):
+// - Types: `func` loads `{name}_{f32|bf16}` for the dtype that `typed!` binds `T` to, and
+//   `as_cuda_slice::<T>` fails on storage of any other dtype, so every pointer has the element
+//   type the kernel declares. Scalars are pushed as `i32` (`int`, converted by `int`, never
+//   wrapped), `f32` (`float`), `usize`/`u64` (`size_t`/`uint64_t`, 64-bit on our targets).
+// - Inputs: `view` hands out exactly a contiguous layout's elements, or fails.
+// - Outputs: allocated just before the launch, so never aliased with an input or anything else.
+// - Grids: `rows_cfg`/`elems_cfg` refuse grids over the 2³¹ − 1 block limit (never truncate),
+//   and the element kernels return for indices past their `n`.
+// - Ordering: the kernel is queued on the device's stream (`dev.cuda_stream()`), the one candle
+//   queues this device's work on, so it runs after the writes of its inputs and before any later
+//   read or (stream-ordered) free of its buffers.
+
 /// Rows of 256 threads (the row kernels), one block per row.
-fn rows_cfg(rows: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
+fn rows_cfg(rows: usize) -> Result<LaunchConfig> {
+    Ok(LaunchConfig {
+        grid_dim: (grid_x(rows)?, 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
+    })
+}
+
+/// One thread per element, 256 per block (the kernel returns for indices `>= n`).
+fn elems_cfg(n: usize) -> Result<LaunchConfig> {
+    Ok(LaunchConfig {
+        grid_dim: (grid_x(n.div_ceil(256))?, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// A grid's x size: CUDA allows at most 2³¹ − 1 blocks (a plain `as u32` would truncate).
+fn grid_x(blocks: usize) -> Result<u32> {
+    match u32::try_from(blocks) {
+        Ok(b) if b <= i32::MAX as u32 => Ok(b),
+        _ => bail!("cpmv-kernels: a grid of {blocks} blocks (at most 2³¹ − 1)"),
     }
 }
 
-fn elems_cfg(n: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (n.div_ceil(256) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
+/// A size passed as a kernel's `int` argument: an error past `i32::MAX` instead of a wrapped
+/// (possibly negative) value.
+fn int(v: usize, what: &str) -> Result<i32> {
+    match i32::try_from(v) {
+        Ok(v) => Ok(v),
+        Err(_) => bail!("cpmv-kernels: {what} of {v} does not fit a kernel's int"),
     }
+}
+
+/// The kernel reads `n` elements of this argument: its layout must hold exactly that many.
+fn check_len(l: &Layout, n: usize, what: &str) -> Result<()> {
+    let got = l.shape().elem_count();
+    if got != n {
+        bail!("cpmv-kernels: {what} has {got} elements, the kernel reads {n}");
+    }
+    Ok(())
 }
 
 /// A contiguous view of a storage of element type `T`.
@@ -172,15 +213,21 @@ impl CustomOp2 for RmsNorm {
         check_same(x.dtype(), w.dtype(), "rms_norm")?;
         let dev = x.device().clone();
         let (n, d) = last_dim(lx)?;
+        check_len(lw, d, "rms_norm weight")?;
+        let (a_d, cfg) = (int(d, "rms_norm row")?, rows_cfg(n)?);
         typed!(x.dtype(), T, {
             let xs = view(x.as_cuda_slice::<T>()?, lx, "x")?;
             let ws = view(w.as_cuda_slice::<T>()?, lw, "weight")?;
+            // SAFETY: uninitialised memory, but the launch below writes all n·d elements (each
+            // block all d of its row) before anything reads it; on error it is dropped unread.
             let y = unsafe { dev.alloc::<T>(n * d)? };
             let f = func(&dev, "rms_norm_fwd", x.dtype())?;
-            let a_d = d as i32;
             let mut b = f.builder();
             b.arg(&xs).arg(&ws).arg(&y).arg(&a_d).arg(&self.eps);
-            unsafe { b.launch(rows_cfg(n)) }.w()?;
+            // SAFETY: rms_norm_fwd(x, w, y, int d, float eps), see "Launch soundness". Block r
+            // of n reads x[r·d..][..d] and w[..d] and writes y[r·d..][..d]: x and y hold n·d
+            // elements (`last_dim`), w d (`check_len`).
+            unsafe { b.launch(cfg) }.w()?;
             Ok((CudaStorage::wrap_cuda_slice(y, dev), lx.shape().clone()))
         })
     }
@@ -235,12 +282,29 @@ impl CustomOp3 for NormBwd {
         check_same(x.dtype(), dy.dtype(), "norm backward")?;
         let dev = x.device().clone();
         let (n, d) = last_dim(lx)?;
+        // The kernels keep MAX_COLS_PER_THREAD (32) weight-gradient accumulators per thread in a
+        // local array: a longer row would index past it. Rows are counted in int, `r0 + rows`
+        // included.
+        if d == 0 || d > MAX_NORM_DIM || n > i32::MAX as usize - NORM_BWD_ROWS {
+            bail!("cpmv-kernels: norm backward of {n} rows of {d}");
+        }
+        check_len(lw, d, "norm backward weight")?;
+        check_len(ldy, n * d, "norm backward grad")?;
         let nacc = if self.bias { 2 * d } else { d };
         let total = n * d + nacc;
+        let (a_n, a_d, a_nacc) = (
+            int(n, "norm rows")?,
+            int(d, "norm row")?,
+            int(nacc, "norm")?,
+        );
+        let a_rows = NORM_BWD_ROWS as i32;
+        let (cfg, cast_cfg) = (rows_cfg(n.div_ceil(NORM_BWD_ROWS))?, elems_cfg(nacc)?);
         typed!(x.dtype(), T, {
             let xs = view(x.as_cuda_slice::<T>()?, lx, "x")?;
             let ws = view(w.as_cuda_slice::<T>()?, lw, "weight")?;
             let gs = view(dy.as_cuda_slice::<T>()?, ldy, "grad")?;
+            // SAFETY: uninitialised memory, but the two launches below write all of it (dx: all
+            // n·d; the tail: all nacc) before anything reads it; on error it is dropped unread.
             let out = unsafe { dev.alloc::<T>(total)? };
             let acc = dev.alloc_zeros::<f32>(nacc)?;
             let name = if self.bias {
@@ -250,9 +314,6 @@ impl CustomOp3 for NormBwd {
             };
             let f = func(&dev, name, x.dtype())?;
             let dx = out.slice(0..n * d);
-            let a_n = n as i32;
-            let a_d = d as i32;
-            let a_rows = NORM_BWD_ROWS as i32;
             let mut b = f.builder();
             b.arg(&xs)
                 .arg(&ws)
@@ -263,13 +324,19 @@ impl CustomOp3 for NormBwd {
                 .arg(&a_d)
                 .arg(&self.eps)
                 .arg(&a_rows);
-            unsafe { b.launch(rows_cfg(n.div_ceil(NORM_BWD_ROWS))) }.w()?;
+            // SAFETY: {rms,layer}_norm_bwd(x, w, dy, dx, dw32, int n, int d, float eps, int rows),
+            // see "Launch soundness". Block k does rows [4k, 4k + 4) ∩ [0, n) of x, dy, dx (n·d
+            // each, checked above), reads w[..d] and adds into acc (nacc f32, zeroed). d ≤ 8192
+            // keeps each thread's ceil(d/256) ≤ 32 local accumulators in bounds.
+            unsafe { b.launch(cfg) }.w()?;
             let tail = out.slice(n * d..total);
             let f = func(&dev, "cast_out", x.dtype())?;
-            let a_nacc = nacc as i32;
             let mut b = f.builder();
             b.arg(&acc).arg(&tail).arg(&a_nacc);
-            unsafe { b.launch(elems_cfg(nacc)) }.w()?;
+            // SAFETY: cast_out(const float *src, T *out, int n), see "Launch soundness": thread
+            // i < nacc reads acc[i] and writes tail[i]; both hold nacc elements. Ordered after
+            // the kernel above (same stream), which finished the atomics into acc.
+            unsafe { b.launch(cast_cfg) }.w()?;
             Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(total)))
         })
     }
@@ -326,13 +393,17 @@ impl CustomOp3 for LayerNorm {
         check_same(x.dtype(), bias.dtype(), "layer_norm")?;
         let dev = x.device().clone();
         let (n, d) = last_dim(lx)?;
+        check_len(lw, d, "layer_norm weight")?;
+        check_len(lb, d, "layer_norm bias")?;
+        let (a_d, cfg) = (int(d, "layer_norm row")?, rows_cfg(n)?);
         typed!(x.dtype(), T, {
             let xs = view(x.as_cuda_slice::<T>()?, lx, "x")?;
             let ws = view(w.as_cuda_slice::<T>()?, lw, "weight")?;
             let bs = view(bias.as_cuda_slice::<T>()?, lb, "bias")?;
+            // SAFETY: uninitialised memory, but the launch below writes all n·d elements (each
+            // block all d of its row) before anything reads it; on error it is dropped unread.
             let y = unsafe { dev.alloc::<T>(n * d)? };
             let f = func(&dev, "layer_norm_fwd", x.dtype())?;
-            let a_d = d as i32;
             let mut b = f.builder();
             b.arg(&xs)
                 .arg(&ws)
@@ -340,7 +411,10 @@ impl CustomOp3 for LayerNorm {
                 .arg(&y)
                 .arg(&a_d)
                 .arg(&self.eps);
-            unsafe { b.launch(rows_cfg(n)) }.w()?;
+            // SAFETY: layer_norm_fwd(x, w, b, y, int d, float eps), see "Launch soundness". Block
+            // r of n reads x[r·d..][..d], w[..d], b[..d] and writes y[r·d..][..d]: x and y hold
+            // n·d elements (`last_dim`), w and b d each (`check_len`).
+            unsafe { b.launch(cfg) }.w()?;
             Ok((CudaStorage::wrap_cuda_slice(y, dev), lx.shape().clone()))
         })
     }
@@ -404,14 +478,19 @@ impl CustomOp2 for SiluMul {
         }
         let dev = g.device().clone();
         let n = lg.shape().elem_count();
+        let cfg = elems_cfg(n)?;
         typed!(g.dtype(), T, {
             let gs = view(g.as_cuda_slice::<T>()?, lg, "gate")?;
             let us = view(u.as_cuda_slice::<T>()?, lu, "up")?;
+            // SAFETY: uninitialised memory, but the launch below writes all n elements before
+            // anything reads it; on error it is dropped unread.
             let y = unsafe { dev.alloc::<T>(n)? };
             let f = func(&dev, "silu_mul_fwd", g.dtype())?;
             let mut b = f.builder();
             b.arg(&gs).arg(&us).arg(&y).arg(&n);
-            unsafe { b.launch(elems_cfg(n)) }.w()?;
+            // SAFETY: silu_mul_fwd(g, u, y, size_t n), see "Launch soundness": thread i < n
+            // reads g[i], u[i] and writes y[i]; all three hold n elements (equal shapes above).
+            unsafe { b.launch(cfg) }.w()?;
             Ok((CudaStorage::wrap_cuda_slice(y, dev), lg.shape().clone()))
         })
     }
@@ -446,15 +525,22 @@ impl CustomOp3 for SiluMulBwd {
     ) -> Result<(CudaStorage, Shape)> {
         let dev = g.device().clone();
         let n = lg.shape().elem_count();
+        check_len(lu, n, "silu_mul backward up")?;
+        check_len(ldy, n, "silu_mul backward grad")?;
+        let cfg = elems_cfg(n)?;
         typed!(g.dtype(), T, {
             let gs = view(g.as_cuda_slice::<T>()?, lg, "gate")?;
             let us = view(u.as_cuda_slice::<T>()?, lu, "up")?;
             let ds = view(dy.as_cuda_slice::<T>()?, ldy, "grad")?;
+            // SAFETY: uninitialised memory, but the launch below writes all 2n elements
+            // (out[i] and out[n + i] for every i < n) before anything reads it.
             let out = unsafe { dev.alloc::<T>(2 * n)? };
             let f = func(&dev, "silu_mul_bwd", g.dtype())?;
             let mut b = f.builder();
             b.arg(&gs).arg(&us).arg(&ds).arg(&out).arg(&n);
-            unsafe { b.launch(elems_cfg(n)) }.w()?;
+            // SAFETY: silu_mul_bwd(g, u, dy, out, size_t n), see "Launch soundness": thread
+            // i < n reads g[i], u[i], dy[i] (n each, `check_len`) and writes out[i], out[n + i].
+            unsafe { b.launch(cfg) }.w()?;
             Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(2 * n)))
         })
     }
@@ -495,16 +581,20 @@ impl CustomOp3 for Rope {
         if n != bt * self.heads * dh {
             bail!("cpmv-kernels: rope tables do not match x");
         }
+        check_len(ls, bt * dh, "rope sin table")?;
+        let a_bt = int(bt, "rope rows")?;
+        let a_heads = int(self.heads, "rope heads")?;
+        let a_dh = int(dh, "rope head dim")?;
+        let cfg = elems_cfg(n)?;
         typed!(x.dtype(), T, {
             let xs = view(x.as_cuda_slice::<T>()?, lx, "x")?;
             let cs = view(c.as_cuda_slice::<T>()?, lc, "cos")?;
             let ss = view(s.as_cuda_slice::<T>()?, ls, "sin")?;
+            // SAFETY: uninitialised memory, but the launch below writes all n elements before
+            // anything reads it; on error it is dropped unread.
             let y = unsafe { dev.alloc::<T>(n)? };
             let f = func(&dev, "rope", x.dtype())?;
             let dir: f32 = if self.forward { 1.0 } else { -1.0 };
-            let a_bt = bt as i32;
-            let a_heads = self.heads as i32;
-            let a_dh = dh as i32;
             let mut b = f.builder();
             b.arg(&xs)
                 .arg(&cs)
@@ -514,7 +604,11 @@ impl CustomOp3 for Rope {
                 .arg(&a_heads)
                 .arg(&a_dh)
                 .arg(&dir);
-            unsafe { b.launch(elems_cfg(n)) }.w()?;
+            // SAFETY: rope(x, cos, sin, y, int bt, int h, int dh, float dir), see "Launch
+            // soundness". Thread i < n = bt·h·dh (checked above) reads x[i ± dh/2] within its
+            // row of dh and table entries (i / (h·dh))·dh + k (± dh/2) < bt·dh, the length of
+            // both tables (`last_dim`, `check_len`), and writes y[i].
+            unsafe { b.launch(cfg) }.w()?;
             Ok((CudaStorage::wrap_cuda_slice(y, dev), lx.shape().clone()))
         })
     }
@@ -578,11 +672,24 @@ impl Softmax {
     ) -> Result<(CudaStorage, Shape)> {
         let dev = s.device().clone();
         let (rows, tk) = last_dim(ls)?;
+        // Row r reads bounds[2·(b·tq + q)..][..2], b = r / (heads·tq), q = r % tq: exactly
+        // [B, tq, 2] words when rows = B·heads·tq.
+        if let Some((_, lb)) = bounds {
+            let per_b = self.heads * self.tq;
+            if per_b == 0 || rows % per_b != 0 {
+                bail!("cpmv-kernels: masked softmax of {rows} rows, not [B, {per_b}]");
+            }
+            check_len(lb, 2 * (rows / per_b) * self.tq, "softmax bounds")?;
+        }
+        let a_tk = int(tk, "softmax row")?;
+        let (heads, tq) = (int(self.heads, "heads")?, int(self.tq, "queries")?);
+        let cfg = rows_cfg(rows)?;
         typed!(s.dtype(), T, {
             let ss = view(s.as_cuda_slice::<T>()?, ls, "scores")?;
+            // SAFETY: uninitialised memory, but the launch below writes all rows·tk elements
+            // (each block every j < tk of its row) before anything reads it.
             let p = unsafe { dev.alloc::<T>(rows * tk)? };
             let f = func(&dev, "softmax_fwd", s.dtype())?;
-            let a_tk = tk as i32;
             let mut b = f.builder();
             b.arg(&ss).arg(&p);
             let bv;
@@ -596,9 +703,12 @@ impl Softmax {
                     b.arg(&null);
                 }
             }
-            let (heads, tq) = (self.heads as i32, self.tq as i32);
             b.arg(&heads).arg(&tq).arg(&a_tk).arg(&self.scale);
-            unsafe { b.launch(rows_cfg(rows)) }.w()?;
+            // SAFETY: softmax_fwd(s, p, const uint32_t *bounds, int heads, int tq, int tk, float
+            // scale), see "Launch soundness"; `null` is a 64-bit NULL pointer (no bounds). Block
+            // r of rows reads s and writes p in [r·tk, r·tk + tk) (rows·tk each); the bounds it
+            // reads are in range (checked above) and clamped to [0, tk] by the kernel.
+            unsafe { b.launch(cfg) }.w()?;
             Ok((CudaStorage::wrap_cuda_slice(p, dev), ls.shape().clone()))
         })
     }
@@ -659,15 +769,21 @@ impl CustomOp2 for SoftmaxBwd {
         check_same(p.dtype(), dp.dtype(), "softmax backward")?;
         let dev = p.device().clone();
         let (rows, tk) = last_dim(lp)?;
+        check_len(ldp, rows * tk, "softmax backward grad")?;
+        let (a_tk, cfg) = (int(tk, "softmax row")?, rows_cfg(rows)?);
         typed!(p.dtype(), T, {
             let ps = view(p.as_cuda_slice::<T>()?, lp, "probs")?;
             let gs = view(dp.as_cuda_slice::<T>()?, ldp, "grad")?;
+            // SAFETY: uninitialised memory, but the launch below writes all rows·tk elements
+            // before anything reads it; on error it is dropped unread.
             let ds = unsafe { dev.alloc::<T>(rows * tk)? };
             let f = func(&dev, "softmax_bwd", p.dtype())?;
-            let a_tk = tk as i32;
             let mut b = f.builder();
             b.arg(&ps).arg(&gs).arg(&ds).arg(&a_tk).arg(&self.scale);
-            unsafe { b.launch(rows_cfg(rows)) }.w()?;
+            // SAFETY: softmax_bwd(p, dp, ds, int tk, float scale), see "Launch soundness":
+            // block r of rows reads p, dp and writes ds in [r·tk, r·tk + tk); all three hold
+            // rows·tk elements (`last_dim`, `check_len`).
+            unsafe { b.launch(cfg) }.w()?;
             Ok((CudaStorage::wrap_cuda_slice(ds, dev), lp.shape().clone()))
         })
     }
@@ -736,15 +852,20 @@ impl CustomOp2 for CrossEntropy {
                 lt.shape().elem_count()
             );
         }
+        let (a_v, cfg) = (int(v, "cross_entropy classes")?, rows_cfg(n)?);
         typed!(l.dtype(), T, {
             let ls = view(l.as_cuda_slice::<T>()?, ll, "logits")?;
             let ts = view(t.as_cuda_slice::<u32>()?, lt, "targets")?;
+            // SAFETY: uninitialised memory, but the launch below writes loss[r] for all n rows
+            // before anything reads it; on error it is dropped unread.
             let loss = unsafe { dev.alloc::<f32>(n)? };
             let f = func(&dev, "ce_fwd", l.dtype())?;
-            let a_v = v as i32;
             let mut b = f.builder();
             b.arg(&ls).arg(&ts).arg(&loss).arg(&a_v);
-            unsafe { b.launch(rows_cfg(n)) }.w()?;
+            // SAFETY: ce_fwd(l, const uint32_t *t, float *loss, int v), see "Launch soundness":
+            // block r of n reads l[r·v..][..v] (n·v, `dims2`), t[r] (n targets, checked above)
+            // and writes loss[r]; a target ≥ v gives NaN without indexing l with it.
+            unsafe { b.launch(cfg) }.w()?;
             Ok((CudaStorage::wrap_cuda_slice(loss, dev), Shape::from(n)))
         })
     }
@@ -775,16 +896,23 @@ impl CustomOp3 for CrossEntropyBwd {
     ) -> Result<(CudaStorage, Shape)> {
         let dev = l.device().clone();
         let (n, v) = ll.shape().dims2()?;
+        check_len(lt, n, "cross_entropy backward targets")?;
+        check_len(lg, n, "cross_entropy backward grad")?;
+        let (a_v, cfg) = (int(v, "cross_entropy classes")?, rows_cfg(n)?);
         typed!(l.dtype(), T, {
             let ls = view(l.as_cuda_slice::<T>()?, ll, "logits")?;
             let ts = view(t.as_cuda_slice::<u32>()?, lt, "targets")?;
             let gs = view(g.as_cuda_slice::<f32>()?, lg, "grad")?;
+            // SAFETY: uninitialised memory, but the launch below writes all n·v elements
+            // (each block every j < v of its row) before anything reads it.
             let dl = unsafe { dev.alloc::<T>(n * v)? };
             let f = func(&dev, "ce_bwd", l.dtype())?;
-            let a_v = v as i32;
             let mut b = f.builder();
             b.arg(&ls).arg(&ts).arg(&gs).arg(&dl).arg(&a_v);
-            unsafe { b.launch(rows_cfg(n)) }.w()?;
+            // SAFETY: ce_bwd(l, const uint32_t *t, const float *g, T *dl, int v), see "Launch
+            // soundness": block r of n reads l[r·v..][..v], t[r], g[r] (n each, `check_len`;
+            // the target is only compared, never used as an index) and writes dl[r·v..][..v].
+            unsafe { b.launch(cfg) }.w()?;
             Ok((CudaStorage::wrap_cuda_slice(dl, dev), ll.shape().clone()))
         })
     }
@@ -850,15 +978,22 @@ impl CustomOp2 for BiasAct {
         let dev = x.device().clone();
         let (_, d) = last_dim(lx)?;
         let n = lx.shape().elem_count();
-        let (a_d, a_act) = (d as i32, self.act.code());
+        check_len(lb, d, "bias_act bias")?;
+        let (a_d, a_act) = (int(d, "bias_act row")?, self.act.code());
+        let cfg = elems_cfg(n)?;
         typed!(x.dtype(), T, {
             let xs = view(x.as_cuda_slice::<T>()?, lx, "x")?;
             let bs = view(b.as_cuda_slice::<T>()?, lb, "bias")?;
+            // SAFETY: uninitialised memory, but the launch below writes all n elements before
+            // anything reads it; on error it is dropped unread.
             let y = unsafe { dev.alloc::<T>(n)? };
             let f = func(&dev, "bias_act_fwd", x.dtype())?;
             let mut bld = f.builder();
             bld.arg(&xs).arg(&bs).arg(&y).arg(&n).arg(&a_d).arg(&a_act);
-            unsafe { bld.launch(elems_cfg(n)) }.w()?;
+            // SAFETY: bias_act_fwd(x, b, y, size_t n, int d, int act), see "Launch soundness":
+            // thread i < n reads x[i], b[i % d] (d elements, `check_len`; d ≥ 1 as n ≥ 1) and
+            // writes y[i]; x and y hold n.
+            unsafe { bld.launch(cfg) }.w()?;
             Ok((CudaStorage::wrap_cuda_slice(y, dev), lx.shape().clone()))
         })
     }
@@ -903,11 +1038,16 @@ impl CustomOp3 for BiasActBwd {
         let dev = x.device().clone();
         let (_, d) = last_dim(lx)?;
         let n = lx.shape().elem_count();
-        let (a_d, a_act) = (d as i32, self.act.code());
+        check_len(lb, d, "bias_act backward bias")?;
+        check_len(ldy, n, "bias_act backward grad")?;
+        let (a_d, a_act) = (int(d, "bias_act row")?, self.act.code());
+        let cfg = elems_cfg(n)?;
         typed!(x.dtype(), T, {
             let xs = view(x.as_cuda_slice::<T>()?, lx, "x")?;
             let bs = view(b.as_cuda_slice::<T>()?, lb, "bias")?;
             let gs = view(dy.as_cuda_slice::<T>()?, ldy, "grad")?;
+            // SAFETY: uninitialised memory, but the launch below writes all n elements before
+            // anything reads it; on error it is dropped unread.
             let dz = unsafe { dev.alloc::<T>(n)? };
             let f = func(&dev, "bias_act_bwd", x.dtype())?;
             let mut bld = f.builder();
@@ -918,7 +1058,10 @@ impl CustomOp3 for BiasActBwd {
                 .arg(&n)
                 .arg(&a_d)
                 .arg(&a_act);
-            unsafe { bld.launch(elems_cfg(n)) }.w()?;
+            // SAFETY: bias_act_bwd(x, b, dy, dz, size_t n, int d, int act), see "Launch
+            // soundness": thread i < n reads x[i], dy[i] (n each), b[i % d] (d, `check_len`)
+            // and writes dz[i].
+            unsafe { bld.launch(cfg) }.w()?;
             Ok((CudaStorage::wrap_cuda_slice(dz, dev), lx.shape().clone()))
         })
     }
@@ -934,27 +1077,36 @@ impl CustomOp1 for ColSum {
         // grid.y ≤ 65535: taller matrices give each block more rows.
         let rows = COL_SUM_ROWS.max(m.div_ceil(65_535));
         let cfg = LaunchConfig {
-            grid_dim: (d.div_ceil(32) as u32, m.div_ceil(rows) as u32, 1),
+            grid_dim: (grid_x(d.div_ceil(32))?, m.div_ceil(rows) as u32, 1),
             block_dim: (32, 8, 1),
             shared_mem_bytes: 0,
         };
-        let (a_m, a_d, a_rows) = (m as i32, d as i32, rows as i32);
+        let (a_m, a_d) = (int(m, "col_sum rows")?, int(d, "col_sum columns")?);
+        let a_rows = int(rows, "col_sum rows per block")?;
         let acc = dev.alloc_zeros::<f32>(d)?;
         typed!(x.dtype(), T, {
             let xs = view(x.as_cuda_slice::<T>()?, lx, "x")?;
             let f = func(&dev, "col_sum", x.dtype())?;
             let mut bld = f.builder();
             bld.arg(&xs).arg(&acc).arg(&a_m).arg(&a_d).arg(&a_rows);
+            // SAFETY: col_sum(x, float *out, int m, int d, int rows), see "Launch soundness".
+            // Block (32, 8) matches the kernel's shared sh[8][33]; column col < d and rows
+            // r < m of x (m·d, `last_dim`) are read, acc[col] (f32, d, zeroed) is added to.
+            // grid.y = ceil(m / rows) ≤ 65535 by the choice of rows; m, d < 2³¹ (`int`).
             unsafe { bld.launch(cfg) }.w()?;
         });
         if x.dtype() == DType::F32 {
             return Ok((CudaStorage::wrap_cuda_slice(acc, dev), Shape::from(d)));
         }
+        // SAFETY: uninitialised memory, but the launch below writes all d elements before
+        // anything reads it; on error it is dropped unread.
         let out = unsafe { dev.alloc::<bf16>(d)? };
         let f = func(&dev, "cast_out", DType::BF16)?;
         let mut bld = f.builder();
         bld.arg(&acc).arg(&out).arg(&a_d);
-        unsafe { bld.launch(elems_cfg(d)) }.w()?;
+        // SAFETY: cast_out_bf16(const float *src, bf16 *out, int n), see "Launch soundness":
+        // thread i < d reads acc[i] and writes out[i] (d each), after col_sum (same stream).
+        unsafe { bld.launch(elems_cfg(d)?) }.w()?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(d)))
     }
 }
@@ -1056,7 +1208,7 @@ fn device_address(t: &Tensor, what: &str) -> Result<(u64, CudaDevice)> {
 ///
 /// The tensors are modified in place: callers own them exclusively (no other tensor may share
 /// their storage, and no two parameters may share a buffer: they are updated concurrently,
-/// which is checked by address).
+/// which is checked by address range).
 pub fn adamw_multi(params: &[AdamWParam<'_>], h: AdamWHyper) -> Result<()> {
     if let Some(p) = params
         .iter()
@@ -1078,7 +1230,7 @@ pub fn adamw_multi(params: &[AdamWParam<'_>], h: AdamWHyper) -> Result<()> {
     }
     for (dev, dtype, words, chunks, grads) in launches {
         let table = dev.cuda_stream().clone_htod(&words).w()?;
-        let count = (words.len() / ADAMW_DESC) as i32;
+        let count = int(words.len() / ADAMW_DESC, "adamw parameters")?;
         let f = func(&dev, "adamw_multi", dtype)?;
         let mut b = f.builder();
         b.arg(&table)
@@ -1093,6 +1245,10 @@ pub fn adamw_multi(params: &[AdamWParam<'_>], h: AdamWHyper) -> Result<()> {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
+        // SAFETY: adamw_multi_{f32,bf16}(const u64 *desc, int count, 5 × float), see "Launch
+        // soundness"; `table` holds count·ADAMW_DESC words. Block k < chunks updates chunk k of
+        // the entry holding it, within [0, n); `adamw_table` checked every entry's buffers (n
+        // elements, contiguous, f32/T, this device) and that no written range overlaps any other.
         unsafe { b.launch(cfg) }.w()?;
         // The table and any contiguous copies of gradients are freed in stream order, after
         // the kernel.
@@ -1112,7 +1268,9 @@ fn adamw_table(group: &[&AdamWParam<'_>], dtype: DType) -> Result<Option<AdamWLa
     let mut grads = Vec::with_capacity(group.len());
     let mut chunks = 0u64;
     let mut device: Option<CudaDevice> = None;
-    let mut seen = std::collections::HashSet::new();
+    // Byte ranges [start, end) the kernel writes (param, master, m, v) and reads (grad).
+    let mut written: Vec<(u64, u64)> = Vec::with_capacity(4 * group.len());
+    let mut read: Vec<(u64, u64)> = Vec::with_capacity(group.len());
     for p in group {
         let n = p.param.elem_count();
         for (what, t) in [("m", p.m), ("v", p.v), ("grad", p.grad)] {
@@ -1135,29 +1293,38 @@ fn adamw_table(group: &[&AdamWParam<'_>], dtype: DType) -> Result<Option<AdamWLa
         }
         check_same(dtype, p.grad.dtype(), "adamw gradient")?;
         let grad = p.grad.contiguous()?;
-        let (pa, dev) = device_address(p.param, "param")?;
-        if let Some(d) = &device {
-            if !d.same_device(&dev) {
-                bail!("cpmv-kernels: adamw parameters on different devices");
+        // The kernel dereferences every one of these addresses on the launch's device (and
+        // stream): all must live on that one device.
+        let mut address = |t: &Tensor, what: &str| -> Result<u64> {
+            let (a, dev) = device_address(t, what)?;
+            match &device {
+                Some(d) if !d.same_device(&dev) => {
+                    bail!("cpmv-kernels: adamw tensors on different devices")
+                }
+                Some(_) => {}
+                None => device = Some(dev),
             }
-        }
+            Ok(a)
+        };
+        let pa = address(p.param, "param")?;
         let master = match p.master {
-            Some(t) => device_address(t, "master")?.0,
+            Some(t) => address(t, "master")?,
             None => 0,
         };
-        let (ma, va) = (device_address(p.m, "m")?.0, device_address(p.v, "v")?.0);
-        // The entries of one launch are updated concurrently: none may share memory.
-        for a in [pa, master, ma, va] {
-            if a != 0 && !seen.insert(a) {
-                bail!("cpmv-kernels: adamw buffers shared between parameters");
-            }
+        let (ma, va) = (address(p.m, "m")?, address(p.v, "v")?);
+        let ga = address(&grad, "grad")?;
+        let (bytes, bytes32) = ((n * dtype.size_in_bytes()) as u64, 4 * n as u64);
+        written.extend([(pa, pa + bytes), (ma, ma + bytes32), (va, va + bytes32)]);
+        if master != 0 {
+            written.push((master, master + bytes32));
         }
+        read.push((ga, ga + bytes));
         words.extend([
             pa,
             master,
             ma,
             va,
-            device_address(&grad, "grad")?.0,
+            ga,
             n as u64,
             chunks,
             u64::from(p.decay_factor.to_bits()) | (u64::from(p.step_size.to_bits()) << 32),
@@ -1166,11 +1333,22 @@ fn adamw_table(group: &[&AdamWParam<'_>], dtype: DType) -> Result<Option<AdamWLa
         ]);
         chunks += n.div_ceil(ADAMW_CHUNK) as u64;
         grads.push(grad);
-        device = Some(dev);
     }
     let Some(dev) = device else {
         return Ok(None);
     };
+    // The entries of one launch are updated concurrently by different blocks: no byte may be
+    // written through two of them, nor written through one and read as a gradient.
+    written.sort_unstable();
+    let overlap = written.windows(2).any(|w| w[1].0 < w[0].1)
+        || read.iter().any(|&(start, end)| {
+            // `written` is now sorted and disjoint, so its ends ascend too.
+            let i = written.partition_point(|w| w.1 <= start);
+            i < written.len() && written[i].0 < end
+        });
+    if overlap {
+        bail!("cpmv-kernels: adamw buffers overlap (between parameters, or with a gradient)");
+    }
     if chunks > i32::MAX as u64 {
         bail!("cpmv-kernels: adamw over {chunks} chunks");
     }
@@ -1188,13 +1366,18 @@ pub fn dropout_mask(like: &Tensor, seed: u64, keep: f64) -> Result<Tensor> {
     if n == 0 {
         return like.zeros_like();
     }
+    let cfg = elems_cfg(n)?;
     typed!(like.dtype(), T, {
+        // SAFETY: uninitialised memory, but the launch below writes all n elements before
+        // anything reads it; on error it is dropped unread.
         let out = unsafe { dev.alloc::<T>(n)? };
         let f = func(dev, "dropout_mask", like.dtype())?;
         let keep = keep as f32;
         let mut b = f.builder();
         b.arg(&out).arg(&n).arg(&seed).arg(&keep);
-        unsafe { b.launch(elems_cfg(n)) }.w()?;
+        // SAFETY: dropout_mask(T *out, size_t n, uint64_t seed, float keep), see "Launch
+        // soundness": thread i < n writes out[i] only, and `out` holds n elements.
+        unsafe { b.launch(cfg) }.w()?;
         let s = CudaStorage::wrap_cuda_slice(out, dev.clone());
         Ok(Tensor::from_storage(
             Storage::Cuda(s),
@@ -1232,6 +1415,10 @@ pub fn sum_squares(x: &Tensor) -> Result<Tensor> {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
+        // SAFETY: sum_squares(x, size_t n, double *partial), see "Launch soundness": a
+        // grid-stride loop reads x[i] for i < n (contiguous x's n elements); block
+        // k < blocks ≤ 1024 writes partial[k] (f64, `blocks` elements); 256 threads are 8
+        // warps, within the kernel's shared sh[32].
         unsafe { b.launch(cfg) }.w()?;
         partial
     });
@@ -1257,7 +1444,10 @@ fn default_pool(
     };
     let ordinal = cd.cuda_stream().context().ordinal();
     let mut pool = std::ptr::null_mut();
-    unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ordinal as i32) }
+    let ordinal = int(ordinal, "device ordinal")?;
+    // SAFETY: `pool` is a live local the driver writes one handle into; `ordinal` is the
+    // device of a context candle created (so the driver is initialised); errors are returned.
+    unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ordinal) }
         .result()
         .w()?;
     Ok(pool)
@@ -1274,7 +1464,10 @@ fn pool_attribute(
     let pool = default_pool(dev, what)?;
     let mut value = set.unwrap_or(0);
     let ptr = &mut value as *mut u64 as *mut std::ffi::c_void;
-    // SAFETY: the pool is the device's own; these attributes are 64-bit values.
+    // SAFETY: `pool` is the device's default pool (a handle valid for the process); `ptr`
+    // points to a live local u64, and every attribute passed here (USED_MEM_HIGH,
+    // USED_MEM_CURRENT, RELEASE_THRESHOLD) is a cuuint64_t, so the driver reads or writes
+    // exactly those 8 bytes.
     unsafe {
         match set {
             Some(_) => sys::cuMemPoolSetAttribute(pool, attr, ptr),
