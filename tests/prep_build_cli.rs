@@ -14,6 +14,48 @@ fn out_dir() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
 }
 
+/// The sorted names in `dir`.
+fn listing(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Every file of `dir` (not recursive) with its bytes.
+fn contents(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    listing(dir)
+        .into_iter()
+        .filter(|n| dir.join(n).is_file())
+        .map(|n| {
+            let bytes = std::fs::read(dir.join(&n)).unwrap();
+            (n, bytes)
+        })
+        .collect()
+}
+
+/// `prep build` of the example data with the 2.6 model into `out`, plus `extra` flags.
+fn build_example(out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "build",
+        "--data",
+        "examples/data/train.json",
+        "--model",
+        MODELS[2],
+        "--out",
+        s(out),
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    prep(&args)
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
 #[test]
 fn examples_build_and_read_back_for_every_version() {
     for model in MODELS {
@@ -337,6 +379,11 @@ fn on_error_fail_stops_at_the_first_bad_sample_and_names_it() {
         !tmp.path().join("o/manifest.json").exists(),
         "a stopped run must not look finished"
     );
+    assert_eq!(
+        listing(&tmp.path().join("o")),
+        Vec::<String>::new(),
+        "a stopped run removes every file it wrote, partial ones included"
+    );
 }
 
 #[test]
@@ -588,4 +635,312 @@ fn truncation_settings_in_tokenizer_json_are_ignored() {
             .collect()
     };
     assert_eq!(lens(&a), lens(&b));
+}
+
+/// `--out` may not be, contain or lie inside `--model`, may not be or contain a `--data` file or
+/// `--image-root` (symlinks resolved): refused before anything is written or deleted.
+#[test]
+#[cfg(unix)]
+fn an_output_overlapping_an_input_is_refused_before_anything_is_touched() {
+    let tmp = out_dir();
+    let model = copy_model(
+        tmp.path(),
+        MODELS[2],
+        &[
+            "config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "preprocessor_config.json",
+        ],
+    );
+    let before = contents(&model);
+    let link = tmp.path().join("link-to-m");
+    std::os::unix::fs::symlink(&model, &link).unwrap();
+    let refused = |args: &[&str], out: &Path, what: &str| {
+        let mut all = vec!["build", "--out", s(out), "--quiet", "--overwrite"];
+        all.extend_from_slice(args);
+        let o = prep(&all);
+        assert_eq!(
+            o.status.code(),
+            Some(1),
+            "{}: {}",
+            out.display(),
+            stderr(&o)
+        );
+        let err = stderr(&o);
+        assert!(err.contains(what), "{}: {err}", out.display());
+        err
+    };
+    let with_model = |m: &str| -> Vec<String> {
+        vec![
+            "--data".into(),
+            "examples/data/train.json".into(),
+            "--model".into(),
+            m.into(),
+        ]
+    };
+    let m_args = with_model(s(&model));
+    let m_args: Vec<&str> = m_args.iter().map(String::as_str).collect();
+    refused(&m_args, &model, "is --model");
+    refused(&m_args, &link, "is --model");
+    refused(&m_args, &model.join("shards"), "lies inside --model");
+    refused(&m_args, tmp.path(), "contains --model");
+    assert!(!model.join("shards").exists());
+    assert_eq!(contents(&model), before, "the model directory is untouched");
+
+    // A data file inside --out (the folder given through a symlink).
+    let data_dir = tmp.path().join("data");
+    std::fs::create_dir(&data_dir).unwrap();
+    let data = data_dir.join("train.jsonl");
+    std::fs::write(
+        &data,
+        r#"{"id": "t", "conversations": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}"#,
+    )
+    .unwrap();
+    let data_link = tmp.path().join("data-link");
+    std::os::unix::fs::symlink(&data_dir, &data_link).unwrap();
+    let d_args = ["--data", s(&data), "--model", MODELS[2]];
+    let err = refused(&d_args, &data_link, "contains --data");
+    assert!(err.contains("train.jsonl"), "{err}");
+    assert_eq!(listing(&data_dir), vec!["train.jsonl"]);
+
+    // --image-root: refused when --out is or contains it; a folder inside it is fine.
+    let images = tmp.path().join("root");
+    std::fs::create_dir_all(images.join("data")).unwrap();
+    std::os::unix::fs::symlink(root().join("examples/images"), images.join("images")).unwrap();
+    let image_root = images.join("data");
+    let i_args = [
+        "--data",
+        "examples/data/train.json",
+        "--model",
+        MODELS[2],
+        "--image-root",
+        s(&image_root),
+    ];
+    refused(&i_args, &image_root, "is --image-root");
+    refused(&i_args, &images, "contains --image-root");
+    let inside = image_root.join("shards");
+    let mut ok_args = vec!["build", "--out", s(&inside), "--quiet"];
+    ok_args.extend_from_slice(&i_args);
+    let o = prep(&ok_args);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}
+
+/// `--overwrite` over a directory that holds anything prep did not write refuses, naming it,
+/// and deletes nothing (the previous set stays readable); leftovers of a killed run
+/// (`.partial` files) are prep's own and are replaced.
+#[test]
+fn overwrite_checks_the_whole_directory_before_deleting_anything() {
+    let tmp = out_dir();
+    let out = tmp.path().join("o");
+    let o = build_example(&out, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let previous = contents(&out);
+    std::fs::write(out.join("notes.txt"), b"mine").unwrap();
+    std::fs::write(out.join("shard-00000.arrow.bak"), b"mine").unwrap();
+    std::fs::create_dir(out.join("shard-00042.arrow")).unwrap();
+    let o = build_example(&out, &["--overwrite"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    for name in ["notes.txt", "shard-00000.arrow.bak", "shard-00042.arrow"] {
+        assert!(err.contains(name), "{name} not named: {err}");
+    }
+    assert!(err.contains("nothing was deleted"), "{err}");
+    let mut after = contents(&out);
+    after.retain(|(n, _)| n != "notes.txt" && n != "shard-00000.arrow.bak");
+    assert_eq!(after, previous, "the previous set is intact");
+    ShardDir::open(&out).unwrap();
+
+    // Leftovers of a killed run are prep's own files: replaced.
+    for junk in ["notes.txt", "shard-00000.arrow.bak"] {
+        std::fs::remove_file(out.join(junk)).unwrap();
+    }
+    std::fs::remove_dir(out.join("shard-00042.arrow")).unwrap();
+    for leftover in [
+        "shard-00007.parquet.partial",
+        "shard-00003.arrow.partial",
+        "rejected.jsonl.partial",
+        "manifest.json.partial",
+    ] {
+        std::fs::write(out.join(leftover), b"left by a killed run").unwrap();
+    }
+    let o = build_example(&out, &["--overwrite"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(contents(&out), previous);
+}
+
+/// Failures after every sample was processed (a shard, rejected.jsonl or the manifest cannot
+/// be published: here a directory takes the name while the run is under way) stop the run
+/// with the error and remove every file it wrote: no manifest, no partial files, no
+/// half-published set.
+#[test]
+fn a_failure_while_publishing_leaves_no_files_behind() {
+    for blocker in ["shard-00000.arrow", "rejected.jsonl", "manifest.json"] {
+        let tmp = out_dir();
+        let out = tmp.path().join("o");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_prep"))
+            .current_dir(root())
+            .args([
+                "build",
+                "--data",
+                "examples/data/train.json",
+                "--data",
+                "examples/data/train.json",
+                "--model",
+                MODELS[2],
+                "--out",
+                s(&out),
+                "--threads",
+                "1",
+                "--pack-window",
+                "4",
+                "--quiet",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // As soon as the run writes its first shard, well before it publishes anything.
+        let start = std::time::Instant::now();
+        while !std::fs::read_dir(&out).is_ok_and(|mut d| {
+            d.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".partial")))
+        }) {
+            assert!(start.elapsed().as_secs() < 60, "prep wrote nothing");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        std::fs::create_dir_all(out.join(blocker).join("taken")).unwrap();
+        let o = child.wait_with_output().unwrap();
+        assert_eq!(o.status.code(), Some(1), "{blocker}: {}", stderr(&o));
+        assert!(stderr(&o).contains(blocker), "{blocker}: {}", stderr(&o));
+        assert_eq!(listing(&out), vec![blocker.to_string()], "{blocker}");
+    }
+}
+
+/// A copy of the 2.6 example model with config.json's vocab_size set to `vocab`.
+fn model_with_vocab(dir: &Path, vocab: u64) -> std::path::PathBuf {
+    let model = copy_model(
+        dir,
+        MODELS[2],
+        &[
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "preprocessor_config.json",
+        ],
+    );
+    let mut config: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join(MODELS[2]).join("config.json")).unwrap(),
+    )
+    .unwrap();
+    config["vocab_size"] = vocab.into();
+    std::fs::write(model.join("config.json"), config.to_string()).unwrap();
+    model
+}
+
+/// config.json's vocab_size below the ids of tokens every sample contains (here `<|im_end|>`,
+/// 4075, and the image placeholders above it): refused at start, naming token, id and
+/// vocab_size, before any sample is processed or the output touched.
+#[test]
+fn a_vocab_size_below_the_template_and_placeholder_tokens_is_refused_up_front() {
+    let tmp = out_dir();
+    let model = model_with_vocab(tmp.path(), 4075);
+    let out = tmp.path().join("o");
+    let o = prep(&[
+        "build",
+        "--data",
+        "examples/data/train.json",
+        "--model",
+        s(&model),
+        "--out",
+        s(&out),
+        "--quiet",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    for want in [
+        "config.json",
+        "vocab_size is 4075",
+        "\"<|im_end|>\" (id 4075",
+        "\"<image>\" (id 4076",
+        "\"</slice>\" (id 4087",
+    ] {
+        assert!(err.contains(want), "{want:?} missing: {err}");
+    }
+    assert!(
+        !err.contains("\"<|im_start|>\""),
+        "4074 is below 4075: {err}"
+    );
+    assert!(!out.exists(), "nothing is written");
+    // `prep stats` refuses the same checkpoint the same way.
+    let o = prep(&[
+        "stats",
+        "--data",
+        "examples/data/train.json",
+        "--model",
+        s(&model),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("vocab_size is 4075"), "{}", stderr(&o));
+}
+
+/// A sample whose text tokenizes to an id the model has no row for (a literal added token
+/// above vocab_size) is rejected as `token_out_of_vocab`, naming the token and its id; the
+/// other samples are written and every id in the shards is below vocab_size.
+#[test]
+fn samples_with_tokens_beyond_vocab_size_are_rejected() {
+    let tmp = out_dir();
+    // The fixed tokens of the 2.6 tiny tokenizer end at </image_id> (4089).
+    let model = model_with_vocab(tmp.path(), 4090);
+    let data = tmp.path().join("d.jsonl");
+    let line = |id: &str, text: &str| {
+        serde_json::json!({"id": id, "conversations": [
+            {"role": "user", "content": text}, {"role": "assistant", "content": "ok"}]})
+        .to_string()
+    };
+    std::fs::write(
+        &data,
+        [
+            line("fine", "hello"),
+            line("beyond", "what is <|reserved_special_token_3|>?"),
+            line("at-limit", "and <|reserved_special_token_0|>"),
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let out = tmp.path().join("o");
+    let o = prep(&[
+        "build",
+        "--data",
+        s(&data),
+        "--model",
+        s(&model),
+        "--out",
+        s(&out),
+        "--quiet",
+    ]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    let rejected: Vec<Value> = std::fs::read_to_string(out.join("rejected.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rejected.len(), 2, "{rejected:?}");
+    for (r, (id, token, tid)) in rejected.iter().zip([
+        ("beyond", "<|reserved_special_token_3|>", 4093),
+        ("at-limit", "<|reserved_special_token_0|>", 4090),
+    ]) {
+        assert_eq!(r["id"], id);
+        assert_eq!(r["reason"], "token_out_of_vocab");
+        let msg = r["message"].as_str().unwrap();
+        assert!(
+            msg.contains(token) && msg.contains(&format!("id {tid}")) && msg.contains("4090"),
+            "{msg}"
+        );
+    }
+    let dir = ShardDir::open(&out).unwrap();
+    assert_eq!(dir.len(), 1);
+    assert!(dir.samples().all(|r| r.input_ids.iter().all(|&t| t < 4090)));
+    assert_eq!(
+        dir.manifest.counts.rejected_by_reason["token_out_of_vocab"],
+        2
+    );
 }

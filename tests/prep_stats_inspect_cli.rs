@@ -402,3 +402,44 @@ fn exif_transpose_sizes_agree_between_stats_and_build() {
         }
     }
 }
+
+/// A `--format parquet` set has no Arrow shards: `prep stats --shards` and `prep inspect` refuse
+/// it and say how to get Arrow shards, instead of reporting a set without samples.
+#[test]
+fn parquet_only_sets_are_refused_with_how_to_get_arrow_shards() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o");
+    ok(
+        &prep(&[
+            "build",
+            "--data",
+            "examples/data/train.json",
+            "--model",
+            MODELS[2],
+            "--out",
+            s(&out),
+            "--format",
+            "parquet",
+            "--quiet",
+        ]),
+        0,
+    );
+    let readers: [&[&str]; 3] = [
+        &["stats", "--shards", s(&out)],
+        &["stats", "--shards", s(&out), "--json"],
+        &["inspect", "--shards", s(&out), "--index", "0"],
+    ];
+    for args in readers {
+        let o = prep(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("Parquet files only")
+                && err.contains("--format arrow")
+                && err.contains("--format both"),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("no samples"), "{err}");
+        assert!(o.stdout.is_empty(), "{args:?}: nothing is reported");
+    }
+}

@@ -16,11 +16,13 @@ use rayon::prelude::*;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use cpmv_fsio::Input;
 use cpmv_shard::manifest::{
     Counts, Fingerprints, InputFile, Manifest, ModelInfo, Packing, TokenTotals, FORMAT_NAME,
     FORMAT_VERSION, MANIFEST_FILE, REJECTED_FILE,
 };
-use cpmv_shard::{Sample, ShardEntry, ShardSetWriter, WriterOptions};
+use cpmv_shard::writer::{is_set_file_name, PARTIAL_SUFFIX};
+use cpmv_shard::{ClosedShardSet, Sample, ShardEntry, ShardSetWriter, WriterOptions};
 
 use crate::config::{defaults, BuildOptions, OnError, OutputFormat};
 use crate::input::{InputError, SampleReader};
@@ -39,6 +41,9 @@ pub enum BuildError {
     Input(#[from] InputError),
     #[error(transparent)]
     Shard(#[from] cpmv_shard::ShardError),
+    /// An output that overlaps an input, or a file that could not be made durable.
+    #[error(transparent)]
+    Fs(#[from] cpmv_fsio::FsError),
     #[error("{0}")]
     Setup(String),
     #[error("{path}: {source}")]
@@ -137,49 +142,125 @@ pub fn resolve_settings(
     Ok(s)
 }
 
-/// Empties `out` of a previous shard set (manifest first, so an interrupted clean-up never
-/// leaves a manifest that lists missing shards), or refuses to touch a non-empty directory.
+/// Refuses an `--out` that could overwrite or delete an input, before anything is touched
+/// (paths compared with symlinks resolved): one that is, contains or lies inside `--model`;
+/// one that is or contains a `--data` file; one that is or contains `--image-root` (a shard
+/// directory inside the image folder is fine).
+fn refuse_overlapping_out(opts: &BuildOptions) -> Result<(), BuildError> {
+    let mut inputs = vec![Input {
+        flag: "--model",
+        path: &opts.model,
+    }];
+    inputs.extend(opts.data.iter().map(|path| Input {
+        flag: "--data",
+        path,
+    }));
+    cpmv_fsio::refuse_overlap("--out", &opts.out, &inputs)?;
+    if let Some(root) = &opts.image_root {
+        refuse_out_containing(&opts.out, "--image-root", root)?;
+    }
+    Ok(())
+}
+
+/// Refuses an `out` that is or contains `input` (but not one inside it).
+fn refuse_out_containing(out: &Path, flag: &str, input: &Path) -> Result<(), BuildError> {
+    let (o, i) = (cpmv_fsio::resolve(out)?, cpmv_fsio::resolve(input)?);
+    let relation = if o == i {
+        "is"
+    } else if i.starts_with(&o) {
+        "contains"
+    } else {
+        return Ok(());
+    };
+    Err(BuildError::Setup(format!(
+        "--out {} {relation} {flag} {} ({}); --overwrite deletes files in --out: choose an \
+         output directory outside it (a folder inside it is fine)",
+        out.display(),
+        input.display(),
+        i.display()
+    )))
+}
+
+/// True for a directory entry `prep build` may have written: a regular file with one of the
+/// shard set's names (final or `.partial`), see [`is_set_file_name`].
+fn is_set_file(entry: &std::fs::DirEntry) -> bool {
+    entry.file_type().is_ok_and(|t| t.is_file())
+        && entry.file_name().to_str().is_some_and(is_set_file_name)
+}
+
+/// Makes `out` ready for a new shard set. A missing directory is created and an empty one
+/// used. A non-empty one needs `overwrite`, and then the whole directory is checked before
+/// anything is deleted: when an entry is not one `prep build` writes, nothing is touched and
+/// the foreign entries are named; otherwise the previous set is removed (manifest first).
 fn prepare_out_dir(out: &Path, overwrite: bool) -> Result<(), BuildError> {
-    if out.exists() {
-        let entries: Vec<_> = std::fs::read_dir(out)
-            .map_err(io_err(out))?
-            .filter_map(Result::ok)
-            .collect();
-        if !entries.is_empty() {
-            if !overwrite {
-                return Err(BuildError::Setup(format!(
-                    "{} exists and is not empty; pass --overwrite to replace a previous shard set",
-                    out.display()
-                )));
+    let entries = match std::fs::read_dir(out) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return std::fs::create_dir_all(out).map_err(io_err(out));
+        }
+        Err(e) => return Err(io_err(out)(e)),
+        Ok(dir) => dir.collect::<Result<Vec<_>, _>>().map_err(io_err(out))?,
+    };
+    if entries.is_empty() {
+        return Ok(());
+    }
+    if !overwrite {
+        return Err(BuildError::Setup(format!(
+            "{} exists and is not empty; pass --overwrite to replace a previous shard set",
+            out.display()
+        )));
+    }
+    let mut foreign: Vec<String> = entries
+        .iter()
+        .filter(|e| !is_set_file(e))
+        .map(|e| format!("{:?}", e.file_name()))
+        .collect();
+    if !foreign.is_empty() {
+        foreign.sort();
+        const SHOWN: usize = 10;
+        let more = foreign.len().saturating_sub(SHOWN);
+        foreign.truncate(SHOWN);
+        let tail = if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        };
+        return Err(BuildError::Setup(format!(
+            "--overwrite: {} holds {}{tail}, which prep build did not write; refusing to \
+             overwrite (nothing was deleted): move them away or choose another --out",
+            out.display(),
+            foreign.join(", ")
+        )));
+    }
+    remove_set_files(out)
+}
+
+/// Removes every file of a shard set from `out` (regular files with the set's final and
+/// partial names; nothing else): `manifest.json` first, flushed, so an interrupted clean-up
+/// never leaves a manifest that lists missing shards (when it cannot be removed, nothing else
+/// is). Then tries every other file and returns the first error.
+fn remove_set_files(out: &Path) -> Result<(), BuildError> {
+    let manifest = out.join(MANIFEST_FILE);
+    if std::fs::symlink_metadata(&manifest).is_ok_and(|m| m.is_file()) {
+        std::fs::remove_file(&manifest).map_err(io_err(&manifest))?;
+    }
+    cpmv_fsio::sync_dir(out)?;
+    let mut first_err = None;
+    for entry in std::fs::read_dir(out).map_err(io_err(out))? {
+        let res = entry.map_err(io_err(out)).and_then(|e| {
+            if is_set_file(&e) {
+                std::fs::remove_file(e.path()).map_err(io_err(&e.path()))
+            } else {
+                Ok(())
             }
-            let ours = |name: &str| {
-                name == MANIFEST_FILE
-                    || name.starts_with(MANIFEST_FILE)
-                    || name.starts_with(REJECTED_FILE)
-                    || (name.starts_with("shard-")
-                        && (name.contains(".arrow") || name.contains(".parquet")))
-            };
-            let manifest = out.join(MANIFEST_FILE);
-            if manifest.exists() {
-                std::fs::remove_file(&manifest).map_err(io_err(&manifest))?;
-            }
-            for e in entries {
-                let name = e.file_name().to_string_lossy().to_string();
-                if name == MANIFEST_FILE {
-                    continue; // removed above
-                }
-                if ours(&name) {
-                    std::fs::remove_file(e.path()).map_err(io_err(&e.path()))?;
-                } else {
-                    return Err(BuildError::Setup(format!(
-                        "{} holds {name}, which prep did not write; refusing to overwrite",
-                        out.display()
-                    )));
-                }
-            }
+        });
+        if let Err(e) = res {
+            first_err.get_or_insert(e);
         }
     }
-    std::fs::create_dir_all(out).map_err(io_err(out))
+    if let Err(e) = cpmv_fsio::sync_dir(out) {
+        first_err.get_or_insert(e.into());
+    }
+    first_err.map_or(Ok(()), Err)
 }
 
 /// The data files of a run (with their sizes) and where their relative image paths point.
@@ -260,67 +341,143 @@ pub fn model_fingerprints(dir: &Path) -> Result<(String, String), BuildError> {
     ))
 }
 
+/// Everything a build needs before it touches the output directory: the model checked, the
+/// settings resolved and fingerprinted, the input files measured.
+struct BuildSetup {
+    processor: Processor,
+    settings: SampleSettings,
+    pack_cfg: PackConfig,
+    format: OutputFormat,
+    on_error: OnError,
+    settings_json: serde_json::Value,
+    fingerprints: Fingerprints,
+    sources: Vec<(InputSource, u64)>,
+    input_bytes: u64,
+}
+
+impl BuildSetup {
+    fn new(opts: &BuildOptions) -> Result<BuildSetup, BuildError> {
+        let model = ModelDir::load(&opts.model, opts.prep.llm_type)?;
+        model.check_vocab()?;
+        let settings = resolve_settings(&model, opts)?;
+        let batch_vision = model.batch_vision;
+        let chat_template = training_chat_template(&model);
+        let tokenizer_sha = model.tokenizer_sha256.clone();
+        let processor = Processor::new(model, settings.clone())
+            .map_err(|e| BuildError::Setup(format!("{}: {e}", opts.model.display())))?;
+        let pack_cfg = PackConfig {
+            enabled: opts.prep.pack.unwrap_or(true),
+            max_length: settings.max_length,
+            max_slices: opts
+                .prep
+                .max_slices_per_pack
+                .unwrap_or(defaults::MAX_SLICES_PER_PACK),
+            window: opts.prep.pack_window.unwrap_or(defaults::PACK_WINDOW),
+            window_bytes: defaults::PACK_WINDOW_BYTES,
+        };
+        let fingerprinted = FingerprintedSettings {
+            format_version: FORMAT_VERSION,
+            sample: &settings,
+            batch_vision,
+            pack: pack_cfg.enabled,
+            max_slices_per_pack: pack_cfg.max_slices,
+            pack_window: pack_cfg.window,
+        };
+        let settings_json = serde_json::to_value(&fingerprinted).expect("settings serialise");
+        let fingerprints = Fingerprints {
+            tokenizer: tokenizer_sha,
+            chat_template: sha256_hex(chat_template.as_bytes()),
+            settings: sha256_hex(settings_json.to_string().as_bytes()),
+        };
+        let (sources, input_bytes) = input_sources(&opts.data, opts.image_root.as_deref())?;
+        Ok(BuildSetup {
+            processor,
+            settings,
+            pack_cfg,
+            format: opts.prep.format.unwrap_or_default(),
+            on_error: opts.prep.on_error.unwrap_or_default(),
+            settings_json,
+            fingerprints,
+            sources,
+            input_bytes,
+        })
+    }
+}
+
+/// What the sample loop adds up for the manifest.
+#[derive(Default)]
+struct RunTotals {
+    counts: Counts,
+    tokens: TokenTotals,
+    inputs: Vec<InputFile>,
+    packs: u64,
+    image_bytes: u64,
+}
+
 /// Runs `prep build`.
+///
+/// Nothing is touched before the inputs, the model and the output directory have been checked.
+/// The output is written under `.partial` names and published in order (shards, then
+/// `rejected.jsonl`, then `manifest.json`), each flushed to the disk first. When the run fails
+/// at any point after the output directory was prepared, every file it wrote is removed, so a
+/// failed run never leaves a manifest (the mark of a finished set) or partial files.
 pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     let start = Instant::now();
-    let model = ModelDir::load(&opts.model, opts.prep.llm_type)?;
-    let settings = resolve_settings(&model, opts)?;
-    let batch_vision = model.batch_vision;
-    let chat_template = training_chat_template(&model);
-    let tokenizer_sha = model.tokenizer_sha256.clone();
-    let processor = Processor::new(model, settings.clone())
-        .map_err(|e| BuildError::Setup(format!("{}: {e}", opts.model.display())))?;
-
-    let pack_cfg = PackConfig {
-        enabled: opts.prep.pack.unwrap_or(true),
-        max_length: settings.max_length,
-        max_slices: opts
-            .prep
-            .max_slices_per_pack
-            .unwrap_or(defaults::MAX_SLICES_PER_PACK),
-        window: opts.prep.pack_window.unwrap_or(defaults::PACK_WINDOW),
-        window_bytes: defaults::PACK_WINDOW_BYTES,
-    };
-    let format = opts.prep.format.unwrap_or_default();
-    let on_error = opts.prep.on_error.unwrap_or_default();
-    let fingerprinted = FingerprintedSettings {
-        format_version: FORMAT_VERSION,
-        sample: &settings,
-        batch_vision,
-        pack: pack_cfg.enabled,
-        max_slices_per_pack: pack_cfg.max_slices,
-        pack_window: pack_cfg.window,
-    };
-    let settings_json = serde_json::to_value(&fingerprinted).expect("settings serialise");
-    let fingerprints = Fingerprints {
-        tokenizer: tokenizer_sha,
-        chat_template: sha256_hex(chat_template.as_bytes()),
-        settings: sha256_hex(settings_json.to_string().as_bytes()),
-    };
-
-    let (sources, input_bytes) = input_sources(&opts.data, opts.image_root.as_deref())?;
-
+    refuse_overlapping_out(opts)?;
+    let setup = BuildSetup::new(opts)?;
     prepare_out_dir(&opts.out, opts.overwrite)?;
-    let rejected_path = opts.out.join(format!("{REJECTED_FILE}.partial"));
+    let input_bytes = setup.input_bytes;
+    match write_set(opts, setup, start) {
+        Ok((manifest, image_bytes)) => Ok(BuildReport {
+            manifest,
+            elapsed: start.elapsed(),
+            input_bytes,
+            image_bytes,
+        }),
+        Err(e) => {
+            // `out` held nothing of prep's after prepare_out_dir: every set file in it now was
+            // written by this run.
+            let _ = remove_set_files(&opts.out);
+            Err(e)
+        }
+    }
+}
+
+/// Processes every sample into `opts.out` and publishes the set; returns the manifest and the
+/// bytes of images read. On an error the caller removes what was written.
+fn write_set(
+    opts: &BuildOptions,
+    setup: BuildSetup,
+    start: Instant,
+) -> Result<(Manifest, u64), BuildError> {
+    let rejected_path = opts.out.join(format!("{REJECTED_FILE}{PARTIAL_SUFFIX}"));
     let mut rejected_out = std::io::BufWriter::new(
         std::fs::File::create(&rejected_path).map_err(io_err(&rejected_path))?,
     );
+    let (closed, totals) = run_samples(opts, &setup, &mut rejected_out, &rejected_path, start)?;
+    // Flushed into the file here; flushed to the disk when published.
+    rejected_out
+        .into_inner()
+        .map_err(|e| io_err(&rejected_path)(e.into_error()))?;
 
-    let (pool, threads) = thread_pool(opts.threads)?;
+    let shards = closed.publish()?;
+    cpmv_fsio::publish(&rejected_path, &opts.out.join(REJECTED_FILE))?;
+    let image_bytes = totals.image_bytes;
+    let manifest = make_manifest(opts, setup, totals, shards);
+    manifest.save(&opts.out)?;
+    Ok((manifest, image_bytes))
+}
 
-    // The writer thread owns the shard writer; packs reach it through a bounded queue.
-    let writer_opts = WriterOptions {
-        max_shard_bytes: opts.prep.shard_size_mb.unwrap_or(defaults::SHARD_SIZE_MB) << 20,
-        parquet: matches!(format, OutputFormat::Parquet | OutputFormat::Both),
-        arrow: matches!(format, OutputFormat::Arrow | OutputFormat::Both),
-        ..Default::default()
-    };
-    // `None` means "the run succeeded, finish the set"; a closed channel without it means the
-    // run failed, and the writer removes its partial files instead of naming them final.
-    let (tx, rx) = mpsc::sync_channel::<Option<(u32, Vec<Sample>)>>(4);
-    let out_dir = opts.out.clone();
-    let writer = std::thread::spawn(move || -> Result<Vec<ShardEntry>, BuildError> {
-        let mut w = ShardSetWriter::new(&out_dir, writer_opts);
+/// The shard writer thread: packs arrive through `rx`; `None` means "the run succeeded, close
+/// the set". A channel closed without it means the run failed: the writer removes its partial
+/// files. Returns the closed (complete, flushed, not yet published) set.
+fn spawn_writer(
+    dir: PathBuf,
+    opts: WriterOptions,
+    rx: mpsc::Receiver<Option<(u32, Vec<Sample>)>>,
+) -> std::thread::JoinHandle<Result<ClosedShardSet, BuildError>> {
+    std::thread::spawn(move || {
+        let mut w = ShardSetWriter::new(&dir, opts);
         for msg in rx {
             match msg {
                 Some((pack, rows)) => {
@@ -329,27 +486,46 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
                         return Err(e.into());
                     }
                 }
-                None => return Ok(w.finish()?),
+                None => return Ok(w.close()?),
             }
         }
         w.abort();
         Err(BuildError::WriterStopped)
-    });
+    })
+}
 
-    let pb = progress_bar(input_bytes, opts.progress);
-    let mut counts = Counts::default();
-    let mut tokens = TokenTotals::default();
-    let mut packer = Packer::new(pack_cfg);
-    let mut next_pack: u32 = 0;
-    let mut image_bytes = 0u64;
-    let mut inputs = Vec::new();
+/// Streams, processes and packs every sample: rows go to the writer thread, rejections to
+/// `rejected_out`. Returns the closed shard set and the totals.
+fn run_samples(
+    opts: &BuildOptions,
+    setup: &BuildSetup,
+    rejected_out: &mut impl Write,
+    rejected_path: &Path,
+    start: Instant,
+) -> Result<(ClosedShardSet, RunTotals), BuildError> {
+    let (pool, threads) = thread_pool(opts.threads)?;
+    let writer_opts = WriterOptions {
+        max_shard_bytes: opts.prep.shard_size_mb.unwrap_or(defaults::SHARD_SIZE_MB) << 20,
+        parquet: matches!(setup.format, OutputFormat::Parquet | OutputFormat::Both),
+        arrow: matches!(setup.format, OutputFormat::Arrow | OutputFormat::Both),
+        ..Default::default()
+    };
+    let (tx, rx) = mpsc::sync_channel::<Option<(u32, Vec<Sample>)>>(4);
+    let writer = spawn_writer(opts.out.clone(), writer_opts, rx);
+
+    let pb = progress_bar(setup.input_bytes, opts.progress);
+    let mut totals = RunTotals::default();
+    let mut packer = Packer::new(setup.pack_cfg);
     let mut bytes_before = 0u64;
     let chunk_size = 16 * threads.max(1);
+    let processor = &setup.processor;
 
     let result: Result<(), BuildError> = (|| {
-        let send = |packs: Vec<Vec<Sample>>, next_pack: &mut u32| -> Result<(), BuildError> {
+        let send = |packs: Vec<Vec<Sample>>, next_pack: &mut u64| -> Result<(), BuildError> {
             for rows in packs {
-                if tx.send(Some((*next_pack, rows))).is_err() {
+                let pack = u32::try_from(*next_pack)
+                    .map_err(|_| BuildError::Setup("more than 2^32 packs".into()))?;
+                if tx.send(Some((pack, rows))).is_err() {
                     // The writer stopped on an error; it is reported when joined.
                     return Err(BuildError::WriterStopped);
                 }
@@ -357,7 +533,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
             }
             Ok(())
         };
-        for (file_idx, (source, file_bytes)) in sources.iter().enumerate() {
+        for (file_idx, (source, file_bytes)) in setup.sources.iter().enumerate() {
             let mut reader = SampleReader::open(&source.path, file_idx)?;
             let mut file_counts = InputFile {
                 path: source.path.display().to_string(),
@@ -378,69 +554,46 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
                         .collect()
                 });
                 for (raw, res) in chunk.iter().zip(results) {
-                    counts.read += 1;
+                    totals.counts.read += 1;
                     file_counts.samples += 1;
                     match res {
                         Ok(prepared) => {
-                            counts.written += 1;
+                            totals.counts.written += 1;
                             file_counts.written += 1;
-                            let st = prepared.stats;
-                            tokens.total += prepared.sample.num_tokens() as u64;
-                            tokens.max_sample =
-                                tokens.max_sample.max(prepared.sample.num_tokens() as u64);
-                            tokens.supervised += st.supervised as u64;
-                            tokens.image += st.image_tokens as u64;
-                            tokens.images += st.images as u64;
-                            tokens.slices += st.slices as u64;
-                            tokens.truncated += st.truncated as u64;
-                            image_bytes += st.image_bytes;
+                            add_sample(&mut totals, &prepared);
                             let packs = packer.push(prepared.sample);
-                            send(packs, &mut next_pack)?;
+                            send(packs, &mut totals.packs)?;
                         }
                         Err(rej) => {
-                            let kind = rej.rejection.kind;
-                            if on_error == OnError::Fail {
+                            if setup.on_error == OnError::Fail {
                                 return Err(BuildError::Sample {
                                     file: source.path.display().to_string(),
                                     index: raw.index,
                                     location: raw.location.to_string(),
                                     id: rej.id,
-                                    kind: kind.name(),
+                                    kind: rej.rejection.kind.name(),
                                     message: rej.rejection.message,
                                 });
                             }
-                            counts.rejected += 1;
                             file_counts.rejected += 1;
-                            *counts
-                                .rejected_by_reason
-                                .entry(kind.name().to_string())
-                                .or_insert(0) += 1;
-                            let record = RejectionRecord {
-                                file: source.path.display().to_string(),
-                                index: raw.index,
-                                location: raw.location.to_string(),
-                                id: rej.id,
-                                reason: kind,
-                                message: rej.rejection.message,
-                            };
-                            let line = serde_json::to_string(&record).expect("record serialises");
-                            writeln!(rejected_out, "{line}").map_err(io_err(&rejected_path))?;
+                            let c = &mut totals.counts;
+                            record_rejection(c, source, raw, rej, rejected_out, rejected_path)?;
                         }
                     }
                 }
                 pb.set_position(bytes_before + reader.bytes_read);
                 pb.set_message(format!(
                     "{} samples ({} rejected), {:.0}/s",
-                    counts.read,
-                    counts.rejected,
-                    counts.read as f64 / start.elapsed().as_secs_f64().max(1e-9)
+                    totals.counts.read,
+                    totals.counts.rejected,
+                    totals.counts.read as f64 / start.elapsed().as_secs_f64().max(1e-9)
                 ));
             }
             bytes_before += file_bytes;
-            inputs.push(file_counts);
+            totals.inputs.push(file_counts);
         }
         let packs = packer.flush();
-        send(packs, &mut next_pack)?;
+        send(packs, &mut totals.packs)?;
         tx.send(None).map_err(|_| BuildError::WriterStopped)
     })();
     drop(tx);
@@ -448,24 +601,72 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
         .join()
         .map_err(|_| BuildError::Setup("the shard writer panicked".into()))?;
     pb.finish_and_clear();
-    let shards = match (result, written) {
-        (Ok(()), written) => written?,
+    match (result, written) {
+        (Ok(()), written) => Ok((written?, totals)),
         // The writer's own error (disk full, permissions) explains a stopped writer best.
-        (Err(BuildError::WriterStopped), Err(e)) => return Err(e),
-        (Err(e), _) => {
-            drop(rejected_out);
-            let _ = std::fs::remove_file(&rejected_path);
-            return Err(e);
+        (Err(BuildError::WriterStopped), Err(e)) => Err(e),
+        (Err(e), written) => {
+            if let Ok(closed) = written {
+                closed.discard();
+            }
+            Err(e)
         }
+    }
+}
+
+/// Adds a written sample's counts to the totals.
+fn add_sample(totals: &mut RunTotals, prepared: &crate::process::Prepared) {
+    let t = &mut totals.tokens;
+    let st = prepared.stats;
+    let n = prepared.sample.num_tokens() as u64;
+    t.total += n;
+    t.max_sample = t.max_sample.max(n);
+    t.supervised += st.supervised as u64;
+    t.image += st.image_tokens as u64;
+    t.images += st.images as u64;
+    t.slices += st.slices as u64;
+    t.truncated += st.truncated as u64;
+    totals.image_bytes += st.image_bytes;
+}
+
+/// Counts a rejected sample and writes its line of `rejected.jsonl`.
+fn record_rejection(
+    counts: &mut Counts,
+    source: &InputSource,
+    raw: &crate::input::RawSample,
+    rej: crate::process::Rejected,
+    out: &mut impl Write,
+    path: &Path,
+) -> Result<(), BuildError> {
+    let kind = rej.rejection.kind;
+    counts.rejected += 1;
+    *counts
+        .rejected_by_reason
+        .entry(kind.name().to_string())
+        .or_insert(0) += 1;
+    let record = RejectionRecord {
+        file: source.path.display().to_string(),
+        index: raw.index,
+        location: raw.location.to_string(),
+        id: rej.id,
+        reason: kind,
+        message: rej.rejection.message,
     };
+    let line = serde_json::to_string(&record).expect("record serialises");
+    writeln!(out, "{line}").map_err(io_err(path))
+}
 
-    rejected_out.flush().map_err(io_err(&rejected_path))?;
-    drop(rejected_out);
-    let final_rejected = opts.out.join(REJECTED_FILE);
-    std::fs::rename(&rejected_path, &final_rejected).map_err(io_err(&final_rejected))?;
-
-    let packs = next_pack as u64;
-    let manifest = Manifest {
+/// The manifest of a finished run.
+fn make_manifest(
+    opts: &BuildOptions,
+    setup: BuildSetup,
+    totals: RunTotals,
+    shards: Vec<ShardEntry>,
+) -> Manifest {
+    let settings = &setup.settings;
+    let packs = totals.packs;
+    let tokens = totals.tokens;
+    Manifest {
         format: FORMAT_NAME.into(),
         format_version: FORMAT_VERSION,
         tool: format!("cpmv-prep {}", env!("CARGO_PKG_VERSION")),
@@ -474,15 +675,14 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
             version: settings.llm_type.version().into(),
             llm_type: settings.llm_type.name().into(),
         },
-        fingerprints,
-        settings: settings_json,
-        inputs,
-        counts,
-        tokens: tokens.clone(),
+        fingerprints: setup.fingerprints,
+        settings: setup.settings_json,
+        inputs: totals.inputs,
+        counts: totals.counts,
         packing: Packing {
-            enabled: pack_cfg.enabled,
+            enabled: setup.pack_cfg.enabled,
             max_length: settings.max_length as u32,
-            max_slices_per_pack: pack_cfg.max_slices as u32,
+            max_slices_per_pack: setup.pack_cfg.max_slices as u32,
             packs,
             fill_ratio: if packs == 0 {
                 0.0
@@ -490,17 +690,10 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
                 tokens.total as f64 / (packs as f64 * settings.max_length as f64)
             },
         },
+        tokens,
         shards,
-    };
-    manifest.save(&opts.out)?;
-    Ok(BuildReport {
-        manifest,
-        elapsed: start.elapsed(),
-        input_bytes,
-        image_bytes,
-    })
+    }
 }
-
 /// Rejection counts sorted by count (descending), for summaries.
 pub fn reasons_by_count(counts: &BTreeMap<String, u64>) -> Vec<(&str, u64)> {
     let mut v: Vec<(&str, u64)> = counts.iter().map(|(k, &n)| (k.as_str(), n)).collect();

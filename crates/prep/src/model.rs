@@ -88,6 +88,19 @@ pub enum ModelError {
     },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
+    /// Tokens every sample may contain have ids the model has no embedding row for.
+    #[error(
+        "{path}: vocab_size is {vocab_size}, but tokens that the template, the image \
+         placeholders or plain text put into samples have ids at or above it: {tokens}; the \
+         model has no embedding for them and training would stop at the first one (\"token id \
+         >= vocab size\"). Use the checkpoint's own tokenizer files, or correct vocab_size"
+    )]
+    TokenOutOfVocab {
+        path: PathBuf,
+        vocab_size: u64,
+        /// The offending tokens, each with its id and what it is for.
+        tokens: String,
+    },
 }
 
 /// Ids of the tokens the templates, placeholders and bounds need.
@@ -117,6 +130,17 @@ pub struct TokenStrings {
     pub unk: String,
     pub eos: String,
     pub bos: Option<String>,
+    /// `pad_token` of tokenizer_config.json (the trainer may pad with it).
+    pub pad: Option<String>,
+}
+
+/// A token id that samples contain whatever their text (template pieces, placeholders,
+/// special tokens), with what it is for; see [`ModelDir::fixed_tokens`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FixedToken {
+    pub token: String,
+    pub id: u32,
+    pub role: &'static str,
 }
 
 /// Everything `prep` reads from a checkpoint directory.
@@ -136,6 +160,10 @@ pub struct ModelDir {
     pub chat_template: Option<String>,
     /// sha256 of tokenizer.json.
     pub tokenizer_sha256: String,
+    /// The language model's vocabulary size from config.json (top level, else its
+    /// `text_config` or `llm_config`): every token id must be below it. `None` when the config
+    /// does not say (prep needs no weights; the check is then left to the trainer).
+    pub vocab_size: Option<u64>,
 }
 
 fn read_json(path: &Path) -> Result<Value, ModelError> {
@@ -194,6 +222,19 @@ pub fn detect_llm_type(dir: &Path, config: &Value) -> Result<LlmType, ModelError
     Err(unknown(
         "config.json has no `version` and is not a MiniCPM-V 2.0 config (no scale_emb)".into(),
     ))
+}
+
+/// `vocab_size` of config.json: at the top level (MiniCPM-V 2.0, 2.5 and 2.6 configs are their
+/// LLM's config), else in a nested `text_config` / `llm_config`.
+pub fn config_vocab_size(config: &Value) -> Option<u64> {
+    [
+        Some(config),
+        config.get("text_config"),
+        config.get("llm_config"),
+    ]
+    .into_iter()
+    .flatten()
+    .find_map(|c| c.get("vocab_size").and_then(Value::as_u64))
 }
 
 fn get_u32(v: Option<&Value>, key: &str) -> Option<u32> {
@@ -267,6 +308,7 @@ impl ModelDir {
             message: "no eos_token".into(),
         })?;
         let bos = field("bos_token");
+        let pad = field("pad_token");
         let chat_template = match tok_config.get("chat_template") {
             Some(Value::String(s)) => Some(s.clone()),
             Some(Value::Array(list)) => list
@@ -345,9 +387,185 @@ impl ModelDir {
             batch_vision,
             tokenizer,
             tokens,
-            strings: TokenStrings { unk, eos, bos },
+            strings: TokenStrings { unk, eos, bos, pad },
             chat_template,
             tokenizer_sha256,
+            vocab_size: config_vocab_size(&config),
         })
+    }
+
+    /// Every token id a sample contains whatever its text says: bos/eos/pad/unk, the
+    /// template's own tokens (role headers, turn ends, MiniCPM's `<用户>`/`<AI>`), the
+    /// placeholders' tokens, and the highest id of the tokenizer's ordinary vocabulary (any
+    /// text may produce it).
+    pub fn fixed_tokens(&self) -> Vec<FixedToken> {
+        let t = &self.tokens;
+        let mut out = Vec::new();
+        let mut push = |token: &str, id: u32, role: &'static str| {
+            out.push(FixedToken {
+                token: token.to_string(),
+                id,
+                role,
+            })
+        };
+        let named = [
+            (self.strings.bos.as_deref(), "bos_token"),
+            (Some(self.strings.eos.as_str()), "eos_token"),
+            (self.strings.pad.as_deref(), "pad_token"),
+            (
+                Some(self.strings.unk.as_str()),
+                "unk_token, the image placeholder",
+            ),
+        ];
+        for (token, role) in named {
+            if let Some((tok, id)) =
+                token.and_then(|tok| Some((tok, self.tokenizer.token_to_id(tok)?)))
+            {
+                push(tok, id, role);
+            }
+        }
+        let placeholders = [
+            ("<image>", Some(t.im_start)),
+            ("</image>", Some(t.im_end)),
+            ("<slice>", Some(t.slice_start)),
+            ("</slice>", Some(t.slice_end)),
+            ("<image_id>", self.tokenizer.token_to_id("<image_id>")),
+            ("</image_id>", self.tokenizer.token_to_id("</image_id>")),
+        ];
+        for (token, id) in placeholders {
+            if let Some(id) = id {
+                push(token, id, "image placeholder");
+            }
+        }
+        let template = [
+            (t.header_start, "template: role header start"),
+            (t.header_end, "template: role header end"),
+            (t.turn_end, "template: end of turn"),
+            (t.assistant, "template: assistant role"),
+        ];
+        for (id, role) in template {
+            if let Some(id) = id {
+                push(&self.token_name(id), id, role);
+            }
+        }
+        if self.llm_type == LlmType::Minicpm {
+            for piece in ["<用户>", "<AI>"] {
+                let ids = self
+                    .tokenizer
+                    .encode_fast(piece, false)
+                    .map(|e| e.get_ids().to_vec())
+                    .unwrap_or_default();
+                for id in ids {
+                    push(&self.token_name(id), id, "template: minicpm role piece");
+                }
+            }
+        }
+        if let Some((token, &id)) = self
+            .tokenizer
+            .get_vocab(false)
+            .iter()
+            .max_by_key(|(_, &id)| id)
+        {
+            push(token, id, "highest id of the ordinary vocabulary");
+        }
+        out
+    }
+
+    /// The tokenizer's string for `id` (or `<id N>` when it has none).
+    pub fn token_name(&self, id: u32) -> String {
+        self.tokenizer
+            .id_to_token(id)
+            .unwrap_or_else(|| format!("<id {id}>"))
+    }
+
+    /// Refuses a checkpoint whose config.json `vocab_size` does not cover every
+    /// [`fixed token`](ModelDir::fixed_tokens): the trainer would stop at the first sample with
+    /// "token id >= vocab size", after all the preparation work. Names each offending token with
+    /// its id and role.
+    pub fn check_vocab(&self) -> Result<(), ModelError> {
+        let Some(vocab_size) = self.vocab_size else {
+            return Ok(());
+        };
+        // Offending ids in order, each with its token and every role it plays.
+        let mut bad: std::collections::BTreeMap<u32, (String, Vec<&str>)> = Default::default();
+        for f in self.fixed_tokens() {
+            if u64::from(f.id) >= vocab_size {
+                let (_, roles) = bad.entry(f.id).or_insert((f.token, Vec::new()));
+                if !roles.contains(&f.role) {
+                    roles.push(f.role);
+                }
+            }
+        }
+        if bad.is_empty() {
+            return Ok(());
+        }
+        let tokens = bad
+            .iter()
+            .map(|(id, (token, roles))| format!("{token:?} (id {id}: {})", roles.join("; ")))
+            .collect::<Vec<_>>()
+            .join(", ");
+        Err(ModelError::TokenOutOfVocab {
+            path: self.dir.join("config.json"),
+            vocab_size,
+            tokens,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vocab_size_is_read_at_the_top_level_then_from_the_llm_config() {
+        let top = serde_json::json!({"vocab_size": 151666, "text_config": {"vocab_size": 1}});
+        assert_eq!(config_vocab_size(&top), Some(151666));
+        let nested = serde_json::json!({"text_config": {"vocab_size": 128256}});
+        assert_eq!(config_vocab_size(&nested), Some(128256));
+        let llm = serde_json::json!({"llm_config": {"vocab_size": 122753}});
+        assert_eq!(config_vocab_size(&llm), Some(122753));
+        assert_eq!(
+            config_vocab_size(&serde_json::json!({"version": 2.6})),
+            None
+        );
+    }
+
+    #[test]
+    fn fixed_tokens_cover_template_placeholders_and_the_vocabulary() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/models");
+        for (dir, template) in [
+            ("minicpm-v-2-tiny", vec!["<用户>"]),
+            (
+                "minicpm-llama3-v-2_5-tiny",
+                vec!["<|eot_id|>", "<|start_header_id|>"],
+            ),
+            (
+                "minicpm-v-2_6-tiny",
+                vec!["<|im_start|>", "<|im_end|>", "<image_id>"],
+            ),
+        ] {
+            let mut m = ModelDir::load(&root.join(dir), None).unwrap();
+            let fixed = m.fixed_tokens();
+            let has = |tok: &str| {
+                fixed
+                    .iter()
+                    .any(|f| f.token == tok || f.token.contains(tok))
+            };
+            for tok in ["<image>", "</image>", "<slice>", "</slice>", "<unk>"]
+                .into_iter()
+                .chain(template)
+            {
+                assert!(has(tok), "{dir}: {tok} missing from {fixed:?}");
+            }
+            let max = fixed.iter().map(|f| f.id).max().unwrap();
+            assert!(fixed
+                .iter()
+                .any(|f| f.role == "highest id of the ordinary vocabulary"));
+            // The example checkpoints are consistent; one id less is refused, naming the token.
+            m.check_vocab().unwrap();
+            m.vocab_size = Some(u64::from(max));
+            let err = m.check_vocab().unwrap_err().to_string();
+            assert!(err.contains(&format!("(id {max}")), "{dir}: {err}");
+        }
     }
 }

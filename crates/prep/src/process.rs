@@ -322,6 +322,25 @@ impl Processor {
         crate::template::Tokenized { ids, ctx }
     }
 
+    /// Rejects ids the model has no embedding for (config.json's `vocab_size`), e.g. a
+    /// literal added token in the text: the trainer would otherwise stop at this sample.
+    fn check_vocab(&self, ids: &[u32]) -> Result<(), Rejection> {
+        let Some(vocab) = self.model.vocab_size else {
+            return Ok(());
+        };
+        match ids.iter().find(|&&id| u64::from(id) >= vocab) {
+            None => Ok(()),
+            Some(&id) => Err(Rejection::new(
+                RejectKind::TokenOutOfVocab,
+                format!(
+                    "the text tokenizes to {:?} (id {id}), not below config.json's vocab_size \
+                     {vocab}: the model has no embedding for it",
+                    self.model.token_name(id)
+                ),
+            )),
+        }
+    }
+
     /// The text side of a parsed sample given its image sizes (model order).
     pub fn plan_text(
         &self,
@@ -365,6 +384,7 @@ impl Processor {
             .templater
             .tokenize(&self.model, &messages)
             .map_err(|e| Rejection::new(RejectKind::InvalidConversations, e.0))?;
+        self.check_vocab(&short.ids)?;
         let mut tok = self.widen_placeholder_runs(&short, s.query_num as usize);
 
         let slices: usize = plans.iter().map(SlicePlan::num_images).sum();

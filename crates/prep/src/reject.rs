@@ -32,6 +32,10 @@ pub enum RejectKind {
     /// The text contains a token the placeholders or the template rely on (e.g. `</image>`,
     /// `<slice>`, `<|im_start|>`), which would corrupt image bounds or supervision.
     ReservedToken,
+    /// The text tokenizes to a token whose id is not below config.json's `vocab_size` (e.g. a
+    /// literal added token such as `<|reserved_special_token_3|>` that the checkpoint's
+    /// embedding does not cover): the trainer would stop at it.
+    TokenOutOfVocab,
     /// The image file cannot be read.
     ImageNotFound,
     /// The image file cannot be decoded (corrupt, truncated, unsupported format).
@@ -49,7 +53,7 @@ pub enum RejectKind {
 
 impl RejectKind {
     /// Every kind, in documentation order.
-    pub const ALL: [RejectKind; 17] = [
+    pub const ALL: [RejectKind; 18] = [
         RejectKind::InvalidJson,
         RejectKind::NotAnObject,
         RejectKind::InvalidConversations,
@@ -61,6 +65,7 @@ impl RejectKind {
         RejectKind::UnknownImageTag,
         RejectKind::UnusedImage,
         RejectKind::ReservedToken,
+        RejectKind::TokenOutOfVocab,
         RejectKind::ImageNotFound,
         RejectKind::ImageDecode,
         RejectKind::ImageTooLarge,
@@ -83,6 +88,7 @@ impl RejectKind {
             RejectKind::UnknownImageTag => "unknown_image_tag",
             RejectKind::UnusedImage => "unused_image",
             RejectKind::ReservedToken => "reserved_token",
+            RejectKind::TokenOutOfVocab => "token_out_of_vocab",
             RejectKind::ImageNotFound => "image_not_found",
             RejectKind::ImageDecode => "image_decode",
             RejectKind::ImageTooLarge => "image_too_large",

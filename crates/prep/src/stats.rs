@@ -479,6 +479,7 @@ pub struct Measurements {
 /// Streams the data files and measures every sample (or a seeded reservoir sample).
 pub fn measure(opts: &StatsOptions) -> Result<Measurements, BuildError> {
     let model = ModelDir::load(&opts.model, opts.prep.llm_type)?;
+    model.check_vocab()?;
     let build_like = BuildOptions {
         data: opts.data.clone(),
         image_root: opts.image_root.clone(),

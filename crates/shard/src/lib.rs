@@ -14,7 +14,7 @@ pub mod writer;
 pub use manifest::{Manifest, ShardEntry};
 pub use reader::{SampleView, ShardDir, ShardReader};
 pub use schema::{shard_schema, Sample};
-pub use writer::{ShardSetWriter, WriterOptions};
+pub use writer::{ClosedShardSet, ShardSetWriter, WriterOptions};
 
 /// Errors of the shard format (I/O, Arrow, a file that does not follow the schema).
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +41,17 @@ pub enum ShardError {
     Format { path: String, reason: String },
     #[error("{path}: invalid manifest: {reason}")]
     Manifest { path: String, reason: String },
+    /// The set was written with `prep build --format parquet`: it has no Arrow files, which
+    /// every reader that maps shards (train, `prep stats --shards`, `prep inspect`) needs.
+    #[error(
+        "{dir}: this shard set holds Parquet files only (built with `prep build --format parquet`), \
+         and train, `prep stats --shards` and `prep inspect` read the Arrow shards: rerun \
+         `prep build` with `--format arrow` or `--format both`"
+    )]
+    ParquetOnly { dir: String },
+    /// Flushing or publishing a file failed.
+    #[error(transparent)]
+    Fs(#[from] cpmv_fsio::FsError),
 }
 
 impl ShardError {

@@ -150,12 +150,12 @@ impl Manifest {
         Ok(m)
     }
 
-    /// Writes `dir/manifest.json` atomically (temporary file, then rename).
+    /// Writes `dir/manifest.json` durably and atomically: written as `manifest.json.partial`,
+    /// flushed to the disk, renamed, and the directory flushed, so the manifest is never seen
+    /// (even after a crash) before it is complete. A failed save leaves no partial file.
     pub fn save(&self, dir: &Path) -> Result<(), ShardError> {
-        let path = dir.join(MANIFEST_FILE);
-        let tmp = dir.join(format!("{MANIFEST_FILE}.partial"));
         let text = serde_json::to_string_pretty(self).expect("manifest serialises");
-        std::fs::write(&tmp, text + "\n").map_err(|e| ShardError::io(&tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| ShardError::io(&path, e))
+        cpmv_fsio::write_atomic(&dir.join(MANIFEST_FILE), (text + "\n").as_bytes())?;
+        Ok(())
     }
 }

@@ -256,13 +256,28 @@ pub struct ShardDir {
 }
 
 impl ShardDir {
-    /// Opens `dir`; fails when the manifest is missing (unfinished run) or a listed shard is
-    /// missing or malformed.
+    /// Opens `dir`; fails when the manifest is missing (unfinished run), a listed shard is
+    /// missing or malformed, or the set has no Arrow files (`--format parquet`: refused with
+    /// how to get them, rather than read as a set without samples).
     pub fn open(dir: &Path) -> Result<ShardDir, ShardError> {
         let manifest = Manifest::load(dir)?;
         let mut shards = Vec::new();
         for entry in &manifest.shards {
-            let Some(file) = &entry.file else { continue };
+            let Some(file) = &entry.file else {
+                return Err(if entry.parquet.is_some() {
+                    ShardError::ParquetOnly {
+                        dir: dir.display().to_string(),
+                    }
+                } else {
+                    ShardError::Manifest {
+                        path: dir
+                            .join(crate::manifest::MANIFEST_FILE)
+                            .display()
+                            .to_string(),
+                        reason: "a shard entry names no file".into(),
+                    }
+                });
+            };
             let reader = ShardReader::open(&dir.join(file))?;
             if reader.len() as u64 != entry.rows {
                 return Err(ShardError::format(

@@ -1,8 +1,10 @@
 //! Writes packs of samples into size-bounded Arrow IPC shards (and optional Parquet twins).
 //!
-//! Files are written under a `.partial` name and only renamed to `shard-NNNNN.arrow` by
-//! [`ShardSetWriter::finish`], once every shard is complete; the caller writes the manifest after
-//! that. A run killed half-way therefore leaves nothing that looks like a finished shard set.
+//! Files are written under a `.partial` name, flushed to the disk when their shard closes, and
+//! only renamed to `shard-NNNNN.arrow` when the whole set is published
+//! ([`ClosedShardSet::publish`]); the caller writes the manifest after that. A run killed
+//! half-way therefore leaves nothing that looks like a finished shard set, and a failed run
+//! removes what it wrote.
 
 use std::fs::File;
 use std::io::BufWriter;
@@ -78,9 +80,42 @@ pub struct ShardSetWriter {
     partial_files: Vec<(PathBuf, PathBuf)>,
 }
 
+/// Suffix of every file while it is being written (the name it is published under plus this).
+pub const PARTIAL_SUFFIX: &str = ".partial";
+
 /// Final name of shard `index` with extension `ext`.
 pub fn shard_file_name(index: usize, ext: &str) -> String {
     format!("shard-{index:05}.{ext}")
+}
+
+/// True for a file name [`shard_file_name`] gives an Arrow or Parquet shard:
+/// `shard-` + at least five ASCII digits + `.arrow` or `.parquet`.
+pub fn is_shard_file_name(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix("shard-") else {
+        return false;
+    };
+    let Some(digits) = rest
+        .strip_suffix(".arrow")
+        .or_else(|| rest.strip_suffix(".parquet"))
+    else {
+        return false;
+    };
+    digits.len() >= 5 && digits.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// True for every name `prep build` writes into a shard directory, final or partial:
+/// `manifest.json`, `rejected.jsonl`, the shard files, and each of them with
+/// [`PARTIAL_SUFFIX`]. Anything else in the directory belongs to someone else, and a rebuild
+/// must not delete it.
+pub fn is_set_file_name(name: &str) -> bool {
+    let base = name.strip_suffix(PARTIAL_SUFFIX).unwrap_or(name);
+    base == crate::manifest::MANIFEST_FILE
+        || base == crate::manifest::REJECTED_FILE
+        || is_shard_file_name(base)
+}
+
+fn partial_name(name: &str) -> String {
+    format!("{name}{PARTIAL_SUFFIX}")
 }
 
 fn sample_bytes(s: &Sample) -> u64 {
@@ -137,7 +172,7 @@ impl ShardSetWriter {
         let arrow = if self.opts.arrow {
             let path = self
                 .dir
-                .join(format!("{}.partial", shard_file_name(index, "arrow")));
+                .join(partial_name(&shard_file_name(index, "arrow")));
             let file = File::create(&path).map_err(|e| ShardError::io(&path, e))?;
             let options = IpcWriteOptions::try_new(ALIGNMENT, false, MetadataVersion::V5)
                 .map_err(|e| ShardError::arrow(&path, e))?;
@@ -150,7 +185,7 @@ impl ShardSetWriter {
         let parquet = if self.opts.parquet {
             let path = self
                 .dir
-                .join(format!("{}.partial", shard_file_name(index, "parquet")));
+                .join(partial_name(&shard_file_name(index, "parquet")));
             let file = File::create(&path).map_err(|e| ShardError::io(&path, e))?;
             let props = WriterProperties::builder()
                 .set_compression(Compression::ZSTD(
@@ -230,11 +265,13 @@ impl ShardSetWriter {
             self.partial_files.push((path, self.dir.join(&name)));
             entry.file = Some(name);
         }
-        if let Some((path, w)) = cur.parquet {
-            w.close().map_err(|e| ShardError::Parquet {
+        if let Some((path, mut w)) = cur.parquet {
+            w.finish().map_err(|e| ShardError::Parquet {
                 path: path.display().to_string(),
                 source: e,
             })?;
+            // `finish` wrote the footer and flushed the writer's buffers into the file.
+            w.inner().sync_all().map_err(|e| ShardError::io(&path, e))?;
             let name = shard_file_name(cur.index, "parquet");
             self.partial_files.push((path, self.dir.join(&name)));
             entry.parquet = Some(name);
@@ -257,15 +294,74 @@ impl ShardSetWriter {
         }
     }
 
-    /// Writes what is buffered, closes the last shard and gives every file its final name.
-    /// Returns the shard entries for the manifest.
-    pub fn finish(mut self) -> Result<Vec<ShardEntry>, ShardError> {
-        self.flush_batch()?;
-        self.close_current()?;
-        for (from, to) in &self.partial_files {
+    /// Writes what is buffered and closes the last shard: every file is complete and flushed to
+    /// the disk, still under its `.partial` name. On an error every partial file is removed.
+    pub fn close(mut self) -> Result<ClosedShardSet, ShardError> {
+        if let Err(e) = self.flush_batch().and_then(|()| self.close_current()) {
+            self.abort();
+            return Err(e);
+        }
+        Ok(ClosedShardSet {
+            dir: self.dir,
+            entries: self.done,
+            files: self.partial_files,
+        })
+    }
+
+    /// [`ShardSetWriter::close`], then [`ClosedShardSet::publish`]: every file under its final
+    /// name. Returns the shard entries for the manifest. On an error nothing is left behind.
+    pub fn finish(self) -> Result<Vec<ShardEntry>, ShardError> {
+        self.close()?.publish()
+    }
+}
+
+/// A shard set whose files are complete and durable but still carry their `.partial` names:
+/// the caller publishes it once everything else of the run has succeeded, or discards it.
+#[derive(Debug)]
+pub struct ClosedShardSet {
+    dir: PathBuf,
+    entries: Vec<ShardEntry>,
+    /// (partial name, final name) of every file.
+    files: Vec<(PathBuf, PathBuf)>,
+}
+
+impl ClosedShardSet {
+    /// The shard entries the manifest will list.
+    pub fn entries(&self) -> &[ShardEntry] {
+        &self.entries
+    }
+
+    /// Renames every file to its final name. The directory is flushed before the renames (so
+    /// the files' own entries are on the disk) and after them (so the new names are), which
+    /// lets a manifest written afterwards rely on every shard it lists. On an error every file
+    /// of the set, renamed or not, is removed.
+    pub fn publish(self) -> Result<Vec<ShardEntry>, ShardError> {
+        let res = self.rename_all();
+        match res {
+            Ok(()) => Ok(self.entries),
+            Err(e) => {
+                for (from, to) in &self.files {
+                    let _ = std::fs::remove_file(from);
+                    let _ = std::fs::remove_file(to);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn rename_all(&self) -> Result<(), ShardError> {
+        cpmv_fsio::sync_dir(&self.dir)?;
+        for (from, to) in &self.files {
             std::fs::rename(from, to).map_err(|e| ShardError::io(to, e))?;
         }
-        Ok(self.done)
+        Ok(cpmv_fsio::sync_dir(&self.dir)?)
+    }
+
+    /// Removes every (partial) file of the set, for a run that failed after closing it.
+    pub fn discard(self) {
+        for (from, _) in &self.files {
+            let _ = std::fs::remove_file(from);
+        }
     }
 }
 
@@ -328,4 +424,169 @@ fn build_batch(
         Arc::new(UInt32Array::from(packs)),
     ];
     RecordBatch::try_new(schema.clone(), columns)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{
+        Counts, Fingerprints, Manifest, ModelInfo, Packing, TokenTotals, FORMAT_NAME,
+        FORMAT_VERSION,
+    };
+    use crate::reader::ShardDir;
+
+    fn sample(id: &str) -> Sample {
+        Sample {
+            id: id.into(),
+            input_ids: vec![1, 2, 3],
+            labels: vec![-100, 3, -100],
+            image_bound: vec![],
+            tgt_sizes: vec![[1, 1]],
+            pixel_values: vec![vec![7u8; 14 * 14 * 3]],
+        }
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn write_set(dir: &Path, arrow: bool, parquet: bool) -> ClosedShardSet {
+        let opts = WriterOptions {
+            max_shard_bytes: 500,
+            arrow,
+            parquet,
+            ..Default::default()
+        };
+        let mut w = ShardSetWriter::new(dir, opts);
+        for p in 0..3 {
+            w.write_pack(p, vec![sample(&format!("s{p}"))]).unwrap();
+        }
+        w.close().unwrap()
+    }
+
+    fn manifest(shards: Vec<ShardEntry>) -> Manifest {
+        Manifest {
+            format: FORMAT_NAME.into(),
+            format_version: FORMAT_VERSION,
+            tool: "test".into(),
+            model: ModelInfo {
+                dir: "m".into(),
+                version: "2.6".into(),
+                llm_type: "qwen".into(),
+            },
+            fingerprints: Fingerprints {
+                tokenizer: String::new(),
+                chat_template: String::new(),
+                settings: String::new(),
+            },
+            settings: serde_json::json!({}),
+            inputs: vec![],
+            counts: Counts::default(),
+            tokens: TokenTotals::default(),
+            packing: Packing {
+                enabled: true,
+                max_length: 2048,
+                max_slices_per_pack: 40,
+                packs: 3,
+                fill_ratio: 0.0,
+            },
+            shards,
+        }
+    }
+
+    #[test]
+    fn set_file_names_are_recognised_exactly() {
+        for ours in [
+            "manifest.json",
+            "manifest.json.partial",
+            "rejected.jsonl",
+            "rejected.jsonl.partial",
+            "shard-00000.arrow",
+            "shard-00012.parquet",
+            "shard-00003.arrow.partial",
+            "shard-123456.parquet.partial",
+        ] {
+            assert!(is_set_file_name(ours), "{ours}");
+        }
+        for foreign in [
+            "manifest.json.bak",
+            "my-manifest.json",
+            "rejected.jsonl.old",
+            "shard-0000.arrow",
+            "shard-0000a.arrow",
+            "shard-00000.arrow.bak",
+            "shard-00000.arrows",
+            "shard-00000.feather",
+            "shard-00000.arrow.partial.partial",
+            "notes.txt",
+            ".partial",
+        ] {
+            assert!(!is_set_file_name(foreign), "{foreign}");
+        }
+    }
+
+    #[test]
+    fn a_closed_set_stays_partial_until_published_and_can_be_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let closed = write_set(dir.path(), true, true);
+        assert!(closed.entries().len() >= 2);
+        let partial = names(dir.path());
+        assert!(
+            !partial.is_empty() && partial.iter().all(|n| n.ends_with(PARTIAL_SUFFIX)),
+            "{partial:?}"
+        );
+        closed.discard();
+        assert!(names(dir.path()).is_empty());
+
+        let closed = write_set(dir.path(), true, true);
+        let entries = closed.publish().unwrap();
+        let published = names(dir.path());
+        assert!(
+            published.iter().all(|n| is_shard_file_name(n)),
+            "{published:?}"
+        );
+        assert_eq!(published.len(), entries.len() * 2);
+        // The Parquet twins are complete files (footer magic at the end).
+        for e in &entries {
+            let bytes = std::fs::read(dir.path().join(e.parquet.as_ref().unwrap())).unwrap();
+            assert!(bytes.ends_with(b"PAR1"));
+        }
+    }
+
+    #[test]
+    fn a_failed_publish_removes_the_whole_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let closed = write_set(dir.path(), true, false);
+        // A directory under the first final name makes its rename fail.
+        let first = closed.files[0].1.clone();
+        std::fs::create_dir(&first).unwrap();
+        std::fs::write(first.join("x"), b"x").unwrap();
+        assert!(closed.publish().is_err());
+        assert_eq!(
+            names(dir.path()),
+            vec![first.file_name().unwrap().to_string_lossy()]
+        );
+    }
+
+    #[test]
+    fn manifest_save_is_atomic_and_parquet_only_sets_are_refused_by_the_reader() {
+        let dir = tempfile::tempdir().unwrap();
+        let entries = write_set(dir.path(), false, true).publish().unwrap();
+        manifest(entries).save(dir.path()).unwrap();
+        assert!(!dir.path().join("manifest.json.partial").exists());
+        let err = ShardDir::open(dir.path()).err().unwrap();
+        let msg = err.to_string();
+        assert!(matches!(err, ShardError::ParquetOnly { .. }), "{msg}");
+        assert!(
+            msg.contains("--format arrow") && msg.contains("--format both"),
+            "{msg}"
+        );
+        // A save into a missing directory fails and leaves nothing.
+        assert!(manifest(vec![]).save(&dir.path().join("missing")).is_err());
+    }
 }
