@@ -27,6 +27,9 @@ pub enum ModelError {
     Batch(String),
     #[error("LoRA: {0}")]
     Lora(String),
+    /// An output that overlaps an input, or a file that could not be made durable.
+    #[error(transparent)]
+    Fs(#[from] cpmv_fsio::FsError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

@@ -191,6 +191,14 @@ pub fn init_model(like: &Path, out: &Path, size: Size, seed: u64, dtype: DType) 
         let path = path.to_path_buf();
         move |e| ModelError::Io { path, source: e }
     };
+    cpmv_fsio::refuse_overlap(
+        "--out",
+        out,
+        &[cpmv_fsio::Input {
+            flag: "--like",
+            path: like,
+        }],
+    )?;
     if out.exists() && std::fs::read_dir(out).map_err(io(out))?.next().is_some() {
         return Err(ModelError::Io {
             path: out.to_path_buf(),

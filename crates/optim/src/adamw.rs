@@ -380,14 +380,22 @@ impl AdamW {
     ///
     /// Every parameter must have its moments (and, if not f32, its master) with its shape and
     /// dtype f32, and every tensor in the file must belong to a parameter; errors name the first
-    /// offender. On error nothing is changed. The saved `config` is informational: the
+    /// offender. These are checked before anything is changed; the file is memory-mapped and
+    /// each tensor copied once into its place. The saved `config` is informational: the
     /// optimiser keeps the config it was built with.
     pub fn load_state(&mut self, path: &Path) -> Result<(), OptimError> {
         let bad = |msg: String| OptimError::State {
             path: path.into(),
             msg,
         };
-        let bytes = std::fs::read(path).map_err(|source| OptimError::Io {
+        // Mapped, not read: the state of a full fine-tune is several times the model's size, and
+        // each tensor is copied out of the map once, straight into its place.
+        let opened = std::fs::File::open(path).and_then(|f| {
+            // SAFETY: state files are written to a temporary name and renamed into place, never
+            // modified afterwards; the map is read-only and dropped before this returns.
+            unsafe { memmap2::Mmap::map(&f) }
+        });
+        let bytes = opened.map_err(|source| OptimError::Io {
             path: path.into(),
             source,
         })?;
@@ -415,10 +423,13 @@ impl AdamW {
         let param_steps: HashMap<String, u64> = serde_json::from_str(field("param_steps")?)
             .map_err(|e| bad(format!("metadata \"param_steps\": {e}")))?;
 
+        // Validate every tensor's name, dtype and shape from the header first, so a wrong file
+        // changes nothing; then load tensor by tensor into place (one parameter's tensors at a
+        // time beside the old ones, never a second copy of the whole state).
         let mut unused: HashSet<&str> = file.names().into_iter().collect();
-        let mut loaded = Vec::with_capacity(self.params.len());
+        let mut wanted = Vec::with_capacity(self.params.len());
         for p in &self.params {
-            let mut take = |suffix: &str| -> Result<Tensor, OptimError> {
+            let mut check = |suffix: &str| -> Result<String, OptimError> {
                 let key = format!("{}.{suffix}", p.name);
                 let view = file
                     .tensor(&key)
@@ -432,18 +443,20 @@ impl AdamW {
                     )));
                 }
                 unused.remove(key.as_str());
-                Ok(view.load(p.var.device())?)
+                Ok(key)
             };
-            let exp_avg = take("exp_avg")?;
-            let exp_avg_sq = take("exp_avg_sq")?;
-            let master = match p.master {
-                Some(_) => Some(take("master")?),
-                None => None,
-            };
+            let keys = (
+                check("exp_avg")?,
+                check("exp_avg_sq")?,
+                match p.master {
+                    Some(_) => Some(check("master")?),
+                    None => None,
+                },
+            );
             let step = *param_steps
                 .get(&p.name)
                 .ok_or_else(|| bad(format!("metadata \"param_steps\" has no {:?}", p.name)))?;
-            loaded.push((exp_avg, exp_avg_sq, master, step));
+            wanted.push((keys, step));
         }
         if let Some(extra) = unused.iter().min() {
             return Err(bad(format!(
@@ -451,13 +464,18 @@ impl AdamW {
             )));
         }
 
-        for (p, (exp_avg, exp_avg_sq, master, step)) in self.params.iter_mut().zip(loaded) {
-            if let Some(m) = &master {
+        for (p, ((avg, avg_sq, master), step)) in self.params.iter_mut().zip(wanted) {
+            let load = |key: &str| -> Result<Tensor, OptimError> {
+                let view = file.tensor(key).map_err(st_err)?;
+                Ok(view.load(p.var.device())?)
+            };
+            p.exp_avg = load(&avg)?;
+            p.exp_avg_sq = load(&avg_sq)?;
+            if let Some(key) = master {
+                let m = load(&key)?;
                 p.var.set(&m.to_dtype(p.var.dtype())?)?;
+                p.master = Some(m);
             }
-            p.exp_avg = exp_avg;
-            p.exp_avg_sq = exp_avg_sq;
-            p.master = master;
             p.step = step;
         }
         self.steps = steps;

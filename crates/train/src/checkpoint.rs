@@ -40,6 +40,20 @@ pub struct TrainState {
     /// Packs of the shards (resuming on other shards is refused).
     #[serde(default)]
     pub packs: usize,
+    /// sha256 of the shards' manifest.json (resuming on other data is refused).
+    #[serde(default)]
+    pub data_digest: String,
+    /// Math-changing settings accepted with `--resume-override`, oldest first.
+    #[serde(default)]
+    pub overrides: Vec<ResumeOverride>,
+}
+
+/// Settings changed by a `--resume-override` at a step.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ResumeOverride {
+    /// The checkpoint step the run continued from.
+    pub step: u64,
+    pub changes: Vec<crate::config::SettingChange>,
 }
 
 /// What the writers need to know about the run.
@@ -227,17 +241,25 @@ pub fn save_trainable(model: &MiniCpmV, path: &Path) -> Result<(), TrainError> {
     })
 }
 
-/// Restores trainable values saved by [`save_trainable`]; every variable must be present.
+/// Restores trainable values saved by [`save_trainable`]; every variable must be present. The
+/// file is memory-mapped and read one tensor at a time, so restoring never holds a second copy
+/// of all trainable values in memory.
 pub fn load_trainable(model: &MiniCpmV, path: &Path) -> Result<(), TrainError> {
-    let map = load_file(path)?;
+    let failed = |reason: String| TrainError::Checkpoint {
+        path: path.to_path_buf(),
+        reason,
+    };
+    // SAFETY: checkpoint files are written once under a `.partial` name and published by
+    // rename; nothing writes them in place while a run reads them.
+    let file = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
+        .map_err(|e| failed(e.to_string()))?;
     for (name, var) in model.params().trainable_vars() {
-        let t = map.get(&name).ok_or_else(|| TrainError::Checkpoint {
-            path: path.to_path_buf(),
-            reason: format!(
+        let t = file.load(&name, &Device::Cpu).map_err(|_| {
+            failed(format!(
                 "no value for trainable `{name}` (was the run started with other settings?)"
-            ),
+            ))
         })?;
-        set_var(&var, t, &name, path)?;
+        set_var(&var, &t, &name, path)?;
     }
     Ok(())
 }
@@ -291,6 +313,21 @@ pub fn write_state(dir: &Path, state: &TrainState) -> Result<(), TrainError> {
 /// `train merge-lora`: base checkpoint + PEFT adapter → a full checkpoint where every adapted
 /// weight is `W + (α/r)·B·A` and modules_to_save tensors replace the base ones.
 pub fn merge_lora(base_dir: &Path, adapter_dir: &Path, out: &Path) -> Result<usize, TrainError> {
+    // The merged files would overwrite the mapped base weights or the adapter being read.
+    cpmv_fsio::refuse_overlap(
+        "--out",
+        out,
+        &[
+            cpmv_fsio::Input {
+                flag: "--model",
+                path: base_dir,
+            },
+            cpmv_fsio::Input {
+                flag: "--adapter",
+                path: adapter_dir,
+            },
+        ],
+    )?;
     let cfg_path = adapter_dir.join(ADAPTER_CONFIG);
     let text = std::fs::read_to_string(&cfg_path).map_err(io(&cfg_path))?;
     let cfg: Value = serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {

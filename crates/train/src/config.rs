@@ -176,6 +176,36 @@ impl Default for TrainConfig {
     }
 }
 
+/// Settings a resumed run may change freely: they decide when things are saved, evaluated,
+/// logged or recomputed, never what a step computes. Every other setting changes the math and
+/// is refused on `--resume` unless `--resume-override` is given.
+pub const RESUME_FREE_SETTINGS: &[&str] = &[
+    "save_every",
+    "keep_last",
+    "eval_every",
+    "log_every",
+    "grad_checkpointing",
+    "skip_nonfinite",
+];
+
+/// One setting that differs between a checkpoint's run and the resumed one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SettingChange {
+    /// The setting's key (the preset key; the flag is `--` + key with `-` for `_`).
+    pub setting: String,
+    pub from: serde_json::Value,
+    pub to: serde_json::Value,
+    /// True when the setting changes what a step computes.
+    pub changes_math: bool,
+}
+
+impl SettingChange {
+    /// The command-line flag of the setting.
+    pub fn flag(&self) -> String {
+        format!("--{}", self.setting.replace('_', "-"))
+    }
+}
+
 #[derive(Deserialize)]
 struct PresetFile {
     #[serde(default)]
@@ -238,6 +268,31 @@ impl TrainConfig {
             return bad("--save-every, --eval-every and --log-every must be at least 1".into());
         }
         Ok(())
+    }
+
+    /// Every setting that differs from `saved` (the checkpoint's), in key order, each marked
+    /// with whether it changes the math (see [`RESUME_FREE_SETTINGS`]). `max_steps` and `epochs`
+    /// are compared as the run length they give.
+    pub fn changes_from(&self, saved: &TrainConfig) -> Vec<SettingChange> {
+        let as_map = |c: &TrainConfig| match serde_json::to_value(c) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => serde_json::Map::new(),
+        };
+        let (old, new) = (as_map(saved), as_map(self));
+        let mut out = Vec::new();
+        for (k, to) in &new {
+            let from = old.get(k).cloned().unwrap_or(serde_json::Value::Null);
+            if &from != to {
+                out.push(SettingChange {
+                    setting: k.clone(),
+                    from,
+                    to: to.clone(),
+                    changes_math: !RESUME_FREE_SETTINGS.contains(&k.as_str()),
+                });
+            }
+        }
+        out.sort_by(|a, b| a.setting.cmp(&b.setting));
+        out
     }
 
     /// The parts that train (spec §8.2).
@@ -354,6 +409,40 @@ mod tests {
             crate::checkpoint::modules_to_save(&c),
             vec!["resampler".to_string(), "vpm".to_string()]
         );
+    }
+
+    #[test]
+    fn resume_changes_are_classified_by_whether_they_change_the_math() {
+        let saved = TrainConfig {
+            max_steps: Some(10),
+            ..Default::default()
+        };
+        let mut now = saved.clone();
+        assert!(now.changes_from(&saved).is_empty());
+        now.save_every = 5;
+        now.grad_checkpointing = true;
+        now.log_every = 3;
+        let c = now.changes_from(&saved);
+        assert_eq!(c.len(), 3);
+        assert!(c.iter().all(|c| !c.changes_math), "{c:?}");
+        now.learning_rate = 2e-6;
+        now.max_steps = Some(20);
+        now.dtype = ComputeDtype::Bf16;
+        let math: Vec<String> = now
+            .changes_from(&saved)
+            .into_iter()
+            .filter(|c| c.changes_math)
+            .map(|c| c.flag())
+            .collect();
+        assert_eq!(math, ["--dtype", "--learning-rate", "--max-steps"]);
+        // Every free setting is a real key (a rename would silently make it math-changing).
+        let keys = match serde_json::to_value(&saved).unwrap() {
+            serde_json::Value::Object(m) => m,
+            _ => unreachable!(),
+        };
+        for k in RESUME_FREE_SETTINGS {
+            assert!(keys.contains_key(*k), "{k}");
+        }
     }
 
     #[test]

@@ -25,6 +25,9 @@ pub enum TrainError {
     },
     #[error("checkpoint {path}: {reason}")]
     Checkpoint { path: PathBuf, reason: String },
+    /// An output that overlaps an input, or a file that could not be made durable.
+    #[error(transparent)]
+    Fs(#[from] cpmv_fsio::FsError),
     #[error(transparent)]
     Model(#[from] cpmv_model::ModelError),
     #[error(transparent)]

@@ -41,9 +41,16 @@ struct RunArgs {
     /// Shards to evaluate the loss on every --eval-every steps.
     #[arg(long)]
     eval_shards: Option<PathBuf>,
-    /// Continue from the newest checkpoint in --output.
+    /// Continue from the newest complete checkpoint in --output. Settings that change the
+    /// math (learning rate, schedule and its length, dtype, device, seed, data, ...) must be
+    /// those of the run; cadence settings (save/eval/log every, keep-last, checkpointing,
+    /// quiet) may change.
     #[arg(long)]
     resume: bool,
+    /// With --resume: accept settings that change the math, printing and recording each change
+    /// (in trainer_state.json) instead of refusing.
+    #[arg(long, requires = "resume")]
+    resume_override: bool,
     #[arg(long)]
     quiet: bool,
     #[arg(long, value_enum)]
@@ -68,8 +75,9 @@ struct RunArgs {
     #[arg(long)]
     weight_decay: Option<f64>,
     /// Exempt biases and norm weights from weight decay (the reference decays everything).
-    #[arg(long)]
-    no_decay_norm_bias: bool,
+    /// `--no-decay-norm-bias false` turns a preset's setting off.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    no_decay_norm_bias: Option<bool>,
     #[arg(long)]
     max_grad_norm: Option<f64>,
     #[arg(long, value_enum)]
@@ -98,15 +106,16 @@ struct RunArgs {
     eval_every: Option<u64>,
     #[arg(long)]
     log_every: Option<u64>,
-    /// Recompute each decoder layer in backward instead of keeping its activations.
-    #[arg(long)]
-    grad_checkpointing: bool,
+    /// Recompute each vision and decoder layer in backward instead of keeping its activations
+    /// (`--grad-checkpointing false` turns a preset's setting off).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    grad_checkpointing: Option<bool>,
     /// Skip (and count) steps with a non-finite loss or gradient instead of stopping.
-    #[arg(long)]
-    skip_nonfinite: bool,
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    skip_nonfinite: Option<bool>,
     /// 2.5 only: correct vision masking instead of the reference quirk.
-    #[arg(long)]
-    v25_vision_masking: bool,
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    v25_vision_masking: Option<bool>,
     /// Where to train: cpu, cuda or cuda:N (CUDA needs a build with --features cuda).
     #[arg(long)]
     device: Option<String>,
@@ -285,6 +294,12 @@ fn overlay(mut c: TrainConfig, a: &RunArgs) -> TrainConfig {
         eval_every,
         log_every
     );
+    set!(
+        no_decay_norm_bias,
+        grad_checkpointing,
+        skip_nonfinite,
+        v25_vision_masking
+    );
     if a.warmup_steps.is_some() {
         c.warmup_steps = a.warmup_steps;
     }
@@ -304,10 +319,6 @@ fn overlay(mut c: TrainConfig, a: &RunArgs) -> TrainConfig {
             ScheduleArg::Constant => ScheduleKind::Constant,
         };
     }
-    c.no_decay_norm_bias |= a.no_decay_norm_bias;
-    c.grad_checkpointing |= a.grad_checkpointing;
-    c.skip_nonfinite |= a.skip_nonfinite;
-    c.v25_vision_masking |= a.v25_vision_masking;
     c
 }
 
@@ -446,6 +457,7 @@ fn run() -> Result<()> {
                 output,
                 eval_shards: a.eval_shards.clone(),
                 resume: a.resume,
+                resume_override: a.resume_override,
                 config,
                 quiet: a.quiet,
             };

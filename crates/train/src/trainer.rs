@@ -15,9 +15,9 @@ use std::time::Instant;
 
 use crate::checkpoint::{
     self, checkpoints, load_trainable, read_state, save_model, save_trainable, write_state,
-    SaveContext, TrainState, OPTIMIZER_FILE, TRAINABLE_FILE,
+    ResumeOverride, SaveContext, TrainState, OPTIMIZER_FILE, TRAINABLE_FILE,
 };
-use crate::config::{LossNorm, TrainConfig};
+use crate::config::{LossNorm, SettingChange, TrainConfig};
 use crate::data::{make_batch, stream, Cursor, Dataset};
 use crate::error::{io, TrainError};
 pub use cpmv_model::profile;
@@ -30,6 +30,8 @@ pub struct TrainOptions {
     pub output: PathBuf,
     pub eval_shards: Option<PathBuf>,
     pub resume: bool,
+    /// With `resume`: accept settings that change the math (recorded in the state).
+    pub resume_override: bool,
     pub config: TrainConfig,
     /// No progress bar.
     pub quiet: bool,
@@ -349,10 +351,47 @@ fn progress(total: u64, quiet: bool) -> indicatif::ProgressBar {
     pb
 }
 
-/// Runs `train`.
-pub fn train(opts: &TrainOptions) -> Result<TrainReport, TrainError> {
+/// Everything a run needs before its first step besides the optimiser: data, model, schedule.
+struct Setup {
+    data: Arc<Dataset>,
+    eval_data: Option<Dataset>,
+    device: Device,
+    model: MiniCpmV,
+    base: Checkpoint,
+    max_slice_nums: Option<u64>,
+    vars: Vec<(String, Var)>,
+    sched: LrSchedule,
+    total: u64,
+    /// sha256 of the training shards' manifest: identifies the data a run was started on.
+    data_digest: String,
+}
+
+/// Refuses a run directory that is, contains or lies inside one of the run's inputs: the final
+/// model copied onto its own base truncates the tokenizer files, and weights written over the
+/// mapped base corrupt both.
+fn refuse_overlapping_output(opts: &TrainOptions) -> Result<(), TrainError> {
+    let mut inputs = vec![
+        cpmv_fsio::Input {
+            flag: "--model",
+            path: &opts.model,
+        },
+        cpmv_fsio::Input {
+            flag: "--shards",
+            path: &opts.shards,
+        },
+    ];
+    if let Some(e) = &opts.eval_shards {
+        inputs.push(cpmv_fsio::Input {
+            flag: "--eval-shards",
+            path: e,
+        });
+    }
+    cpmv_fsio::refuse_overlap("--output", &opts.output, &inputs)?;
+    Ok(())
+}
+
+fn setup(opts: &TrainOptions) -> Result<(Setup, AdamW), TrainError> {
     let cfg = &opts.config;
-    cfg.validate()?;
     let data = Arc::new(Dataset::open(&opts.shards)?);
     let eval_data = match &opts.eval_shards {
         Some(d) => Some(Dataset::open(d)?),
@@ -394,7 +433,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport, TrainError> {
             "nothing to train: every part is frozen".into(),
         ));
     }
-    let mut opt = AdamW::new(
+    let opt = AdamW::new(
         vars.clone(),
         AdamWConfig {
             beta1: cfg.adam_beta1,
@@ -414,87 +453,224 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport, TrainError> {
         warmup_steps: warmup,
         total_steps: total,
     };
+    let manifest = opts.shards.join(cpmv_shard::manifest::MANIFEST_FILE);
+    let data_digest = sha256_file(&manifest)?;
+    let setup = Setup {
+        data,
+        eval_data,
+        device,
+        model,
+        base,
+        max_slice_nums,
+        vars,
+        sched,
+        total,
+        data_digest,
+    };
+    Ok((setup, opt))
+}
 
-    // Resume or start.
-    let mut state = TrainState {
+fn sha256_file(path: &Path) -> Result<String, TrainError> {
+    use sha2::Digest;
+    let bytes = std::fs::read(path).map_err(io(path))?;
+    Ok(hex::encode(sha2::Sha256::digest(&bytes)))
+}
+
+/// A path as stored in a checkpoint: absolute, symlinks resolved, so a run resumes from any
+/// working directory.
+fn canonical_string(p: &Path) -> Result<String, TrainError> {
+    Ok(cpmv_fsio::resolve(p)?.display().to_string())
+}
+
+/// What a resumed run differs in from its checkpoint: the data and model it reads, and its
+/// settings. Refuses math-changing differences unless `--resume-override` accepts them.
+fn resume_changes(
+    opts: &TrainOptions,
+    setup: &Setup,
+    saved: &TrainState,
+    dir: &Path,
+) -> Result<Vec<SettingChange>, TrainError> {
+    let cfg = &opts.config;
+    let mut changes = cfg.changes_from(&saved.config);
+    let path_change = |setting: &str, saved: &str, now: &Path| -> Result<_, TrainError> {
+        let now_s = canonical_string(now)?;
+        let saved_s = cpmv_fsio::resolve(Path::new(saved))?.display().to_string();
+        Ok((saved_s != now_s).then(|| SettingChange {
+            setting: setting.into(),
+            from: saved_s.into(),
+            to: now_s.into(),
+            changes_math: true,
+        }))
+    };
+    changes.extend(path_change("model", &saved.model_dir, &opts.model)?);
+    changes.extend(path_change("shards", &saved.shards_dir, &opts.shards)?);
+    if saved.packs != 0 && saved.packs != setup.data.packs.len() {
+        changes.push(SettingChange {
+            setting: "shards (packs)".into(),
+            from: saved.packs.into(),
+            to: setup.data.packs.len().into(),
+            changes_math: true,
+        });
+    }
+    if !saved.data_digest.is_empty() && saved.data_digest != setup.data_digest {
+        changes.push(SettingChange {
+            setting: "shards (manifest.json sha256)".into(),
+            from: saved.data_digest.clone().into(),
+            to: setup.data_digest.clone().into(),
+            changes_math: true,
+        });
+    }
+    let math: Vec<&SettingChange> = changes.iter().filter(|c| c.changes_math).collect();
+    if !math.is_empty() && !opts.resume_override {
+        let list: Vec<String> = math
+            .iter()
+            .map(|c| format!("{} {} (was {})", c.flag(), c.to, c.from))
+            .collect();
+        return Err(TrainError::Config(format!(
+            "--resume: {} was trained with other settings that change the math: {}; run with \
+             the checkpoint's settings, or pass --resume-override to continue with the new ones \
+             (recorded in trainer_state.json)",
+            dir.display(),
+            list.join(", ")
+        )));
+    }
+    Ok(changes)
+}
+
+/// Removes `checkpoint-N.partial` directories a killed save left behind.
+fn remove_stale_partials(run: &Path) -> Result<(), TrainError> {
+    let Ok(entries) = std::fs::read_dir(run) else {
+        return Ok(());
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let stale = name
+            .strip_prefix("checkpoint-")
+            .and_then(|r| r.strip_suffix(".partial"))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        if stale && e.path().is_dir() {
+            std::fs::remove_dir_all(e.path()).map_err(io(&e.path()))?;
+        }
+    }
+    Ok(())
+}
+
+/// The state a run starts from: fresh, or restored from the newest complete checkpoint
+/// (values, optimiser state, data cursor, dropout generator) after checking the settings.
+fn start_or_resume(
+    opts: &TrainOptions,
+    setup: &Setup,
+    opt: &mut AdamW,
+) -> Result<TrainState, TrainError> {
+    let cfg = &opts.config;
+    let fresh = TrainState {
         step: 0,
         skipped: 0,
         cursor: Cursor::default(),
-        dropout_rng: model.dropout_state().0,
+        dropout_rng: setup.model.dropout_state().0,
         tokens_seen: 0,
         samples_seen: 0,
         config: cfg.clone(),
-        model_dir: opts.model.display().to_string(),
-        shards_dir: opts.shards.display().to_string(),
-        packs: data.packs.len(),
+        model_dir: canonical_string(&opts.model)?,
+        shards_dir: canonical_string(&opts.shards)?,
+        packs: setup.data.packs.len(),
+        data_digest: setup.data_digest.clone(),
+        overrides: Vec::new(),
     };
     let existing = checkpoints(&opts.output);
-    if opts.resume {
-        let (_, dir) = existing.last().ok_or_else(|| {
-            TrainError::Config(format!(
-                "--resume: no checkpoint-N directory in {}",
+    if !opts.resume {
+        if !existing.is_empty() {
+            return Err(TrainError::Config(format!(
+                "{} already holds checkpoints; pass --resume to continue it or choose another \
+                 --output",
                 opts.output.display()
-            ))
-        })?;
-        let saved = read_state(dir)?;
-        let same =
-            |a: &str, b: &Path| std::fs::canonicalize(a).ok() == std::fs::canonicalize(b).ok();
-        if !same(&saved.model_dir, &opts.model) || !same(&saved.shards_dir, &opts.shards) {
-            return Err(TrainError::Config(format!(
-                "--resume: {} was trained with --model {} --shards {}; got --model {} --shards {}",
-                dir.display(),
-                saved.model_dir,
-                saved.shards_dir,
-                opts.model.display(),
-                opts.shards.display()
             )));
         }
-        if saved.packs != 0 && saved.packs != data.packs.len() {
-            return Err(TrainError::Config(format!(
-                "--resume: the shards now hold {} packs, {} when the run started",
-                data.packs.len(),
-                saved.packs
-            )));
-        }
-        let mut a = saved.config.clone();
-        let mut b = cfg.clone();
-        // Only the run length may change on resume.
-        a.max_steps = None;
-        b.max_steps = None;
-        a.epochs = None;
-        b.epochs = None;
-        // A run may continue on another device.
-        a.device.clear();
-        b.device.clear();
-        if a != b {
-            return Err(TrainError::Config(format!(
-                "--resume: the settings differ from those of {} (only --max-steps/--epochs may change)",
-                dir.display()
-            )));
-        }
-        load_trainable(&model, &dir.join(TRAINABLE_FILE))?;
-        opt.load_state(&dir.join(OPTIMIZER_FILE))?;
-        model.set_dropout_state(Rng(saved.dropout_rng));
-        state = TrainState {
-            config: cfg.clone(),
-            ..saved
-        };
-    } else if !existing.is_empty() {
-        return Err(TrainError::Config(format!(
-            "{} already holds checkpoints; pass --resume to continue it or choose another --output",
-            opts.output.display()
-        )));
+        return Ok(fresh);
     }
+    let (_, dir) = existing.last().ok_or_else(|| {
+        TrainError::Config(format!(
+            "--resume: no complete checkpoint-N directory in {}",
+            opts.output.display()
+        ))
+    })?;
+    let saved = read_state(dir)?;
+    let changes = resume_changes(opts, setup, &saved, dir)?;
+    for c in &changes {
+        let kind = if c.changes_math {
+            "--resume-override: changes the math"
+        } else {
+            "cadence"
+        };
+        eprintln!(
+            "resume from step {}: {} {} -> {} ({kind})",
+            saved.step,
+            c.flag(),
+            c.from,
+            c.to
+        );
+    }
+    load_trainable(&setup.model, &dir.join(TRAINABLE_FILE))?;
+    opt.load_state(&dir.join(OPTIMIZER_FILE))?;
+    setup.model.set_dropout_state(Rng(saved.dropout_rng));
+    let mut overrides = saved.overrides.clone();
+    let math: Vec<SettingChange> = changes.into_iter().filter(|c| c.changes_math).collect();
+    if !math.is_empty() {
+        overrides.push(ResumeOverride {
+            step: saved.step,
+            changes: math,
+        });
+    }
+    Ok(TrainState {
+        config: cfg.clone(),
+        model_dir: fresh.model_dir,
+        shards_dir: fresh.shards_dir,
+        packs: fresh.packs,
+        data_digest: fresh.data_digest,
+        overrides,
+        ..saved
+    })
+}
+
+/// Runs `train`: checks that the output cannot harm an input, sets up, starts or resumes, runs
+/// the steps (checkpointing on the way) and writes the final model.
+pub fn train(opts: &TrainOptions) -> Result<TrainReport, TrainError> {
+    opts.config.validate()?;
+    refuse_overlapping_output(opts)?;
+    let (setup, mut opt) = setup(opts)?;
+    let state = start_or_resume(opts, &setup, &mut opt)?;
     std::fs::create_dir_all(&opts.output).map_err(io(&opts.output))?;
+    remove_stale_partials(&opts.output)?;
     let mut log = RunLog::create(&opts.output, opts.resume.then_some(state.step))?;
-    let patch = model.config().vision.patch_size;
-    let rx = stream(data.clone(), cfg.seed, cfg.micro_batch, patch, state.cursor);
     let ctx = SaveContext {
         base_dir: &opts.model,
-        base: &base,
-        config: cfg,
-        max_slice_nums,
+        base: &setup.base,
+        config: &opts.config,
+        max_slice_nums: setup.max_slice_nums,
     };
+    let report = run_steps(opts, &setup, &mut opt, state, &ctx, &mut log)?;
+    log.flush()?;
+    save_model(&setup.model, &ctx, &opts.output)?;
+    let png = opts.output.join("loss.png");
+    cpmv_runlog::loss_curve_png(&opts.output, &png, "training loss")?;
+    Ok(report)
+}
+
+/// The step loop: micro-batches, accumulation, the non-finite check, clipping, the update,
+/// logging, evaluation and checkpoints, until the run's last step.
+fn run_steps(
+    opts: &TrainOptions,
+    setup: &Setup,
+    opt: &mut AdamW,
+    mut state: TrainState,
+    ctx: &SaveContext,
+    log: &mut RunLog,
+) -> Result<TrainReport, TrainError> {
+    let cfg = &opts.config;
+    let total = setup.total;
+    let (model, vars, data) = (&setup.model, &setup.vars, &setup.data);
+    let patch = model.config().vision.patch_size;
+    let rx = stream(data.clone(), cfg.seed, cfg.micro_batch, patch, state.cursor);
     let pb = progress(total, opts.quiet);
     pb.set_position(state.step);
     let started = Instant::now();
@@ -528,14 +704,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport, TrainError> {
                 LossNorm::Reference => 1.0 / cfg.grad_accum as f64,
                 LossNorm::Tokens => n as f64 / step_tokens.max(1) as f64,
             };
-            let l = micro_step(
-                &model,
-                &mb.batch,
-                w,
-                cfg.grad_checkpointing,
-                &vars,
-                &mut acc,
-            )?;
+            let l = micro_step(model, &mb.batch, w, cfg.grad_checkpointing, vars, &mut acc)?;
             loss += l * w;
         }
         let ids = || {
@@ -544,8 +713,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport, TrainError> {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let store = acc.into_store(&vars);
-        let norm = cpmv_optim::clip::global_norm(&store, &vars)?;
+        let store = acc.into_store(vars);
+        let norm = cpmv_optim::clip::global_norm(&store, vars)?;
         let cursor = mbs.last().map(|m| m.cursor).unwrap_or(state.cursor);
         state.cursor = cursor;
         state.tokens_seen += mbs
@@ -591,14 +760,14 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport, TrainError> {
         } else {
             1.0
         };
-        let lr = sched.lr_at(state.step + 1);
+        let lr = setup.sched.lr_at(state.step + 1);
         opt.step(&store, lr, factor)?;
         state.step += 1;
         state.dropout_rng = model.dropout_state().0;
         report.steps = state.step;
         report.losses.push(loss);
         let elapsed = started.elapsed().as_secs_f64().max(1e-9);
-        let peak = peak_memory_bytes(&device);
+        let peak = peak_memory_bytes(&setup.device);
         report.peak_mem_bytes = peak;
         let rec = StepRecord {
             step: state.step,
@@ -625,27 +794,28 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport, TrainError> {
             rec.samples_per_s,
             peak as f64 / (1 << 20) as f64
         ));
-        if let Some(e) = &eval_data {
+        if let Some(e) = &setup.eval_data {
             if state.step.is_multiple_of(cfg.eval_every) || state.step == total {
-                let (el, n) = evaluate(&model, e)?;
+                let (el, n) = evaluate(model, e)?;
                 log.eval(state.step, el, n)?;
                 report.eval_losses.push((state.step, el));
             }
         }
         if state.step.is_multiple_of(cfg.save_every) || state.step == total {
-            save_checkpoint(&model, &ctx, &opt, &state, &opts.output)?;
+            // The log's lines up to this step reach the disk before the checkpoint that a
+            // resume would continue after them.
+            log.flush()?;
+            save_checkpoint(model, ctx, opt, &state, &opts.output)?;
             checkpoint::prune(&opts.output, cfg.keep_last.max(1))?;
         }
     }
-    log.flush()?;
     pb.finish_and_clear();
-    save_model(&model, &ctx, &opts.output)?;
-    let png = opts.output.join("loss.png");
-    cpmv_runlog::loss_curve_png(&opts.output, &png, "training loss")?;
     Ok(report)
 }
 
-/// Writes `checkpoint-<step>` atomically (a `.partial` directory renamed when complete).
+/// Writes `checkpoint-<step>` atomically: a `.partial` directory whose files and entries are
+/// flushed to the disk, then renamed (and the run directory flushed), so a crash at any point
+/// leaves either no `checkpoint-<step>` or a complete one.
 fn save_checkpoint(
     model: &MiniCpmV,
     ctx: &SaveContext,
@@ -661,22 +831,14 @@ fn save_checkpoint(
     }
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
     let res = (|| {
-        // Fault injection for tests: a full disk while writing this step's checkpoint.
-        if std::env::var("CPMV_FAULT_FULL_DISK_AT_STEP")
-            .ok()
-            .and_then(|v| v.parse::<u64>().ok())
-            == Some(state.step)
-        {
-            std::fs::write(tmp.join("model.safetensors"), b"partial").map_err(io(&tmp))?;
-            return Err(TrainError::Io {
-                path: tmp.join("model.safetensors"),
-                source: std::io::Error::from_raw_os_error(28),
-            });
-        }
+        fault::full_disk(state.step, &tmp)?;
         save_model(model, ctx, &tmp)?;
         save_trainable(model, &tmp.join(TRAINABLE_FILE))?;
+        fault::pause(state.step);
         opt.save_state(&tmp.join(OPTIMIZER_FILE))?;
-        write_state(&tmp, state)
+        write_state(&tmp, state)?;
+        cpmv_fsio::sync_tree(&tmp)?;
+        Ok(())
     })();
     if let Err(e) = res {
         let _ = std::fs::remove_dir_all(&tmp);
@@ -685,7 +847,56 @@ fn save_checkpoint(
     if dir.exists() {
         std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
     }
-    std::fs::rename(&tmp, &dir).map_err(io(&dir))
+    cpmv_fsio::publish(&tmp, &dir)?;
+    Ok(())
+}
+
+/// Faults that tests inject into real processes, compiled into test builds only
+/// (`--features fault-injection`); without the feature these do nothing.
+mod fault {
+    #[cfg(feature = "fault-injection")]
+    use super::{io, TrainError};
+    use std::path::Path;
+
+    #[cfg(feature = "fault-injection")]
+    fn at(var: &str) -> Option<u64> {
+        std::env::var(var).ok().and_then(|v| v.parse::<u64>().ok())
+    }
+
+    /// `CPMV_FAULT_FULL_DISK_AT_STEP=N`: the checkpoint of step N fails as a full disk would,
+    /// after writing part of a file.
+    #[cfg(feature = "fault-injection")]
+    pub fn full_disk(step: u64, tmp: &Path) -> Result<(), TrainError> {
+        if at("CPMV_FAULT_FULL_DISK_AT_STEP") == Some(step) {
+            let file = tmp.join("model.safetensors");
+            std::fs::write(&file, b"partial").map_err(io(tmp))?;
+            return Err(TrainError::Io {
+                path: file,
+                source: std::io::Error::from_raw_os_error(28),
+            });
+        }
+        Ok(())
+    }
+
+    /// `CPMV_FAULT_PAUSE_SAVE_AT_STEP=N`: the save of step N's checkpoint stops half-way (model
+    /// and trainable values written, optimiser state and trainer state not) until the process
+    /// is killed: a kill test's deterministic "killed while saving".
+    #[cfg(feature = "fault-injection")]
+    pub fn pause(step: u64) {
+        if at("CPMV_FAULT_PAUSE_SAVE_AT_STEP") == Some(step) {
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(60));
+            }
+        }
+    }
+
+    #[cfg(not(feature = "fault-injection"))]
+    pub fn full_disk(_step: u64, _tmp: &Path) -> Result<(), super::TrainError> {
+        Ok(())
+    }
+
+    #[cfg(not(feature = "fault-injection"))]
+    pub fn pause(_step: u64) {}
 }
 
 #[cfg(test)]
