@@ -217,7 +217,7 @@ fn phases(args: &Args) {
         progress: false,
     };
     let settings = resolve_settings(&model, &opts).expect("settings");
-    let cfg = settings.slice_config();
+    let cfg = cpmv::prep::process::slice_config(&settings);
     let processor = Processor::new(model, settings).expect("processor");
     let setup = t_setup.elapsed();
     let source = InputSource {

@@ -448,8 +448,8 @@ fn existing_output_is_kept_unless_overwrite_and_presets_apply() {
         String::from_utf8_lossy(&o.stderr)
     );
     let dir = ShardDir::open(&out).unwrap();
-    assert_eq!(dir.manifest.settings["sample"]["max_slice_nums"], 1);
-    assert_eq!(dir.manifest.settings["sample"]["max_length"], 4096);
+    assert_eq!(dir.manifest.settings.sample.max_slice_nums, 1);
+    assert_eq!(dir.manifest.settings.sample.max_length, 4096);
     assert_eq!(
         dir.manifest.packing.packs, 11,
         "pack = false: one sample per pack"

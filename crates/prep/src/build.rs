@@ -13,24 +13,24 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
-use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use cpmv_fsio::Input;
+use cpmv_shard::fingerprint::sha256_hex;
 use cpmv_shard::manifest::{
     Counts, Fingerprints, InputFile, Manifest, ModelInfo, Packing, TokenTotals, FORMAT_NAME,
     FORMAT_VERSION, MANIFEST_FILE, REJECTED_FILE,
 };
 use cpmv_shard::writer::{is_set_file_name, PARTIAL_SUFFIX};
-use cpmv_shard::{ClosedShardSet, Sample, ShardEntry, ShardSetWriter, WriterOptions};
+use cpmv_shard::{
+    BuildSettings, ClosedShardSet, Sample, ShardEntry, ShardSetWriter, WriterOptions,
+};
 
 use crate::config::{defaults, BuildOptions, OnError, OutputFormat};
 use crate::input::{InputError, SampleReader};
-use crate::model::{LlmType, ModelDir, ModelError};
+use crate::model::{ModelDir, ModelError};
 use crate::pack::{PackConfig, Packer};
 use crate::process::{InputSource, Processor, SampleSettings};
 use crate::reject::{RejectKind, RejectionRecord};
-use crate::template::{LLAMA3_TRAINING_TEMPLATE, MINICPM_TRAINING_SCHEME};
 
 /// Why a build stopped.
 #[derive(Debug, thiserror::Error)]
@@ -90,21 +90,6 @@ impl BuildReport {
     pub fn clean(&self) -> bool {
         self.manifest.counts.rejected == 0
     }
-}
-
-/// Settings that are fingerprinted together (anything that changes the rows).
-#[derive(Serialize)]
-struct FingerprintedSettings<'a> {
-    format_version: u32,
-    sample: &'a SampleSettings,
-    batch_vision: bool,
-    pack: bool,
-    max_slices_per_pack: usize,
-    pack_window: usize,
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
 }
 
 /// Resolves every sample setting from the model directory and the user's settings.
@@ -323,22 +308,17 @@ pub(crate) fn progress_bar(total: u64, enabled: bool) -> indicatif::ProgressBar 
 
 /// The chat template text training samples are made with (fingerprinted in the manifest).
 pub fn training_chat_template(model: &ModelDir) -> String {
-    match model.llm_type {
-        LlmType::Minicpm => MINICPM_TRAINING_SCHEME.to_string(),
-        LlmType::Llama3 => LLAMA3_TRAINING_TEMPLATE.to_string(),
-        LlmType::Qwen => model.chat_template.clone().unwrap_or_default(),
-    }
+    cpmv_shard::fingerprint::training_chat_template(model.llm_type, model.chat_template.as_deref())
 }
 
 /// The tokenizer and chat-template fingerprints a model directory gives samples, as written
-/// into a manifest by `prep build` — so a trainer can refuse shards made for another model.
+/// into a manifest by `prep build` (the llm type detected from the directory).
 pub fn model_fingerprints(dir: &Path) -> Result<(String, String), BuildError> {
     let model = ModelDir::load(dir, None)?;
-    let template = training_chat_template(&model);
-    Ok((
-        model.tokenizer_sha256.clone(),
-        sha256_hex(template.as_bytes()),
-    ))
+    Ok(cpmv_shard::fingerprint::model_fingerprints(
+        dir,
+        model.llm_type,
+    )?)
 }
 
 /// Everything a build needs before it touches the output directory: the model checked, the
@@ -349,7 +329,7 @@ struct BuildSetup {
     pack_cfg: PackConfig,
     format: OutputFormat,
     on_error: OnError,
-    settings_json: serde_json::Value,
+    build_settings: BuildSettings,
     fingerprints: Fingerprints,
     sources: Vec<(InputSource, u64)>,
     input_bytes: u64,
@@ -375,19 +355,18 @@ impl BuildSetup {
             window: opts.prep.pack_window.unwrap_or(defaults::PACK_WINDOW),
             window_bytes: defaults::PACK_WINDOW_BYTES,
         };
-        let fingerprinted = FingerprintedSettings {
+        let build_settings = BuildSettings {
             format_version: FORMAT_VERSION,
-            sample: &settings,
+            sample: settings.clone(),
             batch_vision,
             pack: pack_cfg.enabled,
             max_slices_per_pack: pack_cfg.max_slices,
             pack_window: pack_cfg.window,
         };
-        let settings_json = serde_json::to_value(&fingerprinted).expect("settings serialise");
         let fingerprints = Fingerprints {
             tokenizer: tokenizer_sha,
             chat_template: sha256_hex(chat_template.as_bytes()),
-            settings: sha256_hex(settings_json.to_string().as_bytes()),
+            settings: sha256_hex(build_settings.canonical_json().as_bytes()),
         };
         let (sources, input_bytes) = input_sources(&opts.data, opts.image_root.as_deref())?;
         Ok(BuildSetup {
@@ -396,7 +375,7 @@ impl BuildSetup {
             pack_cfg,
             format: opts.prep.format.unwrap_or_default(),
             on_error: opts.prep.on_error.unwrap_or_default(),
-            settings_json,
+            build_settings,
             fingerprints,
             sources,
             input_bytes,
@@ -676,7 +655,7 @@ fn make_manifest(
             llm_type: settings.llm_type.name().into(),
         },
         fingerprints: setup.fingerprints,
-        settings: setup.settings_json,
+        settings: setup.build_settings,
         inputs: totals.inputs,
         counts: totals.counts,
         packing: Packing {

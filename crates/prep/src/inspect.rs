@@ -129,9 +129,7 @@ pub fn inspect(opts: &InspectOptions) -> Result<String, BuildError> {
     } else {
         s.push_str("([[…]]: tokens the model learns to predict; {→x}: an extra target x)\n");
     }
-    let patch = dir.manifest.settings["sample"]["patch_size"]
-        .as_u64()
-        .unwrap_or(14) as i32;
+    let patch = dir.manifest.settings.sample.patch_size as i32;
     for (k, (b, t)) in row.image_bound.iter().zip(&row.tgt_sizes).enumerate() {
         s.push_str(&format!(
             "slice {k:>2}: tokens [{}, {})  {}x{} px  ({} x {} patches)\n",

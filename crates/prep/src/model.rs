@@ -10,56 +10,8 @@ use tokenizers::Tokenizer;
 
 use cpmv_image::SliceConfig;
 
-/// The language-model family, which decides the chat template and the placeholder schema.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LlmType {
-    /// MiniCPM-V 2.0 (MiniCPM-2.4B): `<用户>`/`<AI>` pieces, old placeholder schema.
-    Minicpm,
-    /// MiniCPM-Llama3-V 2.5: Llama-3 headers, old placeholder schema.
-    Llama3,
-    /// MiniCPM-V 2.6 (Qwen2): the checkpoint's ChatML template, `<slice>` per slice, image ids.
-    Qwen,
-}
-
-impl LlmType {
-    /// The name used on the command line and in files.
-    pub fn name(self) -> &'static str {
-        match self {
-            LlmType::Minicpm => "minicpm",
-            LlmType::Llama3 => "llama3",
-            LlmType::Qwen => "qwen",
-        }
-    }
-
-    /// The MiniCPM-V version that uses this llm type.
-    pub fn version(self) -> &'static str {
-        match self {
-            LlmType::Minicpm => "2.0",
-            LlmType::Llama3 => "2.5",
-            LlmType::Qwen => "2.6",
-        }
-    }
-
-    /// The 2.6 ("new") schema: each slice wrapped in `<slice>…</slice>` and counted as a bound.
-    pub fn new_schema(self) -> bool {
-        self == LlmType::Qwen
-    }
-}
-
-impl std::str::FromStr for LlmType {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "minicpm" => Ok(LlmType::Minicpm),
-            "llama3" => Ok(LlmType::Llama3),
-            "qwen" => Ok(LlmType::Qwen),
-            other => Err(format!(
-                "unknown llm type {other:?} (expected minicpm, llama3 or qwen)"
-            )),
-        }
-    }
-}
+/// The language-model family (shared with the manifest's settings, see `cpmv_shard::settings`).
+pub use cpmv_shard::settings::LlmType;
 
 /// Why a model directory cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -309,16 +261,7 @@ impl ModelDir {
         })?;
         let bos = field("bos_token");
         let pad = field("pad_token");
-        let chat_template = match tok_config.get("chat_template") {
-            Some(Value::String(s)) => Some(s.clone()),
-            Some(Value::Array(list)) => list
-                .iter()
-                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
-                .and_then(|t| t.get("template"))
-                .and_then(Value::as_str)
-                .map(str::to_string),
-            _ => None,
-        };
+        let chat_template = cpmv_shard::fingerprint::checkpoint_chat_template(&tok_config);
 
         let id = |token: &str| -> Result<u32, ModelError> {
             tokenizer

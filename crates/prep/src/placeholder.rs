@@ -4,16 +4,8 @@
 
 use cpmv_image::SlicePlan;
 
-/// How 2.6 numbers its images with `<image_id>N</image_id>`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ImageIdMode {
-    /// The fine-tuning reference: only sliced images get an id, counted over sliced images.
-    #[default]
-    Reference,
-    /// The 2.6 inference processor: every image gets its index in the prompt.
-    Inference,
-}
+/// How 2.6 numbers its images (shared with the manifest's settings).
+pub use cpmv_shard::settings::ImageIdMode;
 
 /// Builds placeholders for one sample, keeping the per-sample image-id counter.
 pub struct PlaceholderBuilder<'a> {

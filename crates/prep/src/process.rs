@@ -12,33 +12,21 @@ use serde_json::Value;
 
 use crate::input::RawSample;
 use crate::model::ModelDir;
-use crate::placeholder::{ImageIdMode, PlaceholderBuilder};
+use crate::placeholder::PlaceholderBuilder;
 use crate::reject::{RejectKind, Rejection};
 use crate::sample::{parse_sample, sample_id, ParsedSample};
 use crate::template::{image_bounds, labels, Templater};
 
-/// Settings that change what a sample becomes (all of them are fingerprinted).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct SampleSettings {
-    pub llm_type: crate::model::LlmType,
-    pub max_slice_nums: u32,
-    pub scale_resolution: u32,
-    pub patch_size: u32,
-    pub query_num: u32,
-    pub max_length: usize,
-    /// Cut over-long samples after their last image instead of rejecting them.
-    pub truncate: bool,
-    pub image_id_mode: ImageIdMode,
-    pub exif_transpose: bool,
-}
+/// Settings that change what a sample becomes (all of them are fingerprinted; the type is the
+/// manifest's, `cpmv_shard::settings`).
+pub use cpmv_shard::settings::SampleSettings;
 
-impl SampleSettings {
-    pub fn slice_config(&self) -> SliceConfig {
-        SliceConfig {
-            max_slice_nums: self.max_slice_nums,
-            scale_resolution: self.scale_resolution,
-            patch_size: self.patch_size,
-        }
+/// The slicing part of the sample settings.
+pub fn slice_config(s: &SampleSettings) -> SliceConfig {
+    SliceConfig {
+        max_slice_nums: s.max_slice_nums,
+        scale_resolution: s.scale_resolution,
+        patch_size: s.patch_size,
     }
 }
 
@@ -188,7 +176,7 @@ impl Processor {
             .plan_text_within(&parsed, &[size], usize::MAX)
             .map_err(|r| fail(r.message))?;
         // The widened short form must equal tokenizing the full placeholder text.
-        let cfg = self.settings.slice_config();
+        let cfg = slice_config(&self.settings);
         let mut full = PlaceholderBuilder::new(
             self.settings.query_num,
             &self.model.strings.unk,
@@ -358,7 +346,7 @@ impl Processor {
         max_length: usize,
     ) -> Result<TextPlan, Rejection> {
         let s = &self.settings;
-        let cfg = s.slice_config();
+        let cfg = slice_config(s);
         let plans: Vec<SlicePlan> = sizes
             .iter()
             .map(|&(w, h)| cpmv_image::plan_slices(w, h, &cfg))
@@ -495,7 +483,7 @@ impl Processor {
         let opts = DecodeOptions {
             exif_transpose: self.settings.exif_transpose,
         };
-        let cfg = self.settings.slice_config();
+        let cfg = slice_config(&self.settings);
         let p = cfg.patch_size as i32;
         let mut tgt_sizes = Vec::with_capacity(text.stats.slices);
         let mut pixel_values = Vec::with_capacity(text.stats.slices);

@@ -85,7 +85,7 @@ pub fn measure_sample(
     for (k, &m) in SLICE_BUDGETS.iter().enumerate() {
         let cfg = SliceConfig {
             max_slice_nums: m,
-            ..p.settings.slice_config()
+            ..crate::process::slice_config(&p.settings)
         };
         by_budget[k] = sizes
             .iter()

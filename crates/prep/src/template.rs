@@ -8,14 +8,9 @@ use minijinja::Environment;
 use crate::model::{LlmType, ModelDir};
 use crate::sample::Role;
 
-/// The Llama-3 *training* template of the reference (spec §4.2): BOS, then per message a header
-/// and the whitespace-stripped content closed by `<|eot_id|>`; no generation prompt. Kept apart
-/// from the checkpoint's own (inference) template, which is never modified.
-pub const LLAMA3_TRAINING_TEMPLATE: &str = "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n{{ message['content'] | trim }}<|eot_id|>{% endfor %}";
-
-/// A description of the MiniCPM (V2.0) scheme, fingerprinted in place of a template.
-pub const MINICPM_TRAINING_SCHEME: &str =
-    "minicpm: per message encode('<用户>'|'<AI>') + encode(content [+ eos on the last]), no BOS";
+/// The reference's fixed training templates (fingerprinted with the shards, so they live
+/// beside the fingerprint code in `cpmv_shard::fingerprint`).
+pub use cpmv_shard::fingerprint::{LLAMA3_TRAINING_TEMPLATE, MINICPM_TRAINING_SCHEME};
 
 /// Python's `str.strip()` (what Jinja's `trim` does): Unicode whitespace plus the ASCII
 /// separators U+001C–U+001F, which Rust's `trim` keeps.

@@ -6,14 +6,17 @@
 //! directory without it is incomplete) and `rejected.jsonl`. Columns are described in
 //! [`schema`] and in `schemas/shard.schema.json`.
 
+pub mod fingerprint;
 pub mod manifest;
 pub mod reader;
 pub mod schema;
+pub mod settings;
 pub mod writer;
 
 pub use manifest::{Manifest, ShardEntry};
 pub use reader::{SampleView, ShardDir, ShardReader};
 pub use schema::{shard_schema, Sample};
+pub use settings::{BuildSettings, ImageIdMode, LlmType, SampleSettings};
 pub use writer::{ClosedShardSet, ShardSetWriter, WriterOptions};
 
 /// Errors of the shard format (I/O, Arrow, a file that does not follow the schema).
@@ -52,6 +55,10 @@ pub enum ShardError {
     /// Flushing or publishing a file failed.
     #[error(transparent)]
     Fs(#[from] cpmv_fsio::FsError),
+    /// A model directory file (tokenizer_config.json) the fingerprints are computed from is
+    /// not valid JSON.
+    #[error("{path}: {reason}")]
+    ModelFile { path: String, reason: String },
 }
 
 impl ShardError {

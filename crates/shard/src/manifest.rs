@@ -104,7 +104,7 @@ pub struct Manifest {
     pub model: ModelInfo,
     pub fingerprints: Fingerprints,
     /// Every setting that changes the samples (hashed into `fingerprints.settings`).
-    pub settings: serde_json::Value,
+    pub settings: crate::settings::BuildSettings,
     pub inputs: Vec<InputFile>,
     pub counts: Counts,
     pub tokens: TokenTotals,

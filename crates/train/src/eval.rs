@@ -124,13 +124,8 @@ pub fn evaluate_samples(opts: &EvalOptions) -> Result<EvalReport, TrainError> {
     };
     let model = load_model(&opts.model, opts.adapter.as_deref(), fixes)?;
     check_fit(&data, &opts.model, &model)?;
-    let md = cpmv_prep::model::ModelDir::load(&opts.model, None)
-        .map_err(|e| TrainError::Mismatch(format!("{}: {e}", opts.model.display())))?;
-    let (image_start, slice_start, slice_end) = (
-        md.tokens.im_start,
-        md.tokens.slice_start,
-        md.tokens.slice_end,
-    );
+    let id = |token: &str| crate::tokens::token_id(&opts.model, token);
+    let (image_start, slice_start, slice_end) = (id("<image>")?, id("<slice>")?, id("</slice>")?);
     let patch = model.config().vision.patch_size;
     let pb = if opts.quiet {
         indicatif::ProgressBar::hidden()

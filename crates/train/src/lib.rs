@@ -7,6 +7,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod tokens;
 pub mod trainer;
 
 pub use config::{LossNorm, TrainConfig, TrainMode};

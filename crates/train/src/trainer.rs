@@ -79,7 +79,10 @@ pub fn peak_memory_bytes(device: &Device) -> u64 {
 /// Refuses shards made for another tokenizer, template or model version.
 pub fn check_fit(data: &Dataset, model_dir: &Path, model: &MiniCpmV) -> Result<(), TrainError> {
     let m = &data.shards.manifest;
-    let (tok, tmpl) = cpmv_prep::build::model_fingerprints(model_dir)
+    let version = model.config().version.as_str();
+    let llm = cpmv_shard::LlmType::for_version(version)
+        .ok_or_else(|| TrainError::Mismatch(format!("no llm type for MiniCPM-V {version}")))?;
+    let (tok, tmpl) = cpmv_shard::fingerprint::model_fingerprints(model_dir, llm)
         .map_err(|e| TrainError::Mismatch(format!("{}: {e}", model_dir.display())))?;
     if tok != m.fingerprints.tokenizer {
         return Err(TrainError::Mismatch(format!(
@@ -99,25 +102,19 @@ pub fn check_fit(data: &Dataset, model_dir: &Path, model: &MiniCpmV) -> Result<(
             model_dir.display()
         )));
     }
-    let v = model.config().version.as_str();
-    if m.model.version != v {
+    if m.model.version != version {
         return Err(TrainError::Mismatch(format!(
-            "the shards were made for MiniCPM-V {} but {} is {v}",
+            "the shards were made for MiniCPM-V {} but {} is {version}",
             m.model.version,
             model_dir.display()
         )));
     }
-    let q = m
-        .settings
-        .pointer("/sample/query_num")
-        .and_then(|x| x.as_u64());
-    if let Some(q) = q {
-        if q as usize != model.config().resampler.query_num {
-            return Err(TrainError::Mismatch(format!(
-                "the shards hold {q} placeholders per image, the model's query_num is {}",
-                model.config().resampler.query_num
-            )));
-        }
+    let q = m.settings.sample.query_num as usize;
+    if q != model.config().resampler.query_num {
+        return Err(TrainError::Mismatch(format!(
+            "the shards hold {q} placeholders per image, the model's query_num is {}",
+            model.config().resampler.query_num
+        )));
     }
     Ok(())
 }
@@ -421,12 +418,9 @@ fn setup(opts: &TrainOptions) -> Result<(Setup, AdamW), TrainError> {
         check_fit(e, &opts.model, &model)?;
     }
     let base = Checkpoint::open(&opts.model)?;
-    let max_slice_nums = data
-        .shards
-        .manifest
-        .settings
-        .pointer("/sample/max_slice_nums")
-        .and_then(|x| x.as_u64());
+    let max_slice_nums = Some(u64::from(
+        data.shards.manifest.settings.sample.max_slice_nums,
+    ));
     let vars = model.params().trainable_vars();
     if vars.is_empty() {
         return Err(TrainError::Config(
