@@ -1087,6 +1087,61 @@ fn gradient_accumulation_with_token_normalisation_equals_one_big_batch() {
     }
 }
 
+/// A tiny checkpoint like `like` (seeded), a LoRA run of `steps` steps on `shards`, and its
+/// merge: the three directories, under `dir`.
+struct LoraRun {
+    model: PathBuf,
+    run: PathBuf,
+    merged: PathBuf,
+}
+
+fn lora_run(dir: &Path, like: &str, shards: &Path, steps: &str) -> LoraRun {
+    let name = like.rsplit('/').next().unwrap();
+    let r = LoraRun {
+        model: dir.join(format!("{name}-model")),
+        run: dir.join(format!("{name}-run")),
+        merged: dir.join(format!("{name}-merged")),
+    };
+    ok(&train(&[
+        "init-model",
+        "--like",
+        like,
+        "--out",
+        s(&r.model),
+    ]));
+    ok(&train(&[
+        "--shards",
+        s(shards),
+        "--model",
+        s(&r.model),
+        "--output",
+        s(&r.run),
+        "--mode",
+        "lora",
+        "--lora-r",
+        "4",
+        "--lora-alpha",
+        "8",
+        "--learning-rate",
+        "1e-2",
+        "--schedule",
+        "constant",
+        "--max-steps",
+        steps,
+        "--quiet",
+    ]));
+    ok(&train(&[
+        "merge-lora",
+        "--model",
+        s(&r.model),
+        "--adapter",
+        s(&r.run),
+        "--out",
+        s(&r.merged),
+    ]));
+    r
+}
+
 /// 2.0 and 2.5 train too (MiniCPM scalings, the 2.5 per-sample vision batches) and their
 /// adapters merge.
 #[test]
@@ -1097,42 +1152,11 @@ fn v2_0_and_v2_5_train_lora_and_write_peft_adapters() {
         ("examples/models/minicpm-v-2-tiny", &f.shards_20),
         ("examples/models/minicpm-llama3-v-2_5-tiny", &f.shards_25),
     ] {
-        let name = like.rsplit('/').next().unwrap();
-        let model = tmp.path().join(format!("{name}-model"));
-        let run = tmp.path().join(format!("{name}-run"));
-        ok(&train(&["init-model", "--like", like, "--out", s(&model)]));
-        ok(&train(&[
-            "--shards",
-            s(shards),
-            "--model",
-            s(&model),
-            "--output",
-            s(&run),
-            "--mode",
-            "lora",
-            "--lora-r",
-            "4",
-            "--learning-rate",
-            "1e-2",
-            "--schedule",
-            "constant",
-            "--max-steps",
-            "4",
-            "--quiet",
-        ]));
-        let losses = train_losses(&run);
-        assert_eq!(losses.len(), 4, "{name}");
-        assert!(losses.iter().all(|l| l.1.is_finite()), "{name}: {losses:?}");
-        let merged = tmp.path().join(format!("{name}-merged"));
-        ok(&train(&[
-            "merge-lora",
-            "--model",
-            s(&model),
-            "--adapter",
-            s(&run),
-            "--out",
-            s(&merged),
-        ]));
+        let r = lora_run(tmp.path(), like, shards, "4");
+        let losses = train_losses(&r.run);
+        assert_eq!(losses.len(), 4, "{like}");
+        assert!(losses.iter().all(|l| l.1.is_finite()), "{like}: {losses:?}");
+        assert!(r.merged.join("model.safetensors").exists(), "{like}");
     }
 }
 
@@ -1148,51 +1172,17 @@ fn peft_loads_the_adapters_and_their_merges_agree() {
         ("examples/models/minicpm-v-2-tiny", &f.shards_20),
         ("examples/models/minicpm-llama3-v-2_5-tiny", &f.shards_25),
     ] {
-        let name = like.rsplit('/').next().unwrap();
-        let model = tmp.path().join(format!("{name}-model"));
-        let run = tmp.path().join(format!("{name}-run"));
-        let merged = tmp.path().join(format!("{name}-merged"));
-        ok(&train(&["init-model", "--like", like, "--out", s(&model)]));
-        ok(&train(&[
-            "--shards",
-            s(shards),
-            "--model",
-            s(&model),
-            "--output",
-            s(&run),
-            "--mode",
-            "lora",
-            "--lora-r",
-            "8",
-            "--lora-alpha",
-            "16",
-            "--learning-rate",
-            "5e-3",
-            "--schedule",
-            "constant",
-            "--max-steps",
-            "3",
-            "--quiet",
-        ]));
-        ok(&train(&[
-            "merge-lora",
-            "--model",
-            s(&model),
-            "--adapter",
-            s(&run),
-            "--out",
-            s(&merged),
-        ]));
+        let r = lora_run(tmp.path(), like, shards, "3");
         let out = run_python(&[
             "scripts/check_peft.py",
             "--base",
-            s(&model),
+            s(&r.model),
             "--adapter",
-            s(&run),
+            s(&r.run),
             "--merged",
-            s(&merged),
+            s(&r.merged),
         ]);
-        eprintln!("{name}: check_peft.py {}", out.lines().last().unwrap_or(""));
+        eprintln!("{like}: check_peft.py {}", out.lines().last().unwrap_or(""));
     }
 }
 
@@ -1300,11 +1290,17 @@ fn resume_checks_settings_by_meaning_and_paths_by_identity() {
     let f = fx();
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
+    // Two epochs of one-pack steps; checkpoints every 2 steps.
+    let packs = Dataset::open(&f.small).unwrap().packs.len();
+    assert!(packs >= 2);
+    let total = 2 * packs;
     let preset = tmp.path().join("preset.toml");
     std::fs::write(
         &preset,
-        "[train]\ngrad_checkpointing = true\nschedule = \"constant\"\nlearning_rate = 1e-3\n\
-         max_steps = 2\nsave_every = 2\n",
+        format!(
+            "[train]\ngrad_checkpointing = true\nschedule = \"constant\"\n\
+             learning_rate = 1e-3\nmax_steps = {total}\nsave_every = 2\n"
+        ),
     )
     .unwrap();
     let base = |out: &Path| -> Vec<String> {
@@ -1328,6 +1324,12 @@ fn resume_checks_settings_by_meaning_and_paths_by_identity() {
         train(&a.iter().map(String::as_str).collect::<Vec<_>>())
     };
     ok(&run_args(&[]));
+    // As if killed before the last checkpoint: resuming continues from checkpoint-2.
+    for (n, dir) in cpmv_train::checkpoint::checkpoints(&run) {
+        if n > 2 {
+            std::fs::remove_dir_all(dir).unwrap();
+        }
+    }
     let state = read_json(&run.join("checkpoint-2/trainer_state.json"));
     assert_eq!(state["config"]["grad_checkpointing"], true);
     assert!(Path::new(state["model_dir"].as_str().unwrap()).is_absolute());
@@ -1340,17 +1342,22 @@ fn resume_checks_settings_by_meaning_and_paths_by_identity() {
         ),
         ("--dtype", "bf16", "--dtype \"bf16\" (was \"f32\")"),
         ("--seed", "7", "--seed 7 (was 42)"),
-        ("--max-steps", "3", "--max-steps 3 (was 2)"),
+        ("--max-steps", "99", "--max-steps 99 (was "),
         ("--micro-batch", "2", "--micro-batch 2 (was 1)"),
     ] {
         let err = fails_with(&run_args(&["--resume", flag, value]), needle);
         assert!(err.contains("--resume-override"), "{err}");
     }
-    let other = tmp.path().join("shards-copy");
-    std::fs::create_dir_all(&other).unwrap();
-    for e in std::fs::read_dir(&f.small).unwrap().flatten() {
-        std::fs::copy(e.path(), other.join(e.file_name())).unwrap();
-    }
+    // Other data under another path is refused.
+    let other = tmp.path().join("other-shards");
+    build_shards_with(
+        "examples/models/minicpm-v-2_6-tiny",
+        &other,
+        cpmv_prep::config::PrepPreset {
+            max_length: Some(2048),
+            ..small_prep(112)
+        },
+    );
     let mut a = base(&run);
     a[3] = s(&other).to_string();
     a.push("--resume".into());
@@ -1358,11 +1365,17 @@ fn resume_checks_settings_by_meaning_and_paths_by_identity() {
         &train(&a.iter().map(String::as_str).collect::<Vec<_>>()),
         "--shards",
     );
-    // Same places through symlinks and relative paths, from another directory; cadence
-    // settings changed; the preset's gradient checkpointing turned off.
+    // The same shards copied elsewhere and reached through symlinks and relative paths from
+    // another directory; the same run length given as epochs; cadence settings changed; the
+    // preset's gradient checkpointing off.
+    let moved = tmp.path().join("moved-shards");
+    std::fs::create_dir_all(&moved).unwrap();
+    for e in std::fs::read_dir(&f.small).unwrap().flatten() {
+        std::fs::copy(e.path(), moved.join(e.file_name())).unwrap();
+    }
     let elsewhere = tmp.path().join("elsewhere");
     std::fs::create_dir_all(&elsewhere).unwrap();
-    std::os::unix::fs::symlink(&f.small, elsewhere.join("sh")).unwrap();
+    std::os::unix::fs::symlink(&moved, elsewhere.join("sh")).unwrap();
     std::os::unix::fs::symlink(&f.model, elsewhere.join("m")).unwrap();
     let o = train_in(
         &elsewhere,
@@ -1376,6 +1389,8 @@ fn resume_checks_settings_by_meaning_and_paths_by_identity() {
             "--output",
             "../run",
             "--resume",
+            "--epochs",
+            "2",
             "--save-every",
             "1",
             "--log-every",
@@ -1391,20 +1406,30 @@ fn resume_checks_settings_by_meaning_and_paths_by_identity() {
     ok(&o);
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     assert!(
-        err.contains("--grad-checkpointing true -> false (cadence)"),
+        err.contains("--grad-checkpointing true -> false (same math)"),
         "{err}"
     );
-    // Resuming at the last step only rewrites the final model; the config it records is the
-    // new one.
-    let state = read_json(&run.join("checkpoint-2/trainer_state.json"));
-    assert_eq!(state["overrides"], serde_json::json!([]));
-    // A fresh run: the preset's boolean turned off by the flag reaches the saved settings.
-    let run2 = tmp.path().join("run2");
-    let mut a = base(&run2);
-    a.extend(["--grad-checkpointing", "false"].map(String::from));
-    ok(&train(&a.iter().map(String::as_str).collect::<Vec<_>>()));
-    let state = read_json(&run2.join("checkpoint-2/trainer_state.json"));
+    assert!(err.contains("moved-shards\" (same math)"), "{err}");
+    assert!(!err.contains("changes the math"), "{err}");
+    let state = read_json(&run.join(format!("checkpoint-{total}/trainer_state.json")));
+    assert_eq!(state["overrides"], serde_json::json!([]), "{state}");
     assert_eq!(state["config"]["grad_checkpointing"], false);
+    assert_eq!(state["config"]["save_every"], 1);
+    let steps: Vec<u64> = train_losses(&run).iter().map(|l| l.0).collect();
+    assert_eq!(steps, (1..=total as u64).collect::<Vec<_>>());
+    // A fresh run into a directory holding other files is refused before it overwrites them.
+    let full = tmp.path().join("not-a-run");
+    std::fs::create_dir_all(&full).unwrap();
+    std::fs::write(full.join("model.safetensors"), b"someone's weights").unwrap();
+    fails_with(&run_args_to(&base(&full)), "is not empty");
+    assert_eq!(
+        std::fs::read(full.join("model.safetensors")).unwrap(),
+        b"someone's weights"
+    );
+}
+
+fn run_args_to(a: &[String]) -> Output {
+    train(&a.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 /// Starts `train` and kills it with SIGKILL as soon as `now` holds (polled every 2 ms). Fails if

@@ -280,12 +280,16 @@ pub fn checkpoints(run: &Path) -> Vec<(u64, PathBuf)> {
     v
 }
 
-/// Deletes all but the newest `keep` checkpoints.
+/// Deletes all but the newest `keep` checkpoints. Each is first renamed to
+/// `checkpoint-N.partial`, so a kill half-way through the deletion leaves a directory the next
+/// run recognises as stale and removes, never one that looks like a checkpoint.
 pub fn prune(run: &Path, keep: usize) -> Result<(), TrainError> {
     let all = checkpoints(run);
     if all.len() > keep {
-        for (_, p) in &all[..all.len() - keep] {
-            std::fs::remove_dir_all(p).map_err(io(p))?;
+        for (n, p) in &all[..all.len() - keep] {
+            let doomed = run.join(format!("checkpoint-{n}.partial"));
+            std::fs::rename(p, &doomed).map_err(io(p))?;
+            std::fs::remove_dir_all(&doomed).map_err(io(&doomed))?;
         }
     }
     Ok(())
@@ -310,6 +314,18 @@ pub fn write_state(dir: &Path, state: &TrainState) -> Result<(), TrainError> {
     write_json(&dir.join(STATE_FILE), &v)
 }
 
+/// An output directory that exists and holds anything: the writers would overwrite it.
+fn refuse_non_empty(out: &Path) -> Result<(), TrainError> {
+    let non_empty = std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some());
+    if non_empty {
+        return Err(TrainError::Config(format!(
+            "--out {} exists and is not empty; choose a new or empty directory",
+            out.display()
+        )));
+    }
+    Ok(())
+}
+
 /// `train merge-lora`: base checkpoint + PEFT adapter → a full checkpoint where every adapted
 /// weight is `W + (α/r)·B·A` and modules_to_save tensors replace the base ones.
 pub fn merge_lora(base_dir: &Path, adapter_dir: &Path, out: &Path) -> Result<usize, TrainError> {
@@ -328,6 +344,7 @@ pub fn merge_lora(base_dir: &Path, adapter_dir: &Path, out: &Path) -> Result<usi
             },
         ],
     )?;
+    refuse_non_empty(out)?;
     let cfg_path = adapter_dir.join(ADAPTER_CONFIG);
     let text = std::fs::read_to_string(&cfg_path).map_err(io(&cfg_path))?;
     let cfg: Value = serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {

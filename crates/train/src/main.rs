@@ -371,6 +371,25 @@ fn run() -> Result<()> {
                 v25_vision_masking,
                 quiet: quiet || json,
             };
+            if let Some(path) = &out {
+                let mut inputs = vec![
+                    cpmv_fsio::Input {
+                        flag: "--model",
+                        path: &opts.model,
+                    },
+                    cpmv_fsio::Input {
+                        flag: "--shards",
+                        path: &opts.shards,
+                    },
+                ];
+                if let Some(a) = &opts.adapter {
+                    inputs.push(cpmv_fsio::Input {
+                        flag: "--adapter",
+                        path: a,
+                    });
+                }
+                cpmv_fsio::refuse_overlap("--out", path, &inputs)?;
+            }
             let report = cpmv_train::eval::evaluate_samples(&opts)?;
             let text = serde_json::to_string_pretty(&report)?;
             if let Some(path) = &out {

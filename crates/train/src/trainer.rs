@@ -485,24 +485,47 @@ fn resume_changes(
     dir: &Path,
 ) -> Result<Vec<SettingChange>, TrainError> {
     let cfg = &opts.config;
-    let mut changes = cfg.changes_from(&saved.config);
-    let path_change = |setting: &str, saved: &str, now: &Path| -> Result<_, TrainError> {
+    let packs = setup.data.packs.len();
+    let mut changes: Vec<SettingChange> = cfg
+        .changes_from(&saved.config)
+        .into_iter()
+        .filter(|c| match c.setting.as_str() {
+            // One run length, given as steps or epochs: only the number of steps matters.
+            "max_steps" | "epochs" => {
+                total_steps(cfg, packs) != total_steps(&saved.config, saved_packs(saved, packs))
+            }
+            // `cuda` and `cuda:0` are one device.
+            "device" => {
+                crate::config::parse_device(&cfg.device).ok()
+                    != crate::config::parse_device(&saved.config.device).ok()
+            }
+            _ => true,
+        })
+        .collect();
+    let path_change = |setting: &str, saved: &str, now: &Path, math: bool| {
         let now_s = canonical_string(now)?;
         let saved_s = cpmv_fsio::resolve(Path::new(saved))?.display().to_string();
-        Ok((saved_s != now_s).then(|| SettingChange {
+        Ok::<_, TrainError>((saved_s != now_s).then(|| SettingChange {
             setting: setting.into(),
             from: saved_s.into(),
             to: now_s.into(),
-            changes_math: true,
+            changes_math: math,
         }))
     };
-    changes.extend(path_change("model", &saved.model_dir, &opts.model)?);
-    changes.extend(path_change("shards", &saved.shards_dir, &opts.shards)?);
-    if saved.packs != 0 && saved.packs != setup.data.packs.len() {
+    changes.extend(path_change("model", &saved.model_dir, &opts.model, true)?);
+    // Shards moved or copied elsewhere are the same data when their manifest is the same.
+    let same_data = !saved.data_digest.is_empty() && saved.data_digest == setup.data_digest;
+    changes.extend(path_change(
+        "shards",
+        &saved.shards_dir,
+        &opts.shards,
+        !same_data,
+    )?);
+    if saved.packs != 0 && saved.packs != packs {
         changes.push(SettingChange {
             setting: "shards (packs)".into(),
             from: saved.packs.into(),
-            to: setup.data.packs.len().into(),
+            to: packs.into(),
             changes_math: true,
         });
     }
@@ -542,11 +565,51 @@ fn remove_stale_partials(run: &Path) -> Result<(), TrainError> {
             .strip_prefix("checkpoint-")
             .and_then(|r| r.strip_suffix(".partial"))
             .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-        if stale && e.path().is_dir() {
+        if (stale || name == FINAL_PARTIAL) && e.path().is_dir() {
             std::fs::remove_dir_all(e.path()).map_err(io(&e.path()))?;
         }
     }
     Ok(())
+}
+
+/// The packs a checkpoint's run had (older states did not record them: assume today's).
+fn saved_packs(saved: &TrainState, now: usize) -> usize {
+    if saved.packs == 0 {
+        now
+    } else {
+        saved.packs
+    }
+}
+
+/// What a run writes before its first checkpoint (and what a failed run leaves): a fresh run may
+/// start in a directory holding only these. Anything else, e.g. another model's files that the
+/// final save would overwrite, is refused.
+fn refuse_foreign_entries(run: &Path) -> Result<(), TrainError> {
+    let Ok(entries) = std::fs::read_dir(run) else {
+        return Ok(());
+    };
+    let mut foreign: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| {
+            let partial_ckpt = n
+                .strip_prefix("checkpoint-")
+                .and_then(|r| r.strip_suffix(".partial"))
+                .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()));
+            !(partial_ckpt || n == "log.jsonl" || n == "tb" || n == FINAL_PARTIAL)
+        })
+        .collect();
+    if foreign.is_empty() {
+        return Ok(());
+    }
+    foreign.sort();
+    foreign.truncate(5);
+    Err(TrainError::Config(format!(
+        "--output {} is not empty ({}, ...) and holds no checkpoint to resume; the run would \
+         overwrite what is there: choose a new or empty directory",
+        run.display(),
+        foreign.join(", ")
+    )))
 }
 
 /// The state a run starts from: fresh, or restored from the newest complete checkpoint
@@ -580,6 +643,7 @@ fn start_or_resume(
                 opts.output.display()
             )));
         }
+        refuse_foreign_entries(&opts.output)?;
         return Ok(fresh);
     }
     let (_, dir) = existing.last().ok_or_else(|| {
@@ -594,7 +658,7 @@ fn start_or_resume(
         let kind = if c.changes_math {
             "--resume-override: changes the math"
         } else {
-            "cadence"
+            "same math"
         };
         eprintln!(
             "resume from step {}: {} {} -> {} ({kind})",
@@ -644,7 +708,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport, TrainError> {
     };
     let report = run_steps(opts, &setup, &mut opt, state, &ctx, &mut log)?;
     log.flush()?;
-    save_model(&setup.model, &ctx, &opts.output)?;
+    save_final(&setup.model, &ctx, &opts.output)?;
     let png = opts.output.join("loss.png");
     cpmv_runlog::loss_curve_png(&opts.output, &png, "training loss")?;
     Ok(report)
@@ -807,6 +871,31 @@ fn run_steps(
     Ok(report)
 }
 
+/// Name of the directory the final model is written in before its files are published.
+const FINAL_PARTIAL: &str = "final.partial";
+
+/// Writes the final model into the run directory: into `final.partial` first, flushed, then
+/// each file renamed into place, so a kill never leaves a torn weight file under its final name
+/// (a resume rewrites the final model).
+fn save_final(model: &MiniCpmV, ctx: &SaveContext, run: &Path) -> Result<(), TrainError> {
+    let tmp = run.join(FINAL_PARTIAL);
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    let res = save_model(model, ctx, &tmp).and_then(|()| {
+        cpmv_fsio::sync_tree(&tmp)?;
+        for e in std::fs::read_dir(&tmp).map_err(io(&tmp))? {
+            let e = e.map_err(io(&tmp))?;
+            std::fs::rename(e.path(), run.join(e.file_name())).map_err(io(&e.path()))?;
+        }
+        cpmv_fsio::sync_dir(run)?;
+        Ok(())
+    });
+    let _ = std::fs::remove_dir_all(&tmp);
+    res
+}
+
 /// Writes `checkpoint-<step>` atomically: a `.partial` directory whose files and entries are
 /// flushed to the disk, then renamed (and the run directory flushed), so a crash at any point
 /// leaves either no `checkpoint-<step>` or a complete one.
@@ -839,7 +928,14 @@ fn save_checkpoint(
         return Err(e);
     }
     if dir.exists() {
-        std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
+        // `checkpoints` ignores a directory of this name without trainer state: not ours to
+        // delete.
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(TrainError::Config(format!(
+            "{} exists but is not a complete checkpoint (no {}); move it away and resume",
+            dir.display(),
+            checkpoint::STATE_FILE
+        )));
     }
     cpmv_fsio::publish(&tmp, &dir)?;
     Ok(())
