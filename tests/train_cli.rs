@@ -1934,3 +1934,45 @@ fn parquet_only_shards_are_refused_with_the_fix() {
     let err = fails_with(&o, "--format arrow");
     assert!(!err.contains("no samples"), "{err}");
 }
+
+/// `--print-config` shows every resolved setting as a `[train]` table with its source, needs no
+/// paths, trains nothing, and its output is itself a valid preset giving the same settings.
+#[test]
+fn print_config_shows_each_setting_and_where_it_came_from() {
+    let tmp = tempfile::tempdir().unwrap();
+    let preset = tmp.path().join("p.toml");
+    std::fs::write(
+        &preset,
+        "[train]\nmode = \"lora\"\nlearning_rate = 2e-4\ngrad_checkpointing = true\n",
+    )
+    .unwrap();
+    let out = ok(&train(&[
+        "--config",
+        s(&preset),
+        "--learning-rate",
+        "3e-4",
+        "--grad-checkpointing",
+        "false",
+        "--print-config",
+    ]));
+    let line = |key: &str| -> String {
+        out.lines()
+            .find(|l| l.starts_with(&format!("{key} = ")) || l.starts_with(&format!("# {key} =")))
+            .unwrap_or_else(|| panic!("no {key} in:\n{out}"))
+            .to_string()
+    };
+    assert!(line("learning_rate").contains("0.0003") && line("learning_rate").ends_with("# flag"));
+    assert!(line("grad_checkpointing").starts_with("grad_checkpointing = false"));
+    assert!(line("grad_checkpointing").ends_with("# flag"));
+    assert!(line("mode").contains("\"lora\"") && line("mode").contains("# preset"));
+    assert!(line("lora_r").contains("64") && line("lora_r").ends_with("# default"));
+    assert!(line("warmup_steps").starts_with("# warmup_steps = (not set)"));
+    // The printed table is a preset that resolves to the same settings.
+    let again = tmp.path().join("again.toml");
+    std::fs::write(&again, &out).unwrap();
+    let reread = cpmv_train::TrainConfig::from_preset(&again).unwrap();
+    let mut want = cpmv_train::TrainConfig::from_preset(&preset).unwrap();
+    want.learning_rate = 3e-4;
+    want.grad_checkpointing = false;
+    assert_eq!(reread, want);
+}

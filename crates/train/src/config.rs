@@ -206,6 +206,20 @@ impl SettingChange {
     }
 }
 
+/// The keys a preset's `[train]` table sets (for `train --print-config`).
+pub fn preset_keys(path: &Path) -> Result<Vec<String>, TrainError> {
+    let text = std::fs::read_to_string(path).map_err(|e| TrainError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    let file: PresetFile = toml::from_str(&text)
+        .map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
+    Ok(match file.train {
+        Some(toml::Value::Table(t)) => t.keys().cloned().collect(),
+        _ => Vec::new(),
+    })
+}
+
 #[derive(Deserialize)]
 struct PresetFile {
     #[serde(default)]

@@ -23,22 +23,27 @@ struct Cli {
 }
 
 /// A training run. Settings: defaults of the official scripts < the preset's `[train]` table
-/// (--config) < these flags.
+/// (--config) < these flags. Every default below may be changed by a preset;
+/// `--print-config` shows the resolved settings and where each came from.
 #[derive(Args)]
 struct RunArgs {
     /// Shard directory written by `prep build`.
-    #[arg(long, required = true)]
+    #[arg(long, required_unless_present = "print_config")]
     shards: Option<PathBuf>,
     /// Checkpoint directory to fine-tune (config.json, safetensors, tokenizer files).
-    #[arg(long, required = true)]
+    #[arg(long, required_unless_present = "print_config")]
     model: Option<PathBuf>,
-    /// Run directory: checkpoints, logs, the final model.
-    #[arg(long, required = true)]
+    /// Run directory: checkpoints, logs, the final model (new or empty, or a run to --resume).
+    #[arg(long, required_unless_present = "print_config")]
     output: Option<PathBuf>,
-    /// Preset TOML (pipelines/*.toml); its `[train]` table.
+    /// Preset TOML (pipelines/*.toml); its `[train]` table overrides the defaults.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Shards to evaluate the loss on every --eval-every steps.
+    /// Print the resolved settings as a `[train]` table, each with its source (default, preset
+    /// or flag), and exit without training.
+    #[arg(long)]
+    print_config: bool,
+    /// Shards to evaluate the loss on every --eval-every steps (default: no evaluation).
     #[arg(long)]
     eval_shards: Option<PathBuf>,
     /// Continue from the newest complete checkpoint in --output. Settings that change the
@@ -51,79 +56,111 @@ struct RunArgs {
     /// (in trainer_state.json) instead of refusing.
     #[arg(long, requires = "resume")]
     resume_override: bool,
+    /// No progress bar (the summary line and errors are still printed).
     #[arg(long)]
     quiet: bool,
+    /// `full` (train whole parts, see --tune-vision/--tune-llm) or `lora` (adapters on the LLM,
+    /// resampler and vision trained whole as PEFT modules_to_save) [default: full].
     #[arg(long, value_enum)]
     mode: Option<TrainMode>,
-    #[arg(long)]
+    /// Train the vision tower [default: true].
+    #[arg(long, value_name = "BOOL")]
     tune_vision: Option<bool>,
-    #[arg(long)]
+    /// Full mode: train the LLM and its embeddings (LoRA refuses it) [default: false].
+    #[arg(long, value_name = "BOOL")]
     tune_llm: Option<bool>,
+    /// LoRA rank [default: 64].
     #[arg(long)]
     lora_r: Option<usize>,
+    /// LoRA scaling numerator: updates are scaled by alpha / r [default: 64].
     #[arg(long)]
     lora_alpha: Option<f64>,
+    /// Dropout on the LoRA input, in [0, 1) [default: 0.05].
     #[arg(long)]
     lora_dropout: Option<f64>,
-    /// Regex over full module names (PEFT full match).
+    /// Regex over full module names (PEFT full match) choosing the adapted linears
+    /// [default: the q/k/v/o projections of the LLM, as finetune_lora.sh].
     #[arg(long)]
     lora_target: Option<String>,
+    /// Peak learning rate [default: 1e-6, finetune_ds.sh's].
     #[arg(long)]
     learning_rate: Option<f64>,
+    /// AdamW beta2 [default: 0.95] (beta1 0.9 and eps 1e-8 are preset keys).
     #[arg(long)]
     adam_beta2: Option<f64>,
+    /// AdamW decoupled weight decay [default: 0.1].
     #[arg(long)]
     weight_decay: Option<f64>,
-    /// Exempt biases and norm weights from weight decay (the reference decays everything).
-    /// `--no-decay-norm-bias false` turns a preset's setting off.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    /// Exempt biases and norm weights from weight decay (the reference decays everything)
+    /// [default: false].
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     no_decay_norm_bias: Option<bool>,
+    /// Clip the global gradient norm to this (0: no clipping) [default: 1.0].
     #[arg(long)]
     max_grad_norm: Option<f64>,
+    /// Learning-rate schedule: `reference` (what the official scripts really run: DeepSpeed
+    /// WarmupLR, log warm-up then constant), `cosine`, `linear`, `constant` [default: reference].
     #[arg(long, value_enum)]
     schedule: Option<ScheduleArg>,
+    /// Warm-up as a share of the run's steps (rounded up) [default: 0.01].
     #[arg(long)]
     warmup_ratio: Option<f64>,
+    /// Warm-up steps; overrides --warmup-ratio [default: unset].
     #[arg(long)]
     warmup_steps: Option<u64>,
+    /// How micro-batch losses combine: `reference` (mean of per-micro-batch token means) or
+    /// `tokens` (one token mean over the step) [default: reference].
     #[arg(long, value_enum)]
     loss_norm: Option<LossNorm>,
+    /// Seed of the data order, LoRA initialisation and dropout [default: 42].
     #[arg(long)]
     seed: Option<u64>,
+    /// Packs per micro-batch (padded to the longest) [default: 1].
     #[arg(long)]
     micro_batch: Option<usize>,
+    /// Micro-batches per optimiser step [default: 1].
     #[arg(long)]
     grad_accum: Option<usize>,
+    /// Run length in optimiser steps (replaces --epochs) [default: none; give this or --epochs].
     #[arg(long)]
     max_steps: Option<u64>,
+    /// Run length in passes over the packs, fractions allowed (replaces --max-steps).
     #[arg(long)]
     epochs: Option<f64>,
+    /// Write checkpoint-N every this many steps (and at the end) [default: 1000].
     #[arg(long)]
     save_every: Option<u64>,
+    /// Keep the newest this many checkpoints [default: 10].
     #[arg(long)]
     keep_last: Option<usize>,
+    /// Evaluate --eval-shards every this many steps (and at the end) [default: 1000].
     #[arg(long)]
     eval_every: Option<u64>,
+    /// Log a step line every this many steps [default: 1].
     #[arg(long)]
     log_every: Option<u64>,
     /// Recompute each vision and decoder layer in backward instead of keeping its activations
-    /// (`--grad-checkpointing false` turns a preset's setting off).
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    /// (`--grad-checkpointing false` turns a preset's setting off) [default: false].
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     grad_checkpointing: Option<bool>,
-    /// Skip (and count) steps with a non-finite loss or gradient instead of stopping.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    /// Skip (and count) steps with a non-finite loss or gradient instead of stopping
+    /// [default: false].
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     skip_nonfinite: Option<bool>,
-    /// 2.5 only: correct vision masking instead of the reference quirk.
-    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    /// 2.5 only: correct vision masking instead of the reference quirk [default: false].
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     v25_vision_masking: Option<bool>,
-    /// Where to train: cpu, cuda or cuda:N (CUDA needs a build with --features cuda).
+    /// Where to train: cpu, cuda or cuda:N (CUDA needs a build with --features cuda)
+    /// [default: cpu].
     #[arg(long)]
     device: Option<String>,
-    /// Weights and activations in f32 or bf16 (f32 master weights and moments either way).
+    /// Weights and activations in f32 or bf16 (f32 master weights and moments either way)
+    /// [default: f32].
     #[arg(long, value_enum)]
     dtype: Option<cpmv_train::config::ComputeDtype>,
-    /// LoRA: also train the token embeddings (the reference does: modules_to_save).
-    #[arg(long)]
+    /// LoRA: also train the token embeddings, as the reference does (modules_to_save)
+    /// [default: true].
+    #[arg(long, value_name = "BOOL")]
     lora_embeddings: Option<bool>,
 }
 
@@ -146,8 +183,10 @@ enum Command {
         /// Checkpoint directory to imitate (config.json + tokenizer files).
         #[arg(long)]
         like: PathBuf,
+        /// `tiny` (a few small layers, real vocabulary) or `full` (the released sizes).
         #[arg(long, value_enum, default_value_t = SizeArg::Tiny)]
         size: SizeArg,
+        /// Seed of the random weights.
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Storage dtype of the weights (default: f32 for tiny, bf16 for full).
@@ -163,8 +202,10 @@ enum Command {
     /// Loss exactly as training computes it, in f32 on the CPU, one sample at a time (--pack:
     /// packs as trained).
     Eval {
+        /// Shard directory written by `prep build`.
         #[arg(long)]
         shards: PathBuf,
+        /// Checkpoint directory (a base, or a full fine-tune).
         #[arg(long)]
         model: PathBuf,
         /// LoRA adapter directory (PEFT layout) applied to --model.
@@ -185,6 +226,7 @@ enum Command {
         /// Show this many highest-loss samples.
         #[arg(long, default_value_t = 10)]
         top: usize,
+        /// No progress bar.
         #[arg(long)]
         quiet: bool,
     },
@@ -195,10 +237,14 @@ enum Command {
         /// e.g. examples/models/minicpm-v-2-tiny.
         #[arg(long)]
         like: PathBuf,
+        /// `full` (the released sizes) or `tiny`.
         #[arg(long, value_enum, default_value_t = SizeArg::Full)]
         size: SizeArg,
+        /// What trains: `full` (everything), `lora` (q/k/v/o adapters, vision and resampler,
+        /// embeddings frozen) or `lora-embed` (as lora, embeddings trained too).
         #[arg(long, value_enum, default_value_t = cpmv_train::bench::BenchMode::Full)]
         mode: cpmv_train::bench::BenchMode,
+        /// Tokens of the packed row.
         #[arg(long, default_value_t = 2048)]
         seq: usize,
         /// Samples packed in the row.
@@ -210,18 +256,23 @@ enum Command {
         /// Side of a (square) slice in pixels.
         #[arg(long, default_value_t = 448)]
         slice_px: usize,
+        /// Untimed steps first.
         #[arg(long, default_value_t = 2)]
         warmup: usize,
+        /// Timed steps.
         #[arg(long, default_value_t = 5)]
         steps: usize,
+        /// cpu, cuda or cuda:N.
         #[arg(long, default_value = "cuda")]
         device: String,
+        /// Weights and activations in f32 or bf16.
         #[arg(long, value_enum, default_value_t = cpmv_train::config::ComputeDtype::Bf16)]
         dtype: cpmv_train::config::ComputeDtype,
         /// Keep every layer's activations instead of recomputing them (the official scripts
         /// checkpoint).
         #[arg(long)]
         no_grad_checkpointing: bool,
+        /// Seed of the random weights and inputs.
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Also append the JSON line to this file.
@@ -236,6 +287,7 @@ enum Command {
         /// Adapter directory (adapter_config.json, adapter_model.safetensors).
         #[arg(long)]
         adapter: PathBuf,
+        /// Output directory for the merged checkpoint (new or empty).
         #[arg(long)]
         out: PathBuf,
     },
@@ -322,8 +374,45 @@ fn overlay(mut c: TrainConfig, a: &RunArgs) -> TrainConfig {
     c
 }
 
+/// The resolved settings as a `[train]` table (a valid preset), each line marked with where
+/// its value came from; unset options as comments.
+fn render_config(
+    config: &TrainConfig,
+    preset_keys: &[String],
+    matches: &clap::ArgMatches,
+    preset: Option<&std::path::Path>,
+) -> String {
+    let serde_json::Value::Object(map) = serde_json::to_value(config).unwrap_or_default() else {
+        return String::new();
+    };
+    let from_flag = |key: &str| {
+        matches.try_get_raw(key).ok().flatten().is_some()
+            && matches.value_source(key) == Some(clap::parser::ValueSource::CommandLine)
+    };
+    let mut out = String::from("[train]\n");
+    for (key, value) in &map {
+        let source = if from_flag(key) {
+            "flag".to_string()
+        } else if preset_keys.iter().any(|k| k == key) {
+            format!(
+                "preset {}",
+                preset.map_or(String::new(), |p| p.display().to_string())
+            )
+        } else {
+            "default".to_string()
+        };
+        let line = match value {
+            serde_json::Value::Null => format!("# {key} = (not set)"),
+            v => format!("{key} = {v}"),
+        };
+        out.push_str(&format!("{line:<48} # {source}\n"));
+    }
+    out
+}
+
 fn run() -> Result<()> {
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches)?;
     match cli.command {
         Some(Command::InitModel {
             like,
@@ -465,6 +554,17 @@ fn run() -> Result<()> {
                 None => TrainConfig::default(),
             };
             let config = overlay(base, a);
+            if a.print_config {
+                let preset_keys = match &a.config {
+                    Some(p) => cpmv_train::config::preset_keys(p)?,
+                    None => Vec::new(),
+                };
+                print!(
+                    "{}",
+                    render_config(&config, &preset_keys, &matches, a.config.as_deref())
+                );
+                return Ok(());
+            }
             let (Some(shards), Some(model), Some(output)) =
                 (a.shards.clone(), a.model.clone(), a.output.clone())
             else {
@@ -497,4 +597,31 @@ fn run() -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every flag of every command says what it does (a flag without help shows no default).
+    #[test]
+    fn every_flag_has_help() {
+        fn check(cmd: &clap::Command, path: &str) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                assert!(
+                    arg.get_help().is_some() || arg.get_long_help().is_some(),
+                    "{path} --{id} has no help"
+                );
+            }
+            for sub in cmd.get_subcommands() {
+                check(sub, &format!("{path} {}", sub.get_name()));
+            }
+        }
+        check(&Cli::command(), "train");
+    }
 }
