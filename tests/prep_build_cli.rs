@@ -769,6 +769,151 @@ fn overwrite_checks_the_whole_directory_before_deleting_anything() {
     assert_eq!(contents(&out), previous);
 }
 
+/// An `--overwrite` run that fails (a bad sample with `--on-error fail`, a JSON list broken
+/// halfway, both met after the new run has written shards of its own) leaves the previous set
+/// exactly as it was: readable, byte for byte, without partial files. A run that succeeds
+/// replaces it completely, shards the new set does not have included.
+#[test]
+fn a_failed_overwrite_leaves_the_previous_set_intact() {
+    let tmp = out_dir();
+    let out = tmp.path().join("o");
+    // The previous set: one sample per pack and per shard (more shards than the runs below).
+    let o = build_example(
+        &out,
+        &["--no-pack", "--shard-size-mb", "0", "--format", "both"],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let previous = contents(&out);
+    let ids = |dir: &Path| -> Vec<String> {
+        ShardDir::open(dir)
+            .unwrap()
+            .samples()
+            .map(|r| r.id.to_string())
+            .collect()
+    };
+    let previous_ids = ids(&out);
+    assert_eq!(previous_ids.len(), 11);
+
+    let text = |id: &str, answer: bool| {
+        let mut turns = vec![serde_json::json!({"role": "user", "content": "hi"})];
+        if answer {
+            turns.push(serde_json::json!({"role": "assistant", "content": "hello"}));
+        }
+        serde_json::json!({"id": id, "conversations": turns}).to_string()
+    };
+    let bad = tmp.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        format!("{}\n{}\n", text("fine", true), text("no-answer", false)),
+    )
+    .unwrap();
+    let broken = tmp.path().join("broken.json");
+    std::fs::write(
+        &broken,
+        format!(
+            "[{}, {}, {{\"id\": \"cut\", \"conversations\": [",
+            text("a", true),
+            text("b", true)
+        ),
+    )
+    .unwrap();
+    for (data, code, what) in [
+        (&bad, 4, "a bad sample with --on-error fail"),
+        (&broken, 1, "a JSON list broken halfway"),
+    ] {
+        let o = prep(&[
+            "build",
+            "--data",
+            "examples/data/train.json",
+            "--data",
+            s(data),
+            "--model",
+            MODELS[2],
+            "--out",
+            s(&out),
+            "--overwrite",
+            "--on-error",
+            "fail",
+            "--pack-window",
+            "4",
+            "--shard-size-mb",
+            "1",
+            "--quiet",
+        ]);
+        assert_eq!(o.status.code(), Some(code), "{what}: {}", stderr(&o));
+        assert_eq!(
+            contents(&out),
+            previous,
+            "{what}: the previous set is left exactly as it was, without partial files"
+        );
+        assert_eq!(ids(&out), previous_ids, "{what}");
+    }
+
+    // A run that succeeds replaces the whole set: one shard now, none of the old ones left.
+    let o = build_example(&out, &["--overwrite"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(
+        listing(&out),
+        vec!["manifest.json", "rejected.jsonl", "shard-00000.arrow"]
+    );
+    assert_eq!(ids(&out).len(), 11);
+}
+
+/// `--overwrite` trusts a directory's names only when its `manifest.json` (if any) is a cpmv
+/// shard manifest: someone else's manifest (other JSON, or not JSON) beside shard-like files
+/// makes the directory foreign, and nothing is deleted. A cpmv manifest of any format
+/// version is prep's own.
+#[test]
+fn overwrite_refuses_a_directory_whose_manifest_is_not_prep_s() {
+    let tmp = out_dir();
+    for (k, (manifest, found)) in [
+        (
+            r#"{"format": "their-shards", "shards": ["shard-00000.arrow"]}"#,
+            r#"its "format" is "their-shards""#,
+        ),
+        (r#"{"shards": []}"#, "not JSON with a \"format\" field"),
+        ("shard list\n", "not JSON with a \"format\" field"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let out = tmp.path().join(format!("theirs-{k}"));
+        std::fs::create_dir(&out).unwrap();
+        std::fs::write(out.join("manifest.json"), manifest).unwrap();
+        std::fs::write(out.join("shard-00000.arrow"), b"their data").unwrap();
+        std::fs::write(out.join("rejected.jsonl"), b"their notes").unwrap();
+        let before = contents(&out);
+        let o = build_example(&out, &["--overwrite"]);
+        assert_eq!(o.status.code(), Some(1), "{manifest}: {}", stderr(&o));
+        let err = stderr(&o);
+        for want in [
+            "manifest.json",
+            "not a cpmv shard manifest",
+            found,
+            "\"cpmv-shards\"",
+            "nothing was deleted",
+        ] {
+            assert!(err.contains(want), "{want:?} missing: {err}");
+        }
+        assert_eq!(contents(&out), before, "{manifest}: nothing is touched");
+    }
+
+    let out = tmp.path().join("older");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(
+        out.join("manifest.json"),
+        r#"{"format": "cpmv-shards", "format_version": 0}"#,
+    )
+    .unwrap();
+    std::fs::write(out.join("shard-00003.arrow"), b"an old shard").unwrap();
+    let o = build_example(&out, &["--overwrite"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(
+        listing(&out),
+        vec!["manifest.json", "rejected.jsonl", "shard-00000.arrow"]
+    );
+}
+
 /// Failures after every sample was processed (a shard, rejected.jsonl or the manifest cannot
 /// be published: here a directory takes the name while the run is under way) stop the run
 /// with the error and remove every file it wrote: no manifest, no partial files, no
@@ -884,12 +1029,19 @@ fn a_vocab_size_below_the_template_and_placeholder_tokens_is_refused_up_front() 
 
 /// A sample whose text tokenizes to an id the model has no row for (a literal added token
 /// above vocab_size) is rejected as `token_out_of_vocab`, naming the token and its id; the
-/// other samples are written and every id in the shards is below vocab_size.
+/// other samples are written and every id in the shards is below vocab_size. A `pad_token`
+/// beyond vocab_size (4095 here) does not stop the run: prep never writes it.
 #[test]
 fn samples_with_tokens_beyond_vocab_size_are_rejected() {
     let tmp = out_dir();
     // The fixed tokens of the 2.6 tiny tokenizer end at </image_id> (4089).
     let model = model_with_vocab(tmp.path(), 4090);
+    // A pad token beyond vocab_size does not matter: no sample contains it.
+    let config_path = model.join("tokenizer_config.json");
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["pad_token"] = "<|reserved_special_token_5|>".into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
     let data = tmp.path().join("d.jsonl");
     let line = |id: &str, text: &str| {
         serde_json::json!({"id": id, "conversations": [

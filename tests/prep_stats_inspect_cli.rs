@@ -9,7 +9,7 @@ use serde_json::Value;
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{prep, root, s, MODELS};
+use common::{copy_model, prep, root, s, MODELS};
 
 fn ok(o: &Output, code: i32) -> String {
     assert_eq!(
@@ -442,4 +442,154 @@ fn parquet_only_sets_are_refused_with_how_to_get_arrow_shards() {
         assert!(!err.contains("no samples"), "{err}");
         assert!(o.stdout.is_empty(), "{args:?}: nothing is reported");
     }
+}
+
+/// `prep stats --per-sample FILE` / `--plot FILE` are refused before any file is created when
+/// FILE is a `--data` file (also through a symlink) or lies inside `--model` or `--shards`
+/// (or the model directory the manifest names); `prep inspect --dump-images DIR` when DIR is
+/// or lies inside `--shards`. The error names both flags; the inputs are left untouched.
+#[test]
+#[cfg(unix)]
+fn outputs_over_their_own_inputs_are_refused_before_anything_is_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path());
+    let before = std::fs::read(&data).unwrap();
+    let link = tmp.path().join("link.json");
+    std::os::unix::fs::symlink(&data, &link).unwrap();
+    let model = copy_model(
+        tmp.path(),
+        MODELS[2],
+        &[
+            "config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "preprocessor_config.json",
+        ],
+    );
+    let refused = |args: &[&str], wants: &[&str]| {
+        let o = prep(args);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        for want in wants {
+            assert!(err.contains(want), "{args:?}: {want:?} missing: {err}");
+        }
+    };
+    let stats = |more: &[&str]| -> Vec<String> {
+        ["stats", "--data", s(&data), "--model", s(&model), "--quiet"]
+            .iter()
+            .chain(more)
+            .map(|a| a.to_string())
+            .collect()
+    };
+    let refused_stats = |v: Vec<String>, wants: &[&str]| {
+        let args: Vec<&str> = v.iter().map(String::as_str).collect();
+        refused(&args, wants);
+    };
+    for flag in ["--per-sample", "--plot"] {
+        for out in [&data, &link] {
+            refused_stats(stats(&[flag, s(out)]), &[flag, "is --data"]);
+            assert_eq!(
+                std::fs::read(&data).unwrap(),
+                before,
+                "{flag} {}: the data file is unchanged",
+                out.display()
+            );
+        }
+        let inside = model.join("lengths.out");
+        refused_stats(stats(&[flag, s(&inside)]), &[flag, "lies inside --model"]);
+        assert!(!inside.exists());
+    }
+    let same = tmp.path().join("same.out");
+    refused_stats(
+        stats(&["--per-sample", s(&same), "--plot", s(&same)]),
+        &["--per-sample and --plot name the same file"],
+    );
+    assert!(!same.exists());
+
+    // A shard set built from the same data (the cut JPEG is rejected: exit 3).
+    let shards = tmp.path().join("shards");
+    ok(
+        &prep(&[
+            "build",
+            "--data",
+            s(&data),
+            "--model",
+            s(&model),
+            "--out",
+            s(&shards),
+            "--quiet",
+        ]),
+        3,
+    );
+    let files = |dir: &Path| -> BTreeMap<String, Vec<u8>> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let name = e.file_name().to_string_lossy().into_owned();
+                (name, std::fs::read(e.path()).unwrap())
+            })
+            .collect()
+    };
+    let set_before = files(&shards);
+    let plot_in_set = shards.join("hist.png");
+    refused(
+        &["stats", "--shards", s(&shards), "--plot", s(&plot_in_set)],
+        &["--plot", "lies inside --shards"],
+    );
+    refused(
+        &[
+            "stats",
+            "--shards",
+            s(&shards),
+            "--plot",
+            s(&model.join("hist.png")),
+        ],
+        &[
+            "--plot",
+            "lies inside --model (named by the manifest of --shards)",
+        ],
+    );
+    assert!(!model.join("hist.png").exists());
+    let inspect = |dump: &Path| {
+        prep(&[
+            "inspect",
+            "--shards",
+            s(&shards),
+            "--id",
+            "coffee-0",
+            "--no-color",
+            "--dump-images",
+            s(dump),
+        ])
+    };
+    for (dump, relation) in [
+        (shards.clone(), "is --shards"),
+        (shards.join("png"), "lies inside --shards"),
+    ] {
+        let o = inspect(&dump);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("--dump-images") && err.contains(relation),
+            "{err}"
+        );
+    }
+    assert!(files(&shards) == set_before, "the shard set is untouched");
+    ShardDir::open(&shards).unwrap();
+
+    // Outputs next to the inputs are fine, a folder that contains the shard set included.
+    ok(&inspect(tmp.path()), 0);
+    assert!(tmp.path().join("coffee-0-slice-00.png").exists());
+    let per_sample_file = tmp.path().join("lengths.jsonl");
+    ok(
+        &prep(
+            &stats(&["--per-sample", s(&per_sample_file)])
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        ),
+        0,
+    );
+    assert_eq!(per_sample(&per_sample_file).len(), 12);
 }

@@ -7,7 +7,7 @@
 //! the chunk size, the packing window and the writer queue.
 
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -173,10 +173,20 @@ fn is_set_file(entry: &std::fs::DirEntry) -> bool {
         && entry.file_name().to_str().is_some_and(is_set_file_name)
 }
 
+/// True for a `.partial` name: a file a run writes before it publishes it.
+fn is_partial_name(entry: &std::fs::DirEntry) -> bool {
+    entry
+        .file_name()
+        .to_str()
+        .is_some_and(|n| n.ends_with(PARTIAL_SUFFIX))
+}
+
 /// Makes `out` ready for a new shard set. A missing directory is created and an empty one
 /// used. A non-empty one needs `overwrite`, and then the whole directory is checked before
-/// anything is deleted: when an entry is not one `prep build` writes, nothing is touched and
-/// the foreign entries are named; otherwise the previous set is removed (manifest first).
+/// anything is deleted: when an entry is not one `prep build` writes, or `manifest.json` is
+/// not a cpmv shard manifest, nothing is touched and the foreign entries are named. Only the
+/// `.partial` leftovers of an earlier run are removed here: the previous set stays complete
+/// and readable until the new one is ready to be published ([`replace_previous_set`]).
 fn prepare_out_dir(out: &Path, overwrite: bool) -> Result<(), BuildError> {
     let entries = match std::fs::read_dir(out) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -216,23 +226,84 @@ fn prepare_out_dir(out: &Path, overwrite: bool) -> Result<(), BuildError> {
             foreign.join(", ")
         )));
     }
-    remove_set_files(out)
+    check_manifest_is_ours(out)?;
+    remove_set_files(out, SetFiles::Partial)
 }
 
-/// Removes every file of a shard set from `out` (regular files with the set's final and
-/// partial names; nothing else): `manifest.json` first, flushed, so an interrupted clean-up
-/// never leaves a manifest that lists missing shards (when it cannot be removed, nothing else
-/// is). Then tries every other file and returns the first error.
-fn remove_set_files(out: &Path) -> Result<(), BuildError> {
-    let manifest = out.join(MANIFEST_FILE);
-    if std::fs::symlink_metadata(&manifest).is_ok_and(|m| m.is_file()) {
-        std::fs::remove_file(&manifest).map_err(io_err(&manifest))?;
+/// Refuses a directory whose `manifest.json` (when there is one) is not a cpmv shard
+/// manifest: a file that is not JSON, or JSON without `"format": "cpmv-shards"`, was written
+/// by someone else, and the shard-like files next to it are theirs too. Any format version is
+/// accepted (a set from an older cpmv is still prep's own).
+fn check_manifest_is_ours(out: &Path) -> Result<(), BuildError> {
+    let path = out.join(MANIFEST_FILE);
+    let file = match std::fs::File::open(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err(&path)(e)),
+        Ok(f) => f,
+    };
+    // A manifest lists one entry per shard: far below this. A larger file is not prep's and
+    // is not read whole.
+    const MAX_MANIFEST_BYTES: u64 = 256 << 20;
+    let mut bytes = Vec::new();
+    file.take(MAX_MANIFEST_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io_err(&path))?;
+    let format = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|v| v.get("format")?.as_str().map(str::to_owned));
+    if format.as_deref() == Some(FORMAT_NAME) {
+        return Ok(());
     }
-    cpmv_fsio::sync_dir(out)?;
+    let found = match format {
+        Some(f) => format!("its \"format\" is {f:?}"),
+        None => "it is not JSON with a \"format\" field".to_string(),
+    };
+    Err(BuildError::Setup(format!(
+        "--overwrite: {} is not a cpmv shard manifest ({found}, expected {FORMAT_NAME:?}): the \
+         directory holds someone else's files; refusing to overwrite (nothing was deleted): \
+         move them away or choose another --out",
+        path.display()
+    )))
+}
+
+/// Which files of a shard set [`remove_set_files`] removes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SetFiles {
+    /// `.partial` files only: an unpublished run's.
+    Partial,
+    /// The published ones only: a previous set's.
+    Final,
+    /// Both.
+    All,
+}
+
+impl SetFiles {
+    fn covers(self, entry: &std::fs::DirEntry) -> bool {
+        is_set_file(entry)
+            && match self {
+                SetFiles::Partial => is_partial_name(entry),
+                SetFiles::Final => !is_partial_name(entry),
+                SetFiles::All => true,
+            }
+    }
+}
+
+/// Removes the set files `which` selects from `out` (regular files with the set's names;
+/// nothing else). With [`SetFiles::All`], `manifest.json` goes first and the directory is
+/// flushed, so an interrupted clean-up never leaves a manifest that lists missing shards (when
+/// it cannot be removed, nothing else is); [`SetFiles::Final`] is only used once the caller
+/// has done that. Then tries every other file, flushes the directory when anything was
+/// removed and returns the first error.
+fn remove_set_files(out: &Path, which: SetFiles) -> Result<(), BuildError> {
+    if which == SetFiles::All && remove_manifest(out)? {
+        cpmv_fsio::sync_dir(out)?;
+    }
     let mut first_err = None;
+    let mut removed = false;
     for entry in std::fs::read_dir(out).map_err(io_err(out))? {
         let res = entry.map_err(io_err(out)).and_then(|e| {
-            if is_set_file(&e) {
+            if which.covers(&e) {
+                removed = true;
                 std::fs::remove_file(e.path()).map_err(io_err(&e.path()))
             } else {
                 Ok(())
@@ -242,10 +313,47 @@ fn remove_set_files(out: &Path) -> Result<(), BuildError> {
             first_err.get_or_insert(e);
         }
     }
-    if let Err(e) = cpmv_fsio::sync_dir(out) {
-        first_err.get_or_insert(e.into());
+    if removed {
+        if let Err(e) = cpmv_fsio::sync_dir(out) {
+            first_err.get_or_insert(e.into());
+        }
     }
     first_err.map_or(Ok(()), Err)
+}
+
+/// Removes `out/manifest.json` when it is a regular file; returns whether it was there.
+fn remove_manifest(out: &Path) -> Result<bool, BuildError> {
+    let manifest = out.join(MANIFEST_FILE);
+    if !std::fs::symlink_metadata(&manifest).is_ok_and(|m| m.is_file()) {
+        return Ok(false);
+    }
+    std::fs::remove_file(&manifest).map_err(io_err(&manifest))?;
+    Ok(true)
+}
+
+/// How far a run got in replacing the previous set, for the clean-up after a failure.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Stage {
+    /// Only `.partial` files were written: the previous set (if any) is untouched.
+    Writing,
+    /// The previous manifest is gone: what is left of the old set is no longer a set, and
+    /// the new one is not one yet.
+    Replacing,
+}
+
+/// Removes the previous set's published files just before the new set is published (the
+/// new files still carry `.partial` names, so none of them is touched): `manifest.json`
+/// first, the directory flushed, then `rejected.jsonl` and every shard file, including those
+/// with indices the new set does not have, and the directory flushed again. `stage` becomes
+/// [`Stage::Replacing`] once the old manifest is gone; a failure before that leaves the old
+/// set whole.
+fn replace_previous_set(out: &Path, stage: &mut Stage) -> Result<(), BuildError> {
+    let had_manifest = remove_manifest(out)?;
+    *stage = Stage::Replacing;
+    if had_manifest {
+        cpmv_fsio::sync_dir(out)?;
+    }
+    remove_set_files(out, SetFiles::Final)
 }
 
 /// The data files of a run (with their sizes) and where their relative image paths point.
@@ -396,17 +504,21 @@ struct RunTotals {
 /// Runs `prep build`.
 ///
 /// Nothing is touched before the inputs, the model and the output directory have been checked.
-/// The output is written under `.partial` names and published in order (shards, then
+/// The output is written under `.partial` names; a previous set in `--out` (with `--overwrite`)
+/// stays complete and readable meanwhile. Once every sample is written, the previous set's
+/// files are removed (its manifest first) and the new ones published in order (shards, then
 /// `rejected.jsonl`, then `manifest.json`), each flushed to the disk first. When the run fails
-/// at any point after the output directory was prepared, every file it wrote is removed, so a
-/// failed run never leaves a manifest (the mark of a finished set) or partial files.
+/// before the previous manifest was removed, only the files it wrote are removed and the
+/// previous set is left as it was; after that point every set file is removed, so a failed
+/// run never leaves a manifest (the mark of a finished set) over a mix of files.
 pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     let start = Instant::now();
     refuse_overlapping_out(opts)?;
     let setup = BuildSetup::new(opts)?;
     prepare_out_dir(&opts.out, opts.overwrite)?;
     let input_bytes = setup.input_bytes;
-    match write_set(opts, setup, start) {
+    let mut stage = Stage::Writing;
+    match write_set(opts, setup, start, &mut stage) {
         Ok((manifest, image_bytes)) => Ok(BuildReport {
             manifest,
             elapsed: start.elapsed(),
@@ -414,20 +526,28 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, BuildError> {
             image_bytes,
         }),
         Err(e) => {
-            // `out` held nothing of prep's after prepare_out_dir: every set file in it now was
-            // written by this run.
-            let _ = remove_set_files(&opts.out);
+            // prepare_out_dir removed every `.partial` leftover: the partial files now in
+            // `out` are this run's. Once the previous manifest is gone, nothing in `out` is a
+            // set any more, and every set file goes.
+            let which = match stage {
+                Stage::Writing => SetFiles::Partial,
+                Stage::Replacing => SetFiles::All,
+            };
+            let _ = remove_set_files(&opts.out, which);
             Err(e)
         }
     }
 }
 
-/// Processes every sample into `opts.out` and publishes the set; returns the manifest and the
-/// bytes of images read. On an error the caller removes what was written.
+/// Processes every sample into `opts.out` under `.partial` names, replaces the previous set
+/// and publishes the new one; returns the manifest and the bytes of images read. On an error
+/// the caller removes what was written (and, past [`Stage::Replacing`], what is left of the
+/// previous set).
 fn write_set(
     opts: &BuildOptions,
     setup: BuildSetup,
     start: Instant,
+    stage: &mut Stage,
 ) -> Result<(Manifest, u64), BuildError> {
     let rejected_path = opts.out.join(format!("{REJECTED_FILE}{PARTIAL_SUFFIX}"));
     let mut rejected_out = std::io::BufWriter::new(
@@ -439,6 +559,10 @@ fn write_set(
         .into_inner()
         .map_err(|e| io_err(&rejected_path)(e.into_error()))?;
 
+    if let Err(e) = replace_previous_set(&opts.out, stage) {
+        closed.discard();
+        return Err(e);
+    }
     let shards = closed.publish()?;
     cpmv_fsio::publish(&rejected_path, &opts.out.join(REJECTED_FILE))?;
     let image_bytes = totals.image_bytes;

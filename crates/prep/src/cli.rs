@@ -10,7 +10,9 @@ use crate::config::{BuildOptions, OnError, OutputFormat, PrepPreset};
 use crate::inspect::{inspect, InspectOptions};
 use crate::model::LlmType;
 use crate::placeholder::ImageIdMode;
-use crate::stats::{measure, render_text, stats_from_shards, StatsOptions};
+use crate::stats::{
+    measure, refuse_overlapping_outputs, render_text, stats_from_shards, StatsOptions,
+};
 
 /// Exit status: all samples written.
 pub const EXIT_OK: u8 = 0;
@@ -152,7 +154,8 @@ struct BuildArgs {
     /// `skip` bad samples (report them) or `fail` at the first.
     #[arg(long, value_enum)]
     on_error: Option<OnError>,
-    /// Replace a previous shard set in --out.
+    /// Replace a previous shard set in --out (it stays whole until the new set is complete;
+    /// a failed run leaves it as it was).
     #[arg(long)]
     overwrite: bool,
 }
@@ -180,10 +183,12 @@ struct StatsArgs {
     /// Print the figures as one JSON object (schemas/stats.schema.json).
     #[arg(long)]
     json: bool,
-    /// Write a PNG histogram of total tokens with the max length marked.
+    /// Write a PNG histogram of total tokens with the max length marked (not a --data file,
+    /// nor inside --model or --shards).
     #[arg(long)]
     plot: Option<PathBuf>,
-    /// Write one JSON line per measured sample (id and counts).
+    /// Write one JSON line per measured sample (id and counts; not a --data file, nor inside
+    /// --model).
     #[arg(long, conflicts_with = "shards")]
     per_sample: Option<PathBuf>,
 }
@@ -203,7 +208,7 @@ struct InspectArgs {
     /// Checkpoint directory for the tokenizer (default: the one in the manifest).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Write each slice as a PNG file into this directory.
+    /// Write each slice as a PNG file into this directory (not --shards, nor inside it).
     #[arg(long)]
     dump_images: Option<PathBuf>,
     /// Plain output even on a terminal (loss tokens in [[…]]).
@@ -328,6 +333,21 @@ fn run_build(args: BuildArgs) -> u8 {
 
 fn run_stats(args: StatsArgs) -> u8 {
     let result = (|| -> Result<crate::stats::StatsReport, BuildError> {
+        // Before anything is read or created: --plot is written at the end, --per-sample as
+        // samples are measured, and either could be a data file or a file of a shard set.
+        let outputs: Vec<(&str, &std::path::Path)> = [
+            ("--per-sample", args.per_sample.as_deref()),
+            ("--plot", args.plot.as_deref()),
+        ]
+        .into_iter()
+        .filter_map(|(flag, path)| Some((flag, path?)))
+        .collect();
+        refuse_overlapping_outputs(
+            &outputs,
+            &args.data,
+            args.model.as_deref(),
+            args.shards.as_deref(),
+        )?;
         if let Some(dir) = &args.shards {
             return stats_from_shards(dir, args.model.as_deref());
         }

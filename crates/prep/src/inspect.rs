@@ -3,7 +3,7 @@
 //! listed, slices written as PNG on request.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use cpmv_shard::{SampleView, ShardDir};
 use tokenizers::Tokenizer;
@@ -85,8 +85,33 @@ pub fn render_tokens(tok: &Tokenizer, row: &SampleView<'_>, color: bool) -> Stri
     out
 }
 
+/// Refuses a `--dump-images` directory that is `--shards` or lies inside it (symlinks
+/// resolved): PNG files there would make the shard directory hold files `prep build` did not
+/// write (so `--overwrite` refuses it). A folder that contains the shard directory is fine:
+/// the PNG names never collide with it.
+fn refuse_dump_into_shards(dump: &Path, shards: &Path) -> Result<(), BuildError> {
+    let (d, s) = (cpmv_fsio::resolve(dump)?, cpmv_fsio::resolve(shards)?);
+    let relation = if d == s {
+        "is"
+    } else if d.starts_with(&s) {
+        "lies inside"
+    } else {
+        return Ok(());
+    };
+    Err(BuildError::Setup(format!(
+        "--dump-images {} {relation} --shards {} ({}); writing images there would add \
+         foreign files to the shard set: choose a directory outside it",
+        dump.display(),
+        shards.display(),
+        s.display()
+    )))
+}
+
 /// Finds the sample, renders the report and writes slices when asked.
 pub fn inspect(opts: &InspectOptions) -> Result<String, BuildError> {
+    if let Some(dump) = &opts.dump_images {
+        refuse_dump_into_shards(dump, &opts.shards)?;
+    }
     let dir = ShardDir::open(&opts.shards)?;
     let row = match (&opts.id, opts.index) {
         (Some(id), _) => dir.find_id(id).ok_or_else(|| {

@@ -82,7 +82,9 @@ pub struct TokenStrings {
     pub unk: String,
     pub eos: String,
     pub bos: Option<String>,
-    /// `pad_token` of tokenizer_config.json (the trainer may pad with it).
+    /// `pad_token` of tokenizer_config.json. No sample contains it (prep never pads; the
+    /// trainer pads its batches with id 0), so it is not a
+    /// [`fixed token`](ModelDir::fixed_tokens) and its id is not checked against `vocab_size`.
     pub pad: Option<String>,
 }
 
@@ -337,7 +339,7 @@ impl ModelDir {
         })
     }
 
-    /// Every token id a sample contains whatever its text says: bos/eos/pad/unk, the
+    /// Every token id a sample contains whatever its text says: bos/eos/unk, the
     /// template's own tokens (role headers, turn ends, MiniCPM's `<用户>`/`<AI>`), the
     /// placeholders' tokens, and the highest id of the tokenizer's ordinary vocabulary (any
     /// text may produce it).
@@ -354,7 +356,6 @@ impl ModelDir {
         let named = [
             (self.strings.bos.as_deref(), "bos_token"),
             (Some(self.strings.eos.as_str()), "eos_token"),
-            (self.strings.pad.as_deref(), "pad_token"),
             (
                 Some(self.strings.unk.as_str()),
                 "unk_token, the image placeholder",
@@ -510,5 +511,29 @@ mod tests {
             let err = m.check_vocab().unwrap_err().to_string();
             assert!(err.contains(&format!("(id {max}")), "{dir}: {err}");
         }
+    }
+
+    /// prep never writes the pad token into a sample: a pad id at or above vocab_size is no
+    /// reason to refuse the checkpoint (tokens a sample does contain still are).
+    #[test]
+    fn the_pad_token_is_not_checked_against_vocab_size() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/models");
+        let mut m = ModelDir::load(&root.join("minicpm-v-2_6-tiny"), None).unwrap();
+        // The fixed tokens of this tokenizer end at </image_id> (4089).
+        m.vocab_size = Some(4090);
+        m.check_vocab().unwrap();
+        m.strings.pad = Some("<|reserved_special_token_5|>".into());
+        assert_eq!(
+            m.tokenizer.token_to_id("<|reserved_special_token_5|>"),
+            Some(4095)
+        );
+        assert!(m.fixed_tokens().iter().all(|f| f.id < 4090));
+        m.check_vocab().unwrap();
+        m.vocab_size = Some(4089);
+        let err = m.check_vocab().unwrap_err().to_string();
+        assert!(
+            err.contains("</image_id>") && !err.contains("reserved"),
+            "{err}"
+        );
     }
 }

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde::Serialize;
 
+use cpmv_fsio::Input;
 use cpmv_image::{plan_slices, SliceConfig};
 
 use crate::build::{resolve_settings, BuildError};
@@ -39,7 +40,8 @@ pub struct StatsOptions {
     pub seed: u64,
     pub threads: Option<usize>,
     pub progress: bool,
-    /// Write one JSON line per measured sample here, as samples are measured.
+    /// Write one JSON line per measured sample here, as samples are measured. Refused when it
+    /// is a `--data` file or lies inside `--model` ([`refuse_overlapping_outputs`]).
     pub per_sample: Option<PathBuf>,
 }
 
@@ -476,8 +478,67 @@ pub struct Measurements {
     pub llm_type: LlmType,
 }
 
+/// Refuses the output files of `prep stats` (`outputs`: flag and path, e.g. `--per-sample`,
+/// `--plot`) that would overwrite or land in one of its inputs, before any file is created
+/// (paths compared with symlinks resolved): one that is (or contains) a `--data` file, or lies
+/// inside `--model` or `--shards`. With `--shards` and no `--model`, the model directory the
+/// manifest names counts as `--model`. Two outputs naming the same file are refused too.
+pub fn refuse_overlapping_outputs(
+    outputs: &[(&str, &Path)],
+    data: &[PathBuf],
+    model: Option<&Path>,
+    shards: Option<&Path>,
+) -> Result<(), BuildError> {
+    let manifest_model = match (model, shards) {
+        (None, Some(dir)) => cpmv_shard::Manifest::load(dir)
+            .ok()
+            .map(|m| PathBuf::from(m.model.dir)),
+        _ => None,
+    };
+    let mut inputs: Vec<Input> = data
+        .iter()
+        .map(|path| Input {
+            flag: "--data",
+            path,
+        })
+        .collect();
+    inputs.extend(model.map(|path| Input {
+        flag: "--model",
+        path,
+    }));
+    inputs.extend(manifest_model.as_deref().map(|path| Input {
+        flag: "--model (named by the manifest of --shards)",
+        path,
+    }));
+    inputs.extend(shards.map(|path| Input {
+        flag: "--shards",
+        path,
+    }));
+    let mut seen: Vec<(&str, PathBuf)> = Vec::new();
+    for &(flag, path) in outputs {
+        cpmv_fsio::refuse_overlap(flag, path, &inputs)?;
+        let resolved = cpmv_fsio::resolve(path)?;
+        if let Some((other, _)) = seen.iter().find(|(_, p)| *p == resolved) {
+            return Err(BuildError::Setup(format!(
+                "{other} and {flag} name the same file {}: give them different files",
+                path.display()
+            )));
+        }
+        seen.push((flag, resolved));
+    }
+    Ok(())
+}
+
 /// Streams the data files and measures every sample (or a seeded reservoir sample).
 pub fn measure(opts: &StatsOptions) -> Result<Measurements, BuildError> {
+    if let Some(path) = &opts.per_sample {
+        refuse_overlapping_outputs(
+            &[("--per-sample", path)],
+            &opts.data,
+            Some(&opts.model),
+            None,
+        )?;
+    }
     let model = ModelDir::load(&opts.model, opts.prep.llm_type)?;
     model.check_vocab()?;
     let build_like = BuildOptions {
