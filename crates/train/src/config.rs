@@ -208,13 +208,7 @@ impl SettingChange {
 
 /// The keys a preset's `[train]` table sets (for `train --print-config`).
 pub fn preset_keys(path: &Path) -> Result<Vec<String>, TrainError> {
-    let text = std::fs::read_to_string(path).map_err(|e| TrainError::Io {
-        path: path.to_path_buf(),
-        source: e,
-    })?;
-    let file: PresetFile = toml::from_str(&text)
-        .map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
-    Ok(match file.train {
+    Ok(match train_table(path)? {
         Some(toml::Value::Table(t)) => t.keys().cloned().collect(),
         _ => Vec::new(),
     })
@@ -226,16 +220,21 @@ struct PresetFile {
     train: Option<toml::Value>,
 }
 
+/// The `[train]` table of a preset file, if it has one.
+fn train_table(path: &Path) -> Result<Option<toml::Value>, TrainError> {
+    let text = std::fs::read_to_string(path).map_err(|e| TrainError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
+    let file: PresetFile = toml::from_str(&text)
+        .map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
+    Ok(file.train)
+}
+
 impl TrainConfig {
     /// Reads the `[train]` table of a preset (other tables, e.g. `[prep]`, are ignored).
     pub fn from_preset(path: &Path) -> Result<Self, TrainError> {
-        let text = std::fs::read_to_string(path).map_err(|e| TrainError::Io {
-            path: path.to_path_buf(),
-            source: e,
-        })?;
-        let file: PresetFile = toml::from_str(&text)
-            .map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
-        match file.train {
+        match train_table(path)? {
             None => Ok(TrainConfig::default()),
             Some(v) => v
                 .try_into()
