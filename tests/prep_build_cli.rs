@@ -8,7 +8,7 @@ use serde_json::Value;
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{copy_model, prep, root, s, MODELS};
+use common::{copy_model, dir_files, model_with_json, prep, root, s, MODELS};
 
 fn out_dir() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
@@ -22,18 +22,6 @@ fn listing(dir: &Path) -> Vec<String> {
         .collect();
     v.sort();
     v
-}
-
-/// Every file of `dir` (not recursive) with its bytes.
-fn contents(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    listing(dir)
-        .into_iter()
-        .filter(|n| dir.join(n).is_file())
-        .map(|n| {
-            let bytes = std::fs::read(dir.join(&n)).unwrap();
-            (n, bytes)
-        })
-        .collect()
 }
 
 /// `prep build` of the example data with the 2.6 model into `out`, plus `extra` flags.
@@ -593,21 +581,9 @@ fn truncation_settings_in_tokenizer_json_are_ignored() {
     // A tokenizer.json may carry `truncation`; the reference's encode calls do not truncate, so
     // lengths must not change.
     let tmp = out_dir();
-    let model = copy_model(
-        tmp.path(),
-        MODELS[2],
-        &[
-            "config.json",
-            "tokenizer_config.json",
-            "preprocessor_config.json",
-        ],
-    );
-    let mut tok: Value = serde_json::from_str(
-        &std::fs::read_to_string(root().join(MODELS[2]).join("tokenizer.json")).unwrap(),
-    )
-    .unwrap();
-    tok["truncation"] = serde_json::json!({"direction": "Right", "max_length": 16, "strategy": "LongestFirst", "stride": 0});
-    std::fs::write(model.join("tokenizer.json"), tok.to_string()).unwrap();
+    let model = model_with_json(tmp.path(), MODELS[2], "tokenizer.json", |tok| {
+        tok["truncation"] = serde_json::json!({"direction": "Right", "max_length": 16, "strategy": "LongestFirst", "stride": 0});
+    });
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     for (m, out) in [(s(&model), &a), (MODELS[2], &b)] {
         let o = prep(&[
@@ -653,7 +629,7 @@ fn an_output_overlapping_an_input_is_refused_before_anything_is_touched() {
             "preprocessor_config.json",
         ],
     );
-    let before = contents(&model);
+    let before = dir_files(&model);
     let link = tmp.path().join("link-to-m");
     std::os::unix::fs::symlink(&model, &link).unwrap();
     let refused = |args: &[&str], out: &Path, what: &str| {
@@ -686,7 +662,11 @@ fn an_output_overlapping_an_input_is_refused_before_anything_is_touched() {
     refused(&m_args, &model.join("shards"), "lies inside --model");
     refused(&m_args, tmp.path(), "contains --model");
     assert!(!model.join("shards").exists());
-    assert_eq!(contents(&model), before, "the model directory is untouched");
+    assert_eq!(
+        dir_files(&model),
+        before,
+        "the model directory is untouched"
+    );
 
     // A data file inside --out (the folder given through a symlink).
     let data_dir = tmp.path().join("data");
@@ -735,7 +715,7 @@ fn overwrite_checks_the_whole_directory_before_deleting_anything() {
     let out = tmp.path().join("o");
     let o = build_example(&out, &[]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let previous = contents(&out);
+    let previous = dir_files(&out);
     std::fs::write(out.join("notes.txt"), b"mine").unwrap();
     std::fs::write(out.join("shard-00000.arrow.bak"), b"mine").unwrap();
     std::fs::create_dir(out.join("shard-00042.arrow")).unwrap();
@@ -746,8 +726,8 @@ fn overwrite_checks_the_whole_directory_before_deleting_anything() {
         assert!(err.contains(name), "{name} not named: {err}");
     }
     assert!(err.contains("nothing was deleted"), "{err}");
-    let mut after = contents(&out);
-    after.retain(|(n, _)| n != "notes.txt" && n != "shard-00000.arrow.bak");
+    let mut after = dir_files(&out);
+    after.retain(|n, _| n != "notes.txt" && n != "shard-00000.arrow.bak");
     assert_eq!(after, previous, "the previous set is intact");
     ShardDir::open(&out).unwrap();
 
@@ -766,7 +746,7 @@ fn overwrite_checks_the_whole_directory_before_deleting_anything() {
     }
     let o = build_example(&out, &["--overwrite"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    assert_eq!(contents(&out), previous);
+    assert_eq!(dir_files(&out), previous);
 }
 
 /// An `--overwrite` run that fails (a bad sample with `--on-error fail`, a JSON list broken
@@ -783,7 +763,7 @@ fn a_failed_overwrite_leaves_the_previous_set_intact() {
         &["--no-pack", "--shard-size-mb", "0", "--format", "both"],
     );
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let previous = contents(&out);
+    let previous = dir_files(&out);
     let ids = |dir: &Path| -> Vec<String> {
         ShardDir::open(dir)
             .unwrap()
@@ -842,7 +822,7 @@ fn a_failed_overwrite_leaves_the_previous_set_intact() {
         ]);
         assert_eq!(o.status.code(), Some(code), "{what}: {}", stderr(&o));
         assert_eq!(
-            contents(&out),
+            dir_files(&out),
             previous,
             "{what}: the previous set is left exactly as it was, without partial files"
         );
@@ -882,7 +862,7 @@ fn overwrite_refuses_a_directory_whose_manifest_is_not_prep_s() {
         std::fs::write(out.join("manifest.json"), manifest).unwrap();
         std::fs::write(out.join("shard-00000.arrow"), b"their data").unwrap();
         std::fs::write(out.join("rejected.jsonl"), b"their notes").unwrap();
-        let before = contents(&out);
+        let before = dir_files(&out);
         let o = build_example(&out, &["--overwrite"]);
         assert_eq!(o.status.code(), Some(1), "{manifest}: {}", stderr(&o));
         let err = stderr(&o);
@@ -895,7 +875,7 @@ fn overwrite_refuses_a_directory_whose_manifest_is_not_prep_s() {
         ] {
             assert!(err.contains(want), "{want:?} missing: {err}");
         }
-        assert_eq!(contents(&out), before, "{manifest}: nothing is touched");
+        assert_eq!(dir_files(&out), before, "{manifest}: nothing is touched");
     }
 
     let out = tmp.path().join("older");
@@ -963,22 +943,9 @@ fn a_failure_while_publishing_leaves_no_files_behind() {
 
 /// A copy of the 2.6 example model with config.json's vocab_size set to `vocab`.
 fn model_with_vocab(dir: &Path, vocab: u64) -> std::path::PathBuf {
-    let model = copy_model(
-        dir,
-        MODELS[2],
-        &[
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "preprocessor_config.json",
-        ],
-    );
-    let mut config: Value = serde_json::from_str(
-        &std::fs::read_to_string(root().join(MODELS[2]).join("config.json")).unwrap(),
-    )
-    .unwrap();
-    config["vocab_size"] = vocab.into();
-    std::fs::write(model.join("config.json"), config.to_string()).unwrap();
-    model
+    model_with_json(dir, MODELS[2], "config.json", |c| {
+        c["vocab_size"] = vocab.into()
+    })
 }
 
 /// config.json's vocab_size below the ids of tokens every sample contains (here `<|im_end|>`,

@@ -23,7 +23,7 @@ use cpmv_shard::ShardDir;
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{prep, root, s, MODELS};
+use common::{dir_files, prep, root, s, MODELS};
 
 /// Runs of a racing kill point before the test gives up. The kill misses now and then where
 /// fsync costs nothing (tmpfs: about one run in four for the narrowest point, on two busy
@@ -66,18 +66,6 @@ fn build_args(bad: &Path, shard_mb: &str, extra: &[&str]) -> Vec<String> {
     args
 }
 
-/// Every file of `dir` with its bytes.
-fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| {
-            let e = e.unwrap();
-            let name = e.file_name().to_string_lossy().into_owned();
-            (name, std::fs::read(e.path()).unwrap())
-        })
-        .collect()
-}
-
 fn assert_same(got: &BTreeMap<String, Vec<u8>>, want: &BTreeMap<String, Vec<u8>>, what: &str) {
     assert_eq!(
         got.keys().collect::<Vec<_>>(),
@@ -90,7 +78,7 @@ fn assert_same(got: &BTreeMap<String, Vec<u8>>, want: &BTreeMap<String, Vec<u8>>
 }
 
 fn assert_same_set(dir: &Path, reference: &BTreeMap<String, Vec<u8>>, what: &str) {
-    assert_same(&files(dir), reference, what);
+    assert_same(&dir_files(dir), reference, what);
 }
 
 /// A copy of the set `set` in a new directory `dir`.
@@ -168,7 +156,7 @@ enum Left {
 /// files of the killed run may lie beside it), which the reader opens.
 fn check_after_kill(dir: &Path, complete: &BTreeMap<String, Vec<u8>>, what: &str) -> Left {
     if dir.join("manifest.json").exists() {
-        let mut published = files(dir);
+        let mut published = dir_files(dir);
         published.retain(|name, _| !name.ends_with(".partial"));
         assert_same(
             &published,
@@ -307,7 +295,7 @@ fn killed_builds_never_look_finished_and_overwrite_rebuilds_them_exactly() {
 
     let reference_dir = tmp.path().join("reference");
     run_to_end(&args, &reference_dir, 3, "uninterrupted run");
-    let reference = files(&reference_dir);
+    let reference = dir_files(&reference_dir);
     let shards = reference
         .keys()
         .filter(|n| n.starts_with("shard-") && n.ends_with(".arrow"))
@@ -379,7 +367,7 @@ fn killed_builds_never_look_finished_and_overwrite_rebuilds_them_exactly() {
     let old_dir = tmp.path().join("old");
     let old_args = build_args(&bad, "0", &["--no-pack"]);
     run_to_end(&old_args, &old_dir, 3, "the previous set");
-    let old = files(&old_dir);
+    let old = dir_files(&old_dir);
     let old_shards = old
         .keys()
         .filter(|n| n.starts_with("shard-") && n.ends_with(".arrow"))
@@ -405,7 +393,7 @@ fn killed_builds_never_look_finished_and_overwrite_rebuilds_them_exactly() {
             "{what}"
         );
         assert!(
-            files(&dir).keys().any(|n| n.ends_with(".partial")),
+            dir_files(&dir).keys().any(|n| n.ends_with(".partial")),
             "{what}: the new run had written files"
         );
         report.push(format!("{what}: killed, previous set whole"));

@@ -9,7 +9,7 @@ use serde_json::Value;
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{copy_model, prep, root, s, MODELS};
+use common::{copy_model, dir_files, prep, root, s, MODELS};
 
 fn ok(o: &Output, code: i32) -> String {
     assert_eq!(
@@ -521,17 +521,7 @@ fn outputs_over_their_own_inputs_are_refused_before_anything_is_written() {
         ]),
         3,
     );
-    let files = |dir: &Path| -> BTreeMap<String, Vec<u8>> {
-        std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| {
-                let e = e.unwrap();
-                let name = e.file_name().to_string_lossy().into_owned();
-                (name, std::fs::read(e.path()).unwrap())
-            })
-            .collect()
-    };
-    let set_before = files(&shards);
+    let set_before = dir_files(&shards);
     let plot_in_set = shards.join("hist.png");
     refused(
         &["stats", "--shards", s(&shards), "--plot", s(&plot_in_set)],
@@ -575,7 +565,10 @@ fn outputs_over_their_own_inputs_are_refused_before_anything_is_written() {
             "{err}"
         );
     }
-    assert!(files(&shards) == set_before, "the shard set is untouched");
+    assert!(
+        dir_files(&shards) == set_before,
+        "the shard set is untouched"
+    );
     ShardDir::open(&shards).unwrap();
 
     // Outputs next to the inputs are fine, a folder that contains the shard set included.

@@ -2,6 +2,7 @@
 // Each test binary uses a different subset of these helpers.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -40,4 +41,42 @@ pub fn copy_model(dir: &Path, from: &str, files: &[&str]) -> PathBuf {
         std::fs::copy(root().join(from).join(f), model.join(f)).unwrap();
     }
     model
+}
+
+/// A copy of the example model `from` in `dir/m` whose JSON file `file` is changed by `edit`
+/// (the other checkpoint files copied unchanged).
+pub fn model_with_json(
+    dir: &Path,
+    from: &str,
+    file: &str,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> PathBuf {
+    let others: Vec<&str> = [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "preprocessor_config.json",
+    ]
+    .into_iter()
+    .filter(|f| *f != file)
+    .collect();
+    let model = copy_model(dir, from, &others);
+    let text = std::fs::read_to_string(root().join(from).join(file)).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    edit(&mut v);
+    std::fs::write(model.join(file), v.to_string()).unwrap();
+    model
+}
+
+/// Every file of `dir` (not recursive) with its bytes, by name.
+pub fn dir_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.path().is_file())
+        .map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            (name, std::fs::read(e.path()).unwrap())
+        })
+        .collect()
 }

@@ -84,6 +84,12 @@ pub struct Input<'a> {
     pub path: &'a Path,
 }
 
+impl<'a> Input<'a> {
+    pub fn new(flag: &'a str, path: &'a Path) -> Self {
+        Input { flag, path }
+    }
+}
+
 /// Refuses an output directory that is, contains or lies inside any of `inputs` (symlinks
 /// resolved). Writing there could overwrite, truncate or delete the inputs the command is
 /// still reading (a model copied onto itself is truncated to 0 bytes).

@@ -124,8 +124,8 @@ pub fn evaluate_samples(opts: &EvalOptions) -> Result<EvalReport, TrainError> {
     };
     let model = load_model(&opts.model, opts.adapter.as_deref(), fixes)?;
     check_fit(&data, &opts.model, &model)?;
-    let id = |token: &str| crate::tokens::token_id(&opts.model, token);
-    let (image_start, slice_start, slice_end) = (id("<image>")?, id("<slice>")?, id("</slice>")?);
+    let [image_start, slice_start, slice_end] =
+        crate::tokens::token_ids(&opts.model, ["<image>", "<slice>", "</slice>"])?;
     let patch = model.config().vision.patch_size;
     let pb = if opts.quiet {
         indicatif::ProgressBar::hidden()

@@ -461,22 +461,15 @@ fn run() -> Result<()> {
                 quiet: quiet || json,
             };
             if let Some(path) = &out {
-                let mut inputs = vec![
-                    cpmv_fsio::Input {
-                        flag: "--model",
-                        path: &opts.model,
-                    },
-                    cpmv_fsio::Input {
-                        flag: "--shards",
-                        path: &opts.shards,
-                    },
-                ];
-                if let Some(a) = &opts.adapter {
-                    inputs.push(cpmv_fsio::Input {
-                        flag: "--adapter",
-                        path: a,
-                    });
-                }
+                use cpmv_fsio::Input;
+                let inputs: Vec<Input> = [
+                    Some(Input::new("--model", &opts.model)),
+                    Some(Input::new("--shards", &opts.shards)),
+                    opts.adapter.as_deref().map(|a| Input::new("--adapter", a)),
+                ]
+                .into_iter()
+                .flatten()
+                .collect();
                 cpmv_fsio::refuse_overlap("--out", path, &inputs)?;
             }
             let report = cpmv_train::eval::evaluate_samples(&opts)?;

@@ -6,19 +6,24 @@ use std::path::Path;
 
 use crate::error::{io, TrainError};
 
-/// The id of `token` in `dir/tokenizer.json`: an added token, else an entry of the model's
-/// vocabulary (a map for BPE/WordPiece, a list of `[piece, score]` for Unigram).
-pub fn token_id(dir: &Path, token: &str) -> Result<u32, TrainError> {
+/// The ids of `tokens` in `dir/tokenizer.json` (read and parsed once): each an added token,
+/// else an entry of the model's vocabulary (a map for BPE/WordPiece, a list of
+/// `[piece, score]` for Unigram).
+pub fn token_ids<const N: usize>(dir: &Path, tokens: [&str; N]) -> Result<[u32; N], TrainError> {
     let path = dir.join("tokenizer.json");
     let text = std::fs::read_to_string(&path).map_err(io(&path))?;
     let v: Value = serde_json::from_str(&text)
         .map_err(|e| TrainError::Mismatch(format!("{}: invalid JSON: {e}", path.display())))?;
-    lookup(&v, token).ok_or_else(|| {
-        TrainError::Mismatch(format!(
-            "{}: no token {token:?} (a MiniCPM-V tokenizer has it)",
-            path.display()
-        ))
-    })
+    let mut ids = [0u32; N];
+    for (id, token) in ids.iter_mut().zip(tokens) {
+        *id = lookup(&v, token).ok_or_else(|| {
+            TrainError::Mismatch(format!(
+                "{}: no token {token:?} (a MiniCPM-V tokenizer has it)",
+                path.display()
+            ))
+        })?;
+    }
+    Ok(ids)
 }
 
 fn lookup(v: &Value, token: &str) -> Option<u32> {
@@ -73,21 +78,14 @@ mod tests {
         ] {
             let dir = root.join(name);
             let md = cpmv_prep::model::ModelDir::load(&dir, None).unwrap();
-            assert_eq!(
-                token_id(&dir, "<image>").unwrap(),
+            let ids = token_ids(&dir, ["<image>", "<slice>", "</slice>"]).unwrap();
+            let want = [
                 md.tokens.im_start,
-                "{name}"
-            );
-            assert_eq!(
-                token_id(&dir, "<slice>").unwrap(),
                 md.tokens.slice_start,
-                "{name}"
-            );
-            assert_eq!(
-                token_id(&dir, "</slice>").unwrap(),
                 md.tokens.slice_end,
-                "{name}"
-            );
+            ];
+            assert_eq!(ids, want, "{name}");
+            assert!(token_ids(&dir, ["<no such token>"]).is_err(), "{name}");
         }
     }
 }

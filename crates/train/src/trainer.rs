@@ -367,22 +367,17 @@ struct Setup {
 /// model copied onto its own base truncates the tokenizer files, and weights written over the
 /// mapped base corrupt both.
 fn refuse_overlapping_output(opts: &TrainOptions) -> Result<(), TrainError> {
-    let mut inputs = vec![
-        cpmv_fsio::Input {
-            flag: "--model",
-            path: &opts.model,
-        },
-        cpmv_fsio::Input {
-            flag: "--shards",
-            path: &opts.shards,
-        },
-    ];
-    if let Some(e) = &opts.eval_shards {
-        inputs.push(cpmv_fsio::Input {
-            flag: "--eval-shards",
-            path: e,
-        });
-    }
+    use cpmv_fsio::Input;
+    let inputs: Vec<Input> = [
+        Some(Input::new("--model", &opts.model)),
+        Some(Input::new("--shards", &opts.shards)),
+        opts.eval_shards
+            .as_deref()
+            .map(|e| Input::new("--eval-shards", e)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     cpmv_fsio::refuse_overlap("--output", &opts.output, &inputs)?;
     Ok(())
 }
@@ -554,6 +549,13 @@ fn resume_changes(
     Ok(changes)
 }
 
+/// `checkpoint-<digits>.partial`: a save or prune that did not finish.
+fn is_partial_checkpoint(name: &str) -> bool {
+    name.strip_prefix("checkpoint-")
+        .and_then(|r| r.strip_suffix(".partial"))
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// Removes `checkpoint-N.partial` directories a killed save left behind.
 fn remove_stale_partials(run: &Path) -> Result<(), TrainError> {
     let Ok(entries) = std::fs::read_dir(run) else {
@@ -561,11 +563,7 @@ fn remove_stale_partials(run: &Path) -> Result<(), TrainError> {
     };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        let stale = name
-            .strip_prefix("checkpoint-")
-            .and_then(|r| r.strip_suffix(".partial"))
-            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-        if (stale || name == FINAL_PARTIAL) && e.path().is_dir() {
+        if (is_partial_checkpoint(&name) || name == FINAL_PARTIAL) && e.path().is_dir() {
             std::fs::remove_dir_all(e.path()).map_err(io(&e.path()))?;
         }
     }
@@ -592,11 +590,8 @@ fn refuse_foreign_entries(run: &Path) -> Result<(), TrainError> {
         .flatten()
         .map(|e| e.file_name().to_string_lossy().to_string())
         .filter(|n| {
-            let partial_ckpt = n
-                .strip_prefix("checkpoint-")
-                .and_then(|r| r.strip_suffix(".partial"))
-                .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()));
-            !(partial_ckpt || n == "log.jsonl" || n == "tb" || n == FINAL_PARTIAL)
+            let ours = [cpmv_runlog::LOG_FILE, cpmv_runlog::TB_DIR, FINAL_PARTIAL];
+            !(is_partial_checkpoint(n) || ours.contains(&n.as_str()))
         })
         .collect();
     if foreign.is_empty() {
