@@ -193,7 +193,7 @@ fn main() {
 /// into phases. Rows are written one sample per pack (packing itself is a sort of a few hundred
 /// integers per window: negligible).
 fn phases(args: &Args) {
-    use cpmv::prep::config::{BuildOptions, PrepPreset};
+    use cpmv::prep::config::PrepPreset;
     use cpmv::prep::input::SampleReader;
     use cpmv::prep::process::InputSource;
     use cpmv::prep::{build::resolve_settings, ModelDir, Processor};
@@ -206,17 +206,7 @@ fn phases(args: &Args) {
 
     let t_setup = Instant::now();
     let model = ModelDir::load(&model_dir, None).expect("model dir");
-    let opts = BuildOptions {
-        data: vec![args.data.clone()],
-        image_root: None,
-        model: model_dir.clone(),
-        out: out.clone(),
-        prep: PrepPreset::default(),
-        threads: Some(1),
-        overwrite: true,
-        progress: false,
-    };
-    let settings = resolve_settings(&model, &opts).expect("settings");
+    let settings = resolve_settings(&model, &PrepPreset::default()).expect("settings");
     let cfg = cpmv::prep::process::slice_config(&settings);
     let processor = Processor::new(model, settings).expect("processor");
     let setup = t_setup.elapsed();

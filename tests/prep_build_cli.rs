@@ -1063,3 +1063,75 @@ fn samples_with_tokens_beyond_vocab_size_are_rejected() {
         2
     );
 }
+
+/// `prep build --print-config` prints every `[prep]` setting with its source: a flag beats the
+/// preset, the preset beats the checkpoint, the checkpoint beats prep's defaults; it needs no
+/// data and writes nothing.
+#[test]
+fn print_config_shows_each_setting_and_where_it_came_from() {
+    let dir = out_dir();
+    let preset = dir.path().join("preset.toml");
+    std::fs::write(
+        &preset,
+        "[prep]\nmax_length = 4096\nmax_slice_nums = 4\npack = false\n",
+    )
+    .unwrap();
+    let o = prep(&[
+        "build",
+        "--model",
+        MODELS[2],
+        "--config",
+        s(&preset),
+        "--max-slice-nums",
+        "2",
+        "--format",
+        "both",
+        "--print-config",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let text = String::from_utf8(o.stdout).unwrap();
+    let line = |key: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{key} = ")))
+            .unwrap_or_else(|| panic!("no {key} in\n{text}"))
+            .to_string()
+    };
+    let preset_src = format!("# preset {}", preset.display());
+    let config: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join(MODELS[2]).join("config.json")).unwrap(),
+    )
+    .unwrap();
+    let query_num = config["query_num"].as_u64().unwrap();
+    for (key, value, source) in [
+        ("max_slice_nums", "2".to_string(), "# flag"),
+        ("format", "\"both\"".into(), "# flag"),
+        ("max_length", "4096".into(), &preset_src),
+        ("pack", "false".into(), &preset_src),
+        ("llm_type", "\"qwen\"".into(), "# checkpoint"),
+        ("query_num", query_num.to_string(), "# checkpoint"),
+        ("truncate", "false".into(), "# default"),
+        ("shard_size_mb", "1024".into(), "# default"),
+    ] {
+        let l = line(key);
+        assert!(
+            l.starts_with(&format!("{key} = {value} ")) && l.ends_with(source),
+            "{key}: {l}\n{text}"
+        );
+    }
+    assert!(text.contains("[prep]"), "{text}");
+    // The table (comments aside) is a preset that gives the same resolution.
+    let table: toml::Table = toml::from_str(&text).unwrap();
+    assert_eq!(table["prep"]["max_slice_nums"].as_integer(), Some(2));
+    // Settings are checked as a build checks them.
+    let o = prep(&[
+        "build",
+        "--model",
+        MODELS[2],
+        "--max-slice-nums",
+        "0",
+        "--print-config",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("max_slice_nums"), "{}", stderr(&o));
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+}

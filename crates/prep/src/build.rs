@@ -25,7 +25,9 @@ use cpmv_shard::{
     BuildSettings, ClosedShardSet, Sample, ShardEntry, ShardSetWriter, WriterOptions,
 };
 
-use crate::config::{defaults, BuildOptions, OnError, OutputFormat};
+use crate::config::{
+    defaults, BuildOptions, OnError, OutputFormat, PrepPreset, ResolvedSetting, SettingSource,
+};
 use crate::input::{InputError, SampleReader};
 use crate::model::{ModelDir, ModelError};
 use crate::pack::{PackConfig, Packer};
@@ -93,11 +95,7 @@ impl BuildReport {
 }
 
 /// Resolves every sample setting from the model directory and the user's settings.
-pub fn resolve_settings(
-    model: &ModelDir,
-    opts: &BuildOptions,
-) -> Result<SampleSettings, BuildError> {
-    let p = &opts.prep;
+pub fn resolve_settings(model: &ModelDir, p: &PrepPreset) -> Result<SampleSettings, BuildError> {
     let s = SampleSettings {
         llm_type: model.llm_type,
         max_slice_nums: p.max_slice_nums.unwrap_or(model.slice.max_slice_nums),
@@ -125,6 +123,79 @@ pub fn resolve_settings(
         return bad("max_length must be between 1 and 16777216");
     }
     Ok(s)
+}
+
+/// Every `[prep]` setting a build with these layers would use, each with where it came from:
+/// a flag, else the preset, else the checkpoint (slicing, query_num, llm type), else prep's
+/// default. Validated like a build validates them. What `prep build --print-config` prints.
+pub fn resolved_with_sources(
+    model: &ModelDir,
+    preset: &PrepPreset,
+    flags: &PrepPreset,
+) -> Result<Vec<ResolvedSetting>, BuildError> {
+    let merged = preset.clone().overlay(flags.clone());
+    let s = resolve_settings(model, &merged)?;
+    let source = |key: &'static str, flag: bool, preset: bool, checkpoint: bool| {
+        if flag {
+            SettingSource::Flag
+        } else if preset {
+            SettingSource::Preset
+        } else if checkpoint && !model.defaulted.contains(&key) {
+            SettingSource::Checkpoint
+        } else {
+            SettingSource::Default
+        }
+    };
+    let mut out = Vec::new();
+    macro_rules! setting {
+        ($key:ident, $val:expr, $checkpoint:expr) => {
+            out.push(ResolvedSetting {
+                key: stringify!($key),
+                value: toml_value(&$val),
+                source: source(
+                    stringify!($key),
+                    flags.$key.is_some(),
+                    preset.$key.is_some(),
+                    $checkpoint,
+                ),
+            })
+        };
+    }
+    setting!(llm_type, s.llm_type, true);
+    setting!(max_slice_nums, s.max_slice_nums, true);
+    setting!(scale_resolution, s.scale_resolution, true);
+    setting!(patch_size, s.patch_size, true);
+    setting!(query_num, s.query_num, true);
+    setting!(max_length, s.max_length, false);
+    setting!(truncate, s.truncate, false);
+    setting!(image_id_mode, s.image_id_mode, false);
+    setting!(exif_transpose, s.exif_transpose, false);
+    setting!(pack, merged.pack.unwrap_or(true), false);
+    setting!(
+        max_slices_per_pack,
+        merged
+            .max_slices_per_pack
+            .unwrap_or(defaults::MAX_SLICES_PER_PACK),
+        false
+    );
+    setting!(
+        pack_window,
+        merged.pack_window.unwrap_or(defaults::PACK_WINDOW),
+        false
+    );
+    setting!(format, merged.format.unwrap_or_default(), false);
+    setting!(
+        shard_size_mb,
+        merged.shard_size_mb.unwrap_or(defaults::SHARD_SIZE_MB),
+        false
+    );
+    setting!(on_error, merged.on_error.unwrap_or_default(), false);
+    Ok(out)
+}
+
+/// A setting value as TOML text (`9`, `true`, `"qwen"`).
+fn toml_value<T: serde::Serialize>(v: &T) -> String {
+    toml::Value::try_from(v).map_or_else(|e| format!("(unprintable: {e})"), |v| v.to_string())
 }
 
 /// Refuses an `--out` that could overwrite or delete an input, before anything is touched
@@ -447,7 +518,7 @@ impl BuildSetup {
     fn new(opts: &BuildOptions) -> Result<BuildSetup, BuildError> {
         let model = ModelDir::load(&opts.model, opts.prep.llm_type)?;
         model.check_vocab()?;
-        let settings = resolve_settings(&model, opts)?;
+        let settings = resolve_settings(&model, &opts.prep)?;
         let batch_vision = model.batch_vision;
         let chat_template = training_chat_template(&model);
         let tokenizer_sha = model.tokenizer_sha256.clone();

@@ -90,13 +90,17 @@ struct SampleFlags {
 }
 
 impl SampleFlags {
-    /// Preset (if any) overlaid with these flags.
-    fn preset(&self) -> Result<PrepPreset, String> {
-        let base = match &self.config {
-            Some(p) => PrepPreset::load(p)?,
-            None => PrepPreset::default(),
-        };
-        Ok(base.overlay(PrepPreset {
+    /// The preset's `[prep]` table (empty without --config).
+    fn preset_layer(&self) -> Result<PrepPreset, String> {
+        match &self.config {
+            Some(p) => PrepPreset::load(p),
+            None => Ok(PrepPreset::default()),
+        }
+    }
+
+    /// The settings these flags give (absent = not given).
+    fn flag_layer(&self) -> PrepPreset {
+        PrepPreset {
             llm_type: self.llm_type,
             max_slice_nums: self.max_slice_nums,
             scale_resolution: self.scale_resolution,
@@ -109,21 +113,30 @@ impl SampleFlags {
             }),
             exif_transpose: flag(self.exif_transpose, self.no_exif_transpose),
             ..PrepPreset::default()
-        }))
+        }
+    }
+
+    /// Preset (if any) overlaid with these flags.
+    fn preset(&self) -> Result<PrepPreset, String> {
+        Ok(self.preset_layer()?.overlay(self.flag_layer()))
     }
 }
 
 #[derive(Args, Debug)]
 struct BuildArgs {
     /// Training data: a JSON list (the reference format) or JSONL. Repeatable.
-    #[arg(long = "data", required = true)]
+    #[arg(long = "data", required_unless_present = "print_config")]
     data: Vec<PathBuf>,
     /// Hugging Face MiniCPM-V checkpoint directory (config.json, tokenizer files).
     #[arg(long)]
     model: PathBuf,
     /// Output directory for shards, manifest.json and rejected.jsonl.
+    #[arg(long, required_unless_present = "print_config")]
+    out: Option<PathBuf>,
+    /// Print the resolved settings as a `[prep]` table, each with its source (default,
+    /// checkpoint, preset or flag), and exit without reading data or writing anything.
     #[arg(long)]
-    out: PathBuf,
+    print_config: bool,
     #[command(flatten)]
     sample: SampleFlags,
     /// Cut over-long samples after their last image (while supervision remains) instead of
@@ -236,9 +249,9 @@ fn parse_llm(s: &str) -> Result<LlmType, String> {
 }
 
 impl BuildArgs {
-    fn options(self) -> Result<BuildOptions, String> {
-        let base = self.sample.preset()?;
-        let flags = PrepPreset {
+    /// The flags of this command that are `[prep]` settings, with the shared sample flags.
+    fn flag_layer(&self) -> PrepPreset {
+        self.sample.flag_layer().overlay(PrepPreset {
             truncate: flag(self.truncate, self.no_truncate),
             pack: flag(self.pack, self.no_pack),
             max_slices_per_pack: self.max_slices_per_pack,
@@ -247,13 +260,17 @@ impl BuildArgs {
             shard_size_mb: self.shard_size_mb,
             on_error: self.on_error,
             ..PrepPreset::default()
-        };
+        })
+    }
+
+    fn options(self) -> Result<BuildOptions, String> {
+        let prep = self.sample.preset_layer()?.overlay(self.flag_layer());
         Ok(BuildOptions {
             data: self.data,
             image_root: self.sample.image_root.clone(),
             model: self.model,
-            out: self.out,
-            prep: base.overlay(flags),
+            out: self.out.ok_or("--out is required")?,
+            prep,
             threads: self.sample.threads,
             overwrite: self.overwrite,
             progress: !self.sample.quiet,
@@ -270,7 +287,46 @@ fn report_error(e: &dyn std::error::Error) {
     }
 }
 
+/// `prep build --print-config`: the resolved `[prep]` table with each setting's source.
+fn print_config(args: &BuildArgs) -> u8 {
+    let result = (|| -> Result<String, BuildError> {
+        let preset = args.sample.preset_layer().map_err(BuildError::Setup)?;
+        let flags = args.flag_layer();
+        let llm = flags.llm_type.or(preset.llm_type);
+        let model = crate::model::ModelDir::load(&args.model, llm)?;
+        let settings = crate::build::resolved_with_sources(&model, &preset, &flags)?;
+        let preset_name = args
+            .sample
+            .config
+            .as_ref()
+            .map(|p| format!("preset {}", p.display()));
+        let mut out = format!("# model: {}\n[prep]\n", args.model.display());
+        for s in settings {
+            let source = match (s.source, &preset_name) {
+                (crate::config::SettingSource::Preset, Some(name)) => name.clone(),
+                (source, _) => source.name().to_string(),
+            };
+            let line = format!("{} = {}", s.key, s.value);
+            out.push_str(&format!("{line:<40} # {source}\n"));
+        }
+        Ok(out)
+    })();
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            EXIT_OK
+        }
+        Err(e) => {
+            report_error(&e);
+            EXIT_ERROR
+        }
+    }
+}
+
 fn run_build(args: BuildArgs) -> u8 {
+    if args.print_config {
+        return print_config(&args);
+    }
     let opts = match args.options() {
         Ok(o) => o,
         Err(e) => {

@@ -100,6 +100,39 @@ impl PrepPreset {
     }
 }
 
+/// Where a resolved setting came from (lowest layer first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SettingSource {
+    /// Built into prep (the reference's value where it has one).
+    Default,
+    /// The checkpoint directory (config.json, preprocessor_config.json, detected llm type).
+    Checkpoint,
+    /// The preset's `[prep]` table.
+    Preset,
+    /// A command-line flag.
+    Flag,
+}
+
+impl SettingSource {
+    /// The word `--print-config` shows.
+    pub fn name(self) -> &'static str {
+        match self {
+            SettingSource::Default => "default",
+            SettingSource::Checkpoint => "checkpoint",
+            SettingSource::Preset => "preset",
+            SettingSource::Flag => "flag",
+        }
+    }
+}
+
+/// One `[prep]` setting as a build would use it: its key, its value as TOML, and its source.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResolvedSetting {
+    pub key: &'static str,
+    pub value: String,
+    pub source: SettingSource,
+}
+
 /// Resolved options of one `prep build` run.
 #[derive(Clone, Debug)]
 pub struct BuildOptions {

@@ -118,6 +118,9 @@ pub struct ModelDir {
     /// `text_config` or `llm_config`): every token id must be below it. `None` when the config
     /// does not say (prep needs no weights; the check is then left to the trainer).
     pub vocab_size: Option<u64>,
+    /// Settings the directory did not give, so built-in defaults filled them (`max_slice_nums`,
+    /// `scale_resolution`, `patch_size`, `query_num`): `prep build --print-config` says so.
+    pub defaulted: Vec<&'static str>,
 }
 
 fn read_json(path: &Path) -> Result<Value, ModelError> {
@@ -212,11 +215,15 @@ impl ModelDir {
         // Slicing: config.json's slice_config (2.5/2.6), its top-level keys (2.0), then
         // preprocessor_config.json, then the reference's defaults.
         let slice_cfg = config.get("slice_config");
-        let pick = |key: &str, default: u32| {
+        let mut defaulted = Vec::new();
+        let mut pick = |key: &'static str, default: u32| {
             get_u32(slice_cfg, key)
                 .or_else(|| get_u32(Some(&config), key))
                 .or_else(|| get_u32(preproc.as_ref(), key))
-                .unwrap_or(default)
+                .unwrap_or_else(|| {
+                    defaulted.push(key);
+                    default
+                })
         };
         let slice = SliceConfig {
             max_slice_nums: pick("max_slice_nums", 9),
@@ -225,7 +232,10 @@ impl ModelDir {
         };
         let query_num = get_u32(Some(&config), "query_num")
             .or_else(|| get_u32(preproc.as_ref(), "image_feature_size"))
-            .unwrap_or(64);
+            .unwrap_or_else(|| {
+                defaulted.push("query_num");
+                64
+            });
         let batch_vision = config
             .get("batch_vision_input")
             .and_then(Value::as_bool)
@@ -336,6 +346,7 @@ impl ModelDir {
             chat_template,
             tokenizer_sha256,
             vocab_size: config_vocab_size(&config),
+            defaulted,
         })
     }
 

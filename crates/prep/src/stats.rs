@@ -18,7 +18,7 @@ use cpmv_fsio::Input;
 use cpmv_image::{plan_slices, SliceConfig};
 
 use crate::build::{resolve_settings, BuildError};
-use crate::config::{BuildOptions, PrepPreset};
+use crate::config::PrepPreset;
 use crate::input::{RawSample, SampleReader};
 use crate::model::{LlmType, ModelDir};
 use crate::process::{InputSource, Processor, Rejected};
@@ -541,17 +541,7 @@ pub fn measure(opts: &StatsOptions) -> Result<Measurements, BuildError> {
     }
     let model = ModelDir::load(&opts.model, opts.prep.llm_type)?;
     model.check_vocab()?;
-    let build_like = BuildOptions {
-        data: opts.data.clone(),
-        image_root: opts.image_root.clone(),
-        model: opts.model.clone(),
-        out: PathBuf::new(),
-        prep: opts.prep.clone(),
-        threads: opts.threads,
-        overwrite: false,
-        progress: opts.progress,
-    };
-    let settings = resolve_settings(&model, &build_like)?;
+    let settings = resolve_settings(&model, &opts.prep)?;
     let max_length = settings.max_length as u32;
     let llm_type = model.llm_type;
     let processor = Processor::new(model, settings)
