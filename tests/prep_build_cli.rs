@@ -1135,3 +1135,62 @@ fn print_config_shows_each_setting_and_where_it_came_from() {
     assert!(stderr(&o).contains("max_slice_nums"), "{}", stderr(&o));
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
 }
+
+/// A MiniCPM-V 2.0 checkpoint with `tokenizer.model` is tokenized as the official pipeline does,
+/// with the slow SentencePiece tokenizer (legacy), and prep says so; the same checkpoint with
+/// only `tokenizer.json` gets other ids for some samples and another tokenizer fingerprint.
+#[test]
+fn v2_0_with_tokenizer_model_uses_the_slow_sentencepiece_tokenizer() {
+    let tmp = out_dir();
+    let sp = "tests/fixtures/tokenizers/mistral-sp-minicpmv2";
+    let model = model_with_json(tmp.path(), MODELS[0], "config.json", |c| {
+        c["vocab_size"] = 32012.into();
+    });
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(root().join(sp).join(f), model.join(f)).unwrap();
+    }
+    let build = |out: &Path| {
+        let o = prep(&[
+            "build",
+            "--data",
+            "examples/data/train.json",
+            "--model",
+            s(&model),
+            "--out",
+            s(out),
+            "--quiet",
+            "--no-pack",
+        ]);
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        (
+            String::from_utf8(o.stdout).unwrap(),
+            ShardDir::open(out).unwrap(),
+        )
+    };
+    let (_, fast) = build(&tmp.path().join("fast"));
+    assert_eq!(fast.manifest.model.tokenizer, "tokenizer.json");
+    std::fs::copy(
+        root().join(sp).join("tokenizer.model"),
+        model.join("tokenizer.model"),
+    )
+    .unwrap();
+    let (stdout, slow) = build(&tmp.path().join("slow"));
+    assert!(
+        slow.manifest.model.tokenizer.starts_with("tokenizer.model"),
+        "{}",
+        slow.manifest.model.tokenizer
+    );
+    assert!(stdout.contains("tokenizer: tokenizer.model"), "{stdout}");
+    assert_ne!(
+        slow.manifest.fingerprints.tokenizer,
+        fast.manifest.fingerprints.tokenizer
+    );
+    let differing = fast
+        .samples()
+        .zip(slow.samples())
+        .filter(|(a, b)| a.input_ids != b.input_ids)
+        .count();
+    assert!(differing > 0, "the slow tokenizer changed no sample");
+    let o = prep(&["build", "--model", s(&model), "--print-config"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("# tokenizer: tokenizer.model"));
+}

@@ -504,6 +504,7 @@ pub fn model_fingerprints(dir: &Path) -> Result<(String, String), BuildError> {
 /// settings resolved and fingerprinted, the input files measured.
 struct BuildSetup {
     processor: Processor,
+    tokenizer: crate::tokenizer::TokenizerKind,
     settings: SampleSettings,
     pack_cfg: PackConfig,
     format: OutputFormat,
@@ -522,6 +523,7 @@ impl BuildSetup {
         let batch_vision = model.batch_vision;
         let chat_template = training_chat_template(&model);
         let tokenizer_sha = model.tokenizer_sha256.clone();
+        let tokenizer = model.tokenizer.kind();
         let processor = Processor::new(model, settings.clone())
             .map_err(|e| BuildError::Setup(format!("{}: {e}", opts.model.display())))?;
         let pack_cfg = PackConfig {
@@ -550,6 +552,7 @@ impl BuildSetup {
         let (sources, input_bytes) = input_sources(&opts.data, opts.image_root.as_deref())?;
         Ok(BuildSetup {
             processor,
+            tokenizer,
             settings,
             pack_cfg,
             format: opts.prep.format.unwrap_or_default(),
@@ -848,6 +851,7 @@ fn make_manifest(
             dir: opts.model.display().to_string(),
             version: settings.llm_type.version().into(),
             llm_type: settings.llm_type.name().into(),
+            tokenizer: setup.tokenizer.describe().into(),
         },
         fingerprints: setup.fingerprints,
         settings: setup.build_settings,

@@ -300,7 +300,11 @@ fn print_config(args: &BuildArgs) -> u8 {
             .config
             .as_ref()
             .map(|p| format!("preset {}", p.display()));
-        let mut out = format!("# model: {}\n[prep]\n", args.model.display());
+        let mut out = format!(
+            "# model: {}\n# tokenizer: {}\n[prep]\n",
+            args.model.display(),
+            model.tokenizer.kind().describe()
+        );
         for s in settings {
             let source = match (s.source, &preset_name) {
                 (crate::config::SettingSource::Preset, Some(name)) => name.clone(),
@@ -350,6 +354,7 @@ fn run_build(args: BuildArgs) -> u8 {
             for (reason, n) in reasons_by_count(&m.counts.rejected_by_reason) {
                 println!("  rejected {n:>8}  {reason}");
             }
+            println!("tokenizer: {}", m.model.tokenizer);
             println!(
                 "tokens: {} total, {} supervised, {} image; {} images, {} slices",
                 m.tokens.total,

@@ -6,7 +6,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use cpmv_shard::{SampleView, ShardDir};
-use tokenizers::Tokenizer;
+use crate::tokenizer::{TextTokenizer, TokenizerKind};
 
 use crate::build::BuildError;
 
@@ -31,7 +31,7 @@ const RESET: &str = "\x1b[0m";
 /// prediction targets (the previous position has a label) shown in green, or inside `[[…]]`
 /// without colour; a label that is not the next token (the reference's extra end-of-turn
 /// targets) shown as `{→tok}` after the position that learns it.
-pub fn render_tokens(tok: &Tokenizer, row: &SampleView<'_>, color: bool) -> String {
+pub fn render_tokens(tok: &TextTokenizer, row: &SampleView<'_>, color: bool) -> String {
     let ids: Vec<u32> = row.input_ids.iter().map(|&v| v as u32).collect();
     let n = ids.len();
     let learned = |i: usize| i > 0 && row.labels[i - 1] == row.input_ids[i];
@@ -131,10 +131,15 @@ pub fn inspect(opts: &InspectOptions) -> Result<String, BuildError> {
         .model
         .clone()
         .unwrap_or_else(|| PathBuf::from(&dir.manifest.model.dir));
-    let tok_path = model_dir.join("tokenizer.json");
-    let tok = Tokenizer::from_file(&tok_path).map_err(|e| {
-        BuildError::Setup(format!("{}: {e} (pass --model DIR)", tok_path.display()))
-    })?;
+    let llm = dir.manifest.settings.sample.llm_type;
+    let kind = std::fs::read_to_string(model_dir.join("tokenizer_config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .map_or(TokenizerKind::Json, |cfg| {
+            cpmv_shard::fingerprint::tokenizer_kind(&model_dir, llm, &cfg)
+        });
+    let tok = TextTokenizer::load(&model_dir, kind)
+        .map_err(|(path, e)| BuildError::Setup(format!("{path}: {e} (pass --model DIR)")))?;
     let color = opts.color.unwrap_or_else(|| {
         std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
     });

@@ -21,6 +21,7 @@ pub mod reject;
 pub mod sample;
 pub mod stats;
 pub mod template;
+pub mod tokenizer;
 
 pub use build::{build, BuildError, BuildReport};
 pub use config::{BuildOptions, PrepPreset};

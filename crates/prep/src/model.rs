@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use sha2::{Digest, Sha256};
-use tokenizers::Tokenizer;
+
+use crate::tokenizer::{TextTokenizer, TokenizerKind};
 
 use cpmv_image::SliceConfig;
 
@@ -107,12 +107,13 @@ pub struct ModelDir {
     pub query_num: u32,
     /// Whether the checkpoint's vision tower takes patch strips (2.5, 2.6).
     pub batch_vision: bool,
-    pub tokenizer: Tokenizer,
+    /// The text tokenizer the reference uses for this directory.
+    pub tokenizer: TextTokenizer,
     pub tokens: SpecialTokens,
     pub strings: TokenStrings,
     /// The checkpoint's own chat template (tokenizer_config.json), if any.
     pub chat_template: Option<String>,
-    /// sha256 of tokenizer.json.
+    /// The tokenizer's fingerprint (`cpmv_shard::fingerprint::tokenizer_fingerprint`).
     pub tokenizer_sha256: String,
     /// The language model's vocabulary size from config.json (top level, else its
     /// `text_config` or `llm_config`): every token id must be below it. `None` when the config
@@ -241,26 +242,21 @@ impl ModelDir {
             .and_then(Value::as_bool)
             .unwrap_or(false);
 
-        let tok_path = dir.join("tokenizer.json");
-        let tok_bytes = std::fs::read(&tok_path).map_err(|e| ModelError::Io {
-            path: tok_path.clone(),
-            source: e,
-        })?;
-        let mut tokenizer =
-            Tokenizer::from_bytes(&tok_bytes).map_err(|e| ModelError::Tokenizer {
-                path: tok_path.clone(),
-                message: e.to_string(),
+        let kind = cpmv_shard::fingerprint::tokenizer_kind(dir, llm_type, &tok_config);
+        let tok_path = dir.join(match kind {
+            TokenizerKind::Json => "tokenizer.json",
+            TokenizerKind::SentencePieceLegacy => "tokenizer.model",
+        });
+        let tokenizer =
+            TextTokenizer::load(dir, kind).map_err(|(path, message)| ModelError::Tokenizer {
+                path: PathBuf::from(path),
+                message,
             })?;
-        // A tokenizer.json may carry truncation or padding settings; the reference's encode
-        // calls use neither (lengths are handled by --max-length), so switch them off.
-        tokenizer
-            .with_truncation(None)
+        let tokenizer_sha256 = cpmv_shard::fingerprint::tokenizer_fingerprint(dir, kind)
             .map_err(|e| ModelError::Tokenizer {
                 path: tok_path.clone(),
                 message: e.to_string(),
             })?;
-        tokenizer.with_padding(None);
-        let tokenizer_sha256 = hex::encode(Sha256::digest(&tok_bytes));
 
         let field = |key: &str| tok_config.get(key).and_then(token_string);
         let unk = field("unk_token").ok_or_else(|| ModelError::Invalid {
@@ -405,23 +401,14 @@ impl ModelDir {
         }
         if self.llm_type == LlmType::Minicpm {
             for piece in ["<用户>", "<AI>"] {
-                let ids = self
-                    .tokenizer
-                    .encode_fast(piece, false)
-                    .map(|e| e.get_ids().to_vec())
-                    .unwrap_or_default();
+                let ids = self.tokenizer.encode(piece, false).unwrap_or_default();
                 for id in ids {
                     push(&self.token_name(id), id, "template: minicpm role piece");
                 }
             }
         }
-        if let Some((token, &id)) = self
-            .tokenizer
-            .get_vocab(false)
-            .iter()
-            .max_by_key(|(_, &id)| id)
-        {
-            push(token, id, "highest id of the ordinary vocabulary");
+        if let Some((token, id)) = self.tokenizer.highest_ordinary() {
+            push(&token, id, "highest id of the ordinary vocabulary");
         }
         out
     }

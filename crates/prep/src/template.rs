@@ -25,27 +25,15 @@ pub struct Tokenized {
     pub ctx: Vec<u8>,
 }
 
-/// Renders and tokenizes conversations for one model directory.
-pub struct Templater {
-    env: Option<Environment<'static>>,
+/// A checkpoint's own Jinja chat template (tokenizer_config.json `chat_template`), compiled
+/// with Hugging Face's semantics: trim_blocks, lstrip_blocks, Python string methods,
+/// `raise_exception`.
+pub struct ChatTemplate {
+    env: Environment<'static>,
 }
 
-/// A failure to render or tokenize (a broken checkpoint template, not bad data).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct TemplateError(pub String);
-
-impl Templater {
-    /// Prepares the qwen path's Jinja environment from the checkpoint's chat template
-    /// (HF semantics: trim_blocks, lstrip_blocks, Python string methods).
-    pub fn new(model: &ModelDir) -> Result<Templater, TemplateError> {
-        if model.llm_type != LlmType::Qwen {
-            return Ok(Templater { env: None });
-        }
-        let template = model
-            .chat_template
-            .clone()
-            .ok_or_else(|| TemplateError("the checkpoint has no chat_template".into()))?;
+impl ChatTemplate {
+    pub fn new(template: &str) -> Result<ChatTemplate, TemplateError> {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
@@ -59,9 +47,63 @@ impl Templater {
                 ))
             },
         );
-        env.add_template_owned("chat", template)
+        env.add_template_owned("chat", template.to_string())
             .map_err(|e| TemplateError(format!("chat_template does not compile: {e}")))?;
-        Ok(Templater { env: Some(env) })
+        Ok(ChatTemplate { env })
+    }
+
+    /// The text of `messages` (role name, content); `add_generation_prompt` asks the template
+    /// for the assistant's opening (inference), `enable_thinking` is passed as the reference's
+    /// fine-tune code passes it.
+    pub fn render(
+        &self,
+        model: &ModelDir,
+        messages: &[(&str, &str)],
+        add_generation_prompt: bool,
+        enable_thinking: bool,
+    ) -> Result<String, TemplateError> {
+        let msgs: Vec<_> = messages
+            .iter()
+            .map(|(r, c)| minijinja::context! { role => r, content => c })
+            .collect();
+        self.env
+            .get_template("chat")
+            .and_then(|t| {
+                t.render(minijinja::context! {
+                    messages => msgs,
+                    add_generation_prompt => add_generation_prompt,
+                    enable_thinking => enable_thinking,
+                    bos_token => model.strings.bos.clone().unwrap_or_default(),
+                    eos_token => model.strings.eos.clone(),
+                })
+            })
+            .map_err(|e| TemplateError(format!("chat_template failed to render: {e}")))
+    }
+}
+
+/// Renders and tokenizes conversations for one model directory.
+pub struct Templater {
+    chat: Option<ChatTemplate>,
+}
+
+/// A failure to render or tokenize (a broken checkpoint template, not bad data).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TemplateError(pub String);
+
+impl Templater {
+    /// Prepares the qwen path's chat template (the checkpoint's own).
+    pub fn new(model: &ModelDir) -> Result<Templater, TemplateError> {
+        if model.llm_type != LlmType::Qwen {
+            return Ok(Templater { chat: None });
+        }
+        let template = model
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| TemplateError("the checkpoint has no chat_template".into()))?;
+        Ok(Templater {
+            chat: Some(ChatTemplate::new(template)?),
+        })
     }
 
     /// Token ids and mask of `messages` (role, content with placeholders already inserted).
@@ -82,28 +124,17 @@ impl Templater {
         model: &ModelDir,
         messages: &[(Role, String)],
     ) -> Result<Tokenized, TemplateError> {
-        let env = self
-            .env
+        let chat = self
+            .chat
             .as_ref()
-            .expect("qwen templater has an environment");
-        let msgs: Vec<_> = messages
+            .expect("qwen templater has a chat template");
+        let msgs: Vec<(&str, &str)> = messages
             .iter()
-            .map(|(r, c)| minijinja::context! { role => r.name(), content => c })
+            .map(|(r, c)| (r.name(), c.as_str()))
             .collect();
         let last = messages.last().map(|m| m.1.as_str()).unwrap_or("");
         let enable_thinking = last.contains("<think>") && last.contains("</think>");
-        let text = env
-            .get_template("chat")
-            .and_then(|t| {
-                t.render(minijinja::context! {
-                    messages => msgs,
-                    add_generation_prompt => false,
-                    enable_thinking => enable_thinking,
-                    bos_token => model.strings.bos.clone().unwrap_or_default(),
-                    eos_token => model.strings.eos.clone(),
-                })
-            })
-            .map_err(|e| TemplateError(format!("chat_template failed to render: {e}")))?;
+        let text = chat.render(model, &msgs, false, enable_thinking)?;
         let ids = encode(model, &text)?;
         let t = &model.tokens;
         let (im_start, im_end, assistant) = (
@@ -146,8 +177,7 @@ fn positions(ids: &[u32], token: u32) -> Vec<usize> {
 fn encode(model: &ModelDir, text: &str) -> Result<Vec<u32>, TemplateError> {
     model
         .tokenizer
-        .encode_fast(text, false)
-        .map(|e| e.get_ids().to_vec())
+        .encode(text, false)
         .map_err(|e| TemplateError(format!("tokenizer failed: {e}")))
 }
 

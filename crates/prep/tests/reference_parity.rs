@@ -13,6 +13,7 @@ use cpmv_prep::process::{InputSource, Processor, SampleSettings};
 use cpmv_prep::reject::RejectKind;
 use cpmv_prep::sample::Role;
 use cpmv_prep::template::{image_bounds, labels, Templater};
+use cpmv_prep::tokenizer::TokenizerKind;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -50,7 +51,25 @@ fn model_for(fixture: &Value) -> Option<(ModelDir, Option<tempfile::TempDir>)> {
     for f in ["tokenizer.json", "tokenizer_config.json"] {
         std::fs::copy(tok_dir.join(f), tmp.path().join(f)).unwrap();
     }
+    // Fixtures made with the slow SentencePiece tokenizer need its model file (with it, prep
+    // picks that tokenizer as the reference does; without it, tokenizer.json).
+    let slow = fixture["tokenizer"]
+        .as_str()
+        .is_some_and(|t| t.starts_with("slow"));
+    if slow {
+        std::fs::copy(
+            tok_dir.join("tokenizer.model"),
+            tmp.path().join("tokenizer.model"),
+        )
+        .unwrap();
+    }
     let m = ModelDir::load(tmp.path(), None).unwrap();
+    let want = if slow {
+        TokenizerKind::SentencePieceLegacy
+    } else {
+        TokenizerKind::Json
+    };
+    assert_eq!(m.tokenizer.kind(), want, "{}", tok_dir.display());
     Some((m, Some(tmp)))
 }
 
@@ -142,7 +161,10 @@ fn templates_labels_and_bounds_match_the_reference_real_vocabularies() {
     // Qwen2 (Apache-2.0) and a Llama-2-style SentencePiece model (Apache-2.0) are committed;
     // the Llama-3 one is checked where scripts/fixtures/gen_model_dirs.py --real built it.
     assert!(check_template_fixture("tests/fixtures/templates/real-qwen.json") >= 15);
+    // A 2.0 checkpoint with only tokenizer.json, and one with tokenizer.model, which the
+    // official pipeline reads with the slow SentencePiece tokenizer (ids differ in 9 of 21).
     assert!(check_template_fixture("tests/fixtures/templates/real-minicpm.json") >= 15);
+    assert!(check_template_fixture("tests/fixtures/templates/real-minicpm-slow.json") >= 15);
     check_template_fixture("tests/fixtures/templates/real-llama3.json");
 }
 

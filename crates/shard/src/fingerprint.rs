@@ -1,5 +1,5 @@
-//! The fingerprints that tie a shard set to a checkpoint directory: the sha256 of its
-//! `tokenizer.json` and of the chat template the training samples were made with. `prep build`
+//! The fingerprints that tie a shard set to a checkpoint directory: the sha256 of its tokenizer
+//! files and of the chat template the training samples were made with. `prep build`
 //! writes them into the manifest; `train` and `train eval` compute them from the model
 //! directory they are given and refuse shards made for another tokenizer or template.
 
@@ -50,11 +50,67 @@ pub fn training_chat_template(llm: LlmType, checkpoint_template: Option<&str>) -
     }
 }
 
+/// Which tokenizer a checkpoint directory's text is encoded with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenizerKind {
+    /// `tokenizer.json` (Hugging Face tokenizers; what the fast classes load).
+    Json,
+    /// `tokenizer.model` read by the slow SentencePiece `LlamaTokenizer` with `legacy: true`:
+    /// what the official pipeline uses for MiniCPM-V 2.0, whose `tokenizer_config.json` maps
+    /// `AutoTokenizer` to `LlamaTokenizerWrapper` and has no fast class.
+    SentencePieceLegacy,
+}
+
+impl TokenizerKind {
+    /// How `prep` reports it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            TokenizerKind::Json => "tokenizer.json",
+            TokenizerKind::SentencePieceLegacy => {
+                "tokenizer.model (slow SentencePiece LlamaTokenizer, legacy)"
+            }
+        }
+    }
+}
+
+/// The tokenizer the reference would load from `dir` for `llm`: the slow SentencePiece one for
+/// MiniCPM (V2.0) when `tokenizer.model` is there and `tokenizer_config.json` names a slow
+/// Llama class (`LlamaTokenizer`, `LlamaTokenizerWrapper`); `tokenizer.json` otherwise.
+pub fn tokenizer_kind(dir: &Path, llm: LlmType, tokenizer_config: &Value) -> TokenizerKind {
+    let class = tokenizer_config
+        .get("tokenizer_class")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let slow_class = matches!(class, "LlamaTokenizer" | "LlamaTokenizerWrapper");
+    if llm == LlmType::Minicpm && slow_class && dir.join("tokenizer.model").is_file() {
+        TokenizerKind::SentencePieceLegacy
+    } else {
+        TokenizerKind::Json
+    }
+}
+
+/// The sha256 that identifies a directory's tokenizer of `kind`: of `tokenizer.json`, or of
+/// `tokenizer.model` followed by `tokenizer_config.json` (the slow tokenizer's added tokens and
+/// flags live there).
+pub fn tokenizer_fingerprint(dir: &Path, kind: TokenizerKind) -> Result<String, ShardError> {
+    let read = |name: &str| {
+        let path = dir.join(name);
+        std::fs::read(&path).map_err(|e| ShardError::io(&path, e))
+    };
+    Ok(match kind {
+        TokenizerKind::Json => sha256_hex(&read("tokenizer.json")?),
+        TokenizerKind::SentencePieceLegacy => {
+            let mut h = Sha256::new();
+            h.update(read("tokenizer.model")?);
+            h.update(read("tokenizer_config.json")?);
+            hex::encode(h.finalize())
+        }
+    })
+}
+
 /// The tokenizer and chat-template fingerprints of a model directory for `llm`, as `prep build`
 /// writes them into a manifest.
 pub fn model_fingerprints(dir: &Path, llm: LlmType) -> Result<(String, String), ShardError> {
-    let tok_path = dir.join("tokenizer.json");
-    let tok = std::fs::read(&tok_path).map_err(|e| ShardError::io(&tok_path, e))?;
     let cfg_path = dir.join("tokenizer_config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| ShardError::io(&cfg_path, e))?;
     let cfg: Value = serde_json::from_str(&text).map_err(|e| ShardError::ModelFile {
@@ -62,5 +118,6 @@ pub fn model_fingerprints(dir: &Path, llm: LlmType) -> Result<(String, String), 
         reason: format!("invalid JSON: {e}"),
     })?;
     let template = training_chat_template(llm, checkpoint_chat_template(&cfg).as_deref());
-    Ok((sha256_hex(&tok), sha256_hex(template.as_bytes())))
+    let tok = tokenizer_fingerprint(dir, tokenizer_kind(dir, llm, &cfg))?;
+    Ok((tok, sha256_hex(template.as_bytes())))
 }

@@ -118,6 +118,10 @@ pub struct ModelInfo {
     pub dir: String,
     pub version: String,
     pub llm_type: String,
+    /// Which tokenizer encoded the text (`TokenizerKind::describe`); empty in manifests of
+    /// sets built before prep recorded it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tokenizer: String,
 }
 
 impl Manifest {

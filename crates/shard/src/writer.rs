@@ -478,6 +478,7 @@ mod tests {
                 dir: "m".into(),
                 version: "2.6".into(),
                 llm_type: "qwen".into(),
+                tokenizer: String::new(),
             },
             fingerprints: Fingerprints {
                 tokenizer: String::new(),

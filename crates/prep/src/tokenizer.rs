@@ -1,0 +1,100 @@
+//! The text tokenizer of a checkpoint directory: `tokenizer.json`, or for MiniCPM-V 2.0 the
+//! slow SentencePiece tokenizer the official pipeline uses (the two differ after special tokens
+//! and on leading spaces; see `cpmv_shard::fingerprint::tokenizer_kind` for the choice).
+
+use std::path::Path;
+
+use cpmv_sentencepiece::LegacyLlamaTokenizer;
+pub use cpmv_shard::fingerprint::TokenizerKind;
+
+/// One of the two tokenizer implementations behind the operations prep and chat need.
+pub enum TextTokenizer {
+    Json(Box<tokenizers::Tokenizer>),
+    SentencePiece(Box<LegacyLlamaTokenizer>),
+}
+
+impl TextTokenizer {
+    /// Loads the tokenizer of `kind` from `dir`; the error says which file and why.
+    pub fn load(dir: &Path, kind: TokenizerKind) -> Result<TextTokenizer, (String, String)> {
+        match kind {
+            TokenizerKind::Json => {
+                let path = dir.join("tokenizer.json");
+                let bytes = std::fs::read(&path)
+                    .map_err(|e| (path.display().to_string(), e.to_string()))?;
+                let mut t = tokenizers::Tokenizer::from_bytes(&bytes)
+                    .map_err(|e| (path.display().to_string(), e.to_string()))?;
+                // A tokenizer.json may carry truncation or padding settings; the reference's
+                // encode calls use neither (lengths are handled by --max-length).
+                t.with_truncation(None)
+                    .map_err(|e| (path.display().to_string(), e.to_string()))?;
+                t.with_padding(None);
+                Ok(TextTokenizer::Json(Box::new(t)))
+            }
+            TokenizerKind::SentencePieceLegacy => LegacyLlamaTokenizer::from_dir(dir)
+                .map(|t| TextTokenizer::SentencePiece(Box::new(t)))
+                .map_err(|e| (dir.join("tokenizer.model").display().to_string(), e.to_string())),
+        }
+    }
+
+    pub fn kind(&self) -> TokenizerKind {
+        match self {
+            TextTokenizer::Json(_) => TokenizerKind::Json,
+            TextTokenizer::SentencePiece(_) => TokenizerKind::SentencePieceLegacy,
+        }
+    }
+
+    /// Ids of `text`; `special` adds what the tokenizer adds around a text (BOS for Llama-style
+    /// tokenizers).
+    pub fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>, String> {
+        match self {
+            TextTokenizer::Json(t) => t
+                .encode_fast(text, special)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| e.to_string()),
+            TextTokenizer::SentencePiece(t) => Ok(t.encode(text, special)),
+        }
+    }
+
+    /// The id of a token string, if the vocabulary (or the added tokens) has it.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        match self {
+            TextTokenizer::Json(t) => t.token_to_id(token),
+            TextTokenizer::SentencePiece(t) => {
+                let id = t.token_to_id(token);
+                (t.id_to_piece(id) == Some(token)).then_some(id)
+            }
+        }
+    }
+
+    /// The token string of an id.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        match self {
+            TextTokenizer::Json(t) => t.id_to_token(id),
+            TextTokenizer::SentencePiece(t) => t.id_to_piece(id).map(str::to_string),
+        }
+    }
+
+    /// Text of `ids`.
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, String> {
+        match self {
+            TextTokenizer::Json(t) => t.decode(ids, skip_special).map_err(|e| e.to_string()),
+            TextTokenizer::SentencePiece(t) => {
+                t.decode(ids, skip_special).map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// The token with the highest id of the ordinary vocabulary (added tokens aside).
+    pub fn highest_ordinary(&self) -> Option<(String, u32)> {
+        match self {
+            TextTokenizer::Json(t) => t
+                .get_vocab(false)
+                .into_iter()
+                .max_by_key(|&(_, id)| id),
+            TextTokenizer::SentencePiece(t) => {
+                let n = t.vocab_size().checked_sub(1)? as u32;
+                Some((t.id_to_piece(n)?.to_string(), n))
+            }
+        }
+    }
+}
