@@ -121,6 +121,11 @@ def build_model(cfg: dict):
             self.ver = ver
             self.cfg = {"query_num": query_num, "scale_emb": cfg.get("scale_emb", 1)}
 
+        def prepare_inputs_for_generation(self, *args, **kwargs):
+            # PeftModelForCausalLM (task_type CAUSAL_LM, what cpmv writes) looks it up at wrap
+            # time; the real remote code inherits it from transformers' GenerationMixin.
+            raise NotImplementedError("generation is not part of this check")
+
     m = MiniCPMV()
     rope = {"rope_type": "default", "rope_theta": float(cfg.get("rope_theta", 10000.0))}
     common = dict(vocab_size=int(cfg["vocab_size"]), hidden_size=hidden,
@@ -437,8 +442,9 @@ def check(args) -> None:
     print(f"adapter  target_modules={pcfg.target_modules!r}")
     print(f"adapter  modules_to_save={pcfg.modules_to_save!r} "
           f"base_model_name_or_path={pcfg.base_model_name_or_path!r}")
-    if pcfg.task_type is not None:
-        print(f"adapter  note: task_type {pcfg.task_type!r} (the reference writes null)")
+    if pcfg.task_type not in (None, "CAUSAL_LM"):
+        print(f"adapter  note: task_type {pcfg.task_type!r} (the reference writes null, cpmv "
+              "CAUSAL_LM so the official AutoPeftModelForCausalLM snippet works)")
     for k in ("use_dora", "use_rslora", "layers_to_transform", "rank_pattern", "alpha_pattern"):
         if raw_cfg.get(k):
             print(f"adapter  note: {k}={raw_cfg[k]!r}")

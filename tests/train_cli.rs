@@ -1157,6 +1157,59 @@ fn v2_0_and_v2_5_train_lora_and_write_peft_adapters() {
         assert_eq!(losses.len(), 4, "{like}");
         assert!(losses.iter().all(|l| l.1.is_finite()), "{like}: {losses:?}");
         assert!(r.merged.join("model.safetensors").exists(), "{like}");
+        // The official reload snippet's files (checked with torch and PEFT in
+        // official_lora_reload_snippet_works_verbatim).
+        let cfg = read_json(&r.run.join("adapter_config.json"));
+        assert_eq!(cfg["task_type"], "CAUSAL_LM", "{like}");
+        assert_eq!(cfg["lora_alpha"], 8, "{like}");
+        let pt = std::fs::read(r.run.join("vpm_resampler_embedtokens.pt")).unwrap();
+        assert_eq!(&pt[..4], b"PK\x03\x04", "{like}");
+        let text = String::from_utf8_lossy(&pt);
+        for needle in [
+            "vpm_resampler_embedtokens/data.pkl",
+            "base_model.model.resampler.modules_to_save.default.",
+            "base_model.model.vpm.modules_to_save.default.",
+            "torch._utils",
+        ] {
+            assert!(text.contains(needle), "{like}: no {needle}");
+        }
+        // The remote code travels with the run and the merge, as transformers' save does.
+        for dir in [&r.run, &r.merged] {
+            assert!(
+                dir.join("modeling_minicpmv.py").exists(),
+                "{}",
+                dir.display()
+            );
+        }
+    }
+}
+
+/// The official readme's LoRA reload snippet (AutoPeftModelForCausalLM +
+/// vpm_resampler_embedtokens.pt), run verbatim on cpmv runs of all three versions in a fresh
+/// process and modules cache: no unexpected key, every reload value set, weights and logits
+/// equal to `merge-lora`'s checkpoint (scripts/check_peft_reload.py).
+#[test]
+#[ignore = "needs CPMV_PYTHON (torch, transformers, peft): CPMV_PYTHON=... cargo test -p cpmv-train -- --ignored"]
+fn official_lora_reload_snippet_works_verbatim() {
+    let f = fx();
+    let tmp = tempfile::tempdir().unwrap();
+    for (like, shards) in [
+        ("examples/models/minicpm-v-2_6-tiny", &f.shards),
+        ("examples/models/minicpm-v-2-tiny", &f.shards_20),
+        ("examples/models/minicpm-llama3-v-2_5-tiny", &f.shards_25),
+    ] {
+        let r = lora_run(tmp.path(), like, shards, "2");
+        let out = run_python(&[
+            "scripts/check_peft_reload.py",
+            "--adapter",
+            s(&r.run),
+            "--merged",
+            s(&r.merged),
+        ]);
+        eprintln!(
+            "{like}: check_peft_reload.py {}",
+            out.lines().last().unwrap_or("")
+        );
     }
 }
 

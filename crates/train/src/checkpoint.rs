@@ -21,6 +21,9 @@ pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 /// PEFT's prefix of adapter keys.
 pub const PEFT_PREFIX: &str = "base_model.model.";
+/// The official recipe's reload file: the modules trained whole, keyed as in the PEFT-wrapped
+/// model's state dict, for `model.load_state_dict(torch.load(...), strict=False)`.
+pub const RELOAD_FILE: &str = "vpm_resampler_embedtokens.pt";
 
 /// The scalar state of a run (beside optimiser moments and trainable values).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -150,10 +153,60 @@ pub fn modules_to_save(cfg: &TrainConfig) -> Vec<String> {
     m
 }
 
-fn saved_whole(name: &str, modules: &[String]) -> bool {
-    modules.iter().any(|m| match m.as_str() {
-        "embed_tokens" => name.starts_with("llm.model.embed_tokens."),
-        other => name.starts_with(&format!("{other}.")),
+/// The module of `modules` (PEFT `modules_to_save` names) that holds parameter `name`, as its
+/// full module path (`embed_tokens` is `llm.model.embed_tokens`).
+fn saved_whole_module(name: &str, modules: &[String]) -> Option<String> {
+    modules.iter().find_map(|m| {
+        let path = match m.as_str() {
+            "embed_tokens" => "llm.model.embed_tokens",
+            other => other,
+        };
+        name.starts_with(&format!("{path}."))
+            .then(|| path.to_string())
+    })
+}
+
+/// The key of a modules_to_save parameter in the PEFT-wrapped model's state dict: PEFT keeps
+/// the trained copy of module `m` at `m.modules_to_save.default`.
+pub fn wrapped_key(name: &str, module: &str) -> String {
+    let rest = &name[module.len() + 1..];
+    format!("{PEFT_PREFIX}{module}.modules_to_save.default.{rest}")
+}
+
+/// A tensor as torch.save stores it (its own dtype; other dtypes as f32).
+fn torch_tensor(name: String, t: &Tensor) -> Result<crate::torch_save::TorchTensor, TrainError> {
+    use crate::torch_save::{StorageType, TorchTensor};
+    let shape = t.dims().to_vec();
+    let t = t.to_device(&Device::Cpu)?.flatten_all()?;
+    let (dtype, bytes) = match t.dtype() {
+        DType::BF16 => (
+            StorageType::Bf16,
+            t.to_vec1::<half::bf16>()?
+                .iter()
+                .flat_map(|v| v.to_bits().to_le_bytes())
+                .collect(),
+        ),
+        DType::F16 => (
+            StorageType::F16,
+            t.to_vec1::<half::f16>()?
+                .iter()
+                .flat_map(|v| v.to_bits().to_le_bytes())
+                .collect(),
+        ),
+        _ => (
+            StorageType::F32,
+            t.to_dtype(DType::F32)?
+                .to_vec1::<f32>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
+    };
+    Ok(TorchTensor {
+        name,
+        dtype,
+        shape,
+        bytes,
     })
 }
 
@@ -178,23 +231,39 @@ pub fn save_lora(model: &MiniCpmV, ctx: &SaveContext, out: &Path) -> Result<(), 
             ad.b.as_tensor().to_dtype(DType::F32)?,
         ));
     }
+    let mut reload = Vec::new();
     for (name, t) in model.params().tensors() {
-        if saved_whole(name, &modules) {
+        if let Some(module) = saved_whole_module(name, &modules) {
             let dt = ctx.base.dtype(name).unwrap_or(DType::F32);
-            tensors.push((format!("{PEFT_PREFIX}{name}"), t.to_dtype(dt)?));
+            let t = t.to_dtype(dt)?;
+            reload.push(torch_tensor(wrapped_key(name, &module), &t)?);
+            tensors.push((format!("{PEFT_PREFIX}{name}"), t));
         }
     }
     cpmv_model::weights::write_safetensors(&out.join(ADAPTER_WEIGHTS), &tensors)?;
+    let reload_path = out.join(RELOAD_FILE);
+    crate::torch_save::write(&reload_path, "vpm_resampler_embedtokens", &reload)
+        .map_err(io(&reload_path))?;
     let base = std::fs::canonicalize(ctx.base_dir).unwrap_or_else(|_| ctx.base_dir.to_path_buf());
     let cfg = json!({
         "peft_type": "LORA",
-        "task_type": null,
+        // CAUSAL_LM, not PEFT's own `null` + `auto_mapping`: with the latter,
+        // `AutoPeftModelForCausalLM.from_pretrained(adapter_dir, trust_remote_code=True)` (the
+        // official reload snippet) fails on PEFT's import allowlist and on a fresh modules
+        // cache; with CAUSAL_LM it resolves the base through config.json's `auto_map`
+        // (AutoModelForCausalLM). Key names and PeftModel.from_pretrained are unaffected.
+        "task_type": "CAUSAL_LM",
         "auto_mapping": null,
         "base_model_name_or_path": base.to_string_lossy(),
         "revision": null,
         "inference_mode": true,
         "r": lora.r,
-        "lora_alpha": lora.alpha,
+        // An integer when it is one, as PEFT writes it.
+        "lora_alpha": if lora.alpha.fract() == 0.0 && lora.alpha.abs() < 1e15 {
+            json!(lora.alpha as i64)
+        } else {
+            json!(lora.alpha)
+        },
         "lora_dropout": lora.dropout,
         "bias": "none",
         "target_modules": lora.target,
@@ -440,6 +509,17 @@ pub fn load_with_adapter(
     adapter_dir: &Path,
     fixes: cpmv_model::Fixes,
 ) -> Result<MiniCpmV, TrainError> {
+    load_with_adapter_on(base_dir, adapter_dir, fixes, &Device::Cpu, DType::F32)
+}
+
+/// [`load_with_adapter`] with the weights on `device` in `dtype` (LoRA pairs stay f32).
+pub fn load_with_adapter_on(
+    base_dir: &Path,
+    adapter_dir: &Path,
+    fixes: cpmv_model::Fixes,
+    device: &Device,
+    dtype: DType,
+) -> Result<MiniCpmV, TrainError> {
     let cfg_path = adapter_dir.join(ADAPTER_CONFIG);
     let text = std::fs::read_to_string(&cfg_path).map_err(io(&cfg_path))?;
     let v: Value = serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {
@@ -508,6 +588,8 @@ pub fn load_with_adapter(
     let opts = cpmv_model::LoadOptions {
         lora: Some(lora),
         fixes,
+        device: device.clone(),
+        dtype,
         ..Default::default()
     };
     let store = cpmv_model::ParamStore::from_tensors(map, &opts)?;

@@ -8,6 +8,7 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod tokens;
+pub mod torch_save;
 pub mod trainer;
 
 pub use config::{LossNorm, TrainConfig, TrainMode};
