@@ -9,6 +9,7 @@
 pub mod config;
 pub mod error;
 pub mod flops;
+pub mod generate;
 pub mod image;
 pub mod init;
 pub mod linear;
@@ -26,6 +27,7 @@ pub mod weights;
 
 pub use config::{Fixes, ModelConfig, Version};
 pub use error::ModelError;
+pub use generate::{Generated, Sampling, StopReason};
 pub use image::{ImageInput, Pixels};
 pub use linear::{LoraConfig, Rng, DEFAULT_LORA_TARGET};
 pub use model::{Batch, LossOutput, MiniCpmV};

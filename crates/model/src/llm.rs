@@ -35,6 +35,27 @@ pub struct Llm {
     lm_head: Linear,
 }
 
+/// Keys and values of the positions decoded so far, per layer (`[B, KV, T, Dh]`), so each new
+/// token costs one position's work instead of the whole sequence's (generation only).
+#[derive(Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// Positions held (0 before the first step).
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// Per-row rotary tables and the attention mask of a (possibly packed) batch.
 pub struct LlmAux {
     /// `[B, 1, T, Dh]`
@@ -60,23 +81,7 @@ impl LlmAux {
     ) -> Result<Self> {
         let b = position_ids.len();
         let t = position_ids.first().map_or(0, Vec::len);
-        let dh = cfg.head_dim();
-        let half = dh / 2;
-        // As transformers: inv_freq in f32 from integer exponents, freqs = pos · inv_freq in f32.
-        let inv: Vec<f32> = (0..half)
-            .map(|i| 1.0 / (cfg.rope_theta as f32).powf((2 * i) as f32 / dh as f32))
-            .collect();
-        let mut cos = Vec::with_capacity(b * t * dh);
-        let mut sin = Vec::with_capacity(b * t * dh);
-        for row in position_ids {
-            for &p in row {
-                let f: Vec<f32> = inv.iter().map(|w| p as f32 * w).collect();
-                for _ in 0..2 {
-                    cos.extend(f.iter().map(|x| x.cos()));
-                    sin.extend(f.iter().map(|x| x.sin()));
-                }
-            }
-        }
+        let (cos, sin) = rotary_tables(cfg, position_ids, dtype, device)?;
         // Every row's samples, then its trailing padding as one more segment.
         let row_segments = |segs: &Vec<usize>| {
             let total: usize = segs.iter().sum();
@@ -86,9 +91,6 @@ impl LlmAux {
             }
             all
         };
-        let shape = (b, 1, t, dh);
-        let cos = Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?;
-        let sin = Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?;
         if crate::ops::fused(&cos) {
             let mut bounds = Vec::with_capacity(b * t * 2);
             for segs in segments {
@@ -126,6 +128,58 @@ impl LlmAux {
             bounds: None,
         })
     }
+}
+
+impl LlmAux {
+    /// Rotary tables only (`mask` and `bounds` unset), for one row at `positions`: what a
+    /// cached generation step needs.
+    pub fn rotary(
+        cfg: &LlmConfig,
+        positions: &[u32],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let (cos, sin) = rotary_tables(cfg, &[positions.to_vec()], dtype, device)?;
+        Ok(LlmAux {
+            cos,
+            sin,
+            mask: None,
+            bounds: None,
+        })
+    }
+}
+
+/// `[B, 1, T, Dh]` cos and sin tables of position ids `[B][T]`.
+fn rotary_tables(
+    cfg: &LlmConfig,
+    position_ids: &[Vec<u32>],
+    dtype: DType,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let b = position_ids.len();
+    let t = position_ids.first().map_or(0, Vec::len);
+    let dh = cfg.head_dim();
+    let half = dh / 2;
+    // As transformers: inv_freq in f32 from integer exponents, freqs = pos · inv_freq in f32.
+    let inv: Vec<f32> = (0..half)
+        .map(|i| 1.0 / (cfg.rope_theta as f32).powf((2 * i) as f32 / dh as f32))
+        .collect();
+    let mut cos = Vec::with_capacity(b * t * dh);
+    let mut sin = Vec::with_capacity(b * t * dh);
+    for row in position_ids {
+        for &p in row {
+            let f: Vec<f32> = inv.iter().map(|w| p as f32 * w).collect();
+            for _ in 0..2 {
+                cos.extend(f.iter().map(|x| x.cos()));
+                sin.extend(f.iter().map(|x| x.sin()));
+            }
+        }
+    }
+    let shape = (b, 1, t, dh);
+    Ok((
+        Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,
+        Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,
+    ))
 }
 
 impl Llm {
@@ -208,6 +262,75 @@ impl Llm {
             let a = silu_mul(&l.gate.forward(&h, mode)?, &l.up.forward(&h, mode)?)?;
             l.down.forward(&a, mode)
         })?;
+        Ok((x + scaled(mlp, c.residual_scale)?)?)
+    }
+
+    /// Decoder layer `i` over `x` `[B, t, H]`, the positions that follow the ones in `cache`
+    /// (whose keys and values it attends to, causally, and then extends). `cos`/`sin` are the
+    /// rotary tables of the new positions (`[B, 1, t, Dh]`). Inference only: no dropout, and
+    /// plain ops on every device.
+    pub fn layer_cached(
+        &self,
+        i: usize,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        cache: &mut KvCache,
+        mode: &Mode,
+    ) -> Result<Tensor> {
+        let l = &self.layers[i];
+        let c = &self.cfg;
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, dh) = (c.num_heads, c.num_kv_heads, c.head_dim());
+        let h = rms_norm(x, &l.ln1, c.rms_norm_eps)?;
+        let q = l.q.forward(&h, mode)?.reshape((b, t, nh, dh))?;
+        let k = l.k.forward(&h, mode)?.reshape((b, t, nkv, dh))?;
+        let v =
+            l.v.forward(&h, mode)?
+                .reshape((b, t, nkv, dh))?
+                .transpose(1, 2)?;
+        let q = rope_heads(&q, cos, sin)?.contiguous()?;
+        let k = rope_heads(&k, cos, sin)?.contiguous()?;
+        if cache.layers.len() < self.layers.len() {
+            cache.layers.resize_with(self.layers.len(), || None);
+        }
+        let (k, v) = match cache.layers[i].take() {
+            Some((pk, pv)) => (
+                Tensor::cat(&[&pk, &k], 2)?,
+                Tensor::cat(&[&pv, &v.contiguous()?], 2)?,
+            ),
+            None => (k, v.contiguous()?),
+        };
+        cache.layers[i] = Some((k.clone(), v.clone()));
+        let total = k.dim(2)?;
+        let past = total - t;
+        let rep = nh / nkv;
+        // Query heads that share a key/value head side by side: [B, KV, rep·t, Dh].
+        let q = q.reshape((b, nkv, rep * t, dh))?;
+        let scores = (q.matmul(&k.t()?.contiguous()?)? / (dh as f64).sqrt())?;
+        // Query j of the new positions (row j mod t of each head group) sees keys ≤ past + j.
+        let mut mask = vec![0f32; rep * t * total];
+        for r in 0..rep * t {
+            let j = r % t;
+            for key in past + j + 1..total {
+                mask[r * total + key] = f32::NEG_INFINITY;
+            }
+        }
+        let mask =
+            Tensor::from_vec(mask, (1, 1, rep * t, total), x.device())?.to_dtype(scores.dtype())?;
+        let probs = crate::ops::softmax_last(&scores.broadcast_add(&mask)?)?;
+        let attn = probs
+            .matmul(&v)?
+            .reshape((b, nh, t, dh))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * dh))?;
+        let attn = l.o.forward(&attn, mode)?;
+        let x = (x + scaled(attn, c.residual_scale)?)?;
+        let h = rms_norm(&x, &l.ln2, c.rms_norm_eps)?;
+        let mlp = l.down.forward(
+            &silu_mul(&l.gate.forward(&h, mode)?, &l.up.forward(&h, mode)?)?,
+            mode,
+        )?;
         Ok((x + scaled(mlp, c.residual_scale)?)?)
     }
 

@@ -200,6 +200,11 @@ impl MiniCpmV {
         *self.dropout.lock().unwrap_or_else(|p| p.into_inner()) = rng;
     }
 
+    /// The LoRA-dropout generator cell (generation runs in eval mode and never draws from it).
+    pub(crate) fn dropout_cell(&self) -> &std::sync::Mutex<crate::linear::Rng> {
+        &self.dropout
+    }
+
     fn device(&self) -> &Device {
         self.params.device()
     }

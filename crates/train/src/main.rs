@@ -279,6 +279,14 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Talk to a checkpoint or a fine-tune, as its official inference code would prompt it.
+    ///
+    /// The checkpoint's inference chat template (not the training one), the images before the
+    /// question and sliced as at inference, a key/value cache, greedy decoding unless
+    /// --temperature is set, the reply streamed as it is produced. With --prompt: one reply,
+    /// then exit; without: an interactive conversation (the images go with the first question;
+    /// an empty line or end of input ends it).
+    Chat(ChatArgs),
     /// Merge a LoRA adapter written by `train --mode lora` into its base: a full checkpoint.
     MergeLora {
         /// Base checkpoint directory.
@@ -291,6 +299,160 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    /// Checkpoint directory: a base, a full fine-tune or a merged LoRA run.
+    #[arg(long)]
+    model: PathBuf,
+    /// LoRA run directory (PEFT layout, e.g. a `train --mode lora` output) applied to --model.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Image file shown with the (first) question; repeat for several, in order.
+    #[arg(long = "image")]
+    images: Vec<PathBuf>,
+    /// The question. Without it, chat interactively on the terminal.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// System prompt (2.5 and 2.6; 2.0 has none) [default: the template's own].
+    #[arg(long)]
+    system: Option<String>,
+    /// Most tokens generated per reply.
+    #[arg(long, default_value_t = 512)]
+    max_new_tokens: usize,
+    /// 0 decodes greedily (token for token what the PyTorch model's greedy `generate` gives);
+    /// above 0 samples at this temperature.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Nucleus sampling: draw from the most likely tokens holding this much probability
+    /// (with --temperature above 0), in (0, 1].
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    /// Seed of sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Maximum slices per image [default: the checkpoint's config.json].
+    #[arg(long)]
+    max_slice_nums: Option<u32>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Weights and activations in f32 or bf16 [default: f32 on the CPU, bf16 on CUDA].
+    #[arg(long, value_enum)]
+    dtype: Option<cpmv_train::config::ComputeDtype>,
+    /// Print one JSON object per reply (prompt text and ids, generated ids, text, why it
+    /// stopped) instead of streaming the text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `train chat`.
+fn run_chat(a: ChatArgs) -> Result<()> {
+    use std::io::{BufRead, Write};
+    if a.temperature < 0.0 || !a.temperature.is_finite() {
+        anyhow::bail!(
+            "--temperature {}: expected 0 (greedy) or a positive number",
+            a.temperature
+        );
+    }
+    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
+        anyhow::bail!("--top-p {}: expected a number in (0, 1]", a.top_p);
+    }
+    if a.top_p < 1.0 && a.temperature == 0.0 {
+        anyhow::bail!("--top-p applies to sampling: give --temperature above 0 as well");
+    }
+    let device = cpmv_train::config::open_device(&a.device)?;
+    let dtype = a.dtype.map(|d| d.dtype()).unwrap_or(if device.is_cuda() {
+        candle_core::DType::BF16
+    } else {
+        candle_core::DType::F32
+    });
+    let model = match &a.adapter {
+        Some(adapter) => cpmv_train::checkpoint::load_with_adapter_on(
+            &a.model,
+            adapter,
+            Default::default(),
+            &device,
+            dtype,
+        )
+        .with_context(|| format!("loading {} with {}", a.model.display(), adapter.display()))?,
+        None => cpmv_model::MiniCpmV::load(
+            &a.model,
+            &cpmv_model::LoadOptions {
+                device: device.clone(),
+                dtype,
+                ..Default::default()
+            },
+        )
+        .with_context(|| format!("loading {}", a.model.display()))?,
+    };
+    let chat = cpmv_chat::Chat::new(&model, &a.model, a.max_slice_nums)?;
+    let mut images = Vec::new();
+    for path in &a.images {
+        images.push(cpmv_chat::ChatImage::open(path)?);
+    }
+    let sampling = cpmv_model::Sampling {
+        temperature: a.temperature,
+        top_p: a.top_p,
+        seed: a.seed,
+    };
+    let mut turns = Vec::new();
+    if let Some(system) = &a.system {
+        turns.push(cpmv_chat::Turn {
+            role: cpmv_chat::Role::System,
+            text: system.clone(),
+            images: Vec::new(),
+        });
+    }
+    let ask = |turns: &mut Vec<cpmv_chat::Turn>, text: String| -> Result<()> {
+        let first = !turns.iter().any(|t| t.role == cpmv_chat::Role::User);
+        turns.push(cpmv_chat::Turn {
+            role: cpmv_chat::Role::User,
+            text,
+            images: if first { images.clone() } else { Vec::new() },
+        });
+        let stdout = std::io::stdout();
+        let reply = if a.json {
+            let prompt = chat.prompt(turns)?;
+            let reply = chat.reply(turns, a.max_new_tokens, None, &sampling, |_| {})?;
+            let v = serde_json::json!({
+                "prompt_text": prompt.text,
+                "prompt_ids": prompt.ids,
+                "generated_ids": reply.ids,
+                "text": reply.text,
+                "stop": format!("{:?}", reply.stop),
+            });
+            println!("{v}");
+            reply
+        } else {
+            let reply = chat.reply(turns, a.max_new_tokens, None, &sampling, |piece| {
+                let mut out = stdout.lock();
+                let _ = out.write_all(piece.as_bytes());
+                let _ = out.flush();
+            })?;
+            println!();
+            reply
+        };
+        turns.push(cpmv_chat::Turn {
+            role: cpmv_chat::Role::Assistant,
+            text: reply.text,
+            images: Vec::new(),
+        });
+        Ok(())
+    };
+    if let Some(prompt) = &a.prompt {
+        return ask(&mut turns, prompt.clone());
+    }
+    let stdin = std::io::stdin();
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
+            return Ok(());
+        }
+        ask(&mut turns, line.trim_end_matches(['\n', '\r']).to_string())?;
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -531,6 +693,7 @@ fn run() -> Result<()> {
                 writeln!(f, "{line}").with_context(|| format!("writing {}", path.display()))?;
             }
         }
+        Some(Command::Chat(args)) => run_chat(args)?,
         Some(Command::MergeLora {
             model,
             adapter,
