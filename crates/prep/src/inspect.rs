@@ -5,8 +5,8 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
-use cpmv_shard::{SampleView, ShardDir};
 use crate::tokenizer::{TextTokenizer, TokenizerKind};
+use cpmv_shard::{SampleView, ShardDir};
 
 use crate::build::BuildError;
 

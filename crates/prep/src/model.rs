@@ -252,10 +252,12 @@ impl ModelDir {
                 path: PathBuf::from(path),
                 message,
             })?;
-        let tokenizer_sha256 = cpmv_shard::fingerprint::tokenizer_fingerprint(dir, kind)
-            .map_err(|e| ModelError::Tokenizer {
-                path: tok_path.clone(),
-                message: e.to_string(),
+        let tokenizer_sha256 =
+            cpmv_shard::fingerprint::tokenizer_fingerprint(dir, kind).map_err(|e| {
+                ModelError::Tokenizer {
+                    path: tok_path.clone(),
+                    message: e.to_string(),
+                }
             })?;
 
         let field = |key: &str| tok_config.get(key).and_then(token_string);

@@ -32,7 +32,12 @@ impl TextTokenizer {
             }
             TokenizerKind::SentencePieceLegacy => LegacyLlamaTokenizer::from_dir(dir)
                 .map(|t| TextTokenizer::SentencePiece(Box::new(t)))
-                .map_err(|e| (dir.join("tokenizer.model").display().to_string(), e.to_string())),
+                .map_err(|e| {
+                    (
+                        dir.join("tokenizer.model").display().to_string(),
+                        e.to_string(),
+                    )
+                }),
         }
     }
 
@@ -87,10 +92,7 @@ impl TextTokenizer {
     /// The token with the highest id of the ordinary vocabulary (added tokens aside).
     pub fn highest_ordinary(&self) -> Option<(String, u32)> {
         match self {
-            TextTokenizer::Json(t) => t
-                .get_vocab(false)
-                .into_iter()
-                .max_by_key(|&(_, id)| id),
+            TextTokenizer::Json(t) => t.get_vocab(false).into_iter().max_by_key(|&(_, id)| id),
             TextTokenizer::SentencePiece(t) => {
                 let n = t.vocab_size().checked_sub(1)? as u32;
                 Some((t.id_to_piece(n)?.to_string(), n))
