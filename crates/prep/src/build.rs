@@ -109,21 +109,56 @@ pub fn resolve_settings(model: &ModelDir, p: &PrepPreset) -> Result<SampleSettin
     };
     let bad = |m: &str| Err(BuildError::Setup(m.to_string()));
     if !(1..=64).contains(&s.max_slice_nums) {
-        return bad("max_slice_nums must be between 1 and 64");
+        return bad(&format!(
+            "--max-slice-nums (max_slice_nums) is {}: expected 1 to 64",
+            s.max_slice_nums
+        ));
     }
-    if !(1..=8192).contains(&s.scale_resolution)
-        || !(1..=s.scale_resolution).contains(&s.patch_size)
-    {
-        return bad("scale_resolution must be between 1 and 8192, patch_size between 1 and it");
+    if !(1..=8192).contains(&s.scale_resolution) {
+        return bad(&format!(
+            "--scale-resolution (scale_resolution) is {}: expected 1 to 8192",
+            s.scale_resolution
+        ));
+    }
+    if !(1..=s.scale_resolution).contains(&s.patch_size) {
+        return bad(&format!(
+            "--patch-size (patch_size) is {}: expected 1 to the scale resolution ({})",
+            s.patch_size, s.scale_resolution
+        ));
     }
     if !(1..=4096).contains(&s.query_num) {
-        return bad("query_num must be between 1 and 4096");
+        return bad(&format!(
+            "--query-num (query_num) is {}: expected 1 to 4096",
+            s.query_num
+        ));
     }
     if !(1..=1 << 24).contains(&s.max_length) {
-        return bad("max_length must be between 1 and 16777216");
+        return bad(&format!(
+            "--max-length (max_length) is {}: expected 1 to 16777216",
+            s.max_length
+        ));
     }
     Ok(s)
 }
+
+/// The keys of a preset's `[prep]` table, in `--print-config` order.
+pub const SETTING_KEYS: [&str; 15] = [
+    "llm_type",
+    "max_slice_nums",
+    "scale_resolution",
+    "patch_size",
+    "query_num",
+    "max_length",
+    "truncate",
+    "image_id_mode",
+    "exif_transpose",
+    "pack",
+    "max_slices_per_pack",
+    "pack_window",
+    "format",
+    "shard_size_mb",
+    "on_error",
+];
 
 /// Every `[prep]` setting a build with these layers would use, each with where it came from:
 /// a flag, else the preset, else the checkpoint (slicing, query_num, llm type), else prep's
@@ -190,6 +225,7 @@ pub fn resolved_with_sources(
         false
     );
     setting!(on_error, merged.on_error.unwrap_or_default(), false);
+    debug_assert!(out.iter().map(|r| r.key).eq(SETTING_KEYS));
     Ok(out)
 }
 

@@ -48,43 +48,45 @@ enum Command {
 /// Flags that decide what a sample becomes (shared by build and stats).
 #[derive(Args, Debug, Clone)]
 struct SampleFlags {
-    /// Preset (pipelines/*.toml); its [prep] table sets defaults that flags override.
+    /// Preset (pipelines/*.toml); its [prep] table overrides the defaults below, flags override
+    /// it (`--print-config` shows where each setting came from).
     #[arg(long)]
     config: Option<PathBuf>,
     /// Base folder of relative image paths (default: each data file's folder).
     #[arg(long)]
     image_root: Option<PathBuf>,
-    /// Override the llm type detected from config.json.
+    /// minicpm, llama3 or qwen [default: detected from config.json].
     #[arg(long, value_parser = parse_llm)]
     llm_type: Option<LlmType>,
-    /// Maximum slices per image (default: the checkpoint's, 9).
+    /// Maximum slices per image, 1-64 [default: the checkpoint's, else 9].
     #[arg(long)]
     max_slice_nums: Option<u32>,
-    /// Side of the overview and slices in pixels (default: the checkpoint's, 448).
+    /// Side of the overview and slices in pixels [default: the checkpoint's, else 448].
     #[arg(long)]
     scale_resolution: Option<u32>,
-    /// Vision patch size (default: the checkpoint's, 14).
+    /// Vision patch size in pixels [default: the checkpoint's, else 14].
     #[arg(long)]
     patch_size: Option<u32>,
-    /// Placeholder tokens per image or slice (default: the checkpoint's query_num).
+    /// Placeholder tokens per image or slice [default: the checkpoint's query_num, else 64].
     #[arg(long)]
     query_num: Option<u32>,
-    /// Maximum tokens per sample and per pack (default 2048).
+    /// Maximum tokens per sample and per pack [default: 2048].
     #[arg(long)]
     max_length: Option<usize>,
-    /// 2.6 image ids: `reference` (fine-tune code: sliced images only) or `inference`.
+    /// 2.6 image ids: `reference` (the fine-tune code: sliced images only, numbered among
+    /// them) or `inference` (every image, as the inference processor) [default: reference].
     #[arg(long, value_enum)]
     image_id_mode: Option<ImageIdModeArg>,
-    /// Apply EXIF orientation (changes pixels; the reference does not).
+    /// Apply EXIF orientation (changes pixels; the reference does not) [default: off].
     #[arg(long, overrides_with = "no_exif_transpose")]
     exif_transpose: bool,
     /// Keep the stored pixel order (the default; overrides a preset).
     #[arg(long, overrides_with = "exif_transpose")]
     no_exif_transpose: bool,
-    /// Worker threads (default: all cores).
+    /// Worker threads [default: all cores].
     #[arg(long)]
     threads: Option<usize>,
-    /// No progress bar.
+    /// No progress bar (the summary is still printed).
     #[arg(long)]
     quiet: bool,
 }
@@ -152,19 +154,20 @@ struct BuildArgs {
     /// One sample per pack (no packing).
     #[arg(long, overrides_with = "pack")]
     no_pack: bool,
-    /// Upper bound on image slices per pack (0 = none).
+    /// Upper bound on image slices per pack, 0 = none [default: 40].
     #[arg(long)]
     max_slices_per_pack: Option<usize>,
-    /// Samples per packing window (best-fit decreasing within it).
+    /// Samples per packing window (best-fit decreasing within it) [default: 512].
     #[arg(long)]
     pack_window: Option<usize>,
-    /// Files to write.
+    /// Files to write: arrow (what train maps), parquet or both [default: arrow].
     #[arg(long, value_enum)]
     format: Option<OutputFormat>,
-    /// Start a new shard after this many MiB.
+    /// Start a new shard after this many MiB [default: 1024].
     #[arg(long)]
     shard_size_mb: Option<u64>,
-    /// `skip` bad samples (report them) or `fail` at the first.
+    /// `skip` bad samples (report them in rejected.jsonl) or `fail` at the first
+    /// [default: skip].
     #[arg(long, value_enum)]
     on_error: Option<OnError>,
     /// Replace a previous shard set in --out (it stays whole until the new set is complete;
@@ -502,4 +505,44 @@ pub fn main() -> ExitCode {
         Command::Inspect(args) => run_inspect(args),
     };
     ExitCode::from(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every flag of every command says what it does, and every setting flag its default
+    /// (in clap's `[default: …]` or in its help text).
+    #[test]
+    fn every_flag_has_help_and_settings_their_default() {
+        fn check(cmd: &clap::Command, path: &str) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                let help = arg
+                    .get_help()
+                    .or(arg.get_long_help())
+                    .map(|h| h.to_string())
+                    .unwrap_or_default();
+                assert!(!help.is_empty(), "{path} --{id} has no help");
+                let setting = id.replace('_', "-");
+                let is_setting = crate::build::SETTING_KEYS
+                    .iter()
+                    .any(|k| k.replace('_', "-") == setting);
+                if is_setting && arg.get_action().takes_values() {
+                    assert!(
+                        help.contains("default") || !arg.get_default_values().is_empty(),
+                        "{path} --{id} does not say its default: {help}"
+                    );
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                check(sub, &format!("{path} {}", sub.get_name()));
+            }
+        }
+        check(&Cli::command(), "prep");
+    }
 }
