@@ -47,13 +47,20 @@ impl CharsMap {
         node ^= offset(unit);
         for (i, &b) in input.iter().enumerate() {
             node ^= usize::from(b);
-            let u = *self.units.get(node)?;
+            // darts-clone arrays come in blocks of 256 units, so a valid trie never leaves them;
+            // a truncated one ends the search with what was found so far
+            let Some(&u) = self.units.get(node) else {
+                break;
+            };
             if label(u) != u32::from(b) {
                 break;
             }
             node ^= offset(u);
             if has_leaf(u) {
-                let v = self.units.get(node)? & 0x7fff_ffff;
+                let Some(&leaf) = self.units.get(node) else {
+                    break;
+                };
+                let v = leaf & 0x7fff_ffff;
                 if best.is_none_or(|(len, _)| i + 1 > len) {
                     best = Some((i + 1, v));
                 }

@@ -85,8 +85,11 @@ impl SentencePieceModel {
         Self::from_proto(ModelProto::parse(bytes)?)
     }
 
-    /// Validate a decoded `ModelProto` as sentencepiece's `InitializePieces` does, and refuse
-    /// what this crate does not implement.
+    /// Validate a decoded `ModelProto` as sentencepiece's `InitializePieces` does (empty or
+    /// duplicate pieces, no or two unk pieces, byte pieces that are not exactly `<0xXX>` or
+    /// present without `byte_fallback`, `byte_fallback` without all 256 byte pieces: all
+    /// [`Error::Proto`]), and refuse what this crate does not implement ([`Error::Unsupported`]),
+    /// including control pieces that BPE can produce, on which sentencepiece's encoder fails.
     pub fn from_proto(proto: ModelProto) -> Result<Self, Error> {
         let t = &proto.trainer;
         let model_type = match t.model_type {
@@ -124,6 +127,7 @@ impl SentencePieceModel {
         let mut reserved = HashMap::new();
         let mut user_defined = Vec::new();
         let mut unk_id = None;
+        let mut byte_found = [false; 256];
         for (i, p) in proto.pieces.iter().enumerate() {
             let id = i as u32;
             if p.piece.is_empty() {
@@ -155,17 +159,43 @@ impl SentencePieceModel {
                             p.piece
                         )));
                     }
-                    if piece_to_byte(&p.piece).is_none() {
-                        return Err(Error::Proto(format!(
-                            "byte piece {:?} is not of the form <0xXX>",
-                            p.piece
-                        )));
+                    match piece_to_byte(&p.piece) {
+                        Some(b) => byte_found[usize::from(b)] = true,
+                        None => {
+                            return Err(Error::Proto(format!(
+                                "byte piece {:?} is not of the form <0xXX> (upper-case hex)",
+                                p.piece
+                            )))
+                        }
                     }
                 }
                 _ => {}
             }
         }
         let unk_id = unk_id.ok_or_else(|| Error::Proto("unk piece is not defined".into()))?;
+        // sentencepiece refuses a byte-fallback model that cannot spell every byte
+        if t.byte_fallback {
+            if let Some(b) = byte_found.iter().position(|&f| !f) {
+                return Err(Error::Proto(format!(
+                    "byte_fallback is true but there are not 256 byte pieces (<0x{b:02X}> is missing)"
+                )));
+            }
+        }
+        // BPE yields pieces of `pieces` and single characters, and `PieceToId` looks reserved
+        // pieces up first: a control piece spelled like one of those would be emitted, which
+        // sentencepiece's encoder fails on ("all normalized characters are not consumed"; the
+        // python binding then returns no ids at all). Refused rather than encoded differently.
+        for p in &proto.pieces {
+            if p.kind == PieceType::Control
+                && (pieces.contains_key(&p.piece) || p.piece.chars().count() == 1)
+            {
+                return Err(Error::Unsupported(format!(
+                    "control piece {:?} can be produced by BPE (a single character or also a \
+                     normal piece): sentencepiece fails to encode text containing it",
+                    p.piece
+                )));
+            }
+        }
         // longest first, so the first prefix hit is the longest match
         user_defined.sort_by_key(|s| std::cmp::Reverse(s.len()));
         Ok(SentencePieceModel {
@@ -555,11 +585,18 @@ pub fn byte_to_piece(b: u8) -> String {
     format!("<0x{b:02X}>")
 }
 
-/// The byte of a `<0xXX>` piece.
+/// The byte of a `<0xXX>` piece: exactly the strings [`byte_to_piece`] writes (two upper-case hex
+/// digits), as sentencepiece's `PieceToByte` only knows those (`<0xab>` or `<0x+1>` are not byte
+/// pieces).
 pub fn piece_to_byte(piece: &str) -> Option<u8> {
-    let hex = piece.strip_prefix("<0x")?.strip_suffix('>')?;
-    if hex.len() != 2 {
-        return None;
+    let hex = piece.strip_prefix("<0x")?.strip_suffix('>')?.as_bytes();
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    };
+    match hex {
+        [hi, lo] => Some(digit(*hi)? << 4 | digit(*lo)?),
+        _ => None,
     }
-    u8::from_str_radix(hex, 16).ok()
 }
