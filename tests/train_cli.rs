@@ -1181,7 +1181,68 @@ fn v2_0_and_v2_5_train_lora_and_write_peft_adapters() {
                 dir.display()
             );
         }
+        chat_with_adapter_is_the_merged_model(&r);
     }
+}
+
+/// `train chat --adapter RUN` talks to the same model as the merged checkpoint: same prompt,
+/// same first-step logits (to f32 rounding of the merge), and the command's prompt is built from
+/// the run's files (its trained max_slice_nums), so it equals the merged checkpoint's.
+fn chat_with_adapter_is_the_merged_model(r: &LoraRun) {
+    let image = root().join("examples/images/coffee.png");
+    let question = "What is in the image?";
+    let adapted =
+        cpmv_train::checkpoint::load_with_adapter(&r.model, &r.run, Default::default()).unwrap();
+    let merged = MiniCpmV::load(&r.merged, &LoadOptions::default()).unwrap();
+    let mut first = Vec::new();
+    // The run carries the config it was trained with (max_slice_nums of the shards), as the
+    // merged checkpoint does; `train chat --adapter` prompts from it.
+    for (model, dir) in [(&adapted, &r.run), (&merged, &r.merged)] {
+        let chat = cpmv_chat::Chat::new(model, dir, None).unwrap();
+        let turn = cpmv_chat::Turn {
+            role: cpmv_chat::Role::User,
+            text: question.into(),
+            images: vec![cpmv_chat::ChatImage::open(&image).unwrap()],
+        };
+        let p = chat.prompt(std::slice::from_ref(&turn)).unwrap();
+        let batch = chat.batch(&p).unwrap();
+        let mut cache = cpmv_model::llm::KvCache::default();
+        let logits: Vec<f32> = model
+            .prefill(&batch, &mut cache)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        first.push((p.ids, logits));
+    }
+    assert_eq!(first[0].0, first[1].0);
+    let scale = first[1].1.iter().fold(1f32, |m, x| m.max(x.abs()));
+    let diff = first[0]
+        .1
+        .iter()
+        .zip(&first[1].1)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        diff <= 1e-4 * scale,
+        "adapter vs merged logits differ by {diff}"
+    );
+    // And the command runs with --adapter.
+    let out = ok(&train(&[
+        "chat",
+        "--model",
+        s(&r.model),
+        "--adapter",
+        s(&r.run),
+        "--image",
+        s(&image),
+        "--prompt",
+        question,
+        "--max-new-tokens",
+        "3",
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["generated_ids"].as_array().unwrap().len(), 3, "{v}");
+    assert_eq!(v["prompt_ids"], serde_json::json!(first[1].0), "{v}");
 }
 
 /// The official readme's LoRA reload snippet (AutoPeftModelForCausalLM +

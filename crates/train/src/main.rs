@@ -387,7 +387,17 @@ fn run_chat(a: ChatArgs) -> Result<()> {
         )
         .with_context(|| format!("loading {}", a.model.display()))?,
     };
-    let chat = cpmv_chat::Chat::new(&model, &a.model, a.max_slice_nums)?;
+    // A cpmv LoRA run carries the base's tokenizer files and its config.json with the slicing it
+    // was trained with: prompt as the fine-tune saw its data. Other adapters: the base's files.
+    let prompt_dir = match &a.adapter {
+        Some(run)
+            if run.join("config.json").is_file() && run.join("tokenizer_config.json").is_file() =>
+        {
+            run.as_path()
+        }
+        _ => a.model.as_path(),
+    };
+    let chat = cpmv_chat::Chat::new(&model, prompt_dir, a.max_slice_nums)?;
     let mut images = Vec::new();
     for path in &a.images {
         images.push(cpmv_chat::ChatImage::open(path)?);
