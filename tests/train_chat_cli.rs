@@ -248,3 +248,76 @@ fn chat_stops_at_a_stop_token_and_sampling_follows_the_seed() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("no/such.png"));
 }
+
+/// Without --prompt the conversation goes on over standard input: each reply is part of the next
+/// prompt (after the question it answered), the images stay with the first question, and an
+/// empty line ends it. The streamed text is the reply's text.
+#[test]
+fn interactive_chat_keeps_the_conversation_and_streams_the_reply() {
+    use std::io::Write;
+    let fx = fixture("v2_6");
+    let case = &fx["cases"][0];
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    weights(case, &dir);
+    let image = root().join(case["images"][0]["path"].as_str().unwrap());
+    let run = |args: &[&str], stdin: &str| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_train"))
+            .args(args)
+            .current_dir(root())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        let o = child.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let base = [
+        "chat",
+        "--model",
+        dir.to_str().unwrap(),
+        "--image",
+        image.to_str().unwrap(),
+        "--max-new-tokens",
+        "5",
+    ];
+    let mut json_args = base.to_vec();
+    json_args.push("--json");
+    let q1 = case["prompt"].as_str().unwrap();
+    let out = run(
+        &json_args,
+        &format!("{q1}\nSecond question?\n\nnot asked\n"),
+    );
+    let replies: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(replies.len(), 2, "{out}");
+    let (first, second) = (&replies[0], &replies[1]);
+    assert_eq!(
+        first["prompt_ids"],
+        case["input_ids"].clone(),
+        "the first turn is the one-shot prompt"
+    );
+    let p2 = second["prompt_text"].as_str().unwrap();
+    let p1 = first["prompt_text"].as_str().unwrap();
+    assert!(p2.starts_with(p1.trim_end_matches("<|im_start|>assistant\n")));
+    assert!(p2.contains("Second question?"));
+    assert_eq!(
+        p2.matches("<image>").count(),
+        1,
+        "images only with the first question"
+    );
+    assert!(!p2.contains("not asked"));
+    // Streaming: the printed text is the reply's text, a line per reply.
+    let streamed = run(&base, &format!("{q1}\n\n"));
+    assert_eq!(streamed, format!("{}\n", first["text"].as_str().unwrap()));
+}
