@@ -1,0 +1,19 @@
+//! Plumbing for training on several processes (GPUs, nodes): where this process sits in the run,
+//! as its launcher (torchrun, Slurm, Open MPI) describes it, and the collective operations
+//! data-parallel training is made of, with an in-process backend whose ranks are threads.
+
+pub mod collective;
+pub mod launch;
+
+pub use collective::{Collective, InProcess};
+pub use launch::{world_from_env, Launcher, World};
+
+/// A launcher environment that does not describe a usable world, or a collective that cannot
+/// complete.
+#[derive(Debug, thiserror::Error)]
+pub enum DistError {
+    #[error("launcher environment: {0}")]
+    Env(String),
+    #[error("collective: {0}")]
+    Group(String),
+}
