@@ -134,6 +134,9 @@ pub struct TrainConfig {
     /// LoRA mode: train the token embeddings too, as the reference does (`modules_to_save`
     /// holds `embed_tokens`). Off saves their gradient, master copy and moments.
     pub lora_embeddings: bool,
+    /// Data-parallel ranks in this process (threads; CPU only so far). Each step then covers
+    /// `nproc_per_node × grad_accum × micro_batch` packs, as that many GPUs would.
+    pub nproc_per_node: usize,
 }
 
 impl Default for TrainConfig {
@@ -172,6 +175,7 @@ impl Default for TrainConfig {
             device: "cpu".into(),
             dtype: ComputeDtype::F32,
             lora_embeddings: true,
+            nproc_per_node: 1,
         }
     }
 }
@@ -180,6 +184,9 @@ impl Default for TrainConfig {
 /// logged or recomputed, never what a step computes. Every other setting changes the math and
 /// is refused on `--resume` unless `--resume-override` is given.
 pub const RESUME_FREE_SETTINGS: &[&str] = &[
+    // The global batch stays `ranks × grad_accum × micro_batch` packs only if grad_accum is
+    // changed with it, which is then a math change reported as such.
+    "nproc_per_node",
     "save_every",
     "keep_last",
     "eval_every",
@@ -263,6 +270,19 @@ impl TrainConfig {
         }
         if self.micro_batch == 0 || self.grad_accum == 0 {
             return bad("--micro-batch and --grad-accum must be at least 1".into());
+        }
+        if !(1..=256).contains(&self.nproc_per_node) {
+            return bad(format!(
+                "--nproc-per-node {}: expected 1 to 256",
+                self.nproc_per_node
+            ));
+        }
+        if self.nproc_per_node > 1 && crate::config::parse_device(&self.device)?.is_some() {
+            return bad(format!(
+                "--nproc-per-node {} with --device {}: ranks run as CPU threads so far (NCCL \
+                 ranks on GPUs are not built yet); use --device cpu",
+                self.nproc_per_node, self.device
+            ));
         }
         if self.max_steps.is_none() && self.epochs.is_none() {
             return bad("give --max-steps or --epochs".into());

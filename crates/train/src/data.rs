@@ -169,13 +169,17 @@ pub fn make_batch(
 }
 
 /// Streams micro-batches from `cursor` on, over epochs, on a background thread (the next
-/// batch is prepared while the current one computes).
+/// batch is prepared while the current one computes). With `(rank, world)` ranks, each global
+/// micro-step covers `world × micro_batch` positions of the epoch's order and rank r takes
+/// positions r, r + world, … of it (an epoch's last micro-step may leave a rank with no pack:
+/// its micro-batch is then empty); every batch's cursor is the global one after its micro-step.
 pub fn stream(
     data: Arc<Dataset>,
     seed: u64,
     micro_batch: usize,
     patch: usize,
     start: Cursor,
+    (rank, world): (usize, usize),
 ) -> Receiver<Result<MicroBatch, TrainError>> {
     let (tx, rx) = sync_channel(2);
     std::thread::spawn(move || {
@@ -194,8 +198,11 @@ pub fn stream(
                 };
                 continue;
             }
-            let end = (cur.pos + micro_batch).min(n);
-            let picks: Vec<usize> = order[cur.pos..end].to_vec();
+            let end = (cur.pos + micro_batch * world).min(n);
+            let picks: Vec<usize> = (cur.pos + rank..end)
+                .step_by(world.max(1))
+                .map(|i| order[i])
+                .collect();
             let next = Cursor {
                 epoch: cur.epoch,
                 pos: end,

@@ -36,6 +36,8 @@ pub enum TrainError {
     Log(#[from] cpmv_runlog::LogError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Dist(#[from] cpmv_dist::DistError),
 }
 
 /// `map_err` helper for I/O on a path.

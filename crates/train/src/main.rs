@@ -162,6 +162,10 @@ struct RunArgs {
     /// [default: true].
     #[arg(long, value_name = "BOOL")]
     lora_embeddings: Option<bool>,
+    /// Data-parallel ranks in this process, as threads on the CPU (multi-GPU ranks are not
+    /// built yet): a step covers ranks × grad-accum × micro-batch packs [default: 1].
+    #[arg(long)]
+    nproc_per_node: Option<usize>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -499,7 +503,8 @@ fn overlay(mut c: TrainConfig, a: &RunArgs) -> TrainConfig {
         lora_target,
         lora_embeddings,
         device,
-        dtype
+        dtype,
+        nproc_per_node
     );
     set!(
         learning_rate,

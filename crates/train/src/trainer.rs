@@ -330,7 +330,7 @@ fn total_steps(cfg: &TrainConfig, packs: usize) -> u64 {
         return s;
     }
     let epochs = cfg.epochs.unwrap_or(1.0);
-    let micro = (packs as f64 / cfg.micro_batch as f64).ceil();
+    let micro = (packs as f64 / (cfg.micro_batch * cfg.nproc_per_node) as f64).ceil();
     ((epochs * micro) / cfg.grad_accum as f64).ceil().max(1.0) as u64
 }
 
@@ -613,6 +613,7 @@ fn start_or_resume(
     opts: &TrainOptions,
     setup: &Setup,
     opt: &mut AdamW,
+    announce: bool,
 ) -> Result<TrainState, TrainError> {
     let cfg = &opts.config;
     let fresh = TrainState {
@@ -649,7 +650,7 @@ fn start_or_resume(
     })?;
     let saved = read_state(dir)?;
     let changes = resume_changes(opts, setup, &saved, dir)?;
-    for c in &changes {
+    for c in changes.iter().filter(|_| announce) {
         let kind = if c.changes_math {
             "--resume-override: changes the math"
         } else {
@@ -686,27 +687,161 @@ fn start_or_resume(
 }
 
 /// Runs `train`: checks that the output cannot harm an input, sets up, starts or resumes, runs
-/// the steps (checkpointing on the way) and writes the final model.
+/// the steps (checkpointing on the way) and writes the final model. With `nproc_per_node` N > 1
+/// the N data-parallel ranks run as threads of this process (`cpmv_dist::InProcess`); rank 0
+/// prints, logs and writes, and its report is returned.
 pub fn train(opts: &TrainOptions) -> Result<TrainReport, TrainError> {
     opts.config.validate()?;
     refuse_overlapping_output(opts)?;
+    let world = opts.config.nproc_per_node;
+    if world == 1 {
+        return train_rank(opts, None);
+    }
+    let results: Vec<Result<TrainReport, TrainError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = cpmv_dist::InProcess::group(world)
+            .into_iter()
+            .map(|comm| {
+                scope.spawn(move || {
+                    let r = train_rank(opts, Some(&comm));
+                    if r.is_ok() {
+                        comm.finish();
+                    }
+                    // On an error `comm` is dropped unfinished: the other ranks stop too.
+                    r
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .enumerate()
+            .map(|(rank, h)| {
+                h.join().unwrap_or_else(|_| {
+                    Err(TrainError::Data(format!(
+                        "rank {rank} panicked (a cpmv bug)"
+                    )))
+                })
+            })
+            .collect()
+    });
+    // The cause, not the echo: a rank's own error before the others' "rank r failed".
+    let mut first_err = None;
+    let mut reports = Vec::new();
+    for r in results {
+        match r {
+            Ok(rep) => reports.push(rep),
+            Err(TrainError::Dist(e)) => {
+                first_err.get_or_insert(TrainError::Dist(e));
+            }
+            Err(e) => {
+                if !matches!(first_err, Some(ref f) if !matches!(f, TrainError::Dist(_))) {
+                    first_err = Some(e);
+                }
+            }
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(reports.swap_remove(0)),
+    }
+}
+
+/// One rank of a run (`comm` None: the only one).
+fn train_rank(
+    opts: &TrainOptions,
+    comm: Option<&cpmv_dist::InProcess>,
+) -> Result<TrainReport, TrainError> {
+    use cpmv_dist::Collective;
+    let main = comm.is_none_or(|c| c.rank() == 0);
     let (setup, mut opt) = setup(opts)?;
-    let state = start_or_resume(opts, &setup, &mut opt)?;
-    std::fs::create_dir_all(&opts.output).map_err(io(&opts.output))?;
-    remove_stale_partials(&opts.output)?;
-    let mut log = RunLog::create(&opts.output, opts.resume.then_some(state.step))?;
+    let state = start_or_resume(opts, &setup, &mut opt, main)?;
+    if let Some(c) = comm {
+        // Every rank has read the run directory before rank 0 writes into it.
+        c.barrier()?;
+    }
+    let mut log = None;
+    if main {
+        std::fs::create_dir_all(&opts.output).map_err(io(&opts.output))?;
+        remove_stale_partials(&opts.output)?;
+        log = Some(RunLog::create(
+            &opts.output,
+            opts.resume.then_some(state.step),
+        )?);
+    }
     let ctx = SaveContext {
         base_dir: &opts.model,
         base: &setup.base,
         config: &opts.config,
         max_slice_nums: setup.max_slice_nums,
     };
-    let report = run_steps(opts, &setup, &mut opt, state, &ctx, &mut log)?;
-    log.flush()?;
-    save_final(&setup.model, &ctx, &opts.output)?;
-    let png = opts.output.join("loss.png");
-    cpmv_runlog::loss_curve_png(&opts.output, &png, "training loss")?;
+    let report = run_steps(
+        opts,
+        &setup,
+        &mut opt,
+        state,
+        &ctx,
+        log.as_mut(),
+        comm.map(|c| c as &dyn Collective),
+    )?;
+    if let Some(log) = log.as_mut() {
+        log.flush()?;
+        save_final(&setup.model, &ctx, &opts.output)?;
+        let png = opts.output.join("loss.png");
+        cpmv_runlog::loss_curve_png(&opts.output, &png, "training loss")?;
+    }
     Ok(report)
+}
+
+/// Sums the step's gradients over the ranks (a variable with a gradient on no rank stays
+/// without one, as in a single process).
+fn all_reduce_grads(
+    comm: &dyn cpmv_dist::Collective,
+    store: GradStore,
+    vars: &[(String, Var)],
+) -> Result<GradStore, TrainError> {
+    let mut present: Vec<f32> = vars
+        .iter()
+        .map(|(_, v)| f32::from(u8::from(store.get(v.as_tensor()).is_some())))
+        .collect();
+    comm.all_reduce_sum(&mut present)?;
+    let mut flat = Vec::new();
+    for ((_, v), &p) in vars.iter().zip(&present) {
+        if p == 0.0 {
+            continue;
+        }
+        match store.get(v.as_tensor()) {
+            Some(g) => flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+            None => flat.extend(std::iter::repeat_n(0f32, v.as_tensor().elem_count())),
+        }
+    }
+    comm.all_reduce_sum(&mut flat)?;
+    let mut out = GradStore::default();
+    let mut at = 0;
+    for ((_, v), &p) in vars.iter().zip(&present) {
+        if p == 0.0 {
+            continue;
+        }
+        let t = v.as_tensor();
+        let n = t.elem_count();
+        let g = Tensor::from_slice(&flat[at..at + n], t.dims(), t.device())?.to_dtype(t.dtype())?;
+        out.insert(t, g);
+        at += n;
+    }
+    Ok(out)
+}
+
+/// The sum over ranks of a few step figures (identity on one rank).
+fn all_reduce_figures(
+    comm: Option<&dyn cpmv_dist::Collective>,
+    figures: &mut [f64],
+) -> Result<(), TrainError> {
+    if let Some(c) = comm {
+        let mut b: Vec<f32> = figures.iter().map(|&x| x as f32).collect();
+        c.all_reduce_sum(&mut b)?;
+        for (f, x) in figures.iter_mut().zip(b) {
+            *f = f64::from(x);
+        }
+    }
+    Ok(())
 }
 
 /// The step loop: micro-batches, accumulation, the non-finite check, clipping, the update,
@@ -717,14 +852,24 @@ fn run_steps(
     opt: &mut AdamW,
     mut state: TrainState,
     ctx: &SaveContext,
-    log: &mut RunLog,
+    mut log: Option<&mut RunLog>,
+    comm: Option<&dyn cpmv_dist::Collective>,
 ) -> Result<TrainReport, TrainError> {
     let cfg = &opts.config;
     let total = setup.total;
     let (model, vars, data) = (&setup.model, &setup.vars, &setup.data);
     let patch = model.config().vision.patch_size;
-    let rx = stream(data.clone(), cfg.seed, cfg.micro_batch, patch, state.cursor);
-    let pb = progress(total, opts.quiet);
+    let (rank, world) = comm.map_or((0, 1), |c| (c.rank(), c.world_size()));
+    let main = rank == 0;
+    let rx = stream(
+        data.clone(),
+        cfg.seed,
+        cfg.micro_batch,
+        patch,
+        state.cursor,
+        (rank, world),
+    );
+    let pb = progress(total, opts.quiet || !main);
     pb.set_position(state.step);
     let started = Instant::now();
     let (tokens_at_start, samples_at_start) = (state.tokens_seen, state.samples_seen);
@@ -745,7 +890,10 @@ fn run_steps(
                 .map_err(|_| TrainError::Data("the data thread stopped".into()))??;
             mbs.push(mb);
         }
-        let step_tokens: usize = mbs.iter().map(|m| m.batch.supervised()).sum();
+        // Supervised tokens of the whole step, over every rank.
+        let mut figures = [mbs.iter().map(|m| m.batch.supervised()).sum::<usize>() as f64];
+        all_reduce_figures(comm, &mut figures)?;
+        let step_tokens = figures[0] as usize;
         let mut acc = Accum::default();
         let mut loss = 0f64;
         for mb in &mbs {
@@ -753,8 +901,10 @@ fn run_steps(
             if n == 0 {
                 continue;
             }
+            // The reference averages micro-batch means over accumulation and over ranks (HF
+            // Trainer); `tokens` weighs by the step's supervised tokens on all ranks.
             let w = match cfg.loss_norm {
-                LossNorm::Reference => 1.0 / cfg.grad_accum as f64,
+                LossNorm::Reference => 1.0 / (cfg.grad_accum * world) as f64,
                 LossNorm::Tokens => n as f64 / step_tokens.max(1) as f64,
             };
             let l = micro_step(model, &mb.batch, w, cfg.grad_checkpointing, vars, &mut acc)?;
@@ -766,16 +916,27 @@ fn run_steps(
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let store = acc.into_store(vars);
+        let mut store = acc.into_store(vars);
+        let mut figures = [
+            loss,
+            mbs.iter()
+                .flat_map(|m| m.batch.segments.iter().flatten())
+                .map(|&n| n as f64)
+                .sum::<f64>(),
+            mbs.iter().map(|m| m.samples as f64).sum::<f64>(),
+        ];
+        if let Some(c) = comm {
+            // Every rank then holds the step's gradient, loss and counts, and takes the same
+            // non-finite, clipping and update decisions.
+            store = all_reduce_grads(c, store, vars)?;
+            all_reduce_figures(comm, &mut figures)?;
+            loss = figures[0];
+        }
         let norm = cpmv_optim::clip::global_norm(&store, vars)?;
         let cursor = mbs.last().map(|m| m.cursor).unwrap_or(state.cursor);
         state.cursor = cursor;
-        state.tokens_seen += mbs
-            .iter()
-            .flat_map(|m| m.batch.segments.iter().flatten())
-            .map(|&n| n as u64)
-            .sum::<u64>();
-        state.samples_seen += mbs.iter().map(|m| m.samples as u64).sum::<u64>();
+        state.tokens_seen += figures[1] as u64;
+        state.samples_seen += figures[2] as u64;
         if step_tokens == 0 {
             // Nothing supervised in the whole step: no update, the schedule does not advance.
             state.skipped += 1;
@@ -836,6 +997,10 @@ fn run_steps(
             peak_mem_bytes: peak,
             eval_loss: None,
             skipped_nonfinite: (state.skipped > 0).then_some(state.skipped),
+        };
+        let Some(log) = log.as_deref_mut() else {
+            // Other ranks: rank 0 logs, evaluates and saves.
+            continue;
         };
         if state.step.is_multiple_of(cfg.log_every) || state.step == total {
             log.train_step(&rec)?;
