@@ -2184,3 +2184,79 @@ fn data_parallel_ranks_train_as_one_process_with_the_same_global_batch() {
     ]);
     fails_with(&o, "--nproc-per-node 2 with --device cuda");
 }
+
+/// A run checkpointed on 2 ranks resumes on 1 rank with twice the accumulation (and the
+/// reverse) as the same training, without --resume-override (the step's batch is unchanged); a
+/// world size that changes the batch is refused naming it.
+#[test]
+fn data_parallel_runs_resume_at_another_world_size() {
+    let f = fx();
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = tmp.path().join("shards");
+    build_shards_with(
+        "examples/models/minicpm-v-2_6-tiny",
+        &shards,
+        cpmv_prep::config::PrepPreset {
+            pack: Some(false),
+            ..small_prep(112)
+        },
+    );
+    let args = |out: &Path, w: &str, g: &str, resume: bool| -> Output {
+        let mut a = vec![
+            "--shards",
+            s(&shards),
+            "--model",
+            s(&f.model),
+            "--output",
+            s(out),
+            "--nproc-per-node",
+            w,
+            "--grad-accum",
+            g,
+            "--max-steps",
+            "3",
+            "--save-every",
+            "1",
+            "--learning-rate",
+            "1e-3",
+            "--schedule",
+            "constant",
+            "--quiet",
+        ];
+        if resume {
+            a.push("--resume");
+        }
+        train(&a)
+    };
+    // A finished run cut back to its first checkpoint.
+    let first_leg = |run: &Path, w: &str, g: &str| {
+        ok(&args(run, w, g, false));
+        for n in [2, 3] {
+            std::fs::remove_dir_all(run.join(format!("checkpoint-{n}"))).unwrap();
+        }
+    };
+    let whole = tmp.path().join("whole");
+    ok(&args(&whole, "2", "1", false));
+    for (first, then) in [(("2", "1"), ("1", "2")), (("1", "2"), ("2", "1"))] {
+        let run = tmp.path().join(format!("r{}{}", first.0, then.0));
+        first_leg(&run, first.0, first.1);
+        ok(&args(&run, then.0, then.1, true));
+        let (a, b) = (train_losses(&run), train_losses(&whole));
+        assert_eq!(a.len(), 3, "{run:?}");
+        for ((sa, la), (_, lb)) in a.iter().zip(&b) {
+            assert!(
+                (la - lb).abs() <= 1e-5 * lb.abs().max(1.0),
+                "step {sa}: {la} vs {lb}"
+            );
+        }
+        let (d, m) = max_tensor_diff(
+            &run.join("model.safetensors"),
+            &whole.join("model.safetensors"),
+        );
+        assert!(d <= 1e-5 * m.max(1.0), "weights differ by {d}");
+    }
+    // 2 × 1 resumed as 1 × 1 halves the step's batch: a math change, refused.
+    let run = tmp.path().join("halved");
+    first_leg(&run, "2", "1");
+    fails_with(&args(&run, "1", "1", true), "nproc-per-node");
+}

@@ -184,9 +184,6 @@ impl Default for TrainConfig {
 /// logged or recomputed, never what a step computes. Every other setting changes the math and
 /// is refused on `--resume` unless `--resume-override` is given.
 pub const RESUME_FREE_SETTINGS: &[&str] = &[
-    // The global batch stays `ranks × grad_accum × micro_batch` packs only if grad_accum is
-    // changed with it, which is then a math change reported as such.
-    "nproc_per_node",
     "save_every",
     "keep_last",
     "eval_every",
@@ -322,6 +319,15 @@ impl TrainConfig {
                     to: to.clone(),
                     changes_math: !RESUME_FREE_SETTINGS.contains(&k.as_str()),
                 });
+            }
+        }
+        // Ranks × accumulation steps is the step's batch: another world size with the same
+        // product trains the same steps (e.g. checkpointed on 2 ranks × 1, resumed on 1 × 2).
+        if self.nproc_per_node * self.grad_accum == saved.nproc_per_node * saved.grad_accum {
+            for c in &mut out {
+                if c.setting == "nproc_per_node" || c.setting == "grad_accum" {
+                    c.changes_math = false;
+                }
             }
         }
         out.sort_by(|a, b| a.setting.cmp(&b.setting));
