@@ -2183,6 +2183,42 @@ fn data_parallel_ranks_train_as_one_process_with_the_same_global_batch() {
         "1",
     ]);
     fails_with(&o, "--nproc-per-node 2 with --device cuda");
+    // Started as one of several processes by a launcher: refused before anything is written
+    // (each would train alone into the same --output); a world of one runs.
+    let out = tmp.path().join("launched");
+    let args = [
+        "--shards",
+        s(&shards),
+        "--model",
+        s(&f.model),
+        "--output",
+        s(&out),
+        "--max-steps",
+        "1",
+        "--quiet",
+    ];
+    for env in [
+        &[("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")][..],
+        &[
+            ("SLURM_PROCID", "0"),
+            ("SLURM_NTASKS", "4"),
+            ("SLURM_LOCALID", "0"),
+        ][..],
+    ] {
+        let o = train_env(&args, env);
+        let e = fails_with(&o, "multi-process (NCCL) training is not built yet");
+        assert!(e.contains("of 2") || e.contains("of 4"), "{e}");
+        assert!(!out.exists());
+    }
+    let o = train_env(
+        &args,
+        &[("RANK", "x"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")],
+    );
+    fails_with(&o, "RANK=\"x\"");
+    ok(&train_env(
+        &args,
+        &[("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")],
+    ));
 }
 
 /// A run checkpointed on 2 ranks resumes on 1 rank with twice the accumulation (and the

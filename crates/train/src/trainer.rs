@@ -692,6 +692,7 @@ fn start_or_resume(
 /// prints, logs and writes, and its report is returned.
 pub fn train(opts: &TrainOptions) -> Result<TrainReport, TrainError> {
     opts.config.validate()?;
+    refuse_launched_ranks(cpmv_dist::world_from_env(|k| std::env::var(k).ok())?)?;
     refuse_overlapping_output(opts)?;
     let world = opts.config.nproc_per_node;
     if world == 1 {
@@ -742,6 +743,21 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport, TrainError> {
     match first_err {
         Some(e) => Err(e),
         None => Ok(reports.swap_remove(0)),
+    }
+}
+
+/// Refuses to run as one of several processes started by a launcher (torchrun, srun, mpirun):
+/// multi-process ranks are not built yet, and every process would train alone and write the
+/// same --output.
+fn refuse_launched_ranks(world: Option<cpmv_dist::World>) -> Result<(), TrainError> {
+    match world {
+        Some(w) if w.world_size > 1 => Err(TrainError::Config(format!(
+            "started by {:?} as rank {} of {}: multi-process (NCCL) training is not built yet, \
+             and each of the {} processes would train alone and write the same --output; start \
+             one process (`--nproc-per-node N --device cpu` runs N data-parallel ranks as threads)",
+            w.launcher, w.rank, w.world_size, w.world_size
+        ))),
+        _ => Ok(()),
     }
 }
 
