@@ -138,7 +138,7 @@ pub fn inspect(opts: &InspectOptions) -> Result<String, BuildError> {
         .map_or(TokenizerKind::Json, |cfg| {
             cpmv_shard::fingerprint::tokenizer_kind(&model_dir, llm, &cfg)
         });
-    let tok = TextTokenizer::load(&model_dir, kind)
+    let (tok, _) = TextTokenizer::load(&model_dir, kind)
         .map_err(|(path, e)| BuildError::Setup(format!("{path}: {e} (pass --model DIR)")))?;
     let color = opts.color.unwrap_or_else(|| {
         std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()

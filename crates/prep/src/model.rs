@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::tokenizer::{TextTokenizer, TokenizerKind};
+use crate::tokenizer::TextTokenizer;
 
 use cpmv_image::SliceConfig;
 
@@ -243,21 +243,11 @@ impl ModelDir {
             .unwrap_or(false);
 
         let kind = cpmv_shard::fingerprint::tokenizer_kind(dir, llm_type, &tok_config);
-        let tok_path = dir.join(match kind {
-            TokenizerKind::Json => "tokenizer.json",
-            TokenizerKind::SentencePieceLegacy => "tokenizer.model",
-        });
-        let tokenizer =
+        let tok_path = dir.join(cpmv_shard::fingerprint::tokenizer_files(kind)[0]);
+        let (tokenizer, tokenizer_sha256) =
             TextTokenizer::load(dir, kind).map_err(|(path, message)| ModelError::Tokenizer {
                 path: PathBuf::from(path),
                 message,
-            })?;
-        let tokenizer_sha256 =
-            cpmv_shard::fingerprint::tokenizer_fingerprint(dir, kind).map_err(|e| {
-                ModelError::Tokenizer {
-                    path: tok_path.clone(),
-                    message: e.to_string(),
-                }
             })?;
 
         let field = |key: &str| tok_config.get(key).and_then(token_string);

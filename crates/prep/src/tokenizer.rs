@@ -4,8 +4,9 @@
 
 use std::path::Path;
 
-use cpmv_sentencepiece::LegacyLlamaTokenizer;
+use cpmv_sentencepiece::{LegacyLlamaTokenizer, SentencePieceModel, SlowTokenizerConfig};
 pub use cpmv_shard::fingerprint::TokenizerKind;
+use cpmv_shard::fingerprint::{tokenizer_digest, tokenizer_files};
 
 /// One of the two tokenizer implementations behind the operations prep and chat need.
 pub enum TextTokenizer {
@@ -14,31 +15,46 @@ pub enum TextTokenizer {
 }
 
 impl TextTokenizer {
-    /// Loads the tokenizer of `kind` from `dir`; the error says which file and why.
-    pub fn load(dir: &Path, kind: TokenizerKind) -> Result<TextTokenizer, (String, String)> {
-        match kind {
+    /// Loads the tokenizer of `kind` from `dir`, reading each of its files once, and returns it
+    /// with its fingerprint (`cpmv_shard::fingerprint::tokenizer_digest` of the same bytes). The
+    /// error says which file and why.
+    pub fn load(
+        dir: &Path,
+        kind: TokenizerKind,
+    ) -> Result<(TextTokenizer, String), (String, String)> {
+        let names = tokenizer_files(kind);
+        let mut files = Vec::with_capacity(names.len());
+        for name in names {
+            let path = dir.join(name);
+            files.push(
+                std::fs::read(&path).map_err(|e| (path.display().to_string(), e.to_string()))?,
+            );
+        }
+        let parts: Vec<&[u8]> = files.iter().map(Vec::as_slice).collect();
+        let digest = tokenizer_digest(&parts);
+        let at = |k: usize| move |e: String| (dir.join(names[k]).display().to_string(), e);
+        let tokenizer = match kind {
             TokenizerKind::Json => {
-                let path = dir.join("tokenizer.json");
-                let bytes = std::fs::read(&path)
-                    .map_err(|e| (path.display().to_string(), e.to_string()))?;
-                let mut t = tokenizers::Tokenizer::from_bytes(&bytes)
-                    .map_err(|e| (path.display().to_string(), e.to_string()))?;
+                let mut t = tokenizers::Tokenizer::from_bytes(&files[0])
+                    .map_err(|e| at(0)(e.to_string()))?;
                 // A tokenizer.json may carry truncation or padding settings; the reference's
                 // encode calls use neither (lengths are handled by --max-length).
-                t.with_truncation(None)
-                    .map_err(|e| (path.display().to_string(), e.to_string()))?;
+                t.with_truncation(None).map_err(|e| at(0)(e.to_string()))?;
                 t.with_padding(None);
-                Ok(TextTokenizer::Json(Box::new(t)))
+                TextTokenizer::Json(Box::new(t))
             }
-            TokenizerKind::SentencePieceLegacy => LegacyLlamaTokenizer::from_dir(dir)
-                .map(|t| TextTokenizer::SentencePiece(Box::new(t)))
-                .map_err(|e| {
-                    (
-                        dir.join("tokenizer.model").display().to_string(),
-                        e.to_string(),
-                    )
-                }),
-        }
+            TokenizerKind::SentencePieceLegacy => {
+                let sp =
+                    SentencePieceModel::from_bytes(&files[0]).map_err(|e| at(0)(e.to_string()))?;
+                let config = std::str::from_utf8(&files[1])
+                    .map_err(|e| e.to_string())
+                    .and_then(|t| SlowTokenizerConfig::from_json(t).map_err(|e| e.to_string()))
+                    .map_err(at(1))?;
+                let t = LegacyLlamaTokenizer::new(sp, config).map_err(|e| at(0)(e.to_string()))?;
+                TextTokenizer::SentencePiece(Box::new(t))
+            }
+        };
+        Ok((tokenizer, digest))
     }
 
     pub fn kind(&self) -> TokenizerKind {

@@ -89,23 +89,37 @@ pub fn tokenizer_kind(dir: &Path, llm: LlmType, tokenizer_config: &Value) -> Tok
     }
 }
 
-/// The sha256 that identifies a directory's tokenizer of `kind`: of `tokenizer.json`, or of
-/// `tokenizer.model` followed by `tokenizer_config.json` (the slow tokenizer's added tokens and
-/// flags live there).
+/// The files a tokenizer of `kind` is read from, in the order its fingerprint hashes them:
+/// `tokenizer.json`, or `tokenizer.model` then `tokenizer_config.json` (the slow tokenizer's
+/// added tokens and flags live there).
+pub fn tokenizer_files(kind: TokenizerKind) -> &'static [&'static str] {
+    match kind {
+        TokenizerKind::Json => &["tokenizer.json"],
+        TokenizerKind::SentencePieceLegacy => &["tokenizer.model", "tokenizer_config.json"],
+    }
+}
+
+/// The fingerprint of a tokenizer from the bytes of its [`tokenizer_files`], in order: the
+/// sha256 of their concatenation (for `tokenizer.json` alone, the file's sha256).
+pub fn tokenizer_digest(files: &[&[u8]]) -> String {
+    let mut h = Sha256::new();
+    for f in files {
+        h.update(f);
+    }
+    hex::encode(h.finalize())
+}
+
+/// The fingerprint of the tokenizer of `kind` in `dir` (see [`tokenizer_digest`]).
 pub fn tokenizer_fingerprint(dir: &Path, kind: TokenizerKind) -> Result<String, ShardError> {
-    let read = |name: &str| {
-        let path = dir.join(name);
-        std::fs::read(&path).map_err(|e| ShardError::io(&path, e))
-    };
-    Ok(match kind {
-        TokenizerKind::Json => sha256_hex(&read("tokenizer.json")?),
-        TokenizerKind::SentencePieceLegacy => {
-            let mut h = Sha256::new();
-            h.update(read("tokenizer.model")?);
-            h.update(read("tokenizer_config.json")?);
-            hex::encode(h.finalize())
-        }
-    })
+    let files = tokenizer_files(kind)
+        .iter()
+        .map(|name| {
+            let path = dir.join(name);
+            std::fs::read(&path).map_err(|e| ShardError::io(&path, e))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let parts: Vec<&[u8]> = files.iter().map(Vec::as_slice).collect();
+    Ok(tokenizer_digest(&parts))
 }
 
 /// The tokenizer and chat-template fingerprints of a model directory for `llm`, as `prep build`
