@@ -23,8 +23,6 @@ pub enum ChatError {
     Checkpoint(String),
     #[error(transparent)]
     Model(#[from] cpmv_model::ModelError),
-    #[error("the prompt is {len} tokens, more than --max-length {max}")]
-    TooLong { len: usize, max: usize },
 }
 
 /// Who speaks in a turn.
@@ -102,7 +100,6 @@ pub struct Reply {
     /// Decoded text without special tokens.
     pub text: String,
     pub stop: StopReason,
-    pub prompt_tokens: usize,
 }
 
 /// A checkpoint ready to chat: the model, its tokenizer and templates, its inference slicing.
@@ -150,11 +147,6 @@ impl<'a> Chat<'a> {
             slice,
             stop,
         })
-    }
-
-    /// Token ids that end a reply.
-    pub fn stop_ids(&self) -> &[u32] {
-        &self.stop
     }
 
     /// The model input for `turns`, ending where the assistant's reply starts.
@@ -265,26 +257,16 @@ impl<'a> Chat<'a> {
         Ok(batch)
     }
 
-    /// Generates the assistant's reply to `turns`. `on_text` receives the reply's text as it
-    /// grows (only complete characters), for streaming.
+    /// Generates the assistant's reply to a prompt (see [`Chat::prompt`]). `on_text` receives
+    /// the reply's text as it grows (only complete characters), for streaming.
     pub fn reply(
         &self,
-        turns: &[Turn],
+        prompt: &Prompt,
         max_new_tokens: usize,
-        max_length: Option<usize>,
         sampling: &Sampling,
         mut on_text: impl FnMut(&str),
     ) -> Result<Reply, ChatError> {
-        let prompt = self.prompt(turns)?;
-        if let Some(max) = max_length {
-            if prompt.ids.len() > max {
-                return Err(ChatError::TooLong {
-                    len: prompt.ids.len(),
-                    max,
-                });
-            }
-        }
-        let batch = self.batch(&prompt)?;
+        let batch = self.batch(prompt)?;
         let mut ids: Vec<u32> = Vec::new();
         let mut shown = 0usize;
         let generated =
@@ -311,7 +293,6 @@ impl<'a> Chat<'a> {
             ids: generated.ids,
             text,
             stop: generated.stop,
-            prompt_tokens: prompt.ids.len(),
         })
     }
 }

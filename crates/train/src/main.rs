@@ -426,10 +426,9 @@ fn run_chat(a: ChatArgs) -> Result<()> {
             text,
             images: if first { images.clone() } else { Vec::new() },
         });
-        let stdout = std::io::stdout();
+        let prompt = chat.prompt(turns)?;
         let reply = if a.json {
-            let prompt = chat.prompt(turns)?;
-            let reply = chat.reply(turns, a.max_new_tokens, None, &sampling, |_| {})?;
+            let reply = chat.reply(&prompt, a.max_new_tokens, &sampling, |_| {})?;
             let v = serde_json::json!({
                 "prompt_text": prompt.text,
                 "prompt_ids": prompt.ids,
@@ -440,7 +439,8 @@ fn run_chat(a: ChatArgs) -> Result<()> {
             println!("{v}");
             reply
         } else {
-            let reply = chat.reply(turns, a.max_new_tokens, None, &sampling, |piece| {
+            let stdout = std::io::stdout();
+            let reply = chat.reply(&prompt, a.max_new_tokens, &sampling, |piece| {
                 let mut out = stdout.lock();
                 let _ = out.write_all(piece.as_bytes());
                 let _ = out.flush();
