@@ -173,40 +173,27 @@ pub fn wrapped_key(name: &str, module: &str) -> String {
     format!("{PEFT_PREFIX}{module}.modules_to_save.default.{rest}")
 }
 
-/// A tensor as torch.save stores it (its own dtype; other dtypes as f32).
+/// A tensor as torch.save stores it (its own dtype; other dtypes as f32). The bytes are those
+/// safetensors writes (candle's `View`: contiguous little-endian).
 fn torch_tensor(name: String, t: &Tensor) -> Result<crate::torch_save::TorchTensor, TrainError> {
     use crate::torch_save::{StorageType, TorchTensor};
-    let shape = t.dims().to_vec();
-    let t = t.to_device(&Device::Cpu)?.flatten_all()?;
-    let (dtype, bytes) = match t.dtype() {
-        DType::BF16 => (
-            StorageType::Bf16,
-            t.to_vec1::<half::bf16>()?
-                .iter()
-                .flat_map(|v| v.to_bits().to_le_bytes())
-                .collect(),
-        ),
-        DType::F16 => (
-            StorageType::F16,
-            t.to_vec1::<half::f16>()?
-                .iter()
-                .flat_map(|v| v.to_bits().to_le_bytes())
-                .collect(),
-        ),
-        _ => (
-            StorageType::F32,
-            t.to_dtype(DType::F32)?
-                .to_vec1::<f32>()?
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-        ),
+    use safetensors::View;
+    let dtype = match t.dtype() {
+        DType::BF16 => StorageType::Bf16,
+        DType::F16 => StorageType::F16,
+        _ => StorageType::F32,
     };
+    let t = match dtype {
+        StorageType::F32 => t.to_dtype(DType::F32)?,
+        _ => t.clone(),
+    }
+    .to_device(&Device::Cpu)?
+    .contiguous()?;
     Ok(TorchTensor {
         name,
         dtype,
-        shape,
-        bytes,
+        shape: t.dims().to_vec(),
+        bytes: t.data().into_owned(),
     })
 }
 

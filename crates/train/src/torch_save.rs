@@ -214,9 +214,8 @@ impl<W: Write> Zip<W> {
         self.put(data)?;
 
         // Central directory record.
-        let central_zip64 = zip64 || header_at >= ZIP64_LIMIT;
         let mut cextra = Vec::new();
-        if central_zip64 {
+        if zip64 {
             cextra.extend_from_slice(&1u16.to_le_bytes());
             cextra.extend_from_slice(&24u16.to_le_bytes());
             cextra.extend_from_slice(&size.to_le_bytes());
@@ -232,22 +231,15 @@ impl<W: Write> Zip<W> {
         c.extend_from_slice(&0u16.to_le_bytes());
         c.extend_from_slice(&0x21u16.to_le_bytes());
         c.extend_from_slice(&crc.to_le_bytes());
-        let big = |v: u64| {
-            if central_zip64 {
-                ZIP64_LIMIT as u32
-            } else {
-                v as u32
-            }
-        };
-        c.extend_from_slice(&big(size).to_le_bytes());
-        c.extend_from_slice(&big(size).to_le_bytes());
+        c.extend_from_slice(&small(size).to_le_bytes());
+        c.extend_from_slice(&small(size).to_le_bytes());
         c.extend_from_slice(&(name.len() as u16).to_le_bytes());
         c.extend_from_slice(&(cextra.len() as u16).to_le_bytes());
         c.extend_from_slice(&0u16.to_le_bytes()); // comment
         c.extend_from_slice(&0u16.to_le_bytes()); // disk
         c.extend_from_slice(&0u16.to_le_bytes()); // internal attributes
         c.extend_from_slice(&0u32.to_le_bytes()); // external attributes
-        c.extend_from_slice(&big(header_at).to_le_bytes());
+        c.extend_from_slice(&small(header_at).to_le_bytes());
         c.extend_from_slice(name.as_bytes());
         c.extend_from_slice(&cextra);
         self.entries += 1;
@@ -321,7 +313,8 @@ pub fn write(path: &Path, archive: &str, tensors: &[TorchTensor]) -> std::io::Re
         central: Vec::new(),
         entries: 0,
     };
-    zip.entry(&format!("{archive}/data.pkl"), &pickle_dict(tensors), ALIGN)?;
+    let pickle = pickle_dict(tensors);
+    zip.entry(&format!("{archive}/data.pkl"), &pickle, ALIGN)?;
     zip.entry(&format!("{archive}/.format_version"), b"1", ALIGN)?;
     zip.entry(&format!("{archive}/.storage_alignment"), b"64", ALIGN)?;
     zip.entry(&format!("{archive}/byteorder"), b"little", ALIGN)?;
@@ -330,7 +323,7 @@ pub fn write(path: &Path, archive: &str, tensors: &[TorchTensor]) -> std::io::Re
     }
     zip.entry(&format!("{archive}/version"), b"3\n", ALIGN)?;
     // torch writes a random id here; a digest of the content keeps our files reproducible.
-    let id = format!("{:020}", crc32fast::hash(&pickle_dict(tensors)) as u64);
+    let id = format!("{:020}", crc32fast::hash(&pickle) as u64);
     zip.entry(
         &format!("{archive}/.data/serialization_id"),
         id.as_bytes(),
