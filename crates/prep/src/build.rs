@@ -141,25 +141,6 @@ pub fn resolve_settings(model: &ModelDir, p: &PrepPreset) -> Result<SampleSettin
     Ok(s)
 }
 
-/// The keys of a preset's `[prep]` table, in `--print-config` order.
-pub const SETTING_KEYS: [&str; 15] = [
-    "llm_type",
-    "max_slice_nums",
-    "scale_resolution",
-    "patch_size",
-    "query_num",
-    "max_length",
-    "truncate",
-    "image_id_mode",
-    "exif_transpose",
-    "pack",
-    "max_slices_per_pack",
-    "pack_window",
-    "format",
-    "shard_size_mb",
-    "on_error",
-];
-
 /// Every `[prep]` setting a build with these layers would use, each with where it came from:
 /// a flag, else the preset, else the checkpoint (slicing, query_num, llm type), else prep's
 /// default. Validated like a build validates them. What `prep build --print-config` prints.
@@ -225,7 +206,6 @@ pub fn resolved_with_sources(
         false
     );
     setting!(on_error, merged.on_error.unwrap_or_default(), false);
-    debug_assert!(out.iter().map(|r| r.key).eq(SETTING_KEYS));
     Ok(out)
 }
 

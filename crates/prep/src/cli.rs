@@ -318,6 +318,11 @@ fn print_config(args: &BuildArgs) -> u8 {
         }
         Ok(out)
     })();
+    print_or_report(result)
+}
+
+/// Prints a command's text output, or its error with the chain of causes.
+fn print_or_report(result: Result<String, BuildError>) -> u8 {
     match result {
         Ok(text) => {
             print!("{text}");
@@ -477,16 +482,7 @@ fn run_inspect(args: InspectArgs) -> u8 {
         dump_images: args.dump_images,
         color: args.no_color.then_some(false),
     };
-    match inspect(&opts) {
-        Ok(text) => {
-            print!("{text}");
-            EXIT_OK
-        }
-        Err(e) => {
-            report_error(&e);
-            EXIT_ERROR
-        }
-    }
+    print_or_report(inspect(&opts))
 }
 
 /// Entry point of the `prep` binary.
@@ -528,10 +524,7 @@ mod tests {
                     .map(|h| h.to_string())
                     .unwrap_or_default();
                 assert!(!help.is_empty(), "{path} --{id} has no help");
-                let setting = id.replace('_', "-");
-                let is_setting = crate::build::SETTING_KEYS
-                    .iter()
-                    .any(|k| k.replace('_', "-") == setting);
+                let is_setting = PrepPreset::keys().iter().any(|k| k == id);
                 if is_setting && arg.get_action().takes_values() {
                     assert!(
                         help.contains("default") || !arg.get_default_values().is_empty(),
@@ -544,5 +537,24 @@ mod tests {
             }
         }
         check(&Cli::command(), "prep");
+    }
+
+    /// `--print-config` lists every key a preset may set, each once.
+    #[test]
+    fn print_config_covers_every_preset_key() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../examples/models/minicpm-v-2_6-tiny");
+        let model = crate::model::ModelDir::load(&dir, None).unwrap();
+        let d = PrepPreset::default();
+        let mut got: Vec<String> = crate::build::resolved_with_sources(&model, &d, &d)
+            .unwrap()
+            .iter()
+            .map(|r| r.key.to_string())
+            .collect();
+        let mut want = PrepPreset::keys();
+        got.sort();
+        want.sort();
+        assert_eq!(got, want);
+        assert_eq!(want.len(), 15);
     }
 }

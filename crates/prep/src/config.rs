@@ -39,7 +39,7 @@ pub enum OnError {
 }
 
 /// The `[prep]` table of a preset; every field optional (absent = keep the lower layer).
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PrepPreset {
     pub llm_type: Option<LlmType>,
@@ -72,6 +72,14 @@ impl PrepPreset {
                 .clone()
                 .try_into()
                 .map_err(|e| format!("{}: [prep]: {e}", path.display())),
+        }
+    }
+
+    /// The keys a `[prep]` table may hold (its field names).
+    pub fn keys() -> Vec<String> {
+        match serde_json::to_value(PrepPreset::default()) {
+            Ok(serde_json::Value::Object(m)) => m.keys().cloned().collect(),
+            _ => Vec::new(),
         }
     }
 
