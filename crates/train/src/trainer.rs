@@ -724,25 +724,27 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport, TrainError> {
             })
             .collect()
     });
-    // The cause, not the echo: a rank's own error before the others' "rank r failed".
-    let mut first_err = None;
-    let mut reports = Vec::new();
+    let mut errors: Vec<TrainError> = Vec::new();
+    let mut rank0 = None;
     for r in results {
         match r {
-            Ok(rep) => reports.push(rep),
-            Err(TrainError::Dist(e)) => {
-                first_err.get_or_insert(TrainError::Dist(e));
+            Ok(report) => {
+                rank0.get_or_insert(report);
             }
-            Err(e) => {
-                if !matches!(first_err, Some(ref f) if !matches!(f, TrainError::Dist(_))) {
-                    first_err = Some(e);
-                }
-            }
+            Err(e) => errors.push(e),
         }
     }
-    match first_err {
-        Some(e) => Err(e),
-        None => Ok(reports.swap_remove(0)),
+    // The cause, not the echo: a rank's own error before the others' "rank r failed".
+    if let Some(i) = errors
+        .iter()
+        .position(|e| !matches!(e, TrainError::Dist(_)))
+    {
+        return Err(errors.swap_remove(i));
+    }
+    match (errors.into_iter().next(), rank0) {
+        (Some(e), _) => Err(e),
+        (None, Some(report)) => Ok(report),
+        (None, None) => Err(TrainError::Data("no rank reported".into())),
     }
 }
 
