@@ -2091,15 +2091,10 @@ fn print_config_shows_each_setting_and_where_it_came_from() {
     assert_eq!(reread, want);
 }
 
-/// Data parallelism: W ranks (threads, `--nproc-per-node W`) with g accumulation steps train as
-/// one process with W·g accumulation steps — same loss curve and final weights to float
-/// rounding — for W = 2 and 3, full and LoRA, both loss normalisations; rank 0 alone writes.
-#[test]
-fn data_parallel_ranks_train_as_one_process_with_the_same_global_batch() {
-    let f = fx();
-    let tmp = tempfile::tempdir().unwrap();
-    // One sample per pack: enough packs for three ranks within an epoch.
-    let shards = tmp.path().join("shards");
+/// 2.6 shards of the example with one sample per pack and 112-px slices: enough packs for three
+/// ranks within an epoch, quick on the CPU.
+fn unpacked_shards(dir: &Path) -> PathBuf {
+    let shards = dir.join("shards");
     build_shards_with(
         "examples/models/minicpm-v-2_6-tiny",
         &shards,
@@ -2108,62 +2103,85 @@ fn data_parallel_ranks_train_as_one_process_with_the_same_global_batch() {
             ..small_prep(112)
         },
     );
+    shards
+}
+
+/// `train` of the fixture model on `shards` into `out` with `w` ranks × `g` accumulation steps,
+/// a constant learning rate, and `extra` flags.
+fn train_ranks(shards: &Path, out: &Path, w: usize, g: usize, extra: &[&str]) -> Output {
+    let (w, g) = (w.to_string(), g.to_string());
+    let mut args = vec![
+        "--shards",
+        s(shards),
+        "--model",
+        s(&fx().model),
+        "--output",
+        s(out),
+        "--nproc-per-node",
+        &w,
+        "--grad-accum",
+        &g,
+        "--learning-rate",
+        "1e-3",
+        "--schedule",
+        "constant",
+        "--quiet",
+    ];
+    args.extend_from_slice(extra);
+    train(&args)
+}
+
+/// Two runs trained the same: step by step losses within 1e-5 (relative) and the weights file
+/// `weights` within 1e-5 of the largest weight.
+fn assert_same_training(a: &Path, b: &Path, weights: &str, what: &str) {
+    let (la, lb) = (train_losses(a), train_losses(b));
+    assert_eq!(la.len(), lb.len(), "{what}");
+    for ((sa, x), (sb, y)) in la.iter().zip(&lb) {
+        assert_eq!(sa, sb, "{what}");
+        assert!(
+            (x - y).abs() <= 1e-5 * y.abs().max(1.0),
+            "{what} step {sa}: {x} vs {y}"
+        );
+    }
+    let (d, m) = max_tensor_diff(&a.join(weights), &b.join(weights));
+    assert!(
+        d <= 1e-5 * m.max(1.0),
+        "{what}: weights differ by {d} (max {m})"
+    );
+}
+
+/// Data parallelism: W ranks (threads, `--nproc-per-node W`) with g accumulation steps train as
+/// one process with W·g accumulation steps — same loss curve and final weights to float
+/// rounding — for W = 2 and 3, full and LoRA, both loss normalisations; rank 0 alone writes.
+#[test]
+fn data_parallel_ranks_train_as_one_process_with_the_same_global_batch() {
+    let f = fx();
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = unpacked_shards(tmp.path());
     let packs = Dataset::open(&shards).unwrap().packs.len();
     assert!(packs >= 6, "{packs} packs");
-    let run = |name: &str, w: usize, g: usize, extra: &[&str], steps: usize| -> PathBuf {
-        let out = tmp.path().join(name);
-        let (w, g, steps) = (w.to_string(), g.to_string(), steps.to_string());
-        let mut args = vec![
-            "--shards",
-            s(&shards),
-            "--model",
-            s(&f.model),
-            "--output",
-            s(&out),
-            "--nproc-per-node",
-            &w,
-            "--grad-accum",
-            &g,
-            "--max-steps",
-            &steps,
-            "--learning-rate",
-            "1e-3",
-            "--schedule",
-            "constant",
-            "--quiet",
-        ];
-        args.extend_from_slice(extra);
-        ok(&train(&args));
-        out
-    };
     let lora: &[&str] = &["--mode", "lora", "--lora-r", "4", "--lora-dropout", "0"];
     let tokens: &[&str] = &["--loss-norm", "tokens"];
     for (w, mode) in [(2usize, &[][..]), (2, lora), (2, tokens), (3, &[][..])] {
         // Within the first epoch, so both runs see the same packs in every step (at an epoch's
         // end a rank may get no pack while one process wraps into the next epoch).
-        let steps = (packs / w).min(2);
+        let steps = (packs / w).min(2).to_string();
+        let mut extra = vec!["--max-steps", &steps];
+        extra.extend_from_slice(mode);
         let name = format!("w{w}-{}", mode.join(""));
-        let dp = run(&format!("{name}-dp"), w, 1, mode, steps);
-        let one = run(&format!("{name}-one"), 1, w, mode, steps);
-        let (a, b) = (train_losses(&dp), train_losses(&one));
-        assert_eq!(a.len(), steps, "{name}");
-        for ((sa, la), (sb, lb)) in a.iter().zip(&b) {
-            assert_eq!(sa, sb);
-            assert!(
-                (la - lb).abs() <= 1e-5 * lb.abs().max(1.0),
-                "{name} step {sa}: {la} vs {lb}"
-            );
-        }
+        let (dp, one) = (
+            tmp.path().join(format!("{name}-dp")),
+            tmp.path().join(format!("{name}-one")),
+        );
+        ok(&train_ranks(&shards, &dp, w, 1, &extra));
+        ok(&train_ranks(&shards, &one, 1, w, &extra));
+        assert_eq!(train_losses(&dp).len().to_string(), steps, "{name}");
         let weights = if mode.contains(&"lora") {
             "adapter_model.safetensors"
         } else {
             "model.safetensors"
         };
-        let (d, m) = max_tensor_diff(&dp.join(weights), &one.join(weights));
-        assert!(
-            d <= 1e-5 * m.max(1.0),
-            "{name}: weights differ by {d} (max {m})"
-        );
+        assert_same_training(&dp, &one, weights, &name);
         // Rank 0 alone wrote: one log line per step.
         assert_eq!(log_lines(&dp).len(), log_lines(&one).len(), "{name}");
     }
@@ -2226,73 +2244,38 @@ fn data_parallel_ranks_train_as_one_process_with_the_same_global_batch() {
 /// world size that changes the batch is refused naming it.
 #[test]
 fn data_parallel_runs_resume_at_another_world_size() {
-    let f = fx();
     let tmp = tempfile::tempdir().unwrap();
-    let shards = tmp.path().join("shards");
-    build_shards_with(
-        "examples/models/minicpm-v-2_6-tiny",
-        &shards,
-        cpmv_prep::config::PrepPreset {
-            pack: Some(false),
-            ..small_prep(112)
-        },
-    );
-    let args = |out: &Path, w: &str, g: &str, resume: bool| -> Output {
-        let mut a = vec![
-            "--shards",
-            s(&shards),
-            "--model",
-            s(&f.model),
-            "--output",
-            s(out),
-            "--nproc-per-node",
-            w,
-            "--grad-accum",
-            g,
-            "--max-steps",
-            "3",
-            "--save-every",
-            "1",
-            "--learning-rate",
-            "1e-3",
-            "--schedule",
-            "constant",
-            "--quiet",
-        ];
+    let shards = unpacked_shards(tmp.path());
+    let run = |out: &Path, w: usize, g: usize, resume: bool| {
+        let mut extra = vec!["--max-steps", "3", "--save-every", "1"];
         if resume {
-            a.push("--resume");
+            extra.push("--resume");
         }
-        train(&a)
+        train_ranks(&shards, out, w, g, &extra)
     };
     // A finished run cut back to its first checkpoint.
-    let first_leg = |run: &Path, w: &str, g: &str| {
-        ok(&args(run, w, g, false));
+    let first_leg = |out: &Path, w: usize, g: usize| {
+        ok(&run(out, w, g, false));
         for n in [2, 3] {
-            std::fs::remove_dir_all(run.join(format!("checkpoint-{n}"))).unwrap();
+            std::fs::remove_dir_all(out.join(format!("checkpoint-{n}"))).unwrap();
         }
     };
     let whole = tmp.path().join("whole");
-    ok(&args(&whole, "2", "1", false));
-    for (first, then) in [(("2", "1"), ("1", "2")), (("1", "2"), ("2", "1"))] {
-        let run = tmp.path().join(format!("r{}{}", first.0, then.0));
-        first_leg(&run, first.0, first.1);
-        ok(&args(&run, then.0, then.1, true));
-        let (a, b) = (train_losses(&run), train_losses(&whole));
-        assert_eq!(a.len(), 3, "{run:?}");
-        for ((sa, la), (_, lb)) in a.iter().zip(&b) {
-            assert!(
-                (la - lb).abs() <= 1e-5 * lb.abs().max(1.0),
-                "step {sa}: {la} vs {lb}"
-            );
-        }
-        let (d, m) = max_tensor_diff(
-            &run.join("model.safetensors"),
-            &whole.join("model.safetensors"),
+    ok(&run(&whole, 2, 1, false));
+    for (first, then) in [((2, 1), (1, 2)), ((1, 2), (2, 1))] {
+        let out = tmp.path().join(format!("r{}{}", first.0, then.0));
+        first_leg(&out, first.0, first.1);
+        ok(&run(&out, then.0, then.1, true));
+        assert_eq!(train_losses(&out).len(), 3, "{out:?}");
+        assert_same_training(
+            &out,
+            &whole,
+            "model.safetensors",
+            &format!("{first:?} -> {then:?}"),
         );
-        assert!(d <= 1e-5 * m.max(1.0), "weights differ by {d}");
     }
     // 2 × 1 resumed as 1 × 1 halves the step's batch: a math change, refused.
-    let run = tmp.path().join("halved");
-    first_leg(&run, "2", "1");
-    fails_with(&args(&run, "1", "1", true), "nproc-per-node");
+    let out = tmp.path().join("halved");
+    first_leg(&out, 2, 1);
+    fails_with(&run(&out, 1, 1, true), "nproc-per-node");
 }
