@@ -23,7 +23,8 @@ pub enum PieceType {
 }
 
 impl PieceType {
-    fn from_proto(v: u64) -> Result<Self, Error> {
+    /// The type of a `ModelProto.SentencePiece.Type` number (1 normal … 6 byte).
+    pub fn from_proto(v: u64) -> Result<Self, Error> {
         Ok(match v {
             1 => PieceType::Normal,
             2 => PieceType::Unknown,

@@ -1,31 +1,14 @@
 //! Compares the crate with the slow transformers `LlamaTokenizer(legacy=True)` fixtures made by
 //! `scripts/fixtures/gen_sp_fixtures.py` (see `tests/fixtures/sentencepiece/README.md`).
 
-use std::path::PathBuf;
+mod common;
 
+use common::{assert_no_failures, ids, load, repo};
 use cpmv_sentencepiece::{Error, LegacyLlamaTokenizer, SentencePieceModel};
-use serde_json::Value;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 fn tokenizer() -> LegacyLlamaTokenizer {
     LegacyLlamaTokenizer::from_dir(repo().join("tests/fixtures/tokenizers/mistral-sp-minicpmv2"))
         .expect("fixture tokenizer loads")
-}
-
-fn load(rel: &str) -> Value {
-    let text = std::fs::read_to_string(repo().join(rel)).expect("fixture exists");
-    serde_json::from_str(&text).expect("fixture is JSON")
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .expect("id list")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
 }
 
 #[test]
@@ -54,12 +37,7 @@ fn encode_matches_slow_tokenizer() {
             ));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} mismatches:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_no_failures(&failures);
 }
 
 #[test]
@@ -79,12 +57,7 @@ fn decode_matches_slow_tokenizer() {
             ));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} mismatches:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_no_failures(&failures);
 }
 
 /// Spec 4.1: every prefix/content encoded separately, BOS dropped, concatenated.

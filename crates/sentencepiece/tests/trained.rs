@@ -5,26 +5,22 @@
 //! fallback, byte fallback, `add_dummy_prefix = false`, `escape_whitespaces = false`, UNUSED
 //! pieces (resegmentation) and a custom `unk_surface`.
 
+mod common;
+
 use std::path::PathBuf;
 
+use common::{assert_no_failures, ids, load, repo};
 use cpmv_sentencepiece::{Error, ModelProto, Piece, PieceType, SentencePieceModel};
 use serde_json::Value;
 
+const TRAINED: &str = "tests/fixtures/sentencepiece/trained";
+
 fn dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/sentencepiece/trained")
+    repo().join(TRAINED)
 }
 
 fn fixture() -> Value {
-    let text = std::fs::read_to_string(dir().join("probes.json")).expect("probes.json exists");
-    serde_json::from_str(&text).expect("probes.json is JSON")
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .expect("id list")
-        .iter()
-        .map(|x| u32::try_from(x.as_u64().expect("id")).expect("u32 id"))
-        .collect()
+    load(&format!("{TRAINED}/probes.json"))
 }
 
 fn proto(name: &str) -> ModelProto {
@@ -112,12 +108,7 @@ fn encode_and_normalize_match_sentencepiece() {
             }
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} mismatches:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_no_failures(&failures);
 }
 
 #[test]
@@ -166,12 +157,7 @@ fn decode_matches_sentencepiece() {
             failures.push(format!("[{name}] {pieces:?}: want {want:?}, got {got:?}"));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} mismatches:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert_no_failures(&failures);
 }
 
 /// The fixtures really exercise the paths they are meant for.
@@ -236,15 +222,7 @@ fn edited(base: &str, edits: &Value) -> ModelProto {
             .position(|x| x.piece == s)
             .unwrap_or_else(|| panic!("piece {s:?}"))
     };
-    let kind = |v: &Value| match v.as_u64().expect("type") {
-        1 => PieceType::Normal,
-        2 => PieceType::Unknown,
-        3 => PieceType::Control,
-        4 => PieceType::UserDefined,
-        5 => PieceType::Unused,
-        6 => PieceType::Byte,
-        t => panic!("type {t}"),
-    };
+    let kind = |v: &Value| PieceType::from_proto(v.as_u64().expect("type")).expect("piece type");
     for e in edits.as_array().expect("edits") {
         let (op, arg) = e.as_object().expect("edit").iter().next().expect("one op");
         let s = |i: usize| arg[i].as_str().expect("string arg");
@@ -312,5 +290,5 @@ fn load_checks_match_sentencepiece() {
             )),
         }
     }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert_no_failures(&failures);
 }
