@@ -231,7 +231,31 @@ impl Llm {
 
     /// One decoder layer (exposed so a trainer can checkpoint layer by layer).
     pub fn layer(&self, i: usize, x: &Tensor, aux: &LlmAux, mode: &Mode) -> Result<Tensor> {
-        let l = &self.layers[i];
+        let c = &self.cfg;
+        let (b, t, _) = x.dims3()?;
+        let (q, k, v) = self.attention_inputs(&self.layers[i], x, &aux.cos, &aux.sin, mode)?;
+        let attn = part(x.device(), "llm.attn", || -> candle_core::Result<_> {
+            self.attention(
+                q,
+                k,
+                v,
+                aux,
+                (b, t, c.num_heads, c.num_kv_heads, c.head_dim()),
+            )
+        })?;
+        self.attention_output(&self.layers[i], x, &attn, mode)
+    }
+
+    /// The first half of a decoder layer: input norm, q/k/v projections and rotary embedding.
+    /// Returns q and k as `[B, H, T, Dh]` views and v as `[B, KV, T, Dh]`.
+    fn attention_inputs(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mode: &Mode,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let c = &self.cfg;
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, dh) = (c.num_heads, c.num_kv_heads, c.head_dim());
@@ -247,15 +271,23 @@ impl Llm {
             ))
         })?;
         let (q, k) = part(dev, "llm.rope", || -> candle_core::Result<_> {
-            Ok((
-                rope_heads(&q, &aux.cos, &aux.sin)?,
-                rope_heads(&k, &aux.cos, &aux.sin)?,
-            ))
+            Ok((rope_heads(&q, cos, sin)?, rope_heads(&k, cos, sin)?))
         })?;
-        let attn = part(dev, "llm.attn", || -> candle_core::Result<_> {
-            self.attention(q, k, v, aux, (b, t, nh, nkv, dh))
-        })?;
-        let attn = part(dev, "llm.o", || l.o.forward(&attn, mode))?;
+        Ok((q, k, v))
+    }
+
+    /// The second half of a decoder layer from the attention's `[B, T, H·Dh]` output: output
+    /// projection and residual, post-attention norm, MLP and residual.
+    fn attention_output(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        attn: &Tensor,
+        mode: &Mode,
+    ) -> Result<Tensor> {
+        let c = &self.cfg;
+        let dev = x.device();
+        let attn = part(dev, "llm.o", || l.o.forward(attn, mode))?;
         let x = (x + scaled(attn, c.residual_scale)?)?;
         let h = part(dev, "llm.norm", || rms_norm(&x, &l.ln2, c.rms_norm_eps))?;
         let mlp = part(dev, "llm.mlp", || -> candle_core::Result<_> {
@@ -268,7 +300,7 @@ impl Llm {
     /// Decoder layer `i` over `x` `[B, t, H]`, the positions that follow the ones in `cache`
     /// (whose keys and values it attends to, causally, and then extends). `cos`/`sin` are the
     /// rotary tables of the new positions (`[B, 1, t, Dh]`). Inference only: no dropout, and
-    /// plain ops on every device.
+    /// plain ops (no fused attention) on every device.
     pub fn layer_cached(
         &self,
         i: usize,
@@ -278,28 +310,17 @@ impl Llm {
         cache: &mut KvCache,
         mode: &Mode,
     ) -> Result<Tensor> {
-        let l = &self.layers[i];
         let c = &self.cfg;
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, dh) = (c.num_heads, c.num_kv_heads, c.head_dim());
-        let h = rms_norm(x, &l.ln1, c.rms_norm_eps)?;
-        let q = l.q.forward(&h, mode)?.reshape((b, t, nh, dh))?;
-        let k = l.k.forward(&h, mode)?.reshape((b, t, nkv, dh))?;
-        let v =
-            l.v.forward(&h, mode)?
-                .reshape((b, t, nkv, dh))?
-                .transpose(1, 2)?;
-        let q = rope_heads(&q, cos, sin)?.contiguous()?;
-        let k = rope_heads(&k, cos, sin)?.contiguous()?;
+        let (q, k, v) = self.attention_inputs(&self.layers[i], x, cos, sin, mode)?;
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
         if cache.layers.len() < self.layers.len() {
             cache.layers.resize_with(self.layers.len(), || None);
         }
         let (k, v) = match cache.layers[i].take() {
-            Some((pk, pv)) => (
-                Tensor::cat(&[&pk, &k], 2)?,
-                Tensor::cat(&[&pv, &v.contiguous()?], 2)?,
-            ),
-            None => (k, v.contiguous()?),
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            None => (k, v),
         };
         cache.layers[i] = Some((k.clone(), v.clone()));
         let total = k.dim(2)?;
@@ -324,14 +345,7 @@ impl Llm {
             .reshape((b, nh, t, dh))?
             .transpose(1, 2)?
             .reshape((b, t, nh * dh))?;
-        let attn = l.o.forward(&attn, mode)?;
-        let x = (x + scaled(attn, c.residual_scale)?)?;
-        let h = rms_norm(&x, &l.ln2, c.rms_norm_eps)?;
-        let mlp = l.down.forward(
-            &silu_mul(&l.gate.forward(&h, mode)?, &l.up.forward(&h, mode)?)?,
-            mode,
-        )?;
-        Ok((x + scaled(mlp, c.residual_scale)?)?)
+        self.attention_output(&self.layers[i], x, &attn, mode)
     }
 
     /// Grouped-query attention over `[B, T, H, Dh]`-laid-out q (after rope, as `[B, H, T, Dh]`
