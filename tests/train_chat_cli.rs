@@ -62,6 +62,28 @@ fn ids(v: &Value) -> Vec<u32> {
         .collect()
 }
 
+/// The image files of a fixture case.
+fn case_images(case: &Value) -> Vec<PathBuf> {
+    case["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| root().join(i["path"].as_str().unwrap()))
+        .collect()
+}
+
+/// A one-question conversation: `text` asked about `images`.
+fn question(text: &str, images: &[PathBuf]) -> [cpmv_chat::Turn; 1] {
+    [cpmv_chat::Turn {
+        role: cpmv_chat::Role::User,
+        text: text.to_string(),
+        images: images
+            .iter()
+            .map(|p| cpmv_chat::ChatImage::open(p).unwrap())
+            .collect(),
+    }]
+}
+
 /// Prompt text, ids, image bounds, slice pixels, first-step logits, every step's top logits
 /// (through the KV cache) and the greedy continuation equal PyTorch's, for all three versions,
 /// one and two images, sliced and unsliced.
@@ -74,26 +96,13 @@ fn chat_prompt_and_greedy_reply_match_pytorch() {
         for case in fx["cases"].as_array().unwrap() {
             let name = format!("{version}/{}", case["name"].as_str().unwrap());
             weights(case, &model_dir);
-            let images: Vec<PathBuf> = case["images"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|i| root().join(i["path"].as_str().unwrap()))
-                .collect();
+            let images = case_images(case);
             let prompt = case["prompt"].as_str().unwrap();
 
             // Library: prompt, pixels, logits step by step through the cache.
             let model = cpmv_model::MiniCpmV::load(&model_dir, &Default::default()).unwrap();
             let chat = cpmv_chat::Chat::new(&model, &model_dir, None).unwrap();
-            let turn = cpmv_chat::Turn {
-                role: cpmv_chat::Role::User,
-                text: prompt.to_string(),
-                images: images
-                    .iter()
-                    .map(|p| cpmv_chat::ChatImage::open(p).unwrap())
-                    .collect(),
-            };
-            let p = chat.prompt(std::slice::from_ref(&turn)).unwrap();
+            let p = chat.prompt(&question(prompt, &images)).unwrap();
             assert_eq!(p.text, case["prompt_text"].as_str().unwrap(), "{name}");
             assert_eq!(p.ids, ids(&case["input_ids"]), "{name}");
             let bounds: Vec<[i32; 2]> =
@@ -195,15 +204,12 @@ fn chat_stops_at_a_stop_token_and_sampling_follows_the_seed() {
     weights(case, &dir);
     let model = cpmv_model::MiniCpmV::load(&dir, &Default::default()).unwrap();
     let chat = cpmv_chat::Chat::new(&model, &dir, None).unwrap();
-    let turn = cpmv_chat::Turn {
-        role: cpmv_chat::Role::User,
-        text: case["prompt"].as_str().unwrap().to_string(),
-        images: vec![cpmv_chat::ChatImage::open(
-            &root().join(case["images"][0]["path"].as_str().unwrap()),
-        )
-        .unwrap()],
-    };
-    let p = chat.prompt(std::slice::from_ref(&turn)).unwrap();
+    let p = chat
+        .prompt(&question(
+            case["prompt"].as_str().unwrap(),
+            &case_images(case),
+        ))
+        .unwrap();
     let batch = chat.batch(&p).unwrap();
     let greedy = ids(&case["generated_ids"]);
     // The first id that did not occur before it, used as a stop token.
@@ -224,29 +230,27 @@ fn chat_stops_at_a_stop_token_and_sampling_follows_the_seed() {
     let b = model.generate(&batch, 8, &[], &sampling, |_| true).unwrap();
     assert_eq!(a, b);
     assert_eq!(a.ids.len(), 8);
-    // Bad sampling flags are refused, naming the flag.
-    let o = train(&[
-        "chat",
-        "--model",
-        dir.to_str().unwrap(),
-        "--prompt",
-        "hi",
-        "--top-p",
-        "0.5",
-    ]);
-    assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("--top-p"));
-    let o = train(&[
-        "chat",
-        "--model",
-        dir.to_str().unwrap(),
-        "--prompt",
-        "hi",
-        "--image",
-        "no/such.png",
-    ]);
-    assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("no/such.png"));
+    // ... and from nothing else: another seed draws other tokens.
+    let other = cpmv_model::Sampling {
+        seed: 8,
+        ..sampling
+    };
+    let c = model.generate(&batch, 8, &[], &other, |_| true).unwrap();
+    assert_ne!(a.ids, c.ids, "the seed does not reach the sampler");
+    // Bad flags and inputs are refused, naming them.
+    for (extra, needle) in [
+        (["--top-p", "0.5"], "--top-p"),
+        (["--image", "no/such.png"], "no/such.png"),
+    ] {
+        let mut args = vec!["chat", "--model", dir.to_str().unwrap(), "--prompt", "hi"];
+        args.extend(extra);
+        let o = train(&args);
+        assert!(!o.status.success(), "{extra:?}");
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains(needle),
+            "{extra:?}"
+        );
+    }
 }
 
 /// Without --prompt the conversation goes on over standard input: each reply is part of the next
