@@ -329,17 +329,18 @@ impl Llm {
         // Query heads that share a key/value head side by side: [B, KV, rep·t, Dh].
         let q = q.reshape((b, nkv, rep * t, dh))?;
         let scores = (q.matmul(&k.t()?.contiguous()?)? / (dh as f64).sqrt())?;
-        // Query j of the new positions (row j mod t of each head group) sees keys ≤ past + j.
-        let mut mask = vec![0f32; rep * t * total];
-        for r in 0..rep * t {
-            let j = r % t;
-            for key in past + j + 1..total {
-                mask[r * total + key] = f32::NEG_INFINITY;
-            }
+        // New position j sees keys ≤ past + j: one [t, total] mask for every head of a group.
+        let mut mask = vec![0f32; t * total];
+        for j in 0..t {
+            mask[j * total + past + j + 1..(j + 1) * total].fill(f32::NEG_INFINITY);
         }
         let mask =
-            Tensor::from_vec(mask, (1, 1, rep * t, total), x.device())?.to_dtype(scores.dtype())?;
-        let probs = crate::ops::softmax_last(&scores.broadcast_add(&mask)?)?;
+            Tensor::from_vec(mask, (1, 1, 1, t, total), x.device())?.to_dtype(scores.dtype())?;
+        let scores = scores
+            .reshape((b, nkv, rep, t, total))?
+            .broadcast_add(&mask)?
+            .reshape((b, nkv, rep * t, total))?;
+        let probs = crate::ops::softmax_last(&scores)?;
         let attn = probs
             .matmul(&v)?
             .reshape((b, nh, t, dh))?
