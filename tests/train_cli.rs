@@ -3,6 +3,7 @@
 
 use cpmv_model::{LoadOptions, MiniCpmV};
 use cpmv_train::data::{epoch_order, make_batch, Dataset};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -2278,4 +2279,238 @@ fn data_parallel_runs_resume_at_another_world_size() {
     let out = tmp.path().join("halved");
     first_leg(&out, 2, 1);
     fails_with(&run(&out, 1, 1, true), "nproc-per-node");
+}
+
+/// 2.6 shards of the example's samples repeated `copies` times (new ids), one sample per pack,
+/// 112-px slices: enough packs for several steps of 6 packs within one epoch.
+fn repeated_shards(dir: &Path, copies: usize) -> PathBuf {
+    let src = root().join("examples/data/train.json");
+    let samples: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&src).unwrap()).unwrap();
+    let mut out = Vec::new();
+    for c in 0..copies {
+        for s in &samples {
+            let mut s = s.clone();
+            let id = format!("{}-copy{c}", s["id"].as_str().unwrap());
+            s["id"] = id.into();
+            out.push(s);
+        }
+    }
+    let data = dir.join("repeated.json");
+    std::fs::write(&data, serde_json::to_string(&out).unwrap()).unwrap();
+    let shards = dir.join("repeated-shards");
+    let opts = cpmv_prep::config::BuildOptions {
+        data: vec![data],
+        image_root: Some(root().join("examples/data")),
+        model: root().join("examples/models/minicpm-v-2_6-tiny"),
+        out: shards.clone(),
+        prep: cpmv_prep::config::PrepPreset {
+            pack: Some(false),
+            ..small_prep(112)
+        },
+        threads: Some(2),
+        overwrite: true,
+        progress: false,
+    };
+    cpmv_prep::build::build(&opts).expect("prep build");
+    shards
+}
+
+/// The optimizer state files of a run's newest checkpoint, sorted.
+fn optimizer_files(run: &Path) -> Vec<String> {
+    let last = std::fs::read_dir(run)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("checkpoint-"))
+        })
+        .max_by_key(|p| {
+            p.file_name().unwrap().to_string_lossy()[11..]
+                .parse::<u64>()
+                .unwrap_or(0)
+        })
+        .unwrap();
+    let mut v: Vec<String> = std::fs::read_dir(last)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("optimizer"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// ZeRO-1/2 and the offloaded optimizer train as one process with the same global batch (loss
+/// curve and weights to float rounding) for W = 1, 2 and 3, full and LoRA; each rank writes its
+/// shard of the optimizer state; the start-up line prints the memory plan.
+#[test]
+fn zero_sharding_and_offload_train_as_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = unpacked_shards(tmp.path());
+    let lora: &[&str] = &["--mode", "lora", "--lora-r", "4", "--lora-dropout", "0"];
+    let mut reference: HashMap<(usize, bool), PathBuf> = HashMap::new();
+    for (w, zero, offload, is_lora) in [
+        (2usize, "1", false, false),
+        (3, "2", false, false),
+        (2, "2", false, true),
+        (3, "1", true, true),
+        (2, "0", true, false),
+        (1, "0", true, false),
+        (3, "2", true, false),
+    ] {
+        let name = format!("w{w}-z{zero}-o{offload}-l{is_lora}");
+        let mut extra = vec!["--max-steps", "2", "--zero", zero, "--bucket-mb", "1"];
+        if offload {
+            extra.push("--offload-optimizer");
+        }
+        if is_lora {
+            extra.extend_from_slice(lora);
+        }
+        let dp = tmp.path().join(&name);
+        ok(&train_ranks(&shards, &dp, w, 1, &extra));
+        let one = reference.entry((w, is_lora)).or_insert_with(|| {
+            let one = tmp.path().join(format!("one-w{w}-l{is_lora}"));
+            let mut extra = vec!["--max-steps", "2"];
+            if is_lora {
+                extra.extend_from_slice(lora);
+            }
+            ok(&train_ranks(&shards, &one, 1, w, &extra));
+            one
+        });
+        let weights = if is_lora {
+            "adapter_model.safetensors"
+        } else {
+            "model.safetensors"
+        };
+        assert_same_training(&dp, one, weights, &name);
+        let files = optimizer_files(&dp);
+        let want: Vec<String> = if zero == "0" {
+            // Replicated (offloaded or not): one state, written once.
+            vec![if offload {
+                "optimizer-rank0-of-1.safetensors".into()
+            } else {
+                "optimizer.safetensors".into()
+            }]
+        } else {
+            (0..w)
+                .map(|r| format!("optimizer-rank{r}-of-{w}.safetensors"))
+                .collect()
+        };
+        assert_eq!(files, want, "{name}");
+    }
+    // The plan: ZeRO-2 over 3 ranks holds a third of the replicated optimizer state.
+    let plan = |zero: &str| {
+        let out = tmp.path().join(format!("plan-{zero}"));
+        let o = train(&[
+            "--shards",
+            s(&shards),
+            "--model",
+            s(&fx().model),
+            "--output",
+            s(&out),
+            "--nproc-per-node",
+            "3",
+            "--zero",
+            zero,
+            "--max-steps",
+            "1",
+        ]);
+        ok(&o);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        let line = err
+            .lines()
+            .find(|l| l.starts_with("memory plan per rank"))
+            .unwrap_or_else(|| panic!("no memory plan in {err}"))
+            .to_string();
+        assert!(line.contains(&format!("zero {zero}, 3 ranks")), "{line}");
+        let state = line
+            .split("optimizer state ")
+            .nth(1)
+            .and_then(|r| r.split(" on the device").next())
+            .unwrap()
+            .to_string();
+        state
+    };
+    let (z0, z2) = (plan("0"), plan("2"));
+    assert_ne!(z0, z2);
+    let parse = |s: &str| {
+        let (v, unit) = s.split_once(' ').unwrap();
+        let k = match unit {
+            "KiB" => 1024.0,
+            "MiB" => 1024.0 * 1024.0,
+            _ => 1.0,
+        };
+        v.parse::<f64>().unwrap() * k
+    };
+    let ratio = parse(&z0) / parse(&z2);
+    assert!((2.9..3.1).contains(&ratio), "{z0} vs {z2}");
+    fails_with(
+        &train_ranks(
+            &shards,
+            &tmp.path().join("z3"),
+            2,
+            1,
+            &["--zero", "3", "--max-steps", "1"],
+        ),
+        "--zero 3: expected 0, 1 or 2",
+    );
+}
+
+/// Sharded optimizer state moves between world sizes and stages: checkpointed on 2 ranks with
+/// ZeRO-1, resumed on 1 rank (replicated), on 3 ranks with ZeRO-2 and offloaded — each the same
+/// training as the uninterrupted run (the step's batch, ranks × accumulation, stays 6 packs).
+#[test]
+fn sharded_optimizer_state_resumes_at_another_world_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = repeated_shards(tmp.path(), 2);
+    let packs = Dataset::open(&shards).unwrap().packs.len();
+    assert!(packs >= 18, "{packs} packs");
+    let run = |out: &Path, w: usize, extra: &[&str], resume: bool| {
+        let mut args = vec!["--max-steps", "3", "--save-every", "1"];
+        args.extend_from_slice(extra);
+        if resume {
+            args.push("--resume");
+        }
+        train_ranks(&shards, out, w, 6 / w, &args)
+    };
+    let whole = tmp.path().join("whole");
+    ok(&run(&whole, 1, &[], false));
+    for (then, extra) in [
+        (1usize, &[][..]),
+        (3, &["--zero", "2"][..]),
+        (3, &["--zero", "1", "--offload-optimizer"][..]),
+        (1, &["--offload-optimizer"][..]),
+    ] {
+        let out = tmp.path().join(format!("to-{then}-{}", extra.join("")));
+        ok(&run(&out, 2, &["--zero", "1"], false));
+        for n in [2, 3] {
+            std::fs::remove_dir_all(out.join(format!("checkpoint-{n}"))).unwrap();
+        }
+        assert_eq!(
+            optimizer_files(&out),
+            [
+                "optimizer-rank0-of-2.safetensors",
+                "optimizer-rank1-of-2.safetensors"
+            ]
+        );
+        ok(&run(&out, then, extra, true));
+        assert_eq!(train_losses(&out).len(), 3, "{out:?}");
+        assert_same_training(
+            &out,
+            &whole,
+            "model.safetensors",
+            &format!("-> {then} {extra:?}"),
+        );
+    }
+    // A shard missing from the checkpoint is named.
+    let out = tmp.path().join("torn");
+    ok(&run(&out, 2, &["--zero", "1"], false));
+    std::fs::remove_dir_all(out.join("checkpoint-3")).unwrap();
+    std::fs::remove_file(out.join("checkpoint-2/optimizer-rank1-of-2.safetensors")).unwrap();
+    fails_with(
+        &run(&out, 2, &["--zero", "1"], true),
+        "lacks optimizer-rank1-of-2.safetensors",
+    );
 }

@@ -257,6 +257,68 @@ impl Collective for InProcess {
     }
 }
 
+/// [`Collective::all_reduce_sum`] of `buf` in calls of at most `bucket` values, so no staging
+/// copy of the whole buffer is needed at once.
+pub fn all_reduce_buckets(
+    c: &dyn Collective,
+    buf: &mut [f32],
+    bucket: usize,
+) -> Result<(), DistError> {
+    for piece in buf.chunks_mut(bucket.max(1)) {
+        c.all_reduce_sum(piece)?;
+    }
+    Ok(())
+}
+
+/// [`Collective::reduce_scatter_sum`] of a flat space of `world × out.len()` values in calls
+/// covering at most `bucket` values of each rank's chunk: rank r's `out` becomes the sum over
+/// ranks of `input[r·n .. (r+1)·n]`.
+pub fn reduce_scatter_buckets(
+    c: &dyn Collective,
+    input: &[f32],
+    out: &mut [f32],
+    bucket: usize,
+) -> Result<(), DistError> {
+    let (w, n) = (c.world_size(), out.len());
+    check_len("reduce_scatter input", input.len(), w * n)?;
+    let mut staging = Vec::new();
+    let mut at = 0;
+    while at < n {
+        let len = bucket.max(1).min(n - at);
+        staging.clear();
+        for r in 0..w {
+            staging.extend_from_slice(&input[r * n + at..r * n + at + len]);
+        }
+        c.reduce_scatter_sum(&staging, &mut out[at..at + len])?;
+        at += len;
+    }
+    Ok(())
+}
+
+/// [`Collective::all_gather`] of every rank's `input` into `out` (`world × input.len()`
+/// values, rank order) in calls of at most `bucket` values per rank.
+pub fn all_gather_buckets(
+    c: &dyn Collective,
+    input: &[f32],
+    out: &mut [f32],
+    bucket: usize,
+) -> Result<(), DistError> {
+    let (w, n) = (c.world_size(), input.len());
+    check_len("all_gather output", out.len(), w * n)?;
+    let mut staging = Vec::new();
+    let mut at = 0;
+    while at < n {
+        let len = bucket.max(1).min(n - at);
+        staging.resize(w * len, 0.0);
+        c.all_gather(&input[at..at + len], &mut staging)?;
+        for r in 0..w {
+            out[r * n + at..r * n + at + len].copy_from_slice(&staging[r * len..(r + 1) * len]);
+        }
+        at += len;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -329,6 +391,31 @@ mod tests {
         });
         for (full, reduced) in got {
             assert_eq!(full, reduced);
+        }
+    }
+
+    #[test]
+    fn bucketed_calls_give_the_unbucketed_result() {
+        for w in [1, 2, 3] {
+            for bucket in [1, 3, 4, 100] {
+                let got = on_ranks(w, move |c| {
+                    let n = 7;
+                    let input = values(c.rank(), w * n);
+                    let (mut shard, mut shard1) = (vec![0.0; n], vec![0.0; n]);
+                    reduce_scatter_buckets(c, &input, &mut shard, bucket).unwrap();
+                    c.reduce_scatter_sum(&input, &mut shard1).unwrap();
+                    let (mut full, mut full1) = (vec![0.0; w * n], vec![0.0; w * n]);
+                    all_gather_buckets(c, &shard, &mut full, bucket).unwrap();
+                    c.all_gather(&shard1, &mut full1).unwrap();
+                    let mut reduced = input.clone();
+                    all_reduce_buckets(c, &mut reduced, bucket).unwrap();
+                    (shard == shard1, full == full1, full == reduced)
+                });
+                assert!(
+                    got.iter().all(|&g| g == (true, true, true)),
+                    "{w} {bucket} {got:?}"
+                );
+            }
         }
     }
 

@@ -5,7 +5,9 @@
 pub mod collective;
 pub mod launch;
 
-pub use collective::{Collective, InProcess};
+pub use collective::{
+    all_gather_buckets, all_reduce_buckets, reduce_scatter_buckets, Collective, InProcess,
+};
 pub use launch::{world_from_env, Launcher, World};
 
 /// A launcher environment that does not describe a usable world, or a collective that cannot

@@ -11,7 +11,6 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use candle_core::backprop::GradStore;
-use candle_core::safetensors::Load;
 use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
@@ -70,7 +69,7 @@ impl Default for AdamWConfig {
 }
 
 /// Per-parameter optimiser state.
-struct ParamState {
+pub(crate) struct ParamState {
     name: String,
     var: Var,
     /// Whether weight decay applies (the `decay` predicate, evaluated once in [`AdamW::new`]).
@@ -384,104 +383,70 @@ impl AdamW {
     /// each tensor copied once into its place. The saved `config` is informational: the
     /// optimiser keeps the config it was built with.
     pub fn load_state(&mut self, path: &Path) -> Result<(), OptimError> {
-        let bad = |msg: String| OptimError::State {
-            path: path.into(),
-            msg,
-        };
-        // Mapped, not read: the state of a full fine-tune is several times the model's size, and
-        // each tensor is copied out of the map once, straight into its place.
-        let opened = std::fs::File::open(path).and_then(|f| {
-            // SAFETY: state files are written to a temporary name and renamed into place, never
-            // modified afterwards; the map is read-only and dropped before this returns.
-            unsafe { memmap2::Mmap::map(&f) }
-        });
-        let bytes = opened.map_err(|source| OptimError::Io {
-            path: path.into(),
-            source,
-        })?;
-        let st_err = |source| OptimError::SafeTensors {
-            path: path.into(),
-            source,
-        };
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(st_err)?;
-        let file = safetensors::SafeTensors::deserialize(&bytes).map_err(st_err)?;
-        let meta = header.metadata().clone().unwrap_or_default();
-        let field = |key: &str| {
-            meta.get(key)
-                .ok_or_else(|| bad(format!("metadata has no {key:?}")))
-        };
+        let files = crate::zero::StateFiles::open(&[path.to_path_buf()])?;
+        self.load_from(&files)
+    }
 
-        let format = field("format")?;
-        if format != STATE_FORMAT {
-            return Err(bad(format!(
-                "format is {format:?}, expected {STATE_FORMAT:?}"
-            )));
-        }
-        let steps: u64 = field("step")?
-            .parse()
-            .map_err(|e| bad(format!("metadata \"step\": {e}")))?;
-        let param_steps: HashMap<String, u64> = serde_json::from_str(field("param_steps")?)
-            .map_err(|e| bad(format!("metadata \"param_steps\": {e}")))?;
+    /// Restores a state saved by one or more ranks, sharded or not ([`crate::zero`]), for the
+    /// same parameters; as [`AdamW::load_state`] otherwise.
+    pub fn load_from(&mut self, files: &crate::zero::StateFiles) -> Result<(), OptimError> {
+        let sources: Vec<crate::zero::Source> = self
+            .params
+            .iter()
+            .map(|p| crate::zero::Source {
+                name: p.name.clone(),
+                dims: p.var.dims().to_vec(),
+                range: 0..p.var.elem_count(),
+            })
+            .collect();
+        files.check_names(
+            self.params
+                .iter()
+                .map(|p| (p.name.as_str(), p.var.dims(), p.master.is_some())),
+        )?;
+        self.load_pieces(files, &sources)
+    }
 
-        // Validate every tensor's name, dtype and shape from the header first, so a wrong file
-        // changes nothing; then load tensor by tensor into place (one parameter's tensors at a
-        // time beside the old ones, never a second copy of the whole state).
-        let mut unused: HashSet<&str> = file.names().into_iter().collect();
-        let mut wanted = Vec::with_capacity(self.params.len());
-        for p in &self.params {
-            let mut check = |suffix: &str| -> Result<String, OptimError> {
-                let key = format!("{}.{suffix}", p.name);
-                let view = file
-                    .tensor(&key)
-                    .map_err(|_| bad(format!("no tensor {key:?}")))?;
-                if view.dtype() != safetensors::Dtype::F32 || view.shape() != p.var.dims() {
-                    return Err(bad(format!(
-                        "tensor {key:?} is {:?} {:?}, expected F32 {:?}",
-                        view.dtype(),
-                        view.shape(),
-                        p.var.dims()
-                    )));
-                }
-                unused.remove(key.as_str());
-                Ok(key)
-            };
-            let keys = (
-                check("exp_avg")?,
-                check("exp_avg_sq")?,
-                match p.master {
-                    Some(_) => Some(check("master")?),
-                    None => None,
-                },
-            );
-            let step = *param_steps
-                .get(&p.name)
-                .ok_or_else(|| bad(format!("metadata \"param_steps\" has no {:?}", p.name)))?;
-            wanted.push((keys, step));
-        }
-        if let Some(extra) = unused.iter().min() {
-            return Err(bad(format!(
-                "tensor {extra:?} belongs to no parameter of this optimizer"
-            )));
-        }
+    pub(crate) fn params_mut(&mut self) -> &mut [ParamState] {
+        &mut self.params
+    }
 
-        for (p, ((avg, avg_sq, master), step)) in self.params.iter_mut().zip(wanted) {
-            let load = |key: &str| -> Result<Tensor, OptimError> {
-                let view = file.tensor(key).map_err(st_err)?;
-                Ok(view.load(p.var.device())?)
-            };
-            p.exp_avg = load(&avg)?;
-            p.exp_avg_sq = load(&avg_sq)?;
-            if let Some(key) = master {
-                let m = load(&key)?;
-                p.var.set(&m.to_dtype(p.var.dtype())?)?;
-                p.master = Some(m);
-            }
-            p.step = step;
-        }
+    pub(crate) fn set_steps(&mut self, steps: u64) {
         self.steps = steps;
+    }
+}
+
+impl ParamState {
+    pub(crate) fn has_master(&self) -> bool {
+        self.master.is_some()
+    }
+
+    pub(crate) fn dims(&self) -> Vec<usize> {
+        self.var.dims().to_vec()
+    }
+
+    pub(crate) fn device(&self) -> candle_core::Device {
+        self.var.device().clone()
+    }
+
+    /// Sets the moments, the master (a non-f32 var then holds it rounded) and the step.
+    pub(crate) fn restore(
+        &mut self,
+        exp_avg: Tensor,
+        exp_avg_sq: Tensor,
+        master: Option<Tensor>,
+        step: u64,
+    ) -> Result<(), OptimError> {
+        if let Some(m) = master {
+            self.var.set(&m.to_dtype(self.var.dtype())?)?;
+            self.master = Some(m);
+        }
+        self.exp_avg = exp_avg;
+        self.exp_avg_sq = exp_avg_sq;
+        self.step = step;
         Ok(())
     }
 }
 
 /// `format` metadata value of state files, bumped if their layout changes.
-const STATE_FORMAT: &str = "cpmv-optim-adamw/1";
+pub(crate) const STATE_FORMAT: &str = "cpmv-optim-adamw/1";

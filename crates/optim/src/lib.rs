@@ -25,6 +25,8 @@
 pub mod adamw;
 pub mod clip;
 pub mod schedule;
+pub mod zero;
 
 pub use adamw::{AdamW, AdamWConfig, OptimError};
 pub use schedule::{LrSchedule, ScheduleKind};
+pub use zero::{FlatLayout, ShardedAdamW, StateFiles};

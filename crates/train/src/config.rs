@@ -137,6 +137,15 @@ pub struct TrainConfig {
     /// Data-parallel ranks in this process (threads; CPU only so far). Each step then covers
     /// `nproc_per_node × grad_accum × micro_batch` packs, as that many GPUs would.
     pub nproc_per_node: usize,
+    /// ZeRO stage: 0 replicates the optimizer on every rank; 1 shards the fp32 master weights
+    /// and AdamW moments over the ranks; 2 also keeps only the rank's shard of the accumulated
+    /// gradients (reduced after every micro-batch).
+    pub zero: u8,
+    /// Keeps the optimizer state (fp32 masters and moments) in host memory and runs AdamW on
+    /// the CPU, as DeepSpeed's `offload_optimizer`.
+    pub offload_optimizer: bool,
+    /// Values per collective call when gradients and weights are exchanged, in MiB of f32.
+    pub bucket_mb: usize,
 }
 
 impl Default for TrainConfig {
@@ -176,12 +185,16 @@ impl Default for TrainConfig {
             dtype: ComputeDtype::F32,
             lora_embeddings: true,
             nproc_per_node: 1,
+            zero: 0,
+            offload_optimizer: false,
+            bucket_mb: 64,
         }
     }
 }
 
 /// Settings a resumed run may change freely: they decide when things are saved, evaluated,
-/// logged or recomputed, never what a step computes. Every other setting changes the math and
+/// logged or recomputed, or where the optimizer state lives and in what pieces it is exchanged,
+/// never what a step computes (sharding changes only the order of float sums). Every other setting changes the math and
 /// is refused on `--resume` unless `--resume-override` is given.
 pub const RESUME_FREE_SETTINGS: &[&str] = &[
     "save_every",
@@ -190,6 +203,9 @@ pub const RESUME_FREE_SETTINGS: &[&str] = &[
     "log_every",
     "grad_checkpointing",
     "skip_nonfinite",
+    "zero",
+    "offload_optimizer",
+    "bucket_mb",
 ];
 
 /// One setting that differs between a checkpoint's run and the resumed one.
@@ -279,6 +295,15 @@ impl TrainConfig {
                 "--nproc-per-node {} with --device {}: ranks run as CPU threads so far (NCCL \
                  ranks on GPUs are not built yet); use --device cpu",
                 self.nproc_per_node, self.device
+            ));
+        }
+        if self.zero > 2 {
+            return bad(format!("--zero {}: expected 0, 1 or 2", self.zero));
+        }
+        if !(1..=65536).contains(&self.bucket_mb) {
+            return bad(format!(
+                "--bucket-mb {}: expected 1 to 65536",
+                self.bucket_mb
             ));
         }
         if self.max_steps.is_none() && self.epochs.is_none() {

@@ -7,6 +7,8 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod memory;
+pub mod optimizer;
 pub mod tokens;
 pub mod torch_save;
 pub mod trainer;

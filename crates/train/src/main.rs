@@ -166,6 +166,18 @@ struct RunArgs {
     /// built yet): a step covers ranks × grad-accum × micro-batch packs [default: 1].
     #[arg(long)]
     nproc_per_node: Option<usize>,
+    /// ZeRO stage: 0 replicates the optimizer on every rank, 1 shards fp32 masters and AdamW
+    /// moments over the ranks, 2 also shards the accumulated gradients [default: 0].
+    #[arg(long, value_name = "0|1|2")]
+    zero: Option<u8>,
+    /// Optimizer state (fp32 masters, moments) in host memory, AdamW on the CPU, as DeepSpeed's
+    /// offload_optimizer; with or without --zero [default: false].
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    offload_optimizer: Option<bool>,
+    /// MiB of f32 values per collective call when ranks exchange gradients and weights
+    /// [default: 64].
+    #[arg(long, value_name = "MIB")]
+    bucket_mb: Option<usize>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -504,7 +516,10 @@ fn overlay(mut c: TrainConfig, a: &RunArgs) -> TrainConfig {
         lora_embeddings,
         device,
         dtype,
-        nproc_per_node
+        nproc_per_node,
+        zero,
+        offload_optimizer,
+        bucket_mb
     );
     set!(
         learning_rate,

@@ -6,7 +6,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use cpmv_model::weights::Checkpoint;
 use cpmv_model::{Batch, LoadOptions, MiniCpmV, Rng};
-use cpmv_optim::{AdamW, AdamWConfig, LrSchedule};
+use cpmv_optim::LrSchedule;
 use cpmv_runlog::{RunLog, StepRecord};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -15,11 +15,12 @@ use std::time::Instant;
 
 use crate::checkpoint::{
     self, checkpoints, load_trainable, read_state, save_model, save_trainable, write_state,
-    ResumeOverride, SaveContext, TrainState, OPTIMIZER_FILE, TRAINABLE_FILE,
+    ResumeOverride, SaveContext, TrainState, TRAINABLE_FILE,
 };
 use crate::config::{LossNorm, SettingChange, TrainConfig};
 use crate::data::{make_batch, stream, Cursor, Dataset};
 use crate::error::{io, TrainError};
+use crate::optimizer::{Exchange, Optimizer};
 pub use cpmv_model::profile;
 
 /// What to train on and where to write.
@@ -382,7 +383,7 @@ fn refuse_overlapping_output(opts: &TrainOptions) -> Result<(), TrainError> {
     Ok(())
 }
 
-fn setup(opts: &TrainOptions) -> Result<(Setup, AdamW), TrainError> {
+fn setup(opts: &TrainOptions) -> Result<Setup, TrainError> {
     let cfg = &opts.config;
     let data = Arc::new(Dataset::open(&opts.shards)?);
     let eval_data = match &opts.eval_shards {
@@ -422,16 +423,6 @@ fn setup(opts: &TrainOptions) -> Result<(Setup, AdamW), TrainError> {
             "nothing to train: every part is frozen".into(),
         ));
     }
-    let opt = AdamW::new(
-        vars.clone(),
-        AdamWConfig {
-            beta1: cfg.adam_beta1,
-            beta2: cfg.adam_beta2,
-            eps: cfg.adam_eps,
-            weight_decay: cfg.weight_decay,
-        },
-        decay_predicate(cfg.no_decay_norm_bias),
-    )?;
     let total = total_steps(cfg, data.packs.len());
     let warmup = cfg
         .warmup_steps
@@ -456,7 +447,7 @@ fn setup(opts: &TrainOptions) -> Result<(Setup, AdamW), TrainError> {
         total,
         data_digest,
     };
-    Ok((setup, opt))
+    Ok(setup)
 }
 
 fn sha256_file(path: &Path) -> Result<String, TrainError> {
@@ -612,7 +603,7 @@ fn refuse_foreign_entries(run: &Path) -> Result<(), TrainError> {
 fn start_or_resume(
     opts: &TrainOptions,
     setup: &Setup,
-    opt: &mut AdamW,
+    opt: &mut Optimizer,
     announce: bool,
 ) -> Result<TrainState, TrainError> {
     let cfg = &opts.config;
@@ -665,7 +656,7 @@ fn start_or_resume(
         );
     }
     load_trainable(&setup.model, &dir.join(TRAINABLE_FILE))?;
-    opt.load_state(&dir.join(OPTIMIZER_FILE))?;
+    opt.load(dir)?;
     setup.model.set_dropout_state(Rng(saved.dropout_rng));
     let mut overrides = saved.overrides.clone();
     let math: Vec<SettingChange> = changes.into_iter().filter(|c| c.changes_math).collect();
@@ -769,8 +760,23 @@ fn train_rank(
     comm: Option<&cpmv_dist::InProcess>,
 ) -> Result<TrainReport, TrainError> {
     use cpmv_dist::Collective;
-    let main = comm.is_none_or(|c| c.rank() == 0);
-    let (setup, mut opt) = setup(opts)?;
+    let (rank, world) = comm.map_or((0, 1), |c| (c.rank(), c.world_size()));
+    let main = rank == 0;
+    let setup = setup(opts)?;
+    let cfg = &opts.config;
+    let mut opt = Optimizer::new(
+        cfg,
+        &setup.vars,
+        rank,
+        world,
+        decay_predicate(cfg.no_decay_norm_bias),
+    )?;
+    if main && !opts.quiet {
+        eprintln!(
+            "{}",
+            crate::memory::MemoryPlan::of(&setup.model, &setup.vars, cfg, world)
+        );
+    }
     let state = start_or_resume(opts, &setup, &mut opt, main)?;
     if let Some(c) = comm {
         // Every rank has read the run directory before rank 0 writes into it.
@@ -809,44 +815,6 @@ fn train_rank(
     Ok(report)
 }
 
-/// Sums the step's gradients over the ranks (a variable with a gradient on no rank stays
-/// without one, as in a single process).
-fn all_reduce_grads(
-    comm: &dyn cpmv_dist::Collective,
-    store: GradStore,
-    vars: &[(String, Var)],
-) -> Result<GradStore, TrainError> {
-    let mut present: Vec<f32> = vars
-        .iter()
-        .map(|(_, v)| f32::from(u8::from(store.get(v.as_tensor()).is_some())))
-        .collect();
-    comm.all_reduce_sum(&mut present)?;
-    let mut flat = Vec::new();
-    for ((_, v), &p) in vars.iter().zip(&present) {
-        if p == 0.0 {
-            continue;
-        }
-        match store.get(v.as_tensor()) {
-            Some(g) => flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
-            None => flat.extend(std::iter::repeat_n(0f32, v.as_tensor().elem_count())),
-        }
-    }
-    comm.all_reduce_sum(&mut flat)?;
-    let mut out = GradStore::default();
-    let mut at = 0;
-    for ((_, v), &p) in vars.iter().zip(&present) {
-        if p == 0.0 {
-            continue;
-        }
-        let t = v.as_tensor();
-        let n = t.elem_count();
-        let g = Tensor::from_slice(&flat[at..at + n], t.dims(), t.device())?.to_dtype(t.dtype())?;
-        out.insert(t, g);
-        at += n;
-    }
-    Ok(out)
-}
-
 /// The sum over ranks of a few step figures (identity on one rank).
 fn all_reduce_figures(
     comm: Option<&dyn cpmv_dist::Collective>,
@@ -867,7 +835,7 @@ fn all_reduce_figures(
 fn run_steps(
     opts: &TrainOptions,
     setup: &Setup,
-    opt: &mut AdamW,
+    opt: &mut Optimizer,
     mut state: TrainState,
     ctx: &SaveContext,
     mut log: Option<&mut RunLog>,
@@ -879,6 +847,10 @@ fn run_steps(
     let patch = model.config().vision.patch_size;
     let (rank, world) = comm.map_or((0, 1), |c| (c.rank(), c.world_size()));
     let main = rank == 0;
+    let ex = Exchange {
+        comm,
+        bucket: (cfg.bucket_mb << 20) / 4,
+    };
     let rx = stream(
         data.clone(),
         cfg.seed,
@@ -912,21 +884,31 @@ fn run_steps(
         let mut figures = [mbs.iter().map(|m| m.batch.supervised()).sum::<usize>() as f64];
         all_reduce_figures(comm, &mut figures)?;
         let step_tokens = figures[0] as usize;
-        let mut acc = Accum::default();
+        let mut acc = opt.accumulator();
         let mut loss = 0f64;
         for mb in &mbs {
             let n = mb.batch.supervised();
-            if n == 0 {
-                continue;
-            }
             // The reference averages micro-batch means over accumulation and over ranks (HF
             // Trainer); `tokens` weighs by the step's supervised tokens on all ranks.
             let w = match cfg.loss_norm {
                 LossNorm::Reference => 1.0 / (cfg.grad_accum * world) as f64,
                 LossNorm::Tokens => n as f64 / step_tokens.max(1) as f64,
             };
-            let l = micro_step(model, &mb.batch, w, cfg.grad_checkpointing, vars, &mut acc)?;
-            loss += l * w;
+            if let Some(a) = acc.full_mut() {
+                if n > 0 {
+                    loss += w * micro_step(model, &mb.batch, w, cfg.grad_checkpointing, vars, a)?;
+                }
+                continue;
+            }
+            // ZeRO-2: every rank reduces after every micro-batch, with or without gradients.
+            let store = if n > 0 {
+                let mut a = Accum::default();
+                loss += w * micro_step(model, &mb.batch, w, cfg.grad_checkpointing, vars, &mut a)?;
+                Some(a.into_store(vars))
+            } else {
+                None
+            };
+            acc.add(store.as_ref(), opt, vars, ex)?;
         }
         let ids = || {
             mbs.iter()
@@ -934,7 +916,6 @@ fn run_steps(
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let mut store = acc.into_store(vars);
         let mut figures = [
             loss,
             mbs.iter()
@@ -943,14 +924,12 @@ fn run_steps(
                 .sum::<f64>(),
             mbs.iter().map(|m| m.samples as f64).sum::<f64>(),
         ];
-        if let Some(c) = comm {
-            // Every rank then holds the step's gradient, loss and counts, and takes the same
-            // non-finite, clipping and update decisions.
-            store = all_reduce_grads(c, store, vars)?;
-            all_reduce_figures(comm, &mut figures)?;
-            loss = figures[0];
-        }
-        let norm = cpmv_optim::clip::global_norm(&store, vars)?;
+        // Every rank then holds the step's gradient (or its shard of it), loss and counts, and
+        // takes the same non-finite, clipping and update decisions.
+        let grads = opt.reduce(acc, vars, ex)?;
+        all_reduce_figures(comm, &mut figures)?;
+        loss = figures[0];
+        let norm = opt.grad_norm(&grads, vars, ex)?;
         let cursor = mbs.last().map(|m| m.cursor).unwrap_or(state.cursor);
         state.cursor = cursor;
         state.tokens_seen += figures[1] as u64;
@@ -993,7 +972,7 @@ fn run_steps(
             1.0
         };
         let lr = setup.sched.lr_at(state.step + 1);
-        opt.step(&store, lr, factor)?;
+        opt.step(grads, vars, lr, factor, ex)?;
         state.step += 1;
         state.dropout_rng = model.dropout_state().0;
         report.steps = state.step;
@@ -1016,33 +995,37 @@ fn run_steps(
             eval_loss: None,
             skipped_nonfinite: (state.skipped > 0).then_some(state.skipped),
         };
-        let Some(log) = log.as_deref_mut() else {
-            // Other ranks: rank 0 logs, evaluates and saves.
-            continue;
-        };
-        if state.step.is_multiple_of(cfg.log_every) || state.step == total {
-            log.train_step(&rec)?;
-        }
-        pb.set_position(state.step);
-        pb.set_message(format!(
-            "loss {loss:.4} lr {lr:.2e} |g| {norm:.3} {:.0} tok/s {:.2} samples/s peak {:.0} MiB",
-            rec.tokens_per_s,
-            rec.samples_per_s,
-            peak as f64 / (1 << 20) as f64
-        ));
-        if let Some(e) = &setup.eval_data {
-            if state.step.is_multiple_of(cfg.eval_every) || state.step == total {
-                let (el, n) = evaluate(model, e)?;
-                log.eval(state.step, el, n)?;
-                report.eval_losses.push((state.step, el));
+        let save_now = state.step.is_multiple_of(cfg.save_every) || state.step == total;
+        if let Some(log) = log.as_deref_mut() {
+            // Rank 0 logs and evaluates; every rank takes part in a save (its optimizer shard).
+            if state.step.is_multiple_of(cfg.log_every) || state.step == total {
+                log.train_step(&rec)?;
+            }
+            pb.set_position(state.step);
+            pb.set_message(format!(
+                "loss {loss:.4} lr {lr:.2e} |g| {norm:.3} {:.0} tok/s {:.2} samples/s peak {:.0} MiB",
+                rec.tokens_per_s,
+                rec.samples_per_s,
+                peak as f64 / (1 << 20) as f64
+            ));
+            if let Some(e) = &setup.eval_data {
+                if state.step.is_multiple_of(cfg.eval_every) || state.step == total {
+                    let (el, n) = evaluate(model, e)?;
+                    log.eval(state.step, el, n)?;
+                    report.eval_losses.push((state.step, el));
+                }
+            }
+            if save_now {
+                // The log's lines up to this step reach the disk before the checkpoint that a
+                // resume would continue after them.
+                log.flush()?;
             }
         }
-        if state.step.is_multiple_of(cfg.save_every) || state.step == total {
-            // The log's lines up to this step reach the disk before the checkpoint that a
-            // resume would continue after them.
-            log.flush()?;
-            save_checkpoint(model, ctx, opt, &state, &opts.output)?;
-            checkpoint::prune(&opts.output, cfg.keep_last.max(1))?;
+        if save_now {
+            save_checkpoint(model, ctx, opt, &state, &opts.output, comm)?;
+            if main {
+                checkpoint::prune(&opts.output, cfg.keep_last.max(1))?;
+            }
         }
     }
     pb.finish_and_clear();
@@ -1076,31 +1059,48 @@ fn save_final(model: &MiniCpmV, ctx: &SaveContext, run: &Path) -> Result<(), Tra
 
 /// Writes `checkpoint-<step>` atomically: a `.partial` directory whose files and entries are
 /// flushed to the disk, then renamed (and the run directory flushed), so a crash at any point
-/// leaves either no `checkpoint-<step>` or a complete one.
+/// leaves either no `checkpoint-<step>` or a complete one. Every rank calls it: rank 0 writes
+/// the model and the trainer state, each rank its part of the optimizer state (a rank that fails
+/// stops the others at the next collective, and the `.partial` is never published).
 fn save_checkpoint(
     model: &MiniCpmV,
     ctx: &SaveContext,
-    opt: &AdamW,
+    opt: &Optimizer,
     state: &TrainState,
     run: &Path,
+    comm: Option<&dyn cpmv_dist::Collective>,
 ) -> Result<(), TrainError> {
+    let rank = comm.map_or(0, |c| c.rank());
     let name = format!("checkpoint-{}", state.step);
     let tmp = run.join(format!("{name}.partial"));
     let dir = run.join(&name);
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
     let res = (|| {
-        fault::full_disk(state.step, &tmp)?;
-        save_model(model, ctx, &tmp)?;
-        save_trainable(model, &tmp.join(TRAINABLE_FILE))?;
-        fault::pause(state.step);
-        opt.save_state(&tmp.join(OPTIMIZER_FILE))?;
-        write_state(&tmp, state)?;
-        cpmv_fsio::sync_tree(&tmp)?;
+        if rank == 0 {
+            if tmp.exists() {
+                std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+            }
+            std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+            fault::full_disk(state.step, &tmp)?;
+            save_model(model, ctx, &tmp)?;
+            save_trainable(model, &tmp.join(TRAINABLE_FILE))?;
+            fault::pause(state.step);
+        }
+        if let Some(c) = comm {
+            c.barrier()?;
+        }
+        opt.save(&tmp, rank)?;
+        if let Some(c) = comm {
+            c.barrier()?;
+        }
+        if rank == 0 {
+            write_state(&tmp, state)?;
+            cpmv_fsio::sync_tree(&tmp)?;
+        }
         Ok(())
     })();
+    if rank != 0 {
+        return res;
+    }
     if let Err(e) = res {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
