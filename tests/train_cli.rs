@@ -2202,33 +2202,19 @@ fn data_parallel_ranks_train_as_one_process_with_the_same_global_batch() {
         "1",
     ]);
     fails_with(&o, "--nproc-per-node 2 with --device cuda");
-    // Started as one of several processes by a launcher: refused before anything is written
-    // (each would train alone into the same --output); a world of one runs.
-    let out = tmp.path().join("launched");
+    // A launched world of one is a plain run; a bad launcher variable is named.
+    let launched = tmp.path().join("launched");
     let args = [
         "--shards",
         s(&shards),
         "--model",
         s(&f.model),
         "--output",
-        s(&out),
+        s(&launched),
         "--max-steps",
         "1",
         "--quiet",
     ];
-    for env in [
-        &[("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")][..],
-        &[
-            ("SLURM_PROCID", "0"),
-            ("SLURM_NTASKS", "4"),
-            ("SLURM_LOCALID", "0"),
-        ][..],
-    ] {
-        let o = train_env(&args, env);
-        let e = fails_with(&o, "multi-process (NCCL) training is not built yet");
-        assert!(e.contains("of 2") || e.contains("of 4"), "{e}");
-        assert!(!out.exists());
-    }
     let o = train_env(
         &args,
         &[("RANK", "x"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")],
@@ -2513,4 +2499,125 @@ fn sharded_optimizer_state_resumes_at_another_world_size() {
         &run(&out, 2, &["--zero", "1"], true),
         "lacks optimizer-rank1-of-2.safetensors",
     );
+}
+
+/// A free TCP port on the loopback interface.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts rank `r` of `w` as its own `train` process, as `launcher` would (`torchrun` or
+/// `slurm` variables), meeting on `port`.
+fn spawn_rank(launcher: &str, r: usize, w: usize, port: u16, args: &[&str]) -> std::process::Child {
+    let (r, w) = (r.to_string(), w.to_string());
+    let names: [&str; 3] = match launcher {
+        "torchrun" => ["RANK", "WORLD_SIZE", "LOCAL_RANK"],
+        _ => ["SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"],
+    };
+    Command::new(env!("CARGO_BIN_EXE_train"))
+        .current_dir(root())
+        .args(args)
+        .env(names[0], &r)
+        .env(names[1], &w)
+        .env(names[2], &r)
+        .env("MASTER_ADDR", "127.0.0.1")
+        // The ranks meet on MASTER_PORT + 1.
+        .env("MASTER_PORT", (port - 1).to_string())
+        .env("CPMV_DIST_TIMEOUT_S", "120")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("train starts")
+}
+
+/// Ranks started as separate processes by torchrun's or Slurm's variables train as the same
+/// ranks as threads of one process (`--nproc-per-node`); only rank 0 writes and reports; a rank
+/// that is killed stops the others with an error naming it, instead of a hang.
+#[test]
+fn launched_processes_train_as_ranks_and_stop_together() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = unpacked_shards(tmp.path());
+    let common = |out: &Path, steps: &'static str| {
+        vec![
+            "--shards".to_string(),
+            s(&shards).to_string(),
+            "--model".to_string(),
+            s(&fx().model).to_string(),
+            "--output".to_string(),
+            s(out).to_string(),
+            "--learning-rate".to_string(),
+            "1e-3".to_string(),
+            "--schedule".to_string(),
+            "constant".to_string(),
+            "--zero".to_string(),
+            "1".to_string(),
+            "--max-steps".to_string(),
+            steps.to_string(),
+            "--quiet".to_string(),
+        ]
+    };
+    for (launcher, w) in [("torchrun", 3usize), ("slurm", 2)] {
+        let out = tmp.path().join(format!("{launcher}-{w}"));
+        let args = common(&out, "2");
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let port = free_port();
+        let kids: Vec<_> = (0..w)
+            .map(|r| spawn_rank(launcher, r, w, port, &args))
+            .collect();
+        let outs: Vec<Output> = kids
+            .into_iter()
+            .map(|k| k.wait_with_output().unwrap())
+            .collect();
+        for (r, o) in outs.iter().enumerate() {
+            ok(o);
+            let stdout = String::from_utf8_lossy(&o.stdout);
+            assert_eq!(
+                stdout.contains("trained 2 steps"),
+                r == 0,
+                "rank {r}: {stdout}"
+            );
+        }
+        let threads = tmp.path().join(format!("threads-{w}"));
+        ok(&train_ranks(
+            &shards,
+            &threads,
+            w,
+            1,
+            &["--zero", "1", "--max-steps", "2"],
+        ));
+        assert_same_training(&out, &threads, "model.safetensors", launcher);
+        assert_eq!(log_lines(&out).len(), log_lines(&threads).len());
+    }
+
+    // Rank 2 of 3 killed mid-run: ranks 0 and 1 stop, naming it.
+    let out = tmp.path().join("killed");
+    let args = common(&out, "100000");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let port = free_port();
+    let mut kids: Vec<_> = (0..3)
+        .map(|r| spawn_rank("torchrun", r, 3, port, &args))
+        .collect();
+    let started = std::time::Instant::now();
+    while log_lines_if_any(&out) < 2 {
+        assert!(started.elapsed().as_secs() < 120, "the ranks never trained");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    kids[2].kill().unwrap();
+    let _ = kids.remove(2).wait();
+    for (r, k) in kids.into_iter().enumerate() {
+        let o = k.wait_with_output().unwrap();
+        let err = fails_with(&o, "rank 2 went away");
+        assert!(err.contains("collective"), "rank {r}: {err}");
+    }
+}
+
+/// Lines of a run's training log, 0 while it has none.
+fn log_lines_if_any(run: &Path) -> usize {
+    std::fs::read_to_string(run.join(cpmv_runlog::LOG_FILE))
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
 }

@@ -30,7 +30,7 @@ pub trait Collective: Send {
 
 /// What a round of the in-process group does, checked to be the same on every rank.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Op {
+pub(crate) enum Op {
     AllReduce(usize),
     ReduceScatter(usize),
     AllGather(usize),

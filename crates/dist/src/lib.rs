@@ -4,11 +4,13 @@
 
 pub mod collective;
 pub mod launch;
+pub mod tcp;
 
 pub use collective::{
     all_gather_buckets, all_reduce_buckets, reduce_scatter_buckets, Collective, InProcess,
 };
 pub use launch::{world_from_env, Launcher, World};
+pub use tcp::Tcp;
 
 /// A launcher environment that does not describe a usable world, or a collective that cannot
 /// complete.

@@ -134,8 +134,9 @@ pub struct TrainConfig {
     /// LoRA mode: train the token embeddings too, as the reference does (`modules_to_save`
     /// holds `embed_tokens`). Off saves their gradient, master copy and moments.
     pub lora_embeddings: bool,
-    /// Data-parallel ranks in this process (threads; CPU only so far). Each step then covers
-    /// `nproc_per_node × grad_accum × micro_batch` packs, as that many GPUs would.
+    /// Data-parallel ranks: threads of this process (CPU only so far), or, recorded by a run
+    /// under a launcher, its world size. Each step covers `nproc_per_node × grad_accum ×
+    /// micro_batch` packs, as that many GPUs would.
     pub nproc_per_node: usize,
     /// ZeRO stage: 0 replicates the optimizer on every rank; 1 shards the fp32 master weights
     /// and AdamW moments over the ranks; 2 also keeps only the rank's shard of the accumulated

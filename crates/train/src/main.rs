@@ -163,7 +163,8 @@ struct RunArgs {
     #[arg(long, value_name = "BOOL")]
     lora_embeddings: Option<bool>,
     /// Data-parallel ranks in this process, as threads on the CPU (multi-GPU ranks are not
-    /// built yet): a step covers ranks × grad-accum × micro-batch packs [default: 1].
+    /// built yet): a step covers ranks × grad-accum × micro-batch packs. Under a launcher
+    /// (torchrun, srun, mpirun) each process is one rank: leave it out [default: 1].
     #[arg(long)]
     nproc_per_node: Option<usize>,
     /// ZeRO stage: 0 replicates the optimizer on every rank, 1 shards fp32 masters and AdamW
@@ -767,6 +768,10 @@ fn run() -> Result<()> {
                 quiet: a.quiet,
             };
             let r = cpmv_train::train(&opts)?;
+            if r.rank != 0 {
+                // One of several launched processes: rank 0 reports for the run.
+                return Ok(());
+            }
             let first = r.losses.first().copied().unwrap_or(f64::NAN);
             let last = r.losses.last().copied().unwrap_or(f64::NAN);
             println!(

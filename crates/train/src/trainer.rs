@@ -48,6 +48,8 @@ pub struct TrainReport {
     pub eval_losses: Vec<(u64, f64)>,
     pub output: PathBuf,
     pub peak_mem_bytes: u64,
+    /// The rank that ran (0 reports for the run; others only took part).
+    pub rank: usize,
 }
 
 /// `--skip-nonfinite` stops the run after this many non-finite steps in a row (a model that
@@ -683,8 +685,11 @@ fn start_or_resume(
 /// prints, logs and writes, and its report is returned.
 pub fn train(opts: &TrainOptions) -> Result<TrainReport, TrainError> {
     opts.config.validate()?;
-    refuse_launched_ranks(cpmv_dist::world_from_env(|k| std::env::var(k).ok())?)?;
     refuse_overlapping_output(opts)?;
+    let env = |k: &str| std::env::var(k).ok();
+    if let Some(w) = cpmv_dist::world_from_env(env)?.filter(|w| w.world_size > 1) {
+        return train_launched(opts, &w);
+    }
     let world = opts.config.nproc_per_node;
     if world == 1 {
         return train_rank(opts, None);
@@ -739,27 +744,56 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport, TrainError> {
     }
 }
 
-/// Refuses to run as one of several processes started by a launcher (torchrun, srun, mpirun):
-/// multi-process ranks are not built yet, and every process would train alone and write the
-/// same --output.
-fn refuse_launched_ranks(world: Option<cpmv_dist::World>) -> Result<(), TrainError> {
-    match world {
-        Some(w) if w.world_size > 1 => Err(TrainError::Config(format!(
-            "started by {:?} as rank {} of {}: multi-process (NCCL) training is not built yet, \
-             and each of the {} processes would train alone and write the same --output; start \
-             one process (`--nproc-per-node N --device cpu` runs N data-parallel ranks as threads)",
-            w.launcher, w.rank, w.world_size, w.world_size
-        ))),
-        _ => Ok(()),
+/// Runs this process as one rank of a run its launcher (torchrun, srun, mpirun) started: the
+/// ranks meet at `MASTER_ADDR:MASTER_PORT+1` (`NCCL_COMM_ID` when set) and exchange over TCP.
+/// The run's config records the launcher's world size as `nproc_per_node`, so a checkpoint
+/// resumes the same under `--nproc-per-node` threads.
+fn train_launched(opts: &TrainOptions, w: &cpmv_dist::World) -> Result<TrainReport, TrainError> {
+    let cfg = &opts.config;
+    let whoami = format!(
+        "started by {:?} as rank {} of {}",
+        w.launcher, w.rank, w.world_size
+    );
+    if cfg.nproc_per_node != 1 && cfg.nproc_per_node != w.world_size {
+        return Err(TrainError::Config(format!(
+            "{whoami}, with --nproc-per-node {}: the launcher starts the ranks (one per \
+             process); leave --nproc-per-node out",
+            cfg.nproc_per_node
+        )));
     }
+    if crate::config::parse_device(&cfg.device)?.is_some() {
+        return Err(TrainError::Config(format!(
+            "{whoami} on --device {}: ranks on GPUs need the NCCL backend, which is not built \
+             yet; launched ranks train on the CPU (--device cpu) and exchange over TCP",
+            cfg.device
+        )));
+    }
+    let env = |k: &str| std::env::var(k).ok();
+    let addr = w.nccl_comm_id(env)?;
+    let timeout = match env("CPMV_DIST_TIMEOUT_S") {
+        None => 1800,
+        Some(v) => v.trim().parse::<u64>().map_err(|_| {
+            TrainError::Config(format!(
+                "CPMV_DIST_TIMEOUT_S={v:?} is not a number of seconds"
+            ))
+        })?,
+    };
+    let comm = cpmv_dist::Tcp::connect(
+        w.rank,
+        w.world_size,
+        &addr,
+        std::time::Duration::from_secs(timeout),
+    )?;
+    let mut opts = opts.clone();
+    opts.config.nproc_per_node = w.world_size;
+    train_rank(&opts, Some(&comm))
 }
 
 /// One rank of a run (`comm` None: the only one).
 fn train_rank(
     opts: &TrainOptions,
-    comm: Option<&cpmv_dist::InProcess>,
+    comm: Option<&dyn cpmv_dist::Collective>,
 ) -> Result<TrainReport, TrainError> {
-    use cpmv_dist::Collective;
     let (rank, world) = comm.map_or((0, 1), |c| (c.rank(), c.world_size()));
     let main = rank == 0;
     let setup = setup(opts)?;
@@ -797,15 +831,7 @@ fn train_rank(
         config: &opts.config,
         max_slice_nums: setup.max_slice_nums,
     };
-    let report = run_steps(
-        opts,
-        &setup,
-        &mut opt,
-        state,
-        &ctx,
-        log.as_mut(),
-        comm.map(|c| c as &dyn Collective),
-    )?;
+    let report = run_steps(opts, &setup, &mut opt, state, &ctx, log.as_mut(), comm)?;
     if let Some(log) = log.as_mut() {
         log.flush()?;
         save_final(&setup.model, &ctx, &opts.output)?;
@@ -870,6 +896,7 @@ fn run_steps(
         eval_losses: Vec::new(),
         output: opts.output.clone(),
         peak_mem_bytes: 0,
+        rank,
     };
     let mut consecutive_skips = 0u64;
     while state.step < total {
