@@ -2525,8 +2525,8 @@ fn spawn_rank(launcher: &str, r: usize, w: usize, port: u16, args: &[&str]) -> s
         .env(names[1], &w)
         .env(names[2], &r)
         .env("MASTER_ADDR", "127.0.0.1")
-        // The ranks meet on MASTER_PORT + 1.
-        .env("MASTER_PORT", (port - 1).to_string())
+        // The ranks meet on MASTER_PORT + 2.
+        .env("MASTER_PORT", (port - 2).to_string())
         .env("CPMV_DIST_TIMEOUT_S", "120")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

@@ -155,6 +155,36 @@ fn bench_prints_a_json_line_per_configuration() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(written, lines);
+    // The offloaded optimizer (state in host memory): on the CPU the same steps, bit for bit.
+    let o = train(&[
+        "bench",
+        "--like",
+        MODELS[0].0,
+        "--size",
+        "tiny",
+        "--device",
+        "cpu",
+        "--dtype",
+        "f32",
+        "--seq",
+        "512",
+        "--slices",
+        "1",
+        "--slice-px",
+        "28",
+        "--warmup",
+        "1",
+        "--steps",
+        "1",
+        "--offload-optimizer",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+    assert_eq!(v["offload_optimizer"], true);
+    assert_eq!(lines[0]["offload_optimizer"], false);
+    assert_eq!(v["loss_first"], lines[0]["loss_first"]);
+    assert_eq!(v["loss_last"], lines[0]["loss_last"]);
     // A CPU-only build says how to get CUDA.
     if !cfg!(feature = "cuda") {
         let o = train(&[

@@ -12,7 +12,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use crate::DistError;
 
 /// The operations data-parallel training needs, on host `f32` buffers.
-pub trait Collective: Send {
+pub trait Collective {
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;
     /// Every rank's `buf` becomes the element-wise sum over ranks.

@@ -75,6 +75,26 @@ impl World {
     }
 }
 
+impl World {
+    /// Where the ranks' TCP control group meets (`host:port`): the master address on
+    /// `MASTER_PORT + 2` (torchrun's store holds `MASTER_PORT`, NCCL's bootstrap `+ 1`).
+    pub fn control_addr(&self) -> Result<String, DistError> {
+        let addr = self
+            .master_addr
+            .clone()
+            .ok_or_else(|| DistError::Env("no MASTER_ADDR for the ranks' rendezvous".into()))?;
+        let port = self
+            .master_port
+            .ok_or_else(|| DistError::Env("no MASTER_PORT for the ranks' rendezvous".into()))?;
+        let port = port.checked_add(2).ok_or_else(|| {
+            DistError::Env(format!(
+                "MASTER_PORT {port}: the ranks meet on MASTER_PORT + 2"
+            ))
+        })?;
+        Ok(format!("{addr}:{port}"))
+    }
+}
+
 fn parse_usize(
     env: &impl Fn(&str) -> Option<String>,
     var: &str,

@@ -4,12 +4,16 @@
 
 pub mod collective;
 pub mod launch;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod tcp;
 
 pub use collective::{
     all_gather_buckets, all_reduce_buckets, reduce_scatter_buckets, Collective, InProcess,
 };
 pub use launch::{world_from_env, Launcher, World};
+#[cfg(feature = "nccl")]
+pub use nccl::Nccl;
 pub use tcp::Tcp;
 
 /// A launcher environment that does not describe a usable world, or a collective that cannot

@@ -238,6 +238,13 @@ impl Tcp {
         }
     }
 
+    /// Checks that every rank is here and about to run `op` (the NCCL backend's liveness
+    /// check before it hands a collective to NCCL).
+    #[cfg_attr(not(feature = "nccl"), allow(dead_code))]
+    pub(crate) fn agree(&self, op: Op) -> Result<(), DistError> {
+        self.round(op, &[], |_, _| Vec::new()).map(|_| ())
+    }
+
     /// Rank 0: tells every rank why the group stops, and returns that reason.
     fn abort(&self, why: String) -> DistError {
         for l in &self.links {

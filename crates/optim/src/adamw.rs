@@ -187,9 +187,6 @@ impl AdamW {
     /// `p ← p·(1 − lr·wd)` if decay applies; `m ← lerp(m, g, 1 − β1)`; `v ← β2·v + (1 − β2)·g·g`;
     /// `denom = sqrt(v)/sqrt(1 − β2ᵗ) + eps`; `p ← p − (lr/(1 − β1ᵗ))·m/denom`.
     pub fn step(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<(), OptimError> {
-        let AdamWConfig {
-            beta1, beta2, eps, ..
-        } = self.cfg;
         #[cfg(feature = "cuda")]
         let fused = self.fused_step(grads, lr, grad_scale)?;
         #[cfg(not(feature = "cuda"))]
@@ -202,51 +199,7 @@ impl AdamW {
             let Some(grad) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
-            let mut g = grad.detach().to_dtype(DType::F32)?;
-            if grad_scale != 1.0 {
-                g = g.affine(grad_scale, 0.0)?;
-            }
-            let t = p.step + 1;
-            let sc = self.cfg.scalars(t, p.decay, lr);
-
-            let mut param = p.value();
-            if let Some(f) = sc.decay {
-                param = param.affine(f, 0.0)?;
-            }
-
-            // exp_avg.lerp_(grad, 1 - beta1): torch's lerp picks its formula by weight size.
-            let w = 1.0 - beta1;
-            let diff = (&g - &p.exp_avg)?;
-            let exp_avg = if w < 0.5 {
-                (&p.exp_avg + diff.affine(w, 0.0)?)?
-            } else {
-                (&g - diff.affine(1.0 - w, 0.0)?)?
-            };
-            // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            let exp_avg_sq =
-                (p.exp_avg_sq.affine(beta2, 0.0)? + (g.affine(1.0 - beta2, 0.0)? * &g)?)?;
-
-            // denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps), a true f32 division
-            // like torch's (multiplying by the reciprocal rounds differently); `full` fills the
-            // scalar on the device.
-            let bc2_sqrt = Tensor::full(sc.bc2_sqrt as f32, (), g.device())?;
-            let denom = exp_avg_sq
-                .sqrt()?
-                .broadcast_div(&bc2_sqrt)?
-                .affine(1.0, eps)?;
-            // param.addcdiv_(exp_avg, denom, value=-step_size)
-            let param = (param + exp_avg.affine(-sc.step_size, 0.0)?.div(&denom)?)?;
-
-            match &mut p.master {
-                Some(master) => {
-                    p.var.set(&param.to_dtype(p.var.dtype())?)?;
-                    *master = param;
-                }
-                None => p.var.set(&param)?,
-            }
-            p.exp_avg = exp_avg;
-            p.exp_avg_sq = exp_avg_sq;
-            p.step = t;
+            update(&self.cfg, p, grad, lr, grad_scale)?;
         }
         self.steps += 1;
         Ok(())
@@ -304,6 +257,27 @@ impl AdamW {
             },
         )?;
         Ok(which)
+    }
+
+    /// Updates parameter `index` alone with `grad` (same shape; any dtype and device, moved to
+    /// the parameter's), as [`AdamW::step`] would: for callers that stream gradients one
+    /// parameter at a time (e.g. into an offloaded optimizer). The step is counted by
+    /// [`AdamW::count_step`] once every parameter of it was given.
+    pub fn step_param(
+        &mut self,
+        index: usize,
+        grad: &Tensor,
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<(), OptimError> {
+        let p = &mut self.params[index];
+        let g = grad.to_device(p.var.device())?.reshape(p.var.dims())?;
+        update(&self.cfg, p, &g, lr, grad_scale)
+    }
+
+    /// Counts a step whose parameters were updated by [`AdamW::step_param`].
+    pub fn count_step(&mut self) {
+        self.steps += 1;
     }
 
     /// Number of completed [`AdamW::step`] calls (restored by [`AdamW::load_state`]).
@@ -446,6 +420,64 @@ impl ParamState {
         self.step = step;
         Ok(())
     }
+}
+
+/// One AdamW update of `p` with gradient `grad` (see [`AdamW::step`]).
+fn update(
+    cfg: &AdamWConfig,
+    p: &mut ParamState,
+    grad: &Tensor,
+    lr: f64,
+    grad_scale: f64,
+) -> Result<(), OptimError> {
+    let AdamWConfig {
+        beta1, beta2, eps, ..
+    } = *cfg;
+    let mut g = grad.detach().to_dtype(DType::F32)?;
+    if grad_scale != 1.0 {
+        g = g.affine(grad_scale, 0.0)?;
+    }
+    let t = p.step + 1;
+    let sc = cfg.scalars(t, p.decay, lr);
+
+    let mut param = p.value();
+    if let Some(f) = sc.decay {
+        param = param.affine(f, 0.0)?;
+    }
+
+    // exp_avg.lerp_(grad, 1 - beta1): torch's lerp picks its formula by weight size.
+    let w = 1.0 - beta1;
+    let diff = (&g - &p.exp_avg)?;
+    let exp_avg = if w < 0.5 {
+        (&p.exp_avg + diff.affine(w, 0.0)?)?
+    } else {
+        (&g - diff.affine(1.0 - w, 0.0)?)?
+    };
+    // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    let exp_avg_sq = (p.exp_avg_sq.affine(beta2, 0.0)? + (g.affine(1.0 - beta2, 0.0)? * &g)?)?;
+
+    // denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps), a true f32 division
+    // like torch's (multiplying by the reciprocal rounds differently); `full` fills the
+    // scalar on the device.
+    let bc2_sqrt = Tensor::full(sc.bc2_sqrt as f32, (), g.device())?;
+    let denom = exp_avg_sq
+        .sqrt()?
+        .broadcast_div(&bc2_sqrt)?
+        .affine(1.0, eps)?;
+    // param.addcdiv_(exp_avg, denom, value=-step_size)
+    let param = (param + exp_avg.affine(-sc.step_size, 0.0)?.div(&denom)?)?;
+
+    match &mut p.master {
+        Some(master) => {
+            p.var.set(&param.to_dtype(p.var.dtype())?)?;
+            *master = param;
+        }
+        None => p.var.set(&param)?,
+    }
+    p.exp_avg = exp_avg;
+    p.exp_avg_sq = exp_avg_sq;
+    p.step = t;
+    Ok(())
 }
 
 /// `format` metadata value of state files, bumped if their layout changes.

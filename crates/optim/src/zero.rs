@@ -228,6 +228,42 @@ impl ShardedAdamW {
         self.opt.step(&store, lr, grad_scale)
     }
 
+    /// One update of an unsharded layout (one shard: every segment a whole parameter) from the
+    /// parameters' own gradients in `grads`, one parameter at a time: its gradient goes to the
+    /// state's device, it is updated there, and the new weights come back into `params` (the
+    /// vars the layout was made from). No flat copy of the whole space is made, so an offloaded
+    /// optimizer needs host memory for its state and one parameter's temporaries only.
+    pub fn step_vars(
+        &mut self,
+        grads: &GradStore,
+        params: &[(String, Var)],
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<(), OptimError> {
+        if self.layout.world() != 1 || params.len() != self.layout.vars() {
+            return Err(OptimError::Candle(candle_core::Error::Msg(format!(
+                "step_vars: a layout of {} shards over {} parameters, given {} parameters",
+                self.layout.world(),
+                self.layout.vars(),
+                params.len()
+            ))));
+        }
+        for (i, seg) in self.segments.iter().enumerate() {
+            let (_, var) = &params[seg.var];
+            let Some(g) = grads.get(var.as_tensor()) else {
+                continue;
+            };
+            self.opt.step_param(i, &g.flatten_all()?, lr, grad_scale)?;
+            let fresh = self.shadows[i]
+                .as_tensor()
+                .to_device(var.device())?
+                .reshape(var.dims())?;
+            var.set(&fresh)?;
+        }
+        self.opt.count_step();
+        Ok(())
+    }
+
     /// The shard's current weights, in each parameter's dtype, as f32 (padding zero): what
     /// every rank sets its copy of the parameters to.
     pub fn shard_values(&self) -> Result<Vec<f32>, OptimError> {

@@ -123,6 +123,39 @@ fn sharded_updates_equal_the_unsharded_bit_for_bit() -> TestResult {
     Ok(())
 }
 
+/// An unsharded layout updated parameter by parameter from the vars' own gradients (the
+/// offloaded optimizer of one rank) equals AdamW, bit for bit.
+#[test]
+fn streamed_single_shard_updates_equal_the_unsharded() -> TestResult {
+    let dev = Device::Cpu;
+    let vars = params(&dev)?;
+    let mut one = sharded(&vars, 1)?.remove(0);
+    let fresh = params(&dev)?;
+    let mut reference = AdamW::new(fresh.clone(), AdamWConfig::default(), |n| {
+        !n.ends_with("bias")
+    })?;
+    let sizes: Vec<usize> = vars.iter().map(|(_, v)| v.elem_count()).collect();
+    for t in 1..=4 {
+        let mut store = GradStore::default();
+        for ((_, v), g) in vars.iter().zip(grads(t, &sizes)) {
+            if let Some(g) = g {
+                let g = Tensor::from_vec(g, v.dims(), v.device())?.to_dtype(v.dtype())?;
+                store.insert(v.as_tensor(), g);
+            }
+        }
+        one.step_vars(&store, &vars, 0.01, 0.8)?;
+        step_plain(&mut reference, &fresh, t)?;
+        assert_eq!(values(&vars)?, values(&fresh)?, "step {t}");
+    }
+    assert_eq!(one.steps(), 4);
+    // Only an unsharded layout streams.
+    let mut two = sharded(&vars, 2)?;
+    assert!(two[0]
+        .step_vars(&GradStore::default(), &vars, 0.01, 1.0)
+        .is_err());
+    Ok(())
+}
+
 #[test]
 fn state_moves_between_world_sizes_and_the_unsharded_form() -> TestResult {
     let dev = Device::Cpu;

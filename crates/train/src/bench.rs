@@ -7,7 +7,6 @@ use cpmv_model::flops::{step_flops, StepFlops};
 use cpmv_model::init::{derive_config, init_tensor, Size};
 use cpmv_model::weights::{param_specs, InitKind};
 use cpmv_model::{LoadOptions, LoraConfig, MiniCpmV, ModelConfig, ParamStore, Trainable};
-use cpmv_optim::{AdamW, AdamWConfig};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -15,6 +14,7 @@ use std::time::Instant;
 
 use crate::config::{open_device, ComputeDtype};
 use crate::error::TrainError;
+use crate::optimizer::{Exchange, GradAccum, Optimizer};
 use crate::trainer::{micro_step, peak_memory_bytes, Accum};
 
 /// Dense bf16 peak of an H100/H200 SXM (TFLOP/s), the MFU denominator.
@@ -50,6 +50,8 @@ pub struct BenchOptions {
     pub dtype: ComputeDtype,
     pub grad_checkpointing: bool,
     pub seed: u64,
+    /// The optimizer state in host memory, AdamW on the CPU (`train --offload-optimizer`).
+    pub offload_optimizer: bool,
 }
 
 /// One configuration's measurements (a JSON line).
@@ -66,6 +68,7 @@ pub struct BenchResult {
     pub slice_px: usize,
     pub steps: usize,
     pub grad_checkpointing: bool,
+    pub offload_optimizer: bool,
     pub step_s: f64,
     pub tokens_per_s: f64,
     pub flops_per_step: f64,
@@ -164,16 +167,17 @@ pub fn run(opts: &BenchOptions) -> Result<BenchResult, TrainError> {
     let model = MiniCpmV::from_params(cfg.clone(), params, &load)?;
     let vars = model.params().trainable_vars();
     let trainable_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
-    let mut opt = AdamW::new(
-        vars.clone(),
-        AdamWConfig {
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.1,
-        },
-        |_| true,
-    )?;
+    // The trainer's optimizer (AdamW, betas (0.9, 0.95), eps 1e-8, weight decay 0.1 on
+    // everything), one rank.
+    let train_cfg = crate::config::TrainConfig {
+        offload_optimizer: opts.offload_optimizer,
+        ..Default::default()
+    };
+    let mut opt = Optimizer::new(&train_cfg, &vars, 0, 1, |_| true)?;
+    let ex = Exchange {
+        comm: None,
+        bucket: (train_cfg.bucket_mb << 20) / 4,
+    };
     let batch = cpmv_model::synthetic::bench_batch(
         &cfg,
         opts.seq,
@@ -199,15 +203,21 @@ pub fn run(opts: &BenchOptions) -> Result<BenchResult, TrainError> {
             &mut acc,
         )?;
         let mut timer = crate::trainer::profile::Timer::start(&device);
-        let store = acc.into_store(&vars);
-        let norm = cpmv_optim::clip::global_norm(&store, &vars)?;
+        let grads = opt.reduce(GradAccum::Full(acc), &vars, ex)?;
+        let norm = opt.grad_norm(&grads, &vars, ex)?;
         timer.mark("grad_norm");
         if !(loss.is_finite() && norm.is_finite()) {
             return Err(TrainError::Config(format!(
                 "bench: non-finite loss {loss} or gradient norm {norm}"
             )));
         }
-        opt.step(&store, 1e-5, cpmv_optim::clip::clip_factor(norm, 1.0))?;
+        opt.step(
+            grads,
+            &vars,
+            1e-5,
+            cpmv_optim::clip::clip_factor(norm, 1.0),
+            ex,
+        )?;
         timer.mark("adamw");
         Ok(loss)
     };
@@ -247,6 +257,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchResult, TrainError> {
         slice_px: opts.slice_px,
         steps: opts.steps,
         grad_checkpointing: opts.grad_checkpointing,
+        offload_optimizer: opts.offload_optimizer,
         step_s,
         tokens_per_s: opts.seq as f64 / step_s,
         flops_per_step: total,

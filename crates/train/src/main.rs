@@ -289,6 +289,9 @@ enum Command {
         /// checkpoint).
         #[arg(long)]
         no_grad_checkpointing: bool,
+        /// Optimizer state in host memory, AdamW on the CPU (as `train --offload-optimizer`).
+        #[arg(long)]
+        offload_optimizer: bool,
         /// Seed of the random weights and inputs.
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -690,6 +693,7 @@ fn run() -> Result<()> {
             device,
             dtype,
             no_grad_checkpointing,
+            offload_optimizer,
             seed,
             out,
         }) => {
@@ -709,6 +713,7 @@ fn run() -> Result<()> {
                 device,
                 dtype,
                 grad_checkpointing: !no_grad_checkpointing,
+                offload_optimizer,
                 seed,
             };
             let r = cpmv_train::bench::run(&opts).context("train bench")?;

@@ -48,7 +48,6 @@ impl MemoryPlan {
         offload: bool,
     ) -> Self {
         let sizes: Vec<usize> = trainable.iter().map(|&(n, _)| n).collect();
-        let sharded = zero > 0 || offload;
         let layout = FlatLayout::new(&sizes, if zero > 0 { world } else { 1 });
         // Shard 0 is never smaller than another.
         let optimizer: u64 = if zero > 0 {
@@ -63,7 +62,7 @@ impl MemoryPlan {
                 .map(|&(n, t)| n as u64 * optimizer_bytes(t))
                 .sum()
         };
-        let gradients = if zero == 2 {
+        let gradients = if zero == 2 && world > 1 {
             layout.shard_len() as u64 * 4
         } else {
             trainable
@@ -71,12 +70,14 @@ impl MemoryPlan {
                 .map(|&(n, t)| (n * t.size_in_bytes()) as u64)
                 .sum()
         };
-        let exchange_host = if sharded {
-            2 * layout.padded_len() as u64 * 4
-        } else if world > 1 {
-            layout.total() as u64 * 4
-        } else {
+        // One rank streams gradients parameter by parameter; several exchange the flat space
+        // through host buffers (all-reduced; or reduce-scattered and all-gathered).
+        let exchange_host = if world == 1 {
             0
+        } else if zero > 0 {
+            2 * layout.padded_len() as u64 * 4
+        } else {
+            layout.total() as u64 * 4
         };
         MemoryPlan {
             world,
@@ -197,6 +198,7 @@ mod tests {
         assert_eq!(off.optimizer_device, 0);
         assert_eq!(off.optimizer_host, today.optimizer_device);
         assert!(off.parameters + off.gradients < 40 << 30, "{off}");
+        assert_eq!(off.exchange_host, 0);
         let line = z2.to_string();
         assert!(line.contains("zero 2, 8 ranks"), "{line}");
     }

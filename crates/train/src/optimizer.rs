@@ -149,11 +149,6 @@ impl Optimizer {
         })
     }
 
-    /// Whether gradients are reduced after every micro-batch (ZeRO-2).
-    pub fn reduces_per_micro_batch(&self) -> bool {
-        matches!(self, Optimizer::Sharded { stage: 2, .. })
-    }
-
     /// Bytes of optimizer state this rank holds.
     pub fn state_bytes(&self) -> usize {
         match self {
@@ -188,10 +183,16 @@ impl Optimizer {
         Ok(())
     }
 
+    /// Whether the gradients travel as a flat space cut into shards (ZeRO over several
+    /// ranks), rather than as the parameters' own gradients.
+    fn shards_grads(&self) -> bool {
+        matches!(self, Optimizer::Sharded { opt, .. } if opt.layout().world() > 1)
+    }
+
     /// An empty accumulator for one step's gradients.
     pub fn accumulator(&self) -> GradAccum {
         match self {
-            Optimizer::Sharded { opt, stage: 2 } => GradAccum::Shard {
+            Optimizer::Sharded { opt, stage: 2 } if opt.layout().world() > 1 => GradAccum::Shard {
                 values: vec![0.0; opt.layout().shard_len()],
                 present: vec![0.0; opt.layout().vars()],
             },
@@ -211,20 +212,20 @@ impl Optimizer {
                 values,
                 present: present.iter().map(|&p| p > 0.0).collect(),
             }),
-            (Optimizer::Replicated(_), GradAccum::Full(a)) => {
-                let store = a.into_store(vars);
-                Ok(StepGrads::Full(match ex.comm {
-                    Some(c) => all_reduce_grads(c, store, vars, ex.bucket)?,
-                    None => store,
-                }))
-            }
-            (Optimizer::Sharded { opt, .. }, GradAccum::Full(a)) => {
+            (Optimizer::Sharded { opt, .. }, GradAccum::Full(a)) if self.shards_grads() => {
                 let (values, present) =
                     reduce_to_shard(opt.layout(), &a.into_store(vars), vars, ex)?;
                 Ok(StepGrads::Shard {
                     values,
                     present: present.iter().map(|&p| p > 0.0).collect(),
                 })
+            }
+            (_, GradAccum::Full(a)) => {
+                let store = a.into_store(vars);
+                Ok(StepGrads::Full(match ex.comm {
+                    Some(c) => all_reduce_grads(c, store, vars, ex.bucket)?,
+                    None => store,
+                }))
             }
         }
     }
@@ -265,6 +266,9 @@ impl Optimizer {
     ) -> Result<(), TrainError> {
         match (self, grads) {
             (Optimizer::Replicated(o), StepGrads::Full(store)) => o.step(&store, lr, scale)?,
+            (Optimizer::Sharded { opt, .. }, StepGrads::Full(store)) => {
+                opt.step_vars(&store, vars, lr, scale)?
+            }
             (Optimizer::Sharded { opt, .. }, StepGrads::Shard { values, present }) => {
                 opt.step(&values, &present, lr, scale)?;
                 let layout = opt.layout().clone();

@@ -687,7 +687,16 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport, TrainError> {
     opts.config.validate()?;
     refuse_overlapping_output(opts)?;
     let env = |k: &str| std::env::var(k).ok();
-    if let Some(w) = cpmv_dist::world_from_env(env)?.filter(|w| w.world_size > 1) {
+    // A launched world of one is a plain run, except on GPUs with NCCL built in and a
+    // rendezvous address given (torchrun always gives one): a world-size-1 NCCL run.
+    let nccl_of_one = |w: &cpmv_dist::World| {
+        cfg!(feature = "nccl")
+            && w.master_addr.is_some()
+            && w.master_port.is_some()
+            && crate::config::parse_device(&opts.config.device).is_ok_and(|d| d.is_some())
+    };
+    if let Some(w) = cpmv_dist::world_from_env(env)?.filter(|w| w.world_size > 1 || nccl_of_one(w))
+    {
         return train_launched(opts, &w);
     }
     let world = opts.config.nproc_per_node;
@@ -745,7 +754,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport, TrainError> {
 }
 
 /// Runs this process as one rank of a run its launcher (torchrun, srun, mpirun) started: the
-/// ranks meet at `MASTER_ADDR:MASTER_PORT+1` (`NCCL_COMM_ID` when set) and exchange over TCP.
+/// ranks meet at `MASTER_ADDR:MASTER_PORT+2` and exchange over TCP on the CPU, or over NCCL
+/// (bootstrapped at `MASTER_PORT+1` or `NCCL_COMM_ID`) on GPU `LOCAL_RANK`.
 /// The run's config records the launcher's world size as `nproc_per_node`, so a checkpoint
 /// resumes the same under `--nproc-per-node` threads.
 fn train_launched(opts: &TrainOptions, w: &cpmv_dist::World) -> Result<TrainReport, TrainError> {
@@ -761,15 +771,7 @@ fn train_launched(opts: &TrainOptions, w: &cpmv_dist::World) -> Result<TrainRepo
             cfg.nproc_per_node
         )));
     }
-    if crate::config::parse_device(&cfg.device)?.is_some() {
-        return Err(TrainError::Config(format!(
-            "{whoami} on --device {}: ranks on GPUs need the NCCL backend, which is not built \
-             yet; launched ranks train on the CPU (--device cpu) and exchange over TCP",
-            cfg.device
-        )));
-    }
     let env = |k: &str| std::env::var(k).ok();
-    let addr = w.nccl_comm_id(env)?;
     let timeout = match env("CPMV_DIST_TIMEOUT_S") {
         None => 1800,
         Some(v) => v.trim().parse::<u64>().map_err(|_| {
@@ -778,15 +780,31 @@ fn train_launched(opts: &TrainOptions, w: &cpmv_dist::World) -> Result<TrainRepo
             ))
         })?,
     };
-    let comm = cpmv_dist::Tcp::connect(
-        w.rank,
-        w.world_size,
-        &addr,
-        std::time::Duration::from_secs(timeout),
-    )?;
+    let timeout = std::time::Duration::from_secs(timeout);
     let mut opts = opts.clone();
     opts.config.nproc_per_node = w.world_size;
-    train_rank(&opts, Some(&comm))
+    let on_gpu = crate::config::parse_device(&cfg.device)?.is_some();
+    if on_gpu && !cfg!(feature = "nccl") {
+        return Err(TrainError::Config(format!(
+            "{whoami} on --device {}: ranks on GPUs need NCCL, and this `train` was built \
+             without it (cargo build --release --features cuda,nccl); launched ranks on the CPU \
+             (--device cpu) exchange over TCP",
+            cfg.device
+        )));
+    }
+    let control = cpmv_dist::Tcp::connect(w.rank, w.world_size, &w.control_addr()?, timeout)?;
+    if !on_gpu {
+        return train_rank(&opts, Some(&control));
+    }
+    #[cfg(feature = "nccl")]
+    {
+        // Device = LOCAL_RANK, whatever ordinal --device named.
+        opts.config.device = format!("cuda:{}", w.local_rank);
+        let comm = cpmv_dist::Nccl::connect(w.local_rank, control, &w.nccl_comm_id(env)?, timeout)?;
+        train_rank(&opts, Some(&comm))
+    }
+    #[cfg(not(feature = "nccl"))]
+    unreachable!("refused above")
 }
 
 /// One rank of a run (`comm` None: the only one).
