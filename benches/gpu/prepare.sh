@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Builds here (no GPU needed) what benches/gpu/run.sh needs on the GPU machine, into the ignored
 # folder target/gpu-carry (pass it as the device tool's `carry`):
-#   bin/train.xz      the CUDA build of `train` (stripped, xz)
+#   bin/train.xz      the CUDA + NCCL build of `train` (stripped, xz; libnccl.so.2 comes from
+#                     PyTorch's wheels there)
 #   bin/gpu.xz        the GPU test binary (crates/model/tests/gpu: kernels vs CPU, AdamW, parity)
 #   tiny-shards/      the bundled example prepared for the tiny 2.6 model (50-step CPU/GPU run)
+#   dist-shards/      the same, one sample per pack at 112 px (11 packs: several ranks' steps
+#                     within one epoch, run.sh dist)
 #   tests/fixtures/model/{v2_0,v2_6}  the PyTorch parity fixtures the GPU test runs (the device tool's
 #                        64 MiB budget cannot take all three: v2_0 has the ViT and MiniCPM's
 #                        scalings, v2_6 NaViT, Qwen2 biases and GQA; 2.5 shares their parts)
@@ -13,7 +16,7 @@ cd "$(dirname "$0")/../.."
 C=target/gpu-carry
 cargo fetch --quiet # cudarc's sources (an optional dependency): the driver stub is made from them
 source scripts/cuda-env.sh >/dev/null
-cargo build --release --features cuda -p cpmv-train --bin train
+cargo build --release --features cuda,nccl -p cpmv-train --bin train
 log=$(cargo test --release --features cuda -p cpmv-model --test gpu --no-run 2>&1) \
   || { echo "$log" >&2; exit 1; }
 test_bin=$(echo "$log" | sed -n 's/.*Executable tests\/gpu\/main.rs (\(.*\))/\1/p' | tail -1)
@@ -25,5 +28,8 @@ strip -o "$C/bin/gpu" "$test_bin"
 xz -T2 -6 "$C/bin/train" "$C/bin/gpu"
 target/release/prep build --config pipelines/tiny-cpu-demo.toml --data examples/data/train.json \
   --model examples/models/minicpm-v-2_6-tiny --out "$C/tiny-shards" --overwrite --quiet
+target/release/prep build --config pipelines/tiny-cpu-demo.toml --data examples/data/train.json \
+  --model examples/models/minicpm-v-2_6-tiny --out "$C/dist-shards" --no-pack --max-slice-nums 1 \
+  --scale-resolution 112 --overwrite --quiet
 cp -r tests/fixtures/model/v2_0 tests/fixtures/model/v2_6 "$C/tests/fixtures/model/"
-du -sh "$C" "$C"/bin/* "$C"/tiny-shards "$C"/tests/fixtures
+du -sh "$C" "$C"/bin/* "$C"/tiny-shards "$C"/dist-shards "$C"/tests/fixtures

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine, from the repository root, after benches/gpu/prepare.sh here:
-#   benches/gpu/run.sh [check|bench|all|bench-first|kernels]   (results in $OUT, default out/gpu)
+#   benches/gpu/run.sh [check|bench|all|bench-first|kernels|dist]   (results in $OUT, default out/gpu)
 # check: the GPU test binary (fused kernels vs their CPU references, fused AdamW vs the CPU
 #        optimiser, PyTorch parity fixtures v2_0 and v2_6 on the GPU in f32 and bf16), the PyTorch
 #        baseline's self-check, then 50 steps of the tiny 2.6 model on CPU, GPU f32 and GPU bf16
@@ -8,6 +8,11 @@
 # The exit status is non-zero when a check failed or a cpmv benchmark did not run.
 # bench: `train bench` and benches/gpu/torch_baseline.py on the same configurations, one
 #        process each, then the side-by-side table (benches/gpu/table.py), printed last.
+# dist:  several ranks (issue 14): the tiny 2.6 model trained 5 steps by one process (grad-accum
+#        2), by a world of one over NCCL (torchrun variables, --zero 1) and by 2 NCCL ranks
+#        sharing the GPU (NCCL_MULTI_RANK_GPU_ENABLE=1, NCCL >= 2.30, --zero 2), curves compared;
+#        then `train bench` 2.0 and 2.5 full with and without --offload-optimizer (peak memory,
+#        step time), table printed last.
 set -uo pipefail
 PHASE=${1:-all}
 C=${CARRY:-target/gpu-carry}
@@ -147,13 +152,88 @@ kernels() {
   "$PY" benches/gpu/kernel_table.py "$W_NCU" | tee "$OUT/kernels.txt"
 }
 
+dist() {
+  local D nccl_v r
+  D=$(mktemp -d)
+  # DIST_DEVICE=cpu DIST_BENCH_ARGS="--device cpu --size tiny" rehearses this on a CPU machine
+  # (the world of one is then a plain run and the 2 ranks exchange over TCP).
+  DIST_BENCH_ARGS=${DIST_BENCH_ARGS:-}
+  nccl_v=$("$PY" -c 'import torch; print(".".join(map(str, torch.cuda.nccl.version())))' 2>/dev/null || echo unknown)
+  echo "NCCL on the library path (PyTorch's): $nccl_v" | tee "$OUT/dist.txt"
+  "$TRAIN" init-model --like examples/models/minicpm-v-2_6-tiny --size tiny --seed 0 --out "$D/model" >/dev/null
+  common=(--config pipelines/tiny-cpu-demo.toml --shards "$C/dist-shards" --model "$D/model" --max-steps 5
+          --learning-rate 1e-4 --schedule constant --save-every 1000 --eval-every 1000
+          --device "${DIST_DEVICE:-cuda}" --dtype f32 --quiet)
+  stamp "one process, grad-accum 2"
+  timeout 240 "$TRAIN" "${common[@]}" --output "$D/one" --grad-accum 2 2>&1 | tail -1 | tee -a "$OUT/dist.txt"
+  stamp "a world of one over NCCL, grad-accum 2, --zero 1"
+  RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 CPMV_DIST_TIMEOUT_S=120 \
+    timeout 240 "$TRAIN" "${common[@]}" --output "$D/nccl1" --grad-accum 2 --zero 1 2>&1 | tail -2 | tee -a "$OUT/dist.txt" \
+    || fail "NCCL world of one"
+  stamp "2 NCCL ranks on the one GPU, --zero 2"
+  for r in 0 1; do
+    RANK=$r WORLD_SIZE=2 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29510 NCCL_MULTI_RANK_GPU_ENABLE=1 \
+      CPMV_DIST_TIMEOUT_S=120 timeout 300 "$TRAIN" "${common[@]}" --output "$D/nccl2" --zero 2 >"$D/rank$r.log" 2>&1 &
+  done
+  wait
+  for r in 0 1; do echo "rank $r:"; tail -3 "$D/rank$r.log"; done | tee -a "$OUT/dist.txt"
+  "$PY" - "$D" <<'PYEOF' | tee -a "$OUT/dist.txt"
+import json, sys
+d = sys.argv[1]
+def curve(name):
+    try:
+        recs = [json.loads(l) for l in open(f"{d}/{name}/log.jsonl")]
+    except OSError:
+        return []
+    # Within the first epoch only: at an epoch's end a rank may get no pack.
+    return [r["loss"] for r in recs if r.get("kind") == "train" and r["epoch"] <= 1.0]
+one = curve("one")
+bad = not one
+for name in ("nccl1", "nccl2"):
+    other = curve(name)
+    n = min(len(one), len(other))
+    if n == 0:
+        print(f"{name}: no steps -> FAIL"); bad = True; continue
+    rel = max(abs(a - b) / abs(a) for a, b in zip(one[:n], other[:n]))
+    ok = rel <= 1e-4
+    bad = bad or not ok
+    print(f"{name} vs one process: {n} steps of epoch 1, max rel loss diff {rel:.2e} (tol 1e-4) -> {'PASS' if ok else 'FAIL'}")
+sys.exit(1 if bad else 0)
+PYEOF
+  [ "${PIPESTATUS[0]}" = 0 ] || fail "NCCL curves"
+  rm -f "$OUT/offload.jsonl"
+  for v in ${DIST_BENCH:-2.0 2.5}; do
+    for off in "" --offload-optimizer; do
+      stamp "train bench $v full $off"
+      timeout 240 "$TRAIN" bench --like "$(like_of "$v")" --mode full --warmup 1 --steps 2 $off $DIST_BENCH_ARGS \
+        --out "$OUT/offload.jsonl" 2>&1 | tail -1 | cut -c1-300 \
+        || echo "{\"version\":\"$v\",\"offload_optimizer\":$([ -n "$off" ] && echo true || echo false),\"error\":\"exit ${PIPESTATUS[0]}\"}" >> "$OUT/offload.jsonl"
+    done
+  done
+  stamp "table"
+  "$PY" - "$OUT/offload.jsonl" <<'PYEOF' | tee -a "$OUT/dist.txt"
+import json, sys
+print("| version | optimizer | step s | peak GiB | note |")
+print("|---|---|---|---|---|")
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    where = "offloaded" if r.get("offload_optimizer") else "on the GPU"
+    if r.get("error"):
+        print(f"| {r.get('version')} full | {where} | - | - | {r['error']} |")
+    else:
+        print(f"| {r['version']} full | {where} | {r['step_s']:.2f} | {r['peak_mem_bytes'] / 2**30:.1f} | |")
+PYEOF
+  rm -rf "$D"
+}
+
 case $PHASE in
+  dist) dist ;;
   check) check ;;
   bench) bench ;;
   all) check; bench ;;
   bench-first) bench; check ;;
   kernels) W_NCU=$(mktemp); kernels; rm -f "$W_NCU" "$W_NCU.err" ;;
-  *) echo "usage: $0 [check|bench|all|bench-first|kernels]" >&2; exit 2 ;;
+  *) echo "usage: $0 [check|bench|all|bench-first|kernels|dist]" >&2; exit 2 ;;
 esac
 stamp "done (status $status)"
 exit $status
