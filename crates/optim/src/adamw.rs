@@ -199,7 +199,11 @@ impl AdamW {
             let Some(grad) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
-            update(&self.cfg, p, grad, lr, grad_scale)?;
+            if p.var.device().is_cpu() {
+                update_host(&self.cfg, p, grad, lr, grad_scale)?;
+            } else {
+                update(&self.cfg, p, grad, lr, grad_scale)?;
+            }
         }
         self.steps += 1;
         Ok(())
@@ -272,7 +276,11 @@ impl AdamW {
     ) -> Result<(), OptimError> {
         let p = &mut self.params[index];
         let g = grad.to_device(p.var.device())?.reshape(p.var.dims())?;
-        update(&self.cfg, p, &g, lr, grad_scale)
+        if p.var.device().is_cpu() {
+            update_host(&self.cfg, p, &g, lr, grad_scale)
+        } else {
+            update(&self.cfg, p, &g, lr, grad_scale)
+        }
     }
 
     /// Counts a step whose parameters were updated by [`AdamW::step_param`].
@@ -480,5 +488,144 @@ fn update(
     Ok(())
 }
 
+/// [`update`] for a parameter in host memory (CPU training, the offloaded optimizer): one pass
+/// over the values, in parallel chunks, with the f32 operations of [`update`] in the same order
+/// (candle's CPU `affine(m, a)` is `x·m + a` in f32), so the result is the same bit for bit.
+fn update_host(
+    cfg: &AdamWConfig,
+    p: &mut ParamState,
+    grad: &Tensor,
+    lr: f64,
+    grad_scale: f64,
+) -> Result<(), OptimError> {
+    use rayon::prelude::*;
+    let t = p.step + 1;
+    let sc = cfg.scalars(t, p.decay, lr);
+    let flat = |x: &Tensor| -> Result<Vec<f32>, OptimError> {
+        Ok(x.detach()
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?)
+    };
+    let g = flat(grad)?;
+    let mut param = flat(&p.value())?;
+    let mut m = flat(&p.exp_avg)?;
+    let mut v = flat(&p.exp_avg_sq)?;
+    if g.len() != param.len() {
+        return Err(OptimError::Candle(candle_core::Error::Msg(format!(
+            "parameter {:?}: gradient of {} values for {} weights",
+            p.name,
+            g.len(),
+            param.len()
+        ))));
+    }
+    let f = |x: f64| x as f32;
+    let scale = (grad_scale != 1.0).then(|| f(grad_scale));
+    let decay = sc.decay.map(f);
+    let w = 1.0 - cfg.beta1;
+    let (lerp_small, w32, one_minus_w) = (w < 0.5, f(w), f(1.0 - w));
+    let (beta2, one_minus_beta2) = (f(cfg.beta2), f(1.0 - cfg.beta2));
+    let (bc2, eps, neg_step) = (f(sc.bc2_sqrt), f(cfg.eps), f(-sc.step_size));
+    const CHUNK: usize = 1 << 14;
+    param
+        .par_chunks_mut(CHUNK)
+        .zip(m.par_chunks_mut(CHUNK))
+        .zip(v.par_chunks_mut(CHUNK))
+        .zip(g.par_chunks(CHUNK))
+        .for_each(|(((pc, mc), vc), gc)| {
+            for (((pv, mv), vv), &gv) in pc.iter_mut().zip(mc).zip(vc).zip(gc) {
+                let g = match scale {
+                    Some(s) => gv * s + 0.0,
+                    None => gv,
+                };
+                let mut x = *pv;
+                if let Some(d) = decay {
+                    x = x * d + 0.0;
+                }
+                let diff = g - *mv;
+                let m_new = if lerp_small {
+                    *mv + (diff * w32 + 0.0)
+                } else {
+                    g - (diff * one_minus_w + 0.0)
+                };
+                let v_new = (*vv * beta2 + 0.0) + ((g * one_minus_beta2 + 0.0) * g);
+                let denom = (v_new.sqrt() / bc2) * 1.0 + eps;
+                *pv = x + (m_new * neg_step + 0.0) / denom;
+                *mv = m_new;
+                *vv = v_new;
+            }
+        });
+    let dims = p.var.dims().to_vec();
+    let device = p.var.device().clone();
+    let param = Tensor::from_vec(param, dims.as_slice(), &device)?;
+    match &mut p.master {
+        Some(master) => {
+            p.var.set(&param.to_dtype(p.var.dtype())?)?;
+            *master = param;
+        }
+        None => p.var.set(&param)?,
+    }
+    p.exp_avg = Tensor::from_vec(m, dims.as_slice(), &device)?;
+    p.exp_avg_sq = Tensor::from_vec(v, dims.as_slice(), &device)?;
+    p.step = t;
+    Ok(())
+}
+
 /// `format` metadata value of state files, bumped if their layout changes.
 pub(crate) const STATE_FORMAT: &str = "cpmv-optim-adamw/1";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The one-pass host update gives what candle's tensor ops give, bit for bit, for f32 and
+    /// bf16 parameters, with and without decay, scaling, and both lerp formulas.
+    #[test]
+    fn host_update_equals_the_tensor_op_update_bit_for_bit() -> Result<(), OptimError> {
+        let dev = Device::Cpu;
+        let n = 40_000; // more than one parallel chunk
+        let vals = |seed: f32| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i as f32 * 0.731 + seed).sin() * 3.0).powi(3) * 1e-2)
+                .collect()
+        };
+        for dtype in [DType::F32, DType::BF16] {
+            for (beta1, decay, scale) in [(0.9, true, 1.0), (0.3, false, 0.37)] {
+                let cfg = AdamWConfig {
+                    beta1,
+                    ..AdamWConfig::default()
+                };
+                let make = || -> Result<AdamW, OptimError> {
+                    let var =
+                        Var::from_tensor(&Tensor::from_vec(vals(1.0), n, &dev)?.to_dtype(dtype)?)?;
+                    AdamW::new(vec![("w".into(), var)], cfg.clone(), |_| decay)
+                };
+                let (mut a, mut b) = (make()?, make()?);
+                for t in 0..3 {
+                    let g = Tensor::from_vec(vals(t as f32 + 2.0), n, &dev)?;
+                    update(&a.cfg, &mut a.params[0], &g, 1e-3, scale)?;
+                    update_host(&b.cfg, &mut b.params[0], &g, 1e-3, scale)?;
+                    let bits = |o: &AdamW| -> Result<Vec<Vec<u32>>, OptimError> {
+                        let p = &o.params[0];
+                        let v = |x: &Tensor| -> Result<Vec<u32>, OptimError> {
+                            Ok(x.to_dtype(DType::F32)?
+                                .to_vec1::<f32>()?
+                                .iter()
+                                .map(|f| f.to_bits())
+                                .collect())
+                        };
+                        Ok(vec![
+                            v(p.var.as_tensor())?,
+                            v(&p.value())?,
+                            v(&p.exp_avg)?,
+                            v(&p.exp_avg_sq)?,
+                        ])
+                    };
+                    assert!(bits(&a)? == bits(&b)?, "{dtype:?} beta1 {beta1} step {t}");
+                }
+            }
+        }
+        Ok(())
+    }
+}
