@@ -88,6 +88,34 @@ fn init_model_refuses_bad_arguments() {
     assert!(err.contains("config.json"), "{err}");
 }
 
+/// `train bench` of the tiny sizes of `like` on the CPU, one warm-up and one timed step of 512
+/// tokens, with `extra` flags.
+fn tiny_bench(like: &str, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "bench",
+        "--like",
+        like,
+        "--size",
+        "tiny",
+        "--device",
+        "cpu",
+        "--dtype",
+        "f32",
+        "--seq",
+        "512",
+        "--slices",
+        "1",
+        "--slice-px",
+        "28",
+        "--warmup",
+        "1",
+        "--steps",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    train(&args)
+}
+
 /// `train bench` on the CPU with the tiny sizes: one JSON line (stdout and --out) with the
 /// throughput, the FLOP count and finite losses; LoRA trains a fraction of the parameters.
 #[test]
@@ -97,31 +125,7 @@ fn bench_prints_a_json_line_per_configuration() {
     let mut lines = Vec::new();
     for (like, version) in MODELS {
         for mode in ["full", "lora"] {
-            let o = train(&[
-                "bench",
-                "--like",
-                like,
-                "--size",
-                "tiny",
-                "--mode",
-                mode,
-                "--device",
-                "cpu",
-                "--dtype",
-                "f32",
-                "--seq",
-                "512",
-                "--slices",
-                "1",
-                "--slice-px",
-                "28",
-                "--warmup",
-                "1",
-                "--steps",
-                "1",
-                "--out",
-                out.to_str().unwrap(),
-            ]);
+            let o = tiny_bench(like, &["--mode", mode, "--out", out.to_str().unwrap()]);
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
             let v: serde_json::Value =
                 serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
@@ -156,28 +160,7 @@ fn bench_prints_a_json_line_per_configuration() {
         .collect();
     assert_eq!(written, lines);
     // The offloaded optimizer (state in host memory): on the CPU the same steps, bit for bit.
-    let o = train(&[
-        "bench",
-        "--like",
-        MODELS[0].0,
-        "--size",
-        "tiny",
-        "--device",
-        "cpu",
-        "--dtype",
-        "f32",
-        "--seq",
-        "512",
-        "--slices",
-        "1",
-        "--slice-px",
-        "28",
-        "--warmup",
-        "1",
-        "--steps",
-        "1",
-        "--offload-optimizer",
-    ]);
+    let o = tiny_bench(MODELS[0].0, &["--offload-optimizer"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value =
         serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();

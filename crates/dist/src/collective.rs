@@ -171,12 +171,35 @@ impl Drop for InProcess {
     }
 }
 
-fn check_len(what: &str, got: usize, want: usize) -> Result<(), DistError> {
+pub(crate) fn check_len(what: &str, got: usize, want: usize) -> Result<(), DistError> {
     if got == want {
         Ok(())
     } else {
         Err(DistError::Group(format!(
             "{what}: buffer of {got} values, expected {want}"
+        )))
+    }
+}
+
+/// The chunk a reduce-scatter of `input` values over `world` ranks gives each rank, checked
+/// against the output's length.
+pub(crate) fn scatter_chunk(world: usize, input: usize, out: usize) -> Result<usize, DistError> {
+    if !input.is_multiple_of(world) {
+        return Err(DistError::Group(format!(
+            "reduce_scatter: {input} values do not split into {world} equal chunks"
+        )));
+    }
+    check_len("reduce_scatter output", out, input / world)?;
+    Ok(input / world)
+}
+
+/// Checks that `root` is a rank of a group of `world`.
+pub(crate) fn check_root(root: usize, world: usize) -> Result<(), DistError> {
+    if root < world {
+        Ok(())
+    } else {
+        Err(DistError::Group(format!(
+            "broadcast from rank {root} in a group of {world}"
         )))
     }
 }
@@ -202,15 +225,7 @@ impl Collective for InProcess {
     }
 
     fn reduce_scatter_sum(&self, input: &[f32], out: &mut [f32]) -> Result<(), DistError> {
-        let w = self.shared.world;
-        if !input.len().is_multiple_of(w) {
-            return Err(DistError::Group(format!(
-                "reduce_scatter: {} values do not split into {w} equal chunks",
-                input.len()
-            )));
-        }
-        let chunk = input.len() / w;
-        check_len("reduce_scatter output", out.len(), chunk)?;
+        let chunk = scatter_chunk(self.shared.world, input.len(), out.len())?;
         let all = self.exchange(Op::ReduceScatter(input.len()), input.to_vec())?;
         let range = self.rank * chunk..(self.rank + 1) * chunk;
         out.copy_from_slice(&all[0][range.clone()]);
@@ -236,12 +251,7 @@ impl Collective for InProcess {
     }
 
     fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<(), DistError> {
-        if root >= self.shared.world {
-            return Err(DistError::Group(format!(
-                "broadcast from rank {root} in a group of {}",
-                self.shared.world
-            )));
-        }
+        check_root(root, self.shared.world)?;
         let mine = if self.rank == root {
             buf.to_vec()
         } else {

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 use cudarc::nccl::{result, sys};
 
-use crate::collective::{Collective, Op};
+use crate::collective::{check_len, check_root, scatter_chunk, Collective, Op};
 use crate::{DistError, Tcp};
 
 /// One rank of an NCCL group (not `Send`: it stays on the thread that drives its GPU).
@@ -155,16 +155,6 @@ impl Drop for Nccl {
     }
 }
 
-fn check_len(what: &str, got: usize, want: usize) -> Result<(), DistError> {
-    if got == want {
-        Ok(())
-    } else {
-        Err(err(format!(
-            "{what}: buffer of {got} values, expected {want}"
-        )))
-    }
-}
-
 const F32: sys::ncclDataType_t = sys::ncclDataType_t::ncclFloat32;
 const SUM: sys::ncclRedOp_t = sys::ncclRedOp_t::ncclSum;
 
@@ -189,15 +179,7 @@ impl Collective for Nccl {
     }
 
     fn reduce_scatter_sum(&self, input: &[f32], out: &mut [f32]) -> Result<(), DistError> {
-        let w = self.world_size();
-        if !input.len().is_multiple_of(w) {
-            return Err(err(format!(
-                "reduce_scatter: {} values do not split into {w} equal chunks",
-                input.len()
-            )));
-        }
-        let chunk = input.len() / w;
-        check_len("reduce_scatter output", out.len(), chunk)?;
+        let chunk = scatter_chunk(self.world_size(), input.len(), out.len())?;
         let comm = self.comm;
         let got = self.run(
             Op::ReduceScatter(input.len()),
@@ -225,12 +207,7 @@ impl Collective for Nccl {
     }
 
     fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<(), DistError> {
-        if root >= self.world_size() {
-            return Err(err(format!(
-                "broadcast from rank {root} in a group of {}",
-                self.world_size()
-            )));
-        }
+        check_root(root, self.world_size())?;
         let n = buf.len();
         let comm = self.comm;
         let got = self.run(Op::Broadcast(n, root), buf, n, |s, d, st| unsafe {

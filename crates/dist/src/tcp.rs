@@ -15,7 +15,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
-use crate::collective::{Collective, Op};
+use crate::collective::{check_len, check_root, scatter_chunk, Collective, Op};
 use crate::DistError;
 
 /// Greeting a rank sends after connecting: magic, rank, world size.
@@ -309,16 +309,6 @@ fn sum_range(all: &[Vec<f32>], range: std::ops::Range<usize>) -> Vec<f32> {
     out
 }
 
-fn check_len(what: &str, got: usize, want: usize) -> Result<(), DistError> {
-    if got == want {
-        Ok(())
-    } else {
-        Err(err(format!(
-            "{what}: buffer of {got} values, expected {want}"
-        )))
-    }
-}
-
 impl Collective for Tcp {
     fn rank(&self) -> usize {
         self.rank
@@ -337,15 +327,7 @@ impl Collective for Tcp {
     }
 
     fn reduce_scatter_sum(&self, input: &[f32], out: &mut [f32]) -> Result<(), DistError> {
-        let w = self.world;
-        if !input.len().is_multiple_of(w) {
-            return Err(err(format!(
-                "reduce_scatter: {} values do not split into {w} equal chunks",
-                input.len()
-            )));
-        }
-        let chunk = input.len() / w;
-        check_len("reduce_scatter output", out.len(), chunk)?;
+        let chunk = scatter_chunk(self.world, input.len(), out.len())?;
         let got = self.round(Op::ReduceScatter(input.len()), input, |r, all| {
             sum_range(all, r * chunk..(r + 1) * chunk)
         })?;
@@ -363,12 +345,7 @@ impl Collective for Tcp {
     }
 
     fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<(), DistError> {
-        if root >= self.world {
-            return Err(err(format!(
-                "broadcast from rank {root} in a group of {}",
-                self.world
-            )));
-        }
+        check_root(root, self.world)?;
         let mine: &[f32] = if self.rank == root { buf } else { &[] };
         let got = self.round(Op::Broadcast(buf.len(), root), mine, |_, all| {
             all[root].clone()

@@ -411,6 +411,28 @@ impl ParamState {
         self.var.device().clone()
     }
 
+    /// Takes an update's results: the new f32 value (the var gets it rounded to its dtype, and
+    /// a non-f32 var keeps it as its master), the moments, and the parameter's update count.
+    fn commit(
+        &mut self,
+        param: Tensor,
+        exp_avg: Tensor,
+        exp_avg_sq: Tensor,
+        step: u64,
+    ) -> Result<(), OptimError> {
+        match &mut self.master {
+            Some(master) => {
+                self.var.set(&param.to_dtype(self.var.dtype())?)?;
+                *master = param;
+            }
+            None => self.var.set(&param)?,
+        }
+        self.exp_avg = exp_avg;
+        self.exp_avg_sq = exp_avg_sq;
+        self.step = step;
+        Ok(())
+    }
+
     /// Sets the moments, the master (a non-f32 var then holds it rounded) and the step.
     pub(crate) fn restore(
         &mut self,
@@ -475,17 +497,7 @@ fn update(
     // param.addcdiv_(exp_avg, denom, value=-step_size)
     let param = (param + exp_avg.affine(-sc.step_size, 0.0)?.div(&denom)?)?;
 
-    match &mut p.master {
-        Some(master) => {
-            p.var.set(&param.to_dtype(p.var.dtype())?)?;
-            *master = param;
-        }
-        None => p.var.set(&param)?,
-    }
-    p.exp_avg = exp_avg;
-    p.exp_avg_sq = exp_avg_sq;
-    p.step = t;
-    Ok(())
+    p.commit(param, exp_avg, exp_avg_sq, t)
 }
 
 /// [`update`] for a parameter in host memory (CPU training, the offloaded optimizer): one pass
@@ -558,17 +570,9 @@ fn update_host(
     let dims = p.var.dims().to_vec();
     let device = p.var.device().clone();
     let param = Tensor::from_vec(param, dims.as_slice(), &device)?;
-    match &mut p.master {
-        Some(master) => {
-            p.var.set(&param.to_dtype(p.var.dtype())?)?;
-            *master = param;
-        }
-        None => p.var.set(&param)?,
-    }
-    p.exp_avg = Tensor::from_vec(m, dims.as_slice(), &device)?;
-    p.exp_avg_sq = Tensor::from_vec(v, dims.as_slice(), &device)?;
-    p.step = t;
-    Ok(())
+    let m = Tensor::from_vec(m, dims.as_slice(), &device)?;
+    let v = Tensor::from_vec(v, dims.as_slice(), &device)?;
+    p.commit(param, m, v, t)
 }
 
 /// `format` metadata value of state files, bumped if their layout changes.
