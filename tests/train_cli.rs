@@ -2621,3 +2621,50 @@ fn log_lines_if_any(run: &Path) -> usize {
         .map(|t| t.lines().count())
         .unwrap_or(0)
 }
+
+/// torchrun itself (from the Python of CPMV_PYTHON, `--no-python`) starts 2 `train` ranks on the
+/// CPU: they find each other from the variables it sets and train as 2 threads of one process
+/// would, rank 0 alone reporting.
+#[test]
+#[ignore = "needs CPMV_PYTHON (torch, for torchrun): CPMV_PYTHON=... cargo test -p cpmv-train -- --ignored"]
+fn torchrun_launches_ranks_that_train_as_threads_do() {
+    let py = PathBuf::from(python());
+    let torchrun = py.with_file_name("torchrun");
+    assert!(torchrun.exists(), "no torchrun beside {}", py.display());
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = unpacked_shards(tmp.path());
+    let out = tmp.path().join("torchrun");
+    // torchrun's store takes MASTER_PORT; the ranks meet on MASTER_PORT + 2.
+    let port = free_port().saturating_sub(2).to_string();
+    let o = Command::new(&torchrun)
+        .current_dir(root())
+        .args(["--nproc-per-node", "2", "--master-addr", "127.0.0.1"])
+        .args(["--master-port", &port, "--no-python"])
+        .arg(env!("CARGO_BIN_EXE_train"))
+        .args(["--shards", s(&shards), "--model", s(&fx().model)])
+        .args(["--output", s(&out), "--learning-rate", "1e-3"])
+        .args([
+            "--schedule",
+            "constant",
+            "--zero",
+            "2",
+            "--max-steps",
+            "2",
+            "--quiet",
+        ])
+        .env("CPMV_DIST_TIMEOUT_S", "120")
+        .output()
+        .expect("torchrun runs");
+    ok(&o);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(stdout.matches("trained 2 steps").count(), 1, "{stdout}");
+    let threads = tmp.path().join("threads");
+    ok(&train_ranks(
+        &shards,
+        &threads,
+        2,
+        1,
+        &["--zero", "2", "--max-steps", "2"],
+    ));
+    assert_same_training(&out, &threads, "model.safetensors", "torchrun");
+}
