@@ -6,9 +6,11 @@
 Opens every Arrow shard with pyarrow (memory-mapped) and every Parquet twin with pyarrow and
 pandas, compares their columns with schemas/shard.schema.json, validates manifest.json and
 rejected.jsonl against their JSON schemas, and checks the row invariants (lengths, bounds,
-pixel sizes, packs, counts). Exits 1 on the first directory that fails.
+pixel sizes, packs, counts); in a set of `--pixels source`, the image store (one row per distinct
+file, sha256 matching its bytes) and that every image_refs entry points into it. Exits 1 on the first directory that fails.
 Needs: pyarrow, pandas, jsonschema.
 """
+import hashlib
 import json
 import pathlib
 import sys
@@ -31,7 +33,8 @@ def arrow_type_name(t: pa.DataType) -> str:
     return str(t)
 
 
-def check_table(t: pa.Table, columns, patch: int, where: str):
+def check_table(t: pa.Table, columns, patch: int, where: str, images: int | None):
+    """`images`: the image store's row count in a set of pixels "source", else None."""
     names = [c["name"] for c in columns]
     assert t.column_names == names, f"{where}: columns {t.column_names} != {names}"
     for c in columns:
@@ -42,11 +45,17 @@ def check_table(t: pa.Table, columns, patch: int, where: str):
     for r in rows:
         n = len(r["input_ids"])
         assert len(r["labels"]) == n == r["num_tokens"], f"{where} {r['id']}: lengths"
-        assert len(r["image_bound"]) == len(r["tgt_sizes"]) == len(r["pixel_values"]), f"{where} {r['id']}: slices"
+        assert len(r["image_bound"]) == len(r["tgt_sizes"]), f"{where} {r['id']}: slices"
         for (s, e) in r["image_bound"]:
             assert 0 < s <= e <= n, f"{where} {r['id']}: bound {s, e}"
-        for (h, w), px in zip(r["tgt_sizes"], r["pixel_values"]):
-            assert len(px) == h * patch * w * patch * 3, f"{where} {r['id']}: pixel bytes"
+        if images is None:
+            assert len(r["pixel_values"]) == len(r["tgt_sizes"]) and not r["image_refs"], f"{where} {r['id']}: slices"
+            for (h, w), px in zip(r["tgt_sizes"], r["pixel_values"]):
+                assert len(px) == h * patch * w * patch * 3, f"{where} {r['id']}: pixel bytes"
+        else:
+            assert not r["pixel_values"], f"{where} {r['id']}: slices stored in a set of source pixels"
+            assert len(r["image_refs"]) <= len(r["tgt_sizes"]), f"{where} {r['id']}: more images than slices"
+            assert all(0 <= i < images for i in r["image_refs"]), f"{where} {r['id']}: image_refs {r['image_refs']}"
     packs = [r["pack"] for r in rows]
     seen, prev = set(), None
     for p in packs:
@@ -69,6 +78,18 @@ def check_dir(d: pathlib.Path) -> str:
     assert c["rejected"] == len(rejected) == sum(c["rejected_by_reason"].values())
     columns = json.loads((SCHEMAS / "shard.schema.json").read_text())["columns"]
     patch = manifest["settings"]["sample"]["patch_size"]
+    images = None
+    if manifest.get("pixels", "slices") == "source":
+        store = manifest["images"]
+        with pa.memory_map(str(d / store["file"])) as src:
+            it = ipc.open_file(src).read_all()
+        assert it.column_names == ["sha256", "bytes"], f"{store['file']}: columns {it.column_names}"
+        assert it.num_rows == store["count"], f"{store['file']}: {it.num_rows} rows, manifest says {store['count']}"
+        digests = it.column("sha256").to_pylist()
+        assert len(set(digests)) == len(digests), f"{store['file']}: a file is stored twice"
+        for digest, data in zip(digests, it.column("bytes").to_pylist()):
+            assert hashlib.sha256(data).digest() == digest, f"{store['file']}: sha256 does not match the bytes"
+        images = it.num_rows
     max_len = manifest["packing"]["max_length"]
     total = 0
     pack_tokens = {}
@@ -77,13 +98,13 @@ def check_dir(d: pathlib.Path) -> str:
         if s["file"]:
             with pa.memory_map(str(d / s["file"])) as src:
                 t = ipc.open_file(src).read_all()
-            arrow_rows = check_table(t, columns, patch, s["file"])
+            arrow_rows = check_table(t, columns, patch, s["file"], images)
             assert len(arrow_rows) == s["rows"]
             for r in arrow_rows:
                 pack_tokens[r["pack"]] = pack_tokens.get(r["pack"], 0) + r["num_tokens"]
         if s["parquet"]:
             t = pq.read_table(d / s["parquet"])
-            rows = check_table(t, columns, patch, s["parquet"])
+            rows = check_table(t, columns, patch, s["parquet"], images)
             df = pd.read_parquet(d / s["parquet"])
             assert len(df) == s["rows"] == len(rows)
             if arrow_rows is not None:

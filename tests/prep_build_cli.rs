@@ -1194,3 +1194,92 @@ fn v2_0_with_tokenizer_model_uses_the_slow_sentencepiece_tokenizer() {
     let o = prep(&["build", "--model", s(&model), "--print-config"]);
     assert!(String::from_utf8_lossy(&o.stdout).contains("# tokenizer: tokenizer.model"));
 }
+
+/// `--pixels source` stores each distinct image file once and the reader makes the very slices
+/// a set of slices holds, for every version, whatever `--max-slice-nums`; every other column is
+/// the same; the set is far smaller; one and two threads write the same bytes; a damaged store
+/// is named.
+#[test]
+fn source_pixels_reproduce_the_stored_slices_bit_for_bit() {
+    for model in MODELS {
+        for slices in ["9", "4"] {
+            let (a, b, c) = (out_dir(), out_dir(), out_dir());
+            let build = |out: &Path, extra: &[&str]| {
+                let mut args = vec![
+                    "build",
+                    "--data",
+                    "examples/data/train.json",
+                    "--model",
+                    model,
+                    "--out",
+                    s(out),
+                    "--max-slice-nums",
+                    slices,
+                    "--quiet",
+                ];
+                args.extend_from_slice(extra);
+                let o = prep(&args);
+                assert_eq!(o.status.code(), Some(0), "{model}: {}", stderr(&o));
+            };
+            build(a.path(), &[]);
+            build(b.path(), &["--pixels", "source", "--threads", "2"]);
+            build(c.path(), &["--pixels", "source", "--threads", "1"]);
+            let (sl, src) = (
+                ShardDir::open(a.path()).unwrap(),
+                ShardDir::open(b.path()).unwrap(),
+            );
+            assert_eq!(src.manifest.pixels, cpmv_shard::PixelMode::Source);
+            assert_eq!(sl.manifest.pixels, cpmv_shard::PixelMode::Slices);
+            let images = src.manifest.images.as_ref().unwrap();
+            assert_eq!(images.count, 7, "7 distinct files among the 11 images");
+            assert_eq!(src.len(), sl.len());
+            let mut slice_count = 0;
+            for (x, y) in sl.samples().zip(src.samples()) {
+                assert_eq!(
+                    (x.id, x.input_ids, x.labels, x.pack),
+                    (y.id, y.input_ids, y.labels, y.pack)
+                );
+                assert_eq!(
+                    (&x.image_bound, &x.tgt_sizes),
+                    (&y.image_bound, &y.tgt_sizes)
+                );
+                assert!(y.pixel_values.is_empty() && x.image_refs.is_empty());
+                y.check().unwrap();
+                let (px, py) = (sl.pixels(&x).unwrap(), src.pixels(&y).unwrap());
+                assert_eq!(px, py, "{model} {}: slices differ", x.id);
+                slice_count += px.len();
+            }
+            assert!(slice_count > 11, "{model}: {slice_count} slices");
+            let size = |d: &Path| -> u64 {
+                std::fs::read_dir(d)
+                    .unwrap()
+                    .map(|e| e.unwrap().metadata().unwrap().len())
+                    .sum()
+            };
+            assert!(
+                size(b.path()) * 5 < size(a.path()),
+                "{model}: source {} vs slices {} bytes",
+                size(b.path()),
+                size(a.path())
+            );
+            for name in listing(b.path()) {
+                if name != "manifest.json" {
+                    assert_eq!(
+                        std::fs::read(b.path().join(&name)).unwrap(),
+                        std::fs::read(c.path().join(&name)).unwrap(),
+                        "{name} differs between 1 and 2 threads"
+                    );
+                }
+            }
+        }
+    }
+    // A store whose bytes were damaged is refused naming the file.
+    let out = out_dir();
+    let o = build_example(out.path(), &["--pixels", "source"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    std::fs::write(out.path().join("images.arrow"), b"not arrow").unwrap();
+    let err = ShardDir::open(out.path()).err().unwrap().to_string();
+    assert!(err.contains("images.arrow"), "{err}");
+    let o = prep(&["inspect", "--shards", s(out.path()), "--index", "0"]);
+    assert!(stderr(&o).contains("images.arrow"), "{}", stderr(&o));
+}

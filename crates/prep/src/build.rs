@@ -200,6 +200,7 @@ pub fn resolved_with_sources(
         false
     );
     setting!(format, merged.format.unwrap_or_default(), false);
+    setting!(pixels, merged.pixels.unwrap_or_default(), false);
     setting!(
         shard_size_mb,
         merged.shard_size_mb.unwrap_or(defaults::SHARD_SIZE_MB),
@@ -524,6 +525,7 @@ struct BuildSetup {
     settings: SampleSettings,
     pack_cfg: PackConfig,
     format: OutputFormat,
+    pixels: cpmv_shard::PixelMode,
     on_error: OnError,
     build_settings: BuildSettings,
     fingerprints: Fingerprints,
@@ -540,8 +542,10 @@ impl BuildSetup {
         let chat_template = training_chat_template(&model);
         let tokenizer_sha = model.tokenizer_sha256.clone();
         let tokenizer = model.tokenizer.kind();
-        let processor = Processor::new(model, settings.clone())
+        let mut processor = Processor::new(model, settings.clone())
             .map_err(|e| BuildError::Setup(format!("{}: {e}", opts.model.display())))?;
+        let pixels: cpmv_shard::PixelMode = opts.prep.pixels.unwrap_or_default().into();
+        processor.keep_source = pixels == cpmv_shard::PixelMode::Source;
         let pack_cfg = PackConfig {
             enabled: opts.prep.pack.unwrap_or(true),
             max_length: settings.max_length,
@@ -572,6 +576,7 @@ impl BuildSetup {
             settings,
             pack_cfg,
             format: opts.prep.format.unwrap_or_default(),
+            pixels,
             on_error: opts.prep.on_error.unwrap_or_default(),
             build_settings,
             fingerprints,
@@ -653,10 +658,12 @@ fn write_set(
         closed.discard();
         return Err(e);
     }
+    let images = closed.images().cloned();
     let shards = closed.publish()?;
     cpmv_fsio::publish(&rejected_path, &opts.out.join(REJECTED_FILE))?;
     let image_bytes = totals.image_bytes;
-    let manifest = make_manifest(opts, setup, totals, shards);
+    let mut manifest = make_manifest(opts, setup, totals, shards);
+    manifest.images = images;
     manifest.save(&opts.out)?;
     Ok((manifest, image_bytes))
 }
@@ -701,6 +708,7 @@ fn run_samples(
         max_shard_bytes: opts.prep.shard_size_mb.unwrap_or(defaults::SHARD_SIZE_MB) << 20,
         parquet: matches!(setup.format, OutputFormat::Parquet | OutputFormat::Both),
         arrow: matches!(setup.format, OutputFormat::Arrow | OutputFormat::Both),
+        pixels: setup.pixels,
         ..Default::default()
     };
     let (tx, rx) = mpsc::sync_channel::<Option<(u32, Vec<Sample>)>>(4);
@@ -859,6 +867,7 @@ fn make_manifest(
     let settings = &setup.settings;
     let packs = totals.packs;
     let tokens = totals.tokens;
+    let pixels = setup.pixels;
     Manifest {
         format: FORMAT_NAME.into(),
         format_version: FORMAT_VERSION,
@@ -886,6 +895,8 @@ fn make_manifest(
         },
         tokens,
         shards,
+        pixels,
+        images: None,
     }
 }
 /// Rejection counts sorted by count (descending), for summaries.

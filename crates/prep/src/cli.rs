@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use crate::build::{build, reasons_by_count, BuildError};
-use crate::config::{BuildOptions, OnError, OutputFormat, PrepPreset};
+use crate::config::{BuildOptions, OnError, OutputFormat, Pixels, PrepPreset};
 use crate::inspect::{inspect, InspectOptions};
 use crate::model::LlmType;
 use crate::placeholder::ImageIdMode;
@@ -163,6 +163,11 @@ struct BuildArgs {
     /// Files to write: arrow (what train maps), parquet or both [default: arrow].
     #[arg(long, value_enum)]
     format: Option<OutputFormat>,
+    /// How pixels are stored: slices (the final u8 slices, ready to train on) or source (each
+    /// distinct image file once, sliced again by the trainer with the same code: the set costs
+    /// about what its images do) [default: slices].
+    #[arg(long, value_enum)]
+    pixels: Option<Pixels>,
     /// Start a new shard after this many MiB [default: 1024].
     #[arg(long)]
     shard_size_mb: Option<u64>,
@@ -260,6 +265,7 @@ impl BuildArgs {
             max_slices_per_pack: self.max_slices_per_pack,
             pack_window: self.pack_window,
             format: self.format,
+            pixels: self.pixels,
             shard_size_mb: self.shard_size_mb,
             on_error: self.on_error,
             ..PrepPreset::default()
@@ -555,6 +561,6 @@ mod tests {
         got.sort();
         want.sort();
         assert_eq!(got, want);
-        assert_eq!(want.len(), 15);
+        assert_eq!(want.len(), 16);
     }
 }

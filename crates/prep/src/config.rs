@@ -25,6 +25,28 @@ pub enum OutputFormat {
     Both,
 }
 
+/// How a set stores pixels (`--pixels`).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Pixels {
+    /// The final u8 slices of every sample (about 3 MB per sample at 9 slices).
+    #[default]
+    Slices,
+    /// Each distinct image file once, sliced again by the reader (about the images' size).
+    Source,
+}
+
+impl From<Pixels> for cpmv_shard::PixelMode {
+    fn from(p: Pixels) -> Self {
+        match p {
+            Pixels::Slices => cpmv_shard::PixelMode::Slices,
+            Pixels::Source => cpmv_shard::PixelMode::Source,
+        }
+    }
+}
+
 /// What to do with a sample that cannot be used.
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum,
@@ -55,6 +77,7 @@ pub struct PrepPreset {
     pub max_slices_per_pack: Option<usize>,
     pub pack_window: Option<usize>,
     pub format: Option<OutputFormat>,
+    pub pixels: Option<Pixels>,
     pub shard_size_mb: Option<u64>,
     pub on_error: Option<OnError>,
 }
@@ -102,6 +125,7 @@ impl PrepPreset {
             max_slices_per_pack,
             pack_window,
             format,
+            pixels,
             shard_size_mb,
             on_error
         )

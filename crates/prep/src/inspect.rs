@@ -187,7 +187,9 @@ pub fn inspect(opts: &InspectOptions) -> Result<String, BuildError> {
                 }
             })
             .collect();
-        for (k, (px, t)) in row.pixel_values.iter().zip(&row.tgt_sizes).enumerate() {
+        // Stored slices, or (`--pixels source`) the slices the trainer makes of the files.
+        let pixels = dir.pixels(&row)?;
+        for (k, (px, t)) in pixels.iter().zip(&row.tgt_sizes).enumerate() {
             let (w, h) = ((t[1] * patch) as u32, (t[0] * patch) as u32);
             let path = out.join(format!("{safe}-slice-{k:02}.png"));
             let img = image::RgbImage::from_raw(w, h, px.to_vec()).ok_or_else(|| {

@@ -77,7 +77,7 @@ pub fn best_fit_decreasing(
     }
     let mut packs: Vec<Open> = Vec::new();
     for i in order {
-        let (t, sl) = (samples[i].num_tokens(), samples[i].pixel_values.len());
+        let (t, sl) = (samples[i].num_tokens(), samples[i].tgt_sizes.len());
         let fits =
             |p: &Open| p.tokens + t <= max_len && (max_slices == 0 || p.slices + sl <= max_slices);
         let best = packs
@@ -120,6 +120,7 @@ mod tests {
             id: id.into(),
             input_ids: vec![0; tokens],
             labels: vec![0; tokens],
+            tgt_sizes: vec![[1, 1]; slices],
             pixel_values: vec![vec![0; 3]; slices],
             ..Default::default()
         }

@@ -6,8 +6,8 @@
 
 use std::path::{Path, PathBuf};
 
-use cpmv_image::{decode, probe, slice_image, DecodeOptions, SliceConfig, SlicePlan};
-use cpmv_shard::Sample;
+use cpmv_image::{decode, probe, slice_image, DecodeOptions, SlicePlan};
+use cpmv_shard::{Sample, SourceImage};
 use serde_json::Value;
 
 use crate::input::RawSample;
@@ -22,13 +22,7 @@ use crate::template::{image_bounds, labels, Templater};
 pub use cpmv_shard::settings::SampleSettings;
 
 /// The slicing part of the sample settings.
-pub fn slice_config(s: &SampleSettings) -> SliceConfig {
-    SliceConfig {
-        max_slice_nums: s.max_slice_nums,
-        scale_resolution: s.scale_resolution,
-        patch_size: s.patch_size,
-    }
-}
+pub use cpmv_shard::images::slice_config;
 
 /// Where an input file's samples come from and where their relative image paths point.
 #[derive(Clone, Debug)]
@@ -74,6 +68,7 @@ impl TextPlan {
             image_bound: self.image_bound,
             tgt_sizes,
             pixel_values,
+            ..Sample::default()
         }
     }
 }
@@ -121,6 +116,9 @@ pub struct Processor {
     pub model: ModelDir,
     pub settings: SampleSettings,
     templater: Templater,
+    /// `--pixels source`: samples carry their image files instead of slices (the slices are
+    /// still made, to validate every image as a set of slices would).
+    pub keep_source: bool,
 }
 
 /// A sample that failed, with its id (as far as it could be read).
@@ -140,6 +138,7 @@ impl Processor {
             model,
             settings,
             templater,
+            keep_source: false,
         };
         p.self_check()?;
         Ok(p)
@@ -503,13 +502,16 @@ impl Processor {
             }
             for s in sliced.images {
                 tgt_sizes.push([s.height as i32 / p, s.width as i32 / p]);
-                pixel_values.push(s.data);
+                if !self.keep_source {
+                    pixel_values.push(s.data);
+                }
             }
         }
         let stats = text.stats;
-        Ok(Prepared {
-            sample: text.into_sample(tgt_sizes, pixel_values),
-            stats,
-        })
+        let mut sample = text.into_sample(tgt_sizes, pixel_values);
+        if self.keep_source {
+            sample.source_images = files.into_iter().map(SourceImage::new).collect();
+        }
+        Ok(Prepared { sample, stats })
     }
 }

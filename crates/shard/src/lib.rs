@@ -7,15 +7,16 @@
 //! [`schema`] and in `schemas/shard.schema.json`.
 
 pub mod fingerprint;
+pub mod images;
 pub mod manifest;
 pub mod reader;
 pub mod schema;
 pub mod settings;
 pub mod writer;
 
-pub use manifest::{Manifest, ShardEntry};
+pub use manifest::{ImagesEntry, Manifest, PixelMode, ShardEntry};
 pub use reader::{SampleView, ShardDir, ShardReader};
-pub use schema::{shard_schema, Sample};
+pub use schema::{shard_schema, Sample, SourceImage};
 pub use settings::{BuildSettings, ImageIdMode, LlmType, SampleSettings};
 pub use writer::{ClosedShardSet, ShardSetWriter, WriterOptions};
 

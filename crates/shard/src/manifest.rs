@@ -20,6 +20,29 @@ pub const FORMAT_NAME: &str = "cpmv-shards";
 /// Current [`Manifest::format_version`].
 pub const FORMAT_VERSION: u32 = 1;
 
+/// How a set stores its pixels (`prep build --pixels`).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PixelMode {
+    /// The final u8 slices of every sample, ready to train on (the default).
+    #[default]
+    Slices,
+    /// Each distinct image file once (`images.arrow`), sliced again by the reader with the
+    /// same code, bit for bit.
+    Source,
+}
+
+/// The image store of a set of `--pixels source`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ImagesEntry {
+    /// Arrow IPC file name (relative to the directory).
+    pub file: String,
+    /// Distinct image files stored.
+    pub count: u64,
+    /// Size of the file in bytes.
+    pub bytes: u64,
+}
+
 /// One shard of the set.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ShardEntry {
@@ -110,6 +133,12 @@ pub struct Manifest {
     pub tokens: TokenTotals,
     pub packing: Packing,
     pub shards: Vec<ShardEntry>,
+    /// How pixels are stored (sets built before the switch: slices).
+    #[serde(default)]
+    pub pixels: PixelMode,
+    /// The image store of a set of `--pixels source`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images: Option<ImagesEntry>,
 }
 
 /// The model the samples were made for.

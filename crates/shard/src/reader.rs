@@ -11,17 +11,114 @@ use arrow_ipc::convert::try_fb_to_schema;
 use arrow_ipc::reader::{read_footer_length, FileDecoder};
 use arrow_ipc::root_as_footer;
 
-use crate::manifest::Manifest;
+use std::borrow::Cow;
+
+use crate::images::{slices_from_file, ImageStore};
+use crate::manifest::{Manifest, PixelMode};
 use crate::schema::{col, shard_schema};
 use crate::ShardError;
 
-/// One memory-mapped shard file.
-pub struct ShardReader {
+/// A memory-mapped Arrow IPC file whose record batches point into the map.
+pub(crate) struct Mapped {
     path: PathBuf,
     batches: Vec<RecordBatch>,
     /// Row index where each batch starts, plus the total at the end.
     starts: Vec<usize>,
     map: Buffer,
+}
+
+impl Mapped {
+    /// Maps `path` and decodes its footer and record-batch headers (no data is copied);
+    /// `accept(schema)` says whether its columns are the expected ones (`what` names them).
+    pub(crate) fn open(
+        path: &Path,
+        accept: impl Fn(&arrow_schema::Schema) -> bool,
+        what: &str,
+    ) -> Result<Mapped, ShardError> {
+        let file = std::fs::File::open(path).map_err(|e| ShardError::io(path, e))?;
+        // SAFETY: set files are written once and never modified in place (they are renamed
+        // into place when complete); mapping them read-only is sound as long as no one edits
+        // them while we read, which the format forbids.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ShardError::io(path, e))?;
+        let map = Buffer::from(bytes::Bytes::from_owner(mmap));
+        if map.len() < 10 + 6 || &map[..6] != b"ARROW1" {
+            return Err(ShardError::format(path, "not an Arrow IPC file"));
+        }
+        let trailer_start = map.len() - 10;
+        let footer_len = read_footer_length(map[trailer_start..].try_into().expect("10 bytes"))
+            .map_err(|e| ShardError::arrow(path, e))?;
+        let footer_start = trailer_start
+            .checked_sub(footer_len)
+            .ok_or_else(|| ShardError::format(path, "footer length exceeds the file"))?;
+        let footer = root_as_footer(&map[footer_start..trailer_start])
+            .map_err(|e| ShardError::format(path, format!("bad footer: {e}")))?;
+        let schema = try_fb_to_schema(
+            footer
+                .schema()
+                .ok_or_else(|| ShardError::format(path, "footer without schema"))?,
+        )
+        .map_err(|e| ShardError::arrow(path, e))?;
+        if !accept(&schema) {
+            return Err(ShardError::format(
+                path,
+                format!("columns differ from those of {what}: found {schema:?}"),
+            ));
+        }
+        let decoder = FileDecoder::new(Arc::new(schema), footer.version());
+        let mut batches = Vec::new();
+        let mut starts = vec![0];
+        for block in footer.recordBatches().into_iter().flatten() {
+            let (offset, body, meta) = (block.offset(), block.bodyLength(), block.metaDataLength());
+            let in_file = offset >= 0
+                && body >= 0
+                && meta >= 0
+                && (offset as u64)
+                    .checked_add(body as u64 + meta as u64)
+                    .is_some_and(|end| end <= map.len() as u64);
+            if !in_file {
+                return Err(ShardError::format(
+                    path,
+                    "a record batch lies outside the file",
+                ));
+            }
+            let data = map.slice_with_length(offset as usize, body as usize + meta as usize);
+            let batch = decoder
+                .read_record_batch(block, &data)
+                .map_err(|e| ShardError::arrow(path, e))?
+                .ok_or_else(|| ShardError::format(path, "empty record batch block"))?;
+            starts.push(starts.last().copied().unwrap_or(0) + batch.num_rows());
+            batches.push(batch);
+        }
+        Ok(Mapped {
+            path: path.to_path_buf(),
+            batches,
+            starts,
+            map,
+        })
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Number of rows.
+    pub(crate) fn len(&self) -> usize {
+        *self.starts.last().unwrap_or(&0)
+    }
+
+    /// The batch holding row `i` and the row's index in it.
+    pub(crate) fn locate(&self, i: usize) -> Option<(&RecordBatch, usize)> {
+        if i >= self.len() {
+            return None;
+        }
+        let b = self.starts.partition_point(|&s| s <= i) - 1;
+        Some((&self.batches[b], i - self.starts[b]))
+    }
+}
+
+/// One memory-mapped shard file.
+pub struct ShardReader {
+    mapped: Mapped,
 }
 
 /// A borrowed view of one row. Slices point into the memory map.
@@ -32,8 +129,11 @@ pub struct SampleView<'a> {
     pub labels: &'a [i32],
     pub image_bound: Vec<[i32; 2]>,
     pub tgt_sizes: Vec<[i32; 2]>,
-    /// One u8 RGB HWC buffer per slice.
+    /// One u8 RGB HWC buffer per slice (empty in a set of `--pixels source`: see
+    /// [`ShardDir::pixels`]).
     pub pixel_values: Vec<&'a [u8]>,
+    /// `--pixels source`: each image's row in the set's image store.
+    pub image_refs: &'a [u32],
     pub num_tokens: i32,
     pub pack: u32,
 }
@@ -63,7 +163,8 @@ impl SampleView<'_> {
                 self.id
             ));
         }
-        if self.tgt_sizes.len() != self.pixel_values.len()
+        let stored_as_source = self.pixel_values.is_empty() && !self.image_refs.is_empty();
+        if (!stored_as_source && self.tgt_sizes.len() != self.pixel_values.len())
             || self.tgt_sizes.iter().any(|t| t[0] < 0 || t[1] < 0)
         {
             return Err(format!(
@@ -79,78 +180,26 @@ impl SampleView<'_> {
 
 impl ShardReader {
     /// Maps `path` and decodes its footer and record-batch headers (no data is copied).
+    /// Shards written before the `image_refs` column are read too.
     pub fn open(path: &Path) -> Result<ShardReader, ShardError> {
-        let file = std::fs::File::open(path).map_err(|e| ShardError::io(path, e))?;
-        // SAFETY: shard files are written once and never modified in place (they are renamed
-        // into place when complete); mapping them read-only is sound as long as no one edits
-        // them while we read, which the format forbids.
-        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ShardError::io(path, e))?;
-        let map = Buffer::from(bytes::Bytes::from_owner(mmap));
-        if map.len() < 10 + 6 || &map[..6] != b"ARROW1" {
-            return Err(ShardError::format(path, "not an Arrow IPC file"));
-        }
-        let trailer_start = map.len() - 10;
-        let footer_len = read_footer_length(map[trailer_start..].try_into().expect("10 bytes"))
-            .map_err(|e| ShardError::arrow(path, e))?;
-        let footer_start = trailer_start
-            .checked_sub(footer_len)
-            .ok_or_else(|| ShardError::format(path, "footer length exceeds the file"))?;
-        let footer = root_as_footer(&map[footer_start..trailer_start])
-            .map_err(|e| ShardError::format(path, format!("bad footer: {e}")))?;
-        let schema = try_fb_to_schema(
-            footer
-                .schema()
-                .ok_or_else(|| ShardError::format(path, "footer without schema"))?,
-        )
-        .map_err(|e| ShardError::arrow(path, e))?;
         let expected = shard_schema();
-        if schema.fields() != expected.fields() {
-            return Err(ShardError::format(
-                path,
-                format!("columns differ from the shard schema: found {schema:?}"),
-            ));
-        }
-        let decoder = FileDecoder::new(Arc::new(schema), footer.version());
-        let mut batches = Vec::new();
-        let mut starts = vec![0];
-        for block in footer.recordBatches().into_iter().flatten() {
-            let (offset, body, meta) = (block.offset(), block.bodyLength(), block.metaDataLength());
-            let in_file = offset >= 0
-                && body >= 0
-                && meta >= 0
-                && (offset as u64)
-                    .checked_add(body as u64 + meta as u64)
-                    .is_some_and(|end| end <= map.len() as u64);
-            if !in_file {
-                return Err(ShardError::format(
-                    path,
-                    "a record batch lies outside the file",
-                ));
-            }
-            let data = map.slice_with_length(offset as usize, body as usize + meta as usize);
-            let batch = decoder
-                .read_record_batch(block, &data)
-                .map_err(|e| ShardError::arrow(path, e))?
-                .ok_or_else(|| ShardError::format(path, "empty record batch block"))?;
-            starts.push(starts.last().copied().unwrap_or(0) + batch.num_rows());
-            batches.push(batch);
-        }
+        let accept = |s: &arrow_schema::Schema| {
+            s.fields() == expected.fields()
+                || s.fields()[..] == expected.fields()[..crate::schema::LEGACY_COLUMNS]
+        };
         Ok(ShardReader {
-            path: path.to_path_buf(),
-            batches,
-            starts,
-            map,
+            mapped: Mapped::open(path, accept, "a shard")?,
         })
     }
 
     /// Path of the file.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.mapped.path()
     }
 
     /// Number of rows (samples).
     pub fn len(&self) -> usize {
-        *self.starts.last().unwrap_or(&0)
+        self.mapped.len()
     }
 
     /// True when the shard has no rows.
@@ -160,22 +209,17 @@ impl ShardReader {
 
     /// The record batches, for column-wise access.
     pub fn batches(&self) -> &[RecordBatch] {
-        &self.batches
+        &self.mapped.batches
     }
 
     /// The mapped file's bytes (tests use it to prove that columns are not copies).
     pub fn mapped_bytes(&self) -> &[u8] {
-        self.map.as_slice()
+        self.mapped.map.as_slice()
     }
 
     /// Row `i`, or `None` past the end.
     pub fn sample(&self, i: usize) -> Option<SampleView<'_>> {
-        if i >= self.len() {
-            return None;
-        }
-        let b = self.starts.partition_point(|&s| s <= i) - 1;
-        let batch = &self.batches[b];
-        let r = i - self.starts[b];
+        let (batch, r) = self.mapped.locate(i)?;
         Some(view(batch, r))
     }
 
@@ -236,8 +280,19 @@ fn view(batch: &RecordBatch, r: usize) -> SampleView<'_> {
         .expect("schema checked on open")
         .as_primitive::<UInt32Type>()
         .value(r);
+    let image_refs = match batch.column_by_name(col::IMAGE_REFS) {
+        Some(c) => {
+            let list = c.as_list::<i32>();
+            let offsets = list.value_offsets();
+            let (s, e) = (offsets[r] as usize, offsets[r + 1] as usize);
+            &list.values().as_primitive::<UInt32Type>().values()[s..e]
+        }
+        // A shard written before the column existed: a set of slices.
+        None => &[][..],
+    };
     SampleView {
         id,
+        image_refs,
         input_ids: list_i32(batch, col::INPUT_IDS, r),
         labels: list_i32(batch, col::LABELS, r),
         image_bound: pairs(batch, col::IMAGE_BOUND, r),
@@ -248,11 +303,13 @@ fn view(batch: &RecordBatch, r: usize) -> SampleView<'_> {
     }
 }
 
-/// A finished shard directory: its manifest and every Arrow shard it lists, mapped.
+/// A finished shard directory: its manifest and every Arrow shard it lists, mapped (and its
+/// image store, in a set of `--pixels source`).
 pub struct ShardDir {
     pub dir: PathBuf,
     pub manifest: Manifest,
     pub shards: Vec<ShardReader>,
+    pub images: Option<ImageStore>,
 }
 
 impl ShardDir {
@@ -287,11 +344,75 @@ impl ShardDir {
             }
             shards.push(reader);
         }
+        let images = match (manifest.pixels, &manifest.images) {
+            (PixelMode::Slices, _) => None,
+            (PixelMode::Source, None) => {
+                return Err(ShardError::Manifest {
+                    path: dir
+                        .join(crate::manifest::MANIFEST_FILE)
+                        .display()
+                        .to_string(),
+                    reason: "pixels \"source\" without an \"images\" entry".into(),
+                })
+            }
+            (PixelMode::Source, Some(entry)) => {
+                let store = ImageStore::open(&dir.join(&entry.file))?;
+                if store.len() as u64 != entry.count {
+                    return Err(ShardError::format(
+                        store.path(),
+                        format!("{} images, the manifest says {}", store.len(), entry.count),
+                    ));
+                }
+                Some(store)
+            }
+        };
         Ok(ShardDir {
             dir: dir.to_path_buf(),
             manifest,
             shards,
+            images,
         })
+    }
+
+    /// The u8 RGB slices of row `s`, one per `tgt_sizes` entry: the stored ones in a set of
+    /// slices (borrowed from the map), or, in a set of `--pixels source`, made again from the
+    /// stored image files by `prep build`'s own decoder and slicer. Errors name the row and
+    /// the image when a stored file is missing, does not decode, or slices to other sizes than
+    /// the row says.
+    pub fn pixels<'a>(&self, s: &SampleView<'a>) -> Result<Vec<Cow<'a, [u8]>>, ShardError> {
+        let Some(store) = &self.images else {
+            return Ok(s.pixel_values.iter().map(|p| Cow::Borrowed(*p)).collect());
+        };
+        let settings = &self.manifest.settings.sample;
+        let patch = settings.patch_size as i32;
+        let bad = |msg: String| ShardError::format(store.path(), format!("row {:?}: {msg}", s.id));
+        let mut out = Vec::with_capacity(s.tgt_sizes.len());
+        for &r in s.image_refs {
+            let bytes = store
+                .get(r)
+                .ok_or_else(|| bad(format!("image {r} is not in the store")))?;
+            let slices = slices_from_file(bytes, settings)
+                .map_err(|e| bad(format!("image {r} does not decode: {e}")))?;
+            for (data, [h, w]) in slices {
+                let k = out.len();
+                let want = s.tgt_sizes.get(k).copied();
+                if want != Some([h as i32 / patch, w as i32 / patch]) {
+                    return Err(bad(format!(
+                        "image {r} slices to {h}x{w} px at slice {k}, the row says {want:?} \
+                         patches"
+                    )));
+                }
+                out.push(Cow::Owned(data));
+            }
+        }
+        if out.len() != s.tgt_sizes.len() {
+            return Err(bad(format!(
+                "{} slices from its images, {} slice sizes",
+                out.len(),
+                s.tgt_sizes.len()
+            )));
+        }
+        Ok(out)
     }
 
     /// Total rows over all shards.
@@ -344,6 +465,7 @@ mod tests {
             pixel_values: (0..slices)
                 .map(|k| vec![k as u8; 14 * 14 * (k + 1) * 3])
                 .collect(),
+            ..Sample::default()
         }
     }
 
@@ -398,6 +520,7 @@ mod tests {
                         image_bound: s.image_bound.clone(),
                         tgt_sizes: s.tgt_sizes.clone(),
                         pixel_values: s.pixel_values.iter().map(|p| p.to_vec()).collect(),
+                        ..Sample::default()
                     },
                 ));
             }
@@ -420,6 +543,7 @@ mod tests {
             image_bound: vec![[1, 2]],
             tgt_sizes: vec![],
             pixel_values: vec![],
+            image_refs: &[],
             num_tokens: 3,
             pack: 0,
         };

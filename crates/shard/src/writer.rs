@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use arrow_array::builder::{
     FixedSizeListBuilder, Int32Builder, LargeBinaryBuilder, ListBuilder, StringBuilder,
+    UInt32Builder,
 };
 use arrow_array::{ArrayRef, Int32Array, RecordBatch, UInt32Array};
 use arrow_ipc::writer::{FileWriter, IpcWriteOptions};
@@ -22,7 +23,8 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 
-use crate::manifest::ShardEntry;
+use crate::images::ImageStoreWriter;
+use crate::manifest::{ImagesEntry, PixelMode, ShardEntry};
 use crate::schema::{shard_schema, Sample};
 use crate::ShardError;
 
@@ -44,6 +46,9 @@ pub struct WriterOptions {
     pub parquet: bool,
     /// Write the Arrow IPC shards (false with `--format parquet`).
     pub arrow: bool,
+    /// Where pixels go: the rows (slices), or each distinct image file once into the image
+    /// store (`Sample::source_images`, referenced by `image_refs`).
+    pub pixels: PixelMode,
 }
 
 impl Default for WriterOptions {
@@ -54,6 +59,7 @@ impl Default for WriterOptions {
             max_batch_rows: 1024,
             parquet: false,
             arrow: true,
+            pixels: PixelMode::Slices,
         }
     }
 }
@@ -78,6 +84,8 @@ pub struct ShardSetWriter {
     pending_bytes: u64,
     done: Vec<ShardEntry>,
     partial_files: Vec<(PathBuf, PathBuf)>,
+    /// The image store (`--pixels source`), opened with the first pack.
+    images: Option<ImageStoreWriter>,
 }
 
 /// Suffix of every file while it is being written (the name it is published under plus this).
@@ -104,13 +112,14 @@ pub fn is_shard_file_name(name: &str) -> bool {
 }
 
 /// True for every name `prep build` writes into a shard directory, final or partial:
-/// `manifest.json`, `rejected.jsonl`, the shard files, and each of them with
+/// `manifest.json`, `rejected.jsonl`, the shard files, `images.arrow`, and each of them with
 /// [`PARTIAL_SUFFIX`]. Anything else in the directory belongs to someone else, and a rebuild
 /// must not delete it.
 pub fn is_set_file_name(name: &str) -> bool {
     let base = name.strip_suffix(PARTIAL_SUFFIX).unwrap_or(name);
     base == crate::manifest::MANIFEST_FILE
         || base == crate::manifest::REJECTED_FILE
+        || base == crate::images::IMAGES_FILE
         || is_shard_file_name(base)
 }
 
@@ -134,12 +143,25 @@ impl ShardSetWriter {
             pending_bytes: 0,
             done: Vec::new(),
             partial_files: Vec::new(),
+            images: None,
         }
     }
 
     /// Appends one pack (its rows are written consecutively, in the given order, with `pack`
     /// as their `pack` value).
-    pub fn write_pack(&mut self, pack: u32, samples: Vec<Sample>) -> Result<(), ShardError> {
+    pub fn write_pack(&mut self, pack: u32, mut samples: Vec<Sample>) -> Result<(), ShardError> {
+        if self.opts.pixels == PixelMode::Source {
+            if self.images.is_none() {
+                self.images = Some(ImageStoreWriter::create(&self.dir)?);
+            }
+            let store = self.images.as_mut().expect("created above");
+            for s in &mut samples {
+                for img in std::mem::take(&mut s.source_images) {
+                    let r = store.add(img.sha256, img.bytes)?;
+                    s.image_refs.push(r);
+                }
+            }
+        }
         let need_new = match &self.current {
             None => true,
             Some(s) => s.bytes >= self.opts.max_shard_bytes && s.rows > 0,
@@ -285,6 +307,9 @@ impl ShardSetWriter {
     pub fn abort(mut self) {
         let mut partial: Vec<PathBuf> =
             self.partial_files.drain(..).map(|(from, _)| from).collect();
+        if let Some(store) = self.images.take() {
+            partial.push(store.partial_path().to_path_buf());
+        }
         if let Some(cur) = self.current.take() {
             partial.extend(cur.arrow.map(|(p, _)| p));
             partial.extend(cur.parquet.map(|(p, _)| p));
@@ -301,10 +326,36 @@ impl ShardSetWriter {
             self.abort();
             return Err(e);
         }
+        // A set of source pixels always has a store, if an empty one.
+        if self.opts.pixels == PixelMode::Source && self.images.is_none() {
+            match ImageStoreWriter::create(&self.dir) {
+                Ok(w) => self.images = Some(w),
+                Err(e) => {
+                    self.abort();
+                    return Err(e);
+                }
+            }
+        }
+        let mut images = None;
+        if let Some(store) = self.images.take() {
+            let partial = store.partial_path().to_path_buf();
+            match store.close() {
+                Ok((from, name, entry)) => {
+                    self.partial_files.push((from, self.dir.join(name)));
+                    images = Some(entry);
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(partial);
+                    self.abort();
+                    return Err(e);
+                }
+            }
+        }
         Ok(ClosedShardSet {
             dir: self.dir,
             entries: self.done,
             files: self.partial_files,
+            images,
         })
     }
 
@@ -323,12 +374,18 @@ pub struct ClosedShardSet {
     entries: Vec<ShardEntry>,
     /// (partial name, final name) of every file.
     files: Vec<(PathBuf, PathBuf)>,
+    images: Option<ImagesEntry>,
 }
 
 impl ClosedShardSet {
     /// The shard entries the manifest will list.
     pub fn entries(&self) -> &[ShardEntry] {
         &self.entries
+    }
+
+    /// The image store's entry (`--pixels source`).
+    pub fn images(&self) -> Option<&ImagesEntry> {
+        self.images.as_ref()
     }
 
     /// Renames every file to its final name. The directory is flushed before the renames (so
@@ -392,6 +449,7 @@ fn build_batch(
         .with_field(item(DataType::LargeBinary));
     let mut num_tokens = Vec::with_capacity(n);
     let mut packs = Vec::with_capacity(n);
+    let mut image_refs = ListBuilder::new(UInt32Builder::new()).with_field(item(DataType::UInt32));
 
     for (pack, s) in rows {
         ids.append_value(&s.id);
@@ -410,6 +468,8 @@ fn build_batch(
             pixels.values().append_value(p);
         }
         pixels.append(true);
+        image_refs.values().append_slice(&s.image_refs);
+        image_refs.append(true);
         num_tokens.push(s.input_ids.len() as i32);
         packs.push(*pack);
     }
@@ -422,6 +482,7 @@ fn build_batch(
         Arc::new(pixels.finish()),
         Arc::new(Int32Array::from(num_tokens)),
         Arc::new(UInt32Array::from(packs)),
+        Arc::new(image_refs.finish()),
     ];
     RecordBatch::try_new(schema.clone(), columns)
 }
@@ -443,6 +504,7 @@ mod tests {
             image_bound: vec![],
             tgt_sizes: vec![[1, 1]],
             pixel_values: vec![vec![7u8; 14 * 14 * 3]],
+            ..Sample::default()
         }
     }
 
@@ -514,6 +576,8 @@ mod tests {
                 fill_ratio: 0.0,
             },
             shards,
+            pixels: PixelMode::Slices,
+            images: None,
         }
     }
 

@@ -93,6 +93,7 @@ pub struct MicroBatch {
 
 fn add_row(
     batch: &mut Batch,
+    shards: &ShardDir,
     rows: &[SampleView],
     patch: usize,
     row: usize,
@@ -108,15 +109,19 @@ fn add_row(
         labels.extend(s.labels.iter().map(|&x| x as i64));
         pos.extend(0..s.input_ids.len() as u32);
         segs.push(s.input_ids.len());
-        if s.image_bound.len() != s.pixel_values.len() {
+        // Stored slices, or (`--pixels source`) slices made again from the stored files.
+        let pixels = shards
+            .pixels(s)
+            .map_err(|e| TrainError::Data(e.to_string()))?;
+        if s.image_bound.len() != pixels.len() {
             return Err(TrainError::Data(format!(
                 "sample {:?}: {} placeholder runs but {} image slices",
                 s.id,
                 s.image_bound.len(),
-                s.pixel_values.len()
+                pixels.len()
             )));
         }
-        for ((b, ts), px) in s.image_bound.iter().zip(&s.tgt_sizes).zip(&s.pixel_values) {
+        for ((b, ts), px) in s.image_bound.iter().zip(&s.tgt_sizes).zip(&pixels) {
             let (h, w) = (ts[0] as usize * patch, ts[1] as usize * patch);
             let img = ImageInput::from_hwc_u8(px, h, w, patch)
                 .map_err(|e| TrainError::Data(format!("sample {:?}: {e}", s.id)))?;
@@ -155,7 +160,7 @@ pub fn make_batch(
             .collect();
         samples += rows.len();
         ids.extend(rows.iter().map(|s| s.id.to_string()));
-        add_row(&mut batch, &rows, patch, r, &mut sample_no)?;
+        add_row(&mut batch, &data.shards, &rows, patch, r, &mut sample_no)?;
     }
     let t = batch.input_ids.iter().map(Vec::len).max().unwrap_or(0);
     for r in 0..batch.input_ids.len() {

@@ -3,7 +3,7 @@
 //! The forward pass and loss are the training ones (no second implementation).
 
 use cpmv_model::{Batch, LoadOptions, MiniCpmV};
-use cpmv_shard::reader::SampleView;
+use cpmv_shard::reader::{SampleView, ShardDir};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -70,13 +70,16 @@ fn count_images(s: &SampleView, image_start: u32, slice_start: u32, slice_end: u
     n
 }
 
-fn one_sample_batch(s: &SampleView, patch: usize) -> Result<Batch, TrainError> {
-    if s.image_bound.len() != s.pixel_values.len() {
+fn one_sample_batch(shards: &ShardDir, s: &SampleView, patch: usize) -> Result<Batch, TrainError> {
+    let pixels = shards
+        .pixels(s)
+        .map_err(|e| TrainError::Data(e.to_string()))?;
+    if s.image_bound.len() != pixels.len() {
         return Err(TrainError::Data(format!(
             "sample {:?}: {} placeholder runs but {} image slices",
             s.id,
             s.image_bound.len(),
-            s.pixel_values.len()
+            pixels.len()
         )));
     }
     let mut b = Batch {
@@ -86,7 +89,7 @@ fn one_sample_batch(s: &SampleView, patch: usize) -> Result<Batch, TrainError> {
         segments: vec![vec![s.input_ids.len()]],
         ..Default::default()
     };
-    for ((bd, ts), px) in s.image_bound.iter().zip(&s.tgt_sizes).zip(&s.pixel_values) {
+    for ((bd, ts), px) in s.image_bound.iter().zip(&s.tgt_sizes).zip(&pixels) {
         let (h, w) = (ts[0] as usize * patch, ts[1] as usize * patch);
         b.images.push(
             cpmv_model::ImageInput::from_hwc_u8(px, h, w, patch)
@@ -142,7 +145,7 @@ pub fn evaluate_samples(opts: &EvalOptions) -> Result<EvalReport, TrainError> {
             loss_sum: sum,
             n_tokens: n,
             n_images: count_images(s, image_start, slice_start, slice_end),
-            n_slices: s.pixel_values.len() as u64,
+            n_slices: s.tgt_sizes.len() as u64,
         });
     };
     if opts.pack {
@@ -170,7 +173,7 @@ pub fn evaluate_samples(opts: &EvalOptions) -> Result<EvalReport, TrainError> {
         }
     } else {
         for s in data.shards.samples() {
-            let batch = one_sample_batch(&s, patch)?;
+            let batch = one_sample_batch(&data.shards, &s, patch)?;
             let losses: Vec<f64> = if batch.supervised() > 0 {
                 model
                     .token_losses(&batch)?
