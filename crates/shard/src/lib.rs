@@ -3,7 +3,8 @@
 //! A shard directory holds `shard-NNNNN.arrow` files (Arrow IPC *file* format, uncompressed,
 //! 64-byte aligned buffers, so a reader maps them and uses the column buffers in place), optional
 //! `shard-NNNNN.parquet` twins for pandas/datasets users, `manifest.json` (written last: a
-//! directory without it is incomplete) and `rejected.jsonl`. Columns are described in
+//! directory without it is incomplete), `rejected.jsonl`, and with `--pixels source` the image
+//! store `images.arrow` ([`images`]). Columns are described in
 //! [`schema`] and in `schemas/shard.schema.json`.
 
 pub mod fingerprint;
