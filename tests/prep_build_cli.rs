@@ -26,12 +26,17 @@ fn listing(dir: &Path) -> Vec<String> {
 
 /// `prep build` of the example data with the 2.6 model into `out`, plus `extra` flags.
 fn build_example(out: &Path, extra: &[&str]) -> std::process::Output {
+    build_example_with(MODELS[2], out, extra)
+}
+
+/// `prep build` of the example data with `model` into `out`, plus `extra` flags.
+fn build_example_with(model: &str, out: &Path, extra: &[&str]) -> std::process::Output {
     let mut args = vec![
         "build",
         "--data",
         "examples/data/train.json",
         "--model",
-        MODELS[2],
+        model,
         "--out",
         s(out),
         "--quiet",
@@ -48,22 +53,8 @@ fn stderr(o: &std::process::Output) -> String {
 fn examples_build_and_read_back_for_every_version() {
     for model in MODELS {
         let out = out_dir();
-        let o = prep(&[
-            "build",
-            "--data",
-            "examples/data/train.json",
-            "--model",
-            model,
-            "--out",
-            s(out.path()),
-            "--quiet",
-        ]);
-        assert_eq!(
-            o.status.code(),
-            Some(0),
-            "{model}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        let o = build_example_with(model, out.path(), &[]);
+        assert_eq!(o.status.code(), Some(0), "{model}: {}", stderr(&o));
         let dir = ShardDir::open(out.path()).unwrap();
         let m = &dir.manifest;
         assert_eq!(m.counts.read, 11);
@@ -1205,20 +1196,9 @@ fn source_pixels_reproduce_the_stored_slices_bit_for_bit() {
         for slices in ["9", "4"] {
             let (a, b, c) = (out_dir(), out_dir(), out_dir());
             let build = |out: &Path, extra: &[&str]| {
-                let mut args = vec![
-                    "build",
-                    "--data",
-                    "examples/data/train.json",
-                    "--model",
-                    model,
-                    "--out",
-                    s(out),
-                    "--max-slice-nums",
-                    slices,
-                    "--quiet",
-                ];
+                let mut args = vec!["--max-slice-nums", slices];
                 args.extend_from_slice(extra);
-                let o = prep(&args);
+                let o = build_example_with(model, out, &args);
                 assert_eq!(o.status.code(), Some(0), "{model}: {}", stderr(&o));
             };
             build(a.path(), &[]);
