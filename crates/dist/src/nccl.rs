@@ -41,6 +41,23 @@ fn nccl_err(what: &str, e: &result::NcclError) -> DistError {
     err(format!("NCCL {what}: {:?}", e.0))
 }
 
+/// The GPU a rank with `local_rank` drives: that ordinal when the node's ranks share the
+/// visible devices (torchrun), or the only visible one when the launcher gave each rank its own
+/// (Slurm's `--gpus-per-task`, `CUDA_VISIBLE_DEVICES` per rank).
+pub fn device_ordinal(local_rank: usize) -> Result<usize, DistError> {
+    let count = cudarc::driver::CudaContext::device_count()
+        .map_err(|e| err(format!("counting CUDA devices: {e:?}")))?;
+    let count = usize::try_from(count).unwrap_or(0);
+    match count {
+        0 => Err(err("no CUDA device is visible".into())),
+        1 => Ok(0),
+        n if local_rank < n => Ok(local_rank),
+        n => Err(err(format!(
+            "LOCAL_RANK {local_rank} but only {n} CUDA devices are visible"
+        ))),
+    }
+}
+
 impl Nccl {
     /// Joins the NCCL group of `control`'s ranks on GPU `ordinal`, bootstrapping at `comm_id`
     /// (`host:port`). Call it before the process starts other threads: it sets `NCCL_COMM_ID`

@@ -68,7 +68,12 @@ struct Frame {
     payload: Vec<u8>,
 }
 
-fn recv(s: &TcpStream) -> std::io::Result<Frame> {
+/// Longest message an abort frame carries.
+const MAX_ABORT_BYTES: usize = 64 << 10;
+
+/// Reads a frame whose payload may be at most `limit` bytes (an abort's message at most
+/// [`MAX_ABORT_BYTES`]): a longer one is a peer of another version or a corrupt stream.
+fn recv(s: &TcpStream, limit: usize) -> std::io::Result<Frame> {
     let mut head = [0u8; 26];
     let mut r = s;
     r.read_exact(&mut head)?;
@@ -77,7 +82,19 @@ fn recv(s: &TcpStream) -> std::io::Result<Frame> {
         b.copy_from_slice(&head[a..a + 8]);
         u64::from_le_bytes(b)
     };
-    let len = word(18) as usize;
+    let len = word(18);
+    let limit = if head[0] == ABORT {
+        MAX_ABORT_BYTES
+    } else {
+        limit
+    };
+    if len > limit as u64 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a frame of {len} bytes where at most {limit} were expected"),
+        ));
+    }
+    let len = len as usize;
     let mut payload = vec![0u8; len];
     r.read_exact(&mut payload)?;
     Ok(Frame {
@@ -129,6 +146,7 @@ impl Tcp {
         };
         for l in &links {
             l.set_read_timeout(Some(timeout))
+                .and_then(|()| l.set_write_timeout(Some(timeout)))
                 .and_then(|()| l.set_nodelay(true))
                 .map_err(|e| err(format!("rendezvous at {addr}: {e}")))?;
         }
@@ -149,8 +167,14 @@ impl Tcp {
         timeout: Duration,
         deadline: Instant,
     ) -> Result<Vec<TcpStream>, DistError> {
-        let listener = TcpListener::bind(addr)
-            .map_err(|e| err(format!("rank 0 cannot listen on {addr}: {e}")))?;
+        // On every interface, as torchrun's store: MASTER_ADDR may name this host by an
+        // address other nodes reach but that resolves to loopback here (127.0.1.1).
+        let port = addr
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .ok_or_else(|| err(format!("rendezvous address {addr}: no port")))?;
+        let listener = TcpListener::bind(("0.0.0.0", port))
+            .map_err(|e| err(format!("rank 0 cannot listen on port {port} ({addr}): {e}")))?;
         listener
             .set_nonblocking(true)
             .map_err(|e| err(format!("{addr}: {e}")))?;
@@ -242,7 +266,12 @@ impl Tcp {
     /// check before it hands a collective to NCCL).
     #[cfg_attr(not(feature = "nccl"), allow(dead_code))]
     pub(crate) fn agree(&self, op: Op) -> Result<(), DistError> {
-        self.round(op, &[], |_, _| Vec::new()).map(|_| ())
+        let none = Sizes {
+            each: 0,
+            only_root: None,
+            answer: 0,
+        };
+        self.round(op, &[], none, |_, _| Vec::new()).map(|_| ())
     }
 
     /// Rank 0: tells every rank why the group stops, and returns that reason.
@@ -259,15 +288,21 @@ impl Tcp {
         &self,
         op: Op,
         data: &[f32],
+        sizes: Sizes,
         answer: impl Fn(usize, &[Vec<f32>]) -> Vec<f32>,
     ) -> Result<Vec<f32>, DistError> {
         let code = op_code(op);
         if self.rank != 0 {
             let link = &self.links[0];
             send(link, DATA, code, &to_bytes(data)).map_err(|e| err(gone(0, &e, self.timeout)))?;
-            let f = recv(link).map_err(|e| err(gone(0, &e, self.timeout)))?;
+            let f = recv(link, sizes.answer * 4).map_err(|e| err(gone(0, &e, self.timeout)))?;
             return match f.kind {
-                DATA => Ok(from_bytes(&f.payload)),
+                DATA if f.payload.len() == sizes.answer * 4 => Ok(from_bytes(&f.payload)),
+                DATA => Err(err(format!(
+                    "rank 0 answered {op:?} with {} bytes, {} expected",
+                    f.payload.len(),
+                    sizes.answer * 4
+                ))),
                 _ => Err(err(String::from_utf8_lossy(&f.payload).into_owned())),
             };
         }
@@ -275,7 +310,8 @@ impl Tcp {
         all.push(data.to_vec());
         for (i, link) in self.links.iter().enumerate() {
             let r = i + 1;
-            let f = match recv(link) {
+            let want = sizes.contribution(r) * 4;
+            let f = match recv(link, want) {
                 Ok(f) => f,
                 Err(e) => return Err(self.abort(gone(r, &e, self.timeout))),
             };
@@ -284,6 +320,12 @@ impl Tcp {
                     "rank {r} called another collective than rank 0 ({:?} vs {op:?}; every rank \
                      must call the same collectives in the same order)",
                     f.op
+                )));
+            }
+            if f.payload.len() != want {
+                return Err(self.abort(format!(
+                    "rank {r} sent {} bytes for {op:?}, {want} expected",
+                    f.payload.len()
                 )));
             }
             all.push(from_bytes(&f.payload));
@@ -295,6 +337,25 @@ impl Tcp {
             }
         }
         Ok(answer(0, &all))
+    }
+}
+
+/// Values each rank contributes to a round, and values each rank gets back.
+#[derive(Clone, Copy)]
+struct Sizes {
+    /// Every rank contributes this many values...
+    each: usize,
+    /// ...except that in a broadcast only its root does.
+    only_root: Option<usize>,
+    answer: usize,
+}
+
+impl Sizes {
+    fn contribution(&self, rank: usize) -> usize {
+        match self.only_root {
+            Some(root) if rank != root => 0,
+            _ => self.each,
+        }
     }
 }
 
@@ -320,7 +381,12 @@ impl Collective for Tcp {
 
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), DistError> {
         let n = buf.len();
-        let out = self.round(Op::AllReduce(n), buf, |_, all| sum_range(all, 0..n))?;
+        let sizes = Sizes {
+            each: n,
+            only_root: None,
+            answer: n,
+        };
+        let out = self.round(Op::AllReduce(n), buf, sizes, |_, all| sum_range(all, 0..n))?;
         check_len("all_reduce result", out.len(), n)?;
         buf.copy_from_slice(&out);
         Ok(())
@@ -328,7 +394,12 @@ impl Collective for Tcp {
 
     fn reduce_scatter_sum(&self, input: &[f32], out: &mut [f32]) -> Result<(), DistError> {
         let chunk = scatter_chunk(self.world, input.len(), out.len())?;
-        let got = self.round(Op::ReduceScatter(input.len()), input, |r, all| {
+        let sizes = Sizes {
+            each: input.len(),
+            only_root: None,
+            answer: chunk,
+        };
+        let got = self.round(Op::ReduceScatter(input.len()), input, sizes, |r, all| {
             sum_range(all, r * chunk..(r + 1) * chunk)
         })?;
         check_len("reduce_scatter result", got.len(), chunk)?;
@@ -338,7 +409,14 @@ impl Collective for Tcp {
 
     fn all_gather(&self, input: &[f32], out: &mut [f32]) -> Result<(), DistError> {
         check_len("all_gather output", out.len(), input.len() * self.world)?;
-        let got = self.round(Op::AllGather(input.len()), input, |_, all| all.concat())?;
+        let sizes = Sizes {
+            each: input.len(),
+            only_root: None,
+            answer: out.len(),
+        };
+        let got = self.round(Op::AllGather(input.len()), input, sizes, |_, all| {
+            all.concat()
+        })?;
         check_len("all_gather result", got.len(), out.len())?;
         out.copy_from_slice(&got);
         Ok(())
@@ -347,7 +425,12 @@ impl Collective for Tcp {
     fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<(), DistError> {
         check_root(root, self.world)?;
         let mine: &[f32] = if self.rank == root { buf } else { &[] };
-        let got = self.round(Op::Broadcast(buf.len(), root), mine, |_, all| {
+        let sizes = Sizes {
+            each: buf.len(),
+            only_root: Some(root),
+            answer: buf.len(),
+        };
+        let got = self.round(Op::Broadcast(buf.len(), root), mine, sizes, |_, all| {
             all[root].clone()
         })?;
         check_len("broadcast result", got.len(), buf.len())?;
@@ -356,7 +439,13 @@ impl Collective for Tcp {
     }
 
     fn barrier(&self) -> Result<(), DistError> {
-        self.round(Op::Barrier, &[], |_, _| Vec::new()).map(|_| ())
+        let none = Sizes {
+            each: 0,
+            only_root: None,
+            answer: 0,
+        };
+        self.round(Op::Barrier, &[], none, |_, _| Vec::new())
+            .map(|_| ())
     }
 }
 
@@ -446,6 +535,41 @@ mod tests {
         for e in &got[..2] {
             assert!(e.contains("rank 2 went away"), "{e}");
         }
+    }
+
+    /// A peer that sends a frame of the wrong size (another version, a corrupt stream) is an
+    /// error naming it, not a panic or a huge allocation.
+    #[test]
+    fn a_malformed_contribution_is_refused() {
+        let addr = free_addr();
+        let a = addr.clone();
+        let root = std::thread::spawn(move || {
+            let t = Tcp::connect(0, 2, &a, Duration::from_secs(20)).unwrap();
+            let mut b = vec![1.0; 4];
+            t.all_reduce_sum(&mut b).unwrap_err().to_string()
+        });
+        // Rank 1 by hand: greeting, the start-up barrier, then 2 values for a sum of 4.
+        let s = loop {
+            match TcpStream::connect(&addr) {
+                Ok(s) => break s,
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        let mut hello = MAGIC.to_vec();
+        hello.extend_from_slice(&1u32.to_le_bytes());
+        hello.extend_from_slice(&2u32.to_le_bytes());
+        (&s).write_all(&hello).unwrap();
+        send(&s, DATA, op_code(Op::Barrier), &[]).unwrap();
+        recv(&s, 0).unwrap();
+        send(&s, DATA, op_code(Op::AllReduce(4)), &to_bytes(&[1.0, 2.0])).unwrap();
+        let e = root.join().unwrap();
+        assert!(
+            e.contains("rank 1 sent 8 bytes") && e.contains("16 expected"),
+            "{e}"
+        );
+        // ...and it is told why the group stopped.
+        let f = recv(&s, 0).unwrap();
+        assert_eq!(f.kind, ABORT);
     }
 
     #[test]

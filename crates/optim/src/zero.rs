@@ -292,9 +292,23 @@ impl ShardedAdamW {
     }
 
     /// Restores this rank's shard from state saved by any ranks (`files`), sharded or not: each
-    /// segment's moments, master and step are cut from whichever saved ranges hold them. Every
-    /// tensor must belong to a parameter of the run; nothing changes on an error.
-    pub fn load_state(&mut self, files: &StateFiles) -> Result<(), OptimError> {
+    /// segment's moments, master and step are cut from whichever saved ranges hold them, and
+    /// the weights of segments without a master (f32 parameters, whose values live in the
+    /// model checkpoint) are taken from `params` (the layout's parameters, already holding the
+    /// checkpoint's values). Every tensor must belong to a parameter of the run; nothing
+    /// changes on an error.
+    pub fn load_state(
+        &mut self,
+        files: &StateFiles,
+        params: &[(String, Var)],
+    ) -> Result<(), OptimError> {
+        if params.len() != self.params.len() {
+            return Err(OptimError::Candle(candle_core::Error::Msg(format!(
+                "load_state: {} parameters given for a layout of {}",
+                params.len(),
+                self.params.len()
+            ))));
+        }
         files.check_names(
             self.params
                 .iter()
@@ -312,7 +326,19 @@ impl ShardedAdamW {
                 }
             })
             .collect();
-        self.opt.load_pieces(files, &sources)
+        self.opt.load_pieces(files, &sources)?;
+        for (seg, shadow) in self.segments.iter().zip(&self.shadows) {
+            let (_, var) = &params[seg.var];
+            if var.dtype() == DType::F32 {
+                let piece = var
+                    .as_detached_tensor()
+                    .flatten_all()?
+                    .narrow(0, seg.start, seg.len)?
+                    .to_device(shadow.device())?;
+                shadow.set(&piece)?;
+            }
+        }
+        Ok(())
     }
 
     /// The rank this optimizer belongs to.
@@ -558,9 +584,17 @@ impl StateFiles {
                     )))
                 }
             };
-            let (a, b) = (prange.start.max(want.start), prange.end.min(want.end));
+            // Pieces are sorted by start; a part already covered is not counted twice.
+            let (a, b) = (
+                prange.start.max(want.start).max(want.start + covered),
+                prange.end.min(want.end),
+            );
             if a >= b {
                 continue;
+            }
+            if a != want.start + covered {
+                // A gap before this piece: nothing else can fill it.
+                break;
             }
             if let Some(out) = out.as_deref_mut() {
                 let bytes = &self.maps[p.file][p.bytes.clone()];

@@ -157,12 +157,13 @@ impl Optimizer {
         }
     }
 
-    /// Restores the state saved in checkpoint `dir`, whatever sharding saved it.
-    pub fn load(&mut self, dir: &Path) -> Result<(), TrainError> {
+    /// Restores the state saved in checkpoint `dir`, whatever sharding saved it; `vars` must
+    /// already hold the checkpoint's weights.
+    pub fn load(&mut self, dir: &Path, vars: &[(String, Var)]) -> Result<(), TrainError> {
         let files = StateFiles::open(&state_files(dir)?)?;
         match self {
             Optimizer::Replicated(o) => o.load_from(&files)?,
-            Optimizer::Sharded { opt, .. } => opt.load_state(&files)?,
+            Optimizer::Sharded { opt, .. } => opt.load_state(&files, vars)?,
         }
         Ok(())
     }

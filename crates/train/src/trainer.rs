@@ -482,10 +482,11 @@ fn resume_changes(
             "max_steps" | "epochs" => {
                 total_steps(cfg, packs) != total_steps(&saved.config, saved_packs(saved, packs))
             }
-            // `cuda` and `cuda:0` are one device.
+            // Another GPU (`cuda`, `cuda:0`, a launched rank's `cuda:LOCAL_RANK`) computes the
+            // same; CPU and GPU kernels do not.
             "device" => {
-                crate::config::parse_device(&cfg.device).ok()
-                    != crate::config::parse_device(&saved.config.device).ok()
+                let on_gpu = |d: &str| crate::config::parse_device(d).map(|o| o.is_some()).ok();
+                on_gpu(&cfg.device) != on_gpu(&saved.config.device)
             }
             _ => true,
         })
@@ -658,7 +659,7 @@ fn start_or_resume(
         );
     }
     load_trainable(&setup.model, &dir.join(TRAINABLE_FILE))?;
-    opt.load(dir)?;
+    opt.load(dir, &setup.vars)?;
     setup.model.set_dropout_state(Rng(saved.dropout_rng));
     let mut overrides = saved.overrides.clone();
     let math: Vec<SettingChange> = changes.into_iter().filter(|c| c.changes_math).collect();
@@ -798,9 +799,11 @@ fn train_launched(opts: &TrainOptions, w: &cpmv_dist::World) -> Result<TrainRepo
     }
     #[cfg(feature = "nccl")]
     {
-        // Device = LOCAL_RANK, whatever ordinal --device named.
-        opts.config.device = format!("cuda:{}", w.local_rank);
-        let comm = cpmv_dist::Nccl::connect(w.local_rank, control, &w.nccl_comm_id(env)?, timeout)?;
+        // Device = LOCAL_RANK (or the one device the launcher left visible), whatever ordinal
+        // --device named.
+        let ordinal = cpmv_dist::nccl::device_ordinal(w.local_rank)?;
+        opts.config.device = format!("cuda:{ordinal}");
+        let comm = cpmv_dist::Nccl::connect(ordinal, control, &w.nccl_comm_id(env)?, timeout)?;
         train_rank(&opts, Some(&comm))
     }
     #[cfg(not(feature = "nccl"))]
