@@ -1257,6 +1257,11 @@ fn source_pixels_reproduce_the_stored_slices_bit_for_bit() {
     let out = out_dir();
     let o = build_example(out.path(), &["--pixels", "source"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let summary = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        summary.contains("pixels: source, 7 distinct image file(s) in images.arrow"),
+        "{summary}"
+    );
     std::fs::write(out.path().join("images.arrow"), b"not arrow").unwrap();
     let err = ShardDir::open(out.path()).err().unwrap().to_string();
     assert!(err.contains("images.arrow"), "{err}");

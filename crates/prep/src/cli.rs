@@ -385,6 +385,21 @@ fn run_build(args: BuildArgs) -> u8 {
                 m.shards.len(),
                 opts.out.display()
             );
+            let shard_bytes: u64 = m.shards.iter().map(|e| e.bytes).sum();
+            match &m.images {
+                Some(i) => println!(
+                    "pixels: source, {} distinct image file(s) in {} ({:.1} MB), shards {:.1} MB",
+                    i.count,
+                    i.file,
+                    i.bytes as f64 / 1e6,
+                    shard_bytes as f64 / 1e6
+                ),
+                None => println!(
+                    "pixels: slices, shards {:.1} MB (--pixels source stores the image files \
+                     instead)",
+                    shard_bytes as f64 / 1e6
+                ),
+            }
             if m.counts.rejected > 0 {
                 println!(
                     "rejected samples are listed in {}",
