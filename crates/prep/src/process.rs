@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use cpmv_image::{decode, probe, slice_image, DecodeOptions, SlicePlan};
+use cpmv_image::{decode, plan_slices, probe, slice_image, DecodeOptions, SlicePlan};
 use cpmv_shard::{Sample, SourceImage};
 use serde_json::Value;
 
@@ -116,8 +116,8 @@ pub struct Processor {
     pub model: ModelDir,
     pub settings: SampleSettings,
     templater: Templater,
-    /// `--pixels source`: samples carry their image files instead of slices (the slices are
-    /// still made, to validate every image as a set of slices would).
+    /// `--pixels source`: samples carry their image files instead of slices (every image is
+    /// still decoded and its size checked, as a set of slices would reject it).
     pub keep_source: bool,
 }
 
@@ -488,8 +488,7 @@ impl Processor {
         let mut pixel_values = Vec::with_capacity(text.stats.slices);
         for ((path, bytes), plan) in parsed.images.iter().zip(&files).zip(&text.plans) {
             let img = decode(bytes, opts).map_err(|e| reject(decode_rejection(path, e)))?;
-            let sliced = slice_image(&img, &cfg);
-            if &sliced.plan != plan {
+            if plan_slices(img.width, img.height, &cfg) != *plan {
                 // The header promised another size than the pixels have: placeholders and
                 // pixels would disagree.
                 return Err(reject(Rejection::new(
@@ -500,11 +499,13 @@ impl Processor {
                     ),
                 )));
             }
-            for s in sliced.images {
-                tgt_sizes.push([s.height as i32 / p, s.width as i32 / p]);
-                if !self.keep_source {
-                    pixel_values.push(s.data);
-                }
+            for (w, h) in plan.image_sizes() {
+                tgt_sizes.push([h as i32 / p, w as i32 / p]);
+            }
+            // `--pixels source`: the file decodes to the size its placeholders were made for;
+            // the reader makes the slices, so resizing here would be thrown away.
+            if !self.keep_source {
+                pixel_values.extend(slice_image(&img, &cfg).images.into_iter().map(|s| s.data));
             }
         }
         let stats = text.stats;
