@@ -6,7 +6,7 @@ use candle_core::{DType, Tensor};
 
 use crate::error::{ModelError, Result};
 use crate::linear::{Mode, Rng};
-use crate::llm::{KvCache, LlmAux};
+use crate::llm::{KvCache, Llm, LlmAux};
 use crate::model::{Batch, MiniCpmV};
 
 /// How the next token is picked.
@@ -62,12 +62,14 @@ impl MiniCpmV {
         let t = x.dim(1)?;
         let positions: Vec<u32> = (start..start + t as u32).collect();
         let aux = LlmAux::rotary(self.llm().config(), &positions, x.dtype(), x.device())?;
+        // One mask for every layer of the step (none for a single token).
+        let mask = Llm::cached_mask(start as usize, t, x.dtype(), x.device())?;
         let mode = self.eval_mode();
         let mut x = x;
         for i in 0..self.llm().num_layers() {
             x = self
                 .llm()
-                .layer_cached(i, &x, &aux.cos, &aux.sin, cache, &mode)?;
+                .layer_cached(i, &x, &aux.cos, &aux.sin, mask.as_ref(), cache, &mode)?;
         }
         let last = x.narrow(1, t - 1, 1)?;
         let h = self.llm().final_norm(&last)?;

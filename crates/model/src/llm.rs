@@ -297,16 +297,41 @@ impl Llm {
         Ok((x + scaled(mlp, c.residual_scale)?)?)
     }
 
+    /// The additive causal mask of `t` new positions after `past` cached ones, `[1, 1, 1, t,
+    /// past + t]` (new position j sees keys ≤ past + j; shared by every head and layer), or
+    /// `None` for a single new position, which sees every key.
+    pub fn cached_mask(
+        past: usize,
+        t: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Option<Tensor>> {
+        if t <= 1 {
+            return Ok(None);
+        }
+        let total = past + t;
+        let mut mask = vec![0f32; t * total];
+        for j in 0..t {
+            mask[j * total + past + j + 1..(j + 1) * total].fill(f32::NEG_INFINITY);
+        }
+        Ok(Some(
+            Tensor::from_vec(mask, (1, 1, 1, t, total), device)?.to_dtype(dtype)?,
+        ))
+    }
+
     /// Decoder layer `i` over `x` `[B, t, H]`, the positions that follow the ones in `cache`
     /// (whose keys and values it attends to, causally, and then extends). `cos`/`sin` are the
-    /// rotary tables of the new positions (`[B, 1, t, Dh]`). Inference only: no dropout, and
-    /// plain ops (no fused attention) on every device.
+    /// rotary tables of the new positions (`[B, 1, t, Dh]`), `mask` their
+    /// [`Llm::cached_mask`]. Inference only: no dropout, and plain ops (no fused attention) on
+    /// every device.
+    #[allow(clippy::too_many_arguments)]
     pub fn layer_cached(
         &self,
         i: usize,
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
+        mask: Option<&Tensor>,
         cache: &mut KvCache,
         mode: &Mode,
     ) -> Result<Tensor> {
@@ -324,22 +349,16 @@ impl Llm {
         };
         cache.layers[i] = Some((k.clone(), v.clone()));
         let total = k.dim(2)?;
-        let past = total - t;
         let rep = nh / nkv;
         // Query heads that share a key/value head side by side: [B, KV, rep·t, Dh].
         let q = q.reshape((b, nkv, rep * t, dh))?;
-        let scores = (q.matmul(&k.t()?.contiguous()?)? / (dh as f64).sqrt())?;
-        // New position j sees keys ≤ past + j: one [t, total] mask for every head of a group.
-        let mut mask = vec![0f32; t * total];
-        for j in 0..t {
-            mask[j * total + past + j + 1..(j + 1) * total].fill(f32::NEG_INFINITY);
+        let mut scores = (q.matmul(&k.t()?.contiguous()?)? / (dh as f64).sqrt())?;
+        if let Some(mask) = mask {
+            scores = scores
+                .reshape((b, nkv, rep, t, total))?
+                .broadcast_add(mask)?
+                .reshape((b, nkv, rep * t, total))?;
         }
-        let mask =
-            Tensor::from_vec(mask, (1, 1, 1, t, total), x.device())?.to_dtype(scores.dtype())?;
-        let scores = scores
-            .reshape((b, nkv, rep, t, total))?
-            .broadcast_add(&mask)?
-            .reshape((b, nkv, rep * t, total))?;
         let probs = crate::ops::softmax_last(&scores)?;
         let attn = probs
             .matmul(&v)?
