@@ -173,27 +173,40 @@ pub fn wrapped_key(name: &str, module: &str) -> String {
     format!("{PEFT_PREFIX}{module}.modules_to_save.default.{rest}")
 }
 
-/// A tensor as torch.save stores it (its own dtype; other dtypes as f32). The bytes are those
-/// safetensors writes (candle's `View`: contiguous little-endian).
+/// A tensor as torch.save stores it (its own dtype; other dtypes as f32): contiguous
+/// little-endian bytes, copied to the host once.
 fn torch_tensor(name: String, t: &Tensor) -> Result<crate::torch_save::TorchTensor, TrainError> {
     use crate::torch_save::{StorageType, TorchTensor};
-    use safetensors::View;
-    let dtype = match t.dtype() {
-        DType::BF16 => StorageType::Bf16,
-        DType::F16 => StorageType::F16,
-        _ => StorageType::F32,
+    let flat = t.flatten_all()?;
+    let (dtype, bytes): (StorageType, Vec<u8>) = match t.dtype() {
+        DType::BF16 => (
+            StorageType::Bf16,
+            flat.to_vec1::<half::bf16>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+        ),
+        DType::F16 => (
+            StorageType::F16,
+            flat.to_vec1::<half::f16>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+        ),
+        _ => (
+            StorageType::F32,
+            flat.to_dtype(DType::F32)?
+                .to_vec1::<f32>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect(),
+        ),
     };
-    let t = match dtype {
-        StorageType::F32 => t.to_dtype(DType::F32)?,
-        _ => t.clone(),
-    }
-    .to_device(&Device::Cpu)?
-    .contiguous()?;
     Ok(TorchTensor {
         name,
         dtype,
         shape: t.dims().to_vec(),
-        bytes: t.data().into_owned(),
+        bytes,
     })
 }
 
@@ -479,14 +492,24 @@ pub fn merge_lora(base_dir: &Path, adapter_dir: &Path, out: &Path) -> Result<usi
     // The base's tokenizer, processor and code files (a PEFT adapter directory need not have
     // them); the config from the adapter when it carries one (training max_slice_nums).
     copy_side_files(base_dir, out)?;
-    let cfg_src = if adapter_dir.join("config.json").exists() {
-        adapter_dir.join("config.json")
-    } else {
-        base_dir.join("config.json")
-    };
+    let cfg_src = settings_dir(base_dir, adapter_dir).join("config.json");
     std::fs::copy(&cfg_src, out.join("config.json")).map_err(io(&cfg_src))?;
     save_tensors(out, &tensors, Some(cpmv_model::init::SHARD_BYTES))?;
     Ok(merged)
+}
+
+/// Where the settings a LoRA adapter was trained with live: a cpmv run directory carries the
+/// base's tokenizer files and its config.json with the training slicing (`max_slice_nums`);
+/// any other adapter directory defers to the base. Chat and merge both read it, so a merged
+/// model prompts as chatting with the adapter does.
+pub fn settings_dir<'a>(base_dir: &'a Path, adapter_dir: &'a Path) -> &'a Path {
+    if adapter_dir.join("config.json").is_file()
+        && adapter_dir.join("tokenizer_config.json").is_file()
+    {
+        adapter_dir
+    } else {
+        base_dir
+    }
 }
 
 /// Loads a base checkpoint with a PEFT LoRA adapter applied (adapters attached to the

@@ -407,15 +407,10 @@ fn run_chat(a: ChatArgs) -> Result<()> {
         )
         .with_context(|| format!("loading {}", a.model.display()))?,
     };
-    // A cpmv LoRA run carries the base's tokenizer files and its config.json with the slicing it
-    // was trained with: prompt as the fine-tune saw its data. Other adapters: the base's files.
+    // Prompt as the fine-tune saw its data (its tokenizer files and slicing).
     let prompt_dir = match &a.adapter {
-        Some(run)
-            if run.join("config.json").is_file() && run.join("tokenizer_config.json").is_file() =>
-        {
-            run.as_path()
-        }
-        _ => a.model.as_path(),
+        Some(run) => cpmv_train::checkpoint::settings_dir(&a.model, run),
+        None => a.model.as_path(),
     };
     let chat = cpmv_chat::Chat::new(&model, prompt_dir, a.max_slice_nums)?;
     let mut images = Vec::new();
