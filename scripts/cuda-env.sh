@@ -12,13 +12,14 @@ _cpmv_cuda() {
   cu=$(ls -d "$dir"/venv/lib/python3*/site-packages/nvidia/cu13 2>/dev/null | head -1)
   if [ -z "$cu" ] || [ ! -x "$cu/bin/nvcc" ]; then
     "$py" -m pip install -q "cuda-toolkit[nvcc,cudart,cublas,curand,nvrtc,cccl,crt,nvvm]==13.0.2" \
-      "nvidia-nccl-cu13==2.30.7" || return 1
+      || return 1
     cu=$(ls -d "$dir"/venv/lib/python3*/site-packages/nvidia/cu13 | head -1)
   fi
   [ -n "$cu" ] && [ -x "$cu/bin/nvcc" ] || { echo "cuda-env: no nvcc under $dir" >&2; return 1; }
   # NCCL 2.30: cudarc's bindings, and the first NCCL that runs two ranks on one GPU.
-  "$py" -m pip show nvidia-nccl-cu13 2>/dev/null | grep -q '^Version: 2\.30\.7$' \
-    || "$py" -m pip install -q "nvidia-nccl-cu13==2.30.7" || return 1
+  local nccl=2.30.7
+  "$py" -m pip show nvidia-nccl-cu13 2>/dev/null | grep -qx "Version: $nccl" \
+    || "$py" -m pip install -q "nvidia-nccl-cu13==$nccl" || return 1
   # A CUDA_HOME layout (bin, include, nvvm, lib64) made of links into the wheels.
   root=$dir/root
   if [ ! -e "$root/lib64/libcublas.so" ]; then

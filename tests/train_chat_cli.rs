@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value;
-use sha2::{Digest, Sha256};
+use cpmv_shard::fingerprint::sha256_hex as sha256;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -25,10 +25,6 @@ fn train(args: &[&str]) -> std::process::Output {
 fn fixture(version: &str) -> Value {
     let path = root().join(format!("tests/fixtures/chat/{version}.json"));
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn sha256(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
 }
 
 /// The fixture's seeded checkpoint, written by `train init-model` and checked by hash.

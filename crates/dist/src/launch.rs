@@ -35,19 +35,6 @@ pub struct World {
 }
 
 impl World {
-    /// One process, no launcher.
-    pub fn single() -> World {
-        World {
-            launcher: Launcher::Torchrun,
-            rank: 0,
-            world_size: 1,
-            local_rank: 0,
-            local_world_size: Some(1),
-            master_addr: None,
-            master_port: None,
-        }
-    }
-
     /// Rank 0 prints progress and writes logs and checkpoints.
     pub fn is_main(&self) -> bool {
         self.rank == 0
@@ -60,35 +47,27 @@ impl World {
         if let Some(id) = env("NCCL_COMM_ID").filter(|s| !s.trim().is_empty()) {
             return Ok(id);
         }
-        let addr = self.master_addr.clone().ok_or_else(|| {
-            DistError::Env("no MASTER_ADDR (or NCCL_COMM_ID) for the NCCL rendezvous".into())
-        })?;
-        let port = self.master_port.ok_or_else(|| {
-            DistError::Env("no MASTER_PORT (or NCCL_COMM_ID) for the NCCL rendezvous".into())
-        })?;
-        let port = port.checked_add(1).ok_or_else(|| {
-            DistError::Env(format!(
-                "MASTER_PORT {port}: the NCCL rendezvous uses MASTER_PORT + 1"
-            ))
-        })?;
-        Ok(format!("{addr}:{port}"))
+        self.master_plus(1, "the NCCL rendezvous (or set NCCL_COMM_ID)")
     }
-}
 
-impl World {
     /// Where the ranks' TCP control group meets (`host:port`): the master address on
     /// `MASTER_PORT + 2` (torchrun's store holds `MASTER_PORT`, NCCL's bootstrap `+ 1`).
     pub fn control_addr(&self) -> Result<String, DistError> {
+        self.master_plus(2, "the ranks' rendezvous")
+    }
+
+    /// `MASTER_ADDR:(MASTER_PORT + offset)`, for `what`.
+    fn master_plus(&self, offset: u16, what: &str) -> Result<String, DistError> {
         let addr = self
             .master_addr
             .clone()
-            .ok_or_else(|| DistError::Env("no MASTER_ADDR for the ranks' rendezvous".into()))?;
+            .ok_or_else(|| DistError::Env(format!("no MASTER_ADDR for {what}")))?;
         let port = self
             .master_port
-            .ok_or_else(|| DistError::Env("no MASTER_PORT for the ranks' rendezvous".into()))?;
-        let port = port.checked_add(2).ok_or_else(|| {
+            .ok_or_else(|| DistError::Env(format!("no MASTER_PORT for {what}")))?;
+        let port = port.checked_add(offset).ok_or_else(|| {
             DistError::Env(format!(
-                "MASTER_PORT {port}: the ranks meet on MASTER_PORT + 2"
+                "MASTER_PORT {port}: {what} uses MASTER_PORT + {offset}"
             ))
         })?;
         Ok(format!("{addr}:{port}"))
@@ -201,7 +180,7 @@ pub fn world_from_env(env: impl Fn(&str) -> Option<String>) -> Result<Option<Wor
 
 /// The first host of a Slurm host list: `node07`, `gpu[003-008,010]` → `gpu003`,
 /// `a[1-2],b` → `a1`.
-pub fn first_host(list: &str) -> Option<String> {
+fn first_host(list: &str) -> Option<String> {
     let list = list.trim();
     let end = list.find([',', '[']).unwrap_or(list.len());
     let prefix = &list[..end];

@@ -266,12 +266,8 @@ impl Tcp {
     /// check before it hands a collective to NCCL).
     #[cfg_attr(not(feature = "nccl"), allow(dead_code))]
     pub(crate) fn agree(&self, op: Op) -> Result<(), DistError> {
-        let none = Sizes {
-            each: 0,
-            only_root: None,
-            answer: 0,
-        };
-        self.round(op, &[], none, |_, _| Vec::new()).map(|_| ())
+        self.round(op, &[], Sizes::NONE, |_, _| Vec::new())
+            .map(|_| ())
     }
 
     /// Rank 0: tells every rank why the group stops, and returns that reason.
@@ -351,6 +347,13 @@ struct Sizes {
 }
 
 impl Sizes {
+    /// Nothing in, nothing out (barriers, the NCCL backend's agreement rounds).
+    const NONE: Sizes = Sizes {
+        each: 0,
+        only_root: None,
+        answer: 0,
+    };
+
     fn contribution(&self, rank: usize) -> usize {
         match self.only_root {
             Some(root) if rank != root => 0,
@@ -439,12 +442,7 @@ impl Collective for Tcp {
     }
 
     fn barrier(&self) -> Result<(), DistError> {
-        let none = Sizes {
-            each: 0,
-            only_root: None,
-            answer: 0,
-        };
-        self.round(Op::Barrier, &[], none, |_, _| Vec::new())
+        self.round(Op::Barrier, &[], Sizes::NONE, |_, _| Vec::new())
             .map(|_| ())
     }
 }

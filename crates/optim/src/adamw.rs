@@ -117,6 +117,13 @@ impl AdamWConfig {
     }
 }
 
+/// Optimizer-state bytes per value of a parameter of `dtype`: both f32 moments, plus an f32
+/// master copy unless the parameter is f32 itself.
+pub fn state_bytes_per_value(dtype: DType) -> usize {
+    let copies = if dtype == DType::F32 { 2 } else { 3 };
+    copies * DType::F32.size_in_bytes()
+}
+
 /// AdamW over a fixed list of named parameters, with fp32 moments and, for bf16/f16 parameters,
 /// an fp32 master copy that receives the updates (the var gets the master rounded to its dtype
 /// after every step, so updates below the var's resolution still accumulate).
@@ -298,11 +305,7 @@ impl AdamW {
     pub fn state_bytes(&self) -> usize {
         self.params
             .iter()
-            .map(|p| {
-                let n = p.var.elem_count();
-                let copies = if p.master.is_some() { 3 } else { 2 };
-                n * copies * DType::F32.size_in_bytes()
-            })
+            .map(|p| p.var.elem_count() * state_bytes_per_value(p.var.dtype()))
             .sum()
     }
 

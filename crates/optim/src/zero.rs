@@ -14,7 +14,7 @@
 //! [`AdamW`]) and hands each rank the ranges it owns now, so a run resumes at another world size,
 //! sharded or not.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -189,11 +189,6 @@ impl ShardedAdamW {
     /// The flat space and its shards.
     pub fn layout(&self) -> &FlatLayout {
         &self.layout
-    }
-
-    /// The segments of this rank's shard.
-    pub fn segments(&self) -> &[Segment] {
-        &self.segments
     }
 
     /// One AdamW update of the shard: `grads` holds the shard's summed gradient
@@ -628,11 +623,6 @@ impl StateFiles {
             .get(name)
             .copied()
             .ok_or_else(|| self.bad(format!("metadata \"param_steps\" has no {name:?}")))
-    }
-
-    /// Names of the parameters with saved state.
-    pub fn param_names(&self) -> HashSet<&str> {
-        self.pieces.keys().map(|(n, _)| n.as_str()).collect()
     }
 }
 

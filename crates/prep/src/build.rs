@@ -507,16 +507,6 @@ pub fn training_chat_template(model: &ModelDir) -> String {
     cpmv_shard::fingerprint::training_chat_template(model.llm_type, model.chat_template.as_deref())
 }
 
-/// The tokenizer and chat-template fingerprints a model directory gives samples, as written
-/// into a manifest by `prep build` (the llm type detected from the directory).
-pub fn model_fingerprints(dir: &Path) -> Result<(String, String), BuildError> {
-    let model = ModelDir::load(dir, None)?;
-    Ok(cpmv_shard::fingerprint::model_fingerprints(
-        dir,
-        model.llm_type,
-    )?)
-}
-
 /// Everything a build needs before it touches the output directory: the model checked, the
 /// settings resolved and fingerprinted, the input files measured.
 struct BuildSetup {

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use cpmv_sentencepiece::{LegacyLlamaTokenizer, SentencePieceModel, SlowTokenizerConfig};
 pub use cpmv_shard::fingerprint::TokenizerKind;
-use cpmv_shard::fingerprint::{tokenizer_digest, tokenizer_files};
+use cpmv_shard::fingerprint::{read_tokenizer_files, tokenizer_digest, tokenizer_files};
 
 /// One of the two tokenizer implementations behind the operations prep and chat need.
 pub enum TextTokenizer {
@@ -23,34 +23,32 @@ impl TextTokenizer {
         kind: TokenizerKind,
     ) -> Result<(TextTokenizer, String), (String, String)> {
         let names = tokenizer_files(kind);
-        let mut files = Vec::with_capacity(names.len());
-        for name in names {
-            let path = dir.join(name);
-            files.push(
-                std::fs::read(&path).map_err(|e| (path.display().to_string(), e.to_string()))?,
-            );
-        }
+        let files = read_tokenizer_files(dir, kind).map_err(|e| match e {
+            cpmv_shard::ShardError::Io { path, source } => (path, source.to_string()),
+            other => (dir.display().to_string(), other.to_string()),
+        })?;
         let parts: Vec<&[u8]> = files.iter().map(Vec::as_slice).collect();
         let digest = tokenizer_digest(&parts);
-        let at = |k: usize| move |e: String| (dir.join(names[k]).display().to_string(), e);
+        // The error names the file (index k of `names`).
+        let at = |k: usize, e: String| (dir.join(names[k]).display().to_string(), e);
         let tokenizer = match kind {
             TokenizerKind::Json => {
                 let mut t = tokenizers::Tokenizer::from_bytes(&files[0])
-                    .map_err(|e| at(0)(e.to_string()))?;
+                    .map_err(|e| at(0, e.to_string()))?;
                 // A tokenizer.json may carry truncation or padding settings; the reference's
                 // encode calls use neither (lengths are handled by --max-length).
-                t.with_truncation(None).map_err(|e| at(0)(e.to_string()))?;
+                t.with_truncation(None).map_err(|e| at(0, e.to_string()))?;
                 t.with_padding(None);
                 TextTokenizer::Json(Box::new(t))
             }
             TokenizerKind::SentencePieceLegacy => {
                 let sp =
-                    SentencePieceModel::from_bytes(&files[0]).map_err(|e| at(0)(e.to_string()))?;
+                    SentencePieceModel::from_bytes(&files[0]).map_err(|e| at(0, e.to_string()))?;
                 let config = std::str::from_utf8(&files[1])
                     .map_err(|e| e.to_string())
                     .and_then(|t| SlowTokenizerConfig::from_json(t).map_err(|e| e.to_string()))
-                    .map_err(at(1))?;
-                let t = LegacyLlamaTokenizer::new(sp, config).map_err(|e| at(0)(e.to_string()))?;
+                    .map_err(|e| at(1, e))?;
+                let t = LegacyLlamaTokenizer::new(sp, config).map_err(|e| at(0, e.to_string()))?;
                 TextTokenizer::SentencePiece(Box::new(t))
             }
         };

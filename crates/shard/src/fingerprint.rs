@@ -109,15 +109,20 @@ pub fn tokenizer_digest(files: &[&[u8]]) -> String {
     hex::encode(h.finalize())
 }
 
-/// The fingerprint of the tokenizer of `kind` in `dir` (see [`tokenizer_digest`]).
-pub fn tokenizer_fingerprint(dir: &Path, kind: TokenizerKind) -> Result<String, ShardError> {
-    let files = tokenizer_files(kind)
+/// The bytes of the [`tokenizer_files`] of `kind` in `dir`, in order.
+pub fn read_tokenizer_files(dir: &Path, kind: TokenizerKind) -> Result<Vec<Vec<u8>>, ShardError> {
+    tokenizer_files(kind)
         .iter()
         .map(|name| {
             let path = dir.join(name);
             std::fs::read(&path).map_err(|e| ShardError::io(&path, e))
         })
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect()
+}
+
+/// The fingerprint of the tokenizer of `kind` in `dir` (see [`tokenizer_digest`]).
+pub fn tokenizer_fingerprint(dir: &Path, kind: TokenizerKind) -> Result<String, ShardError> {
+    let files = read_tokenizer_files(dir, kind)?;
     let parts: Vec<&[u8]> = files.iter().map(Vec::as_slice).collect();
     Ok(tokenizer_digest(&parts))
 }

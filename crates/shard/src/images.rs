@@ -166,13 +166,6 @@ impl ImageStore {
         Some(col.value(r))
     }
 
-    /// The sha256 of image `i`.
-    pub fn sha256(&self, i: u32) -> Option<&[u8]> {
-        let (batch, r) = self.mapped.locate(i as usize)?;
-        let col = batch.column_by_name(col::SHA256)?.as_fixed_size_binary();
-        Some(col.value(r))
-    }
-
     /// The path of the mapped file.
     pub fn path(&self) -> &Path {
         self.mapped.path()

@@ -28,13 +28,9 @@ pub struct MemoryPlan {
     pub exchange_host: u64,
 }
 
-/// Optimizer bytes per value: two f32 moments, plus an f32 master for non-f32 weights.
+/// Optimizer bytes per value (see [`cpmv_optim::adamw::state_bytes_per_value`]).
 fn optimizer_bytes(dtype: DType) -> u64 {
-    if dtype == DType::F32 {
-        8
-    } else {
-        12
-    }
+    cpmv_optim::adamw::state_bytes_per_value(dtype) as u64
 }
 
 impl MemoryPlan {
