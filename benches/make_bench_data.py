@@ -12,7 +12,9 @@ Writes, under --out (default .bench/data, git-ignored):
 * train.json — a JSON list (the reference's input format) of N samples whose image paths are
   relative to the data file: mostly one image (string form, sometimes the `{"<image>": path}`
   object form, `<image>` tag in the text or not), some two-image samples with
-  `<image_00>`/`<image_01>` tags, some text-only samples; 1 to 3 user/assistant turns;
+  `<image_00>`/`<image_01>` tags, some text-only samples; 1 to 3 user/assistant turns; every
+  answer ends in a clause of random words and numbers (some Chinese), so texts do not repeat
+  the way real data's do not (a tokenizer cannot coast on repeated strings);
 * info.json — what was generated (sizes, counts, total image bytes referenced by the samples,
   counting repeats, which is the "MB of input" of the benchmark table).
 
@@ -84,6 +86,36 @@ TEXT_ONLY = [
 ]
 
 
+# Words for the random clause every answer ends in: common English, some capitalised, some with
+# apostrophes or hyphens, and Chinese, so the tokenizer's pre-tokenizer and normaliser see the
+# kinds of text real captions hold.
+WORDS = (
+    "the a of and to in is it that for on with as was at by this from are be or an which not "
+    "light shadow colour edge corner surface detail texture frame picture image photo scene view "
+    "left right top bottom centre middle background foreground subject object person animal cat "
+    "cup table window sky cloud tree road building car wall floor door street water metal glass "
+    "bright dark warm cool soft sharp blurred small large tall wide narrow old new round square "
+    "red orange yellow green blue purple brown grey white black pale deep faint vivid "
+    "shows appears looks seems sits stands lies holds covers fills frames catches reflects "
+    "probably clearly slightly mostly nearly quite rather very almost only also still just "
+    "there's it's doesn't isn't can't won't they're we've I'd you'll "
+    "well-lit close-up out-of-focus black-and-white hand-made "
+    "NASA JPEG RGB HDR Monday London Paris "
+    "图片 显示 一只 猫 咖啡 杯子 火箭 天空 背景 颜色 光线 细节 左边 右边 中间 非常 清楚 "
+).split()
+
+
+def clause(rng: random.Random) -> str:
+    """A clause of 6 to 30 random words, sometimes with a number or a measurement."""
+    words = [rng.choice(WORDS) for _ in range(rng.randint(6, 30))]
+    for _ in range(rng.choice([0, 0, 1, 2])):
+        num = rng.choice([str(rng.randint(0, 9999)), f"{rng.uniform(0, 100):.1f}%",
+                          f"{rng.randint(1, 4096)}x{rng.randint(1, 4096)}", f"{rng.randint(1, 60)} cm"])
+        words.insert(rng.randrange(len(words) + 1), num)
+    text = " ".join(words)
+    return text[0].upper() + text[1:] + rng.choice([".", ".", "!", "?", "...", ";"])
+
+
 def fit(im: Image.Image, w: int, h: int) -> Image.Image:
     """Centre crop to the w:h aspect ratio, then resize to w x h (Pillow LANCZOS)."""
     sw, sh = im.size
@@ -128,6 +160,7 @@ def conversation(rng: random.Random, thing: str, first_prefix: str) -> list[dict
     for t in range(turns):
         q = rng.choice(QUESTIONS)
         a = rng.choice(ANSWERS).format(thing=thing, Thing=thing[0].upper() + thing[1:])
+        a = f"{a} {clause(rng)}"
         conv.append({"role": "user", "content": (first_prefix + q) if t == 0 else q})
         conv.append({"role": "assistant", "content": a})
     return conv
@@ -148,7 +181,8 @@ def make_samples(images: list[dict], n: int, rng: random.Random) -> list[dict]:
         if kind == "text":
             q, a = rng.choice(TEXT_ONLY)
             samples.append({"id": sid, "conversations": [
-                {"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+                {"role": "user", "content": q},
+                {"role": "assistant", "content": f"{a} {clause(rng)}"}]})
         elif kind == "single":
             im = pick()
             thing = THINGS[im["photo"]]
@@ -168,7 +202,7 @@ def make_samples(images: list[dict], n: int, rng: random.Random) -> list[dict]:
             conv = [
                 {"role": "user", "content": f"<image_00>\n<image_01>\nCompare the two pictures."},
                 {"role": "assistant", "content": f"The first shows {THINGS[a['photo']]}, the "
-                                                 f"second {THINGS[b['photo']]}."},
+                                                 f"second {THINGS[b['photo']]}. {clause(rng)}"},
             ]
             samples.append({"id": sid, "image": {"<image_00>": a["path"], "<image_01>": b["path"]},
                             "conversations": conv})

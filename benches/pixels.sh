@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# What `--pixels slices|source` costs on disk and at build time, and how fast the trainer's loader
-# serves each, on the bundled example and on the benchmark data set. One table, last.
+# What `--pixels slices|source` and `--compression none|lz4|zstd` cost on disk and at build
+# time, and how fast the trainer's loader serves each, on the bundled example and on the
+# benchmark data set. One table, last.
 #
 #   benches/pixels.sh                 # BENCH_N=300 generated samples (~2 min on 2 cores once built)
 #
@@ -56,22 +57,25 @@ for set in example bench; do
     bench) data="$W/data/train.json" ;;
   esac
   refs=$(ref_bytes "$data")
-  for mode in slices source; do
-    out="$W/out-$set-$mode"
+  for variant in slices:none slices:lz4 slices:zstd source:none source:zstd; do
+    mode=${variant%%:*}
+    codec=${variant##*:}
+    out="$W/out-$set-$mode-$codec"
     sync
     s=$(now)
     "$PREP" build --data "$data" --model "$MODEL" --out "$out" --pixels "$mode" --threads 1 \
-      --overwrite --quiet >/dev/null
+      --compression "$codec" --overwrite --quiet >/dev/null
     e=$(now)
     build=$(awk -v s="$s" -v e="$e" 'BEGIN{printf "%.1f", e-s}')
     line=$("$LOADER" "$out")
-    rows+=("$(python3 - "$line" "$set" "$mode" "$build" "$refs" <<'PY'
+    rows+=("$(python3 - "$line" "$set" "$mode" "$codec" "$build" "$refs" <<'PY'
 import json, sys
 r = json.loads(sys.argv[1])
-set_, mode, build, refs = sys.argv[2], sys.argv[3], float(sys.argv[4]), int(sys.argv[5])
+set_, mode, codec = sys.argv[2], sys.argv[3], sys.argv[4]
+build, refs = float(sys.argv[5]), int(sys.argv[6])
 per = r["bytes_per_sample"]
-print(f"| {set_} ({r['samples']}) | {mode} | {per / 1e3:,.0f} kB | {r['bytes'] / refs:.2f}x | "
-      f"{build:.1f} s | {r['loader_samples_per_s']:.0f} |")
+print(f"| {set_} ({r['samples']}) | {mode} | {codec} | {per / 1e3:,.0f} kB | "
+      f"{r['bytes'] / refs:.2f}x | {build:.1f} s | {r['loader_samples_per_s']:.0f} |")
 PY
 )")
   done
@@ -79,6 +83,6 @@ done
 
 echo
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
-echo "| set (samples) | pixels | bytes / sample | x referenced image bytes | prep build, 1 thread | loader samples/s, 1 core |"
-echo "|---|---|---:|---:|---:|---:|"
+echo "| set (samples) | pixels | compression | bytes / sample | x referenced image bytes | prep build, 1 thread | loader samples/s, 1 core |"
+echo "|---|---|---|---:|---:|---:|---:|"
 printf '%s\n' "${rows[@]}"

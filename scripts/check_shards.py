@@ -7,7 +7,9 @@ Opens every Arrow shard with pyarrow (memory-mapped) and every Parquet twin with
 pandas, compares their columns with schemas/shard.schema.json, validates manifest.json and
 rejected.jsonl against their JSON schemas, and checks the row invariants (lengths, bounds,
 pixel sizes, packs, counts); in a set of `--pixels source`, the image store (one row per distinct
-file, sha256 matching its bytes) and that every image_refs entry points into it. Exits 1 on the first directory that fails.
+file, sha256 matching its bytes) and that every image_refs entry points into it; in a set of
+`--compression lz4|zstd`, that the shards hold frames of that codec (pyarrow decompresses them
+transparently). Exits 1 on the first directory that fails.
 Needs: pyarrow, pandas, jsonschema.
 """
 import hashlib
@@ -90,6 +92,9 @@ def check_dir(d: pathlib.Path) -> str:
         for digest, data in zip(digests, it.column("bytes").to_pylist()):
             assert hashlib.sha256(data).digest() == digest, f"{store['file']}: sha256 does not match the bytes"
         images = it.num_rows
+    # Frame magic numbers of the codecs Arrow IPC buffer compression uses.
+    magic = {"lz4": bytes.fromhex("04224d18"), "zstd": bytes.fromhex("28b52ffd")}
+    codec = manifest.get("compression", "none")
     max_len = manifest["packing"]["max_length"]
     total = 0
     pack_tokens = {}
@@ -100,6 +105,9 @@ def check_dir(d: pathlib.Path) -> str:
                 t = ipc.open_file(src).read_all()
             arrow_rows = check_table(t, columns, patch, s["file"], images)
             assert len(arrow_rows) == s["rows"]
+            if codec != "none":
+                raw = (d / s["file"]).read_bytes()
+                assert magic[codec] in raw, f"{s['file']}: no {codec} frame in a set of {codec}"
             for r in arrow_rows:
                 pack_tokens[r["pack"]] = pack_tokens.get(r["pack"], 0) + r["num_tokens"]
         if s["parquet"]:

@@ -4,12 +4,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use cpmv_shard::ShardDir;
+use cpmv_shard::{Row, ShardDir};
 use serde_json::Value;
 
 #[path = "common/mod.rs"]
 mod common;
-use common::{copy_model, dir_files, prep, root, s, MODELS};
+use common::{copy_model, dir_files, prep, root, rows, s, MODELS};
 
 fn ok(o: &Output, code: i32) -> String {
     assert_eq!(
@@ -109,7 +109,7 @@ fn stats_reports_exactly_the_lengths_build_writes() {
             rejected.contains("cut-pixels") && rejected.contains("image_decode"),
             "{rejected}"
         );
-        for row in shards.samples() {
+        for row in rows(&shards).iter().map(Row::view) {
             let m = &measured[row.id];
             assert_eq!(m["total_tokens"], row.num_tokens, "{model} {}", row.id);
             let image: i32 = row.image_bound.iter().map(|b| b[1] - b[0]).sum();
@@ -313,7 +313,8 @@ fn inspect_shows_placeholders_supervision_bounds_and_slices() {
     // 2.6's extra target: the <|im_end|> position also learns eos.
     assert!(text.contains("{→<|im_end|>}"), "{text}");
     let dir = ShardDir::open(&out).unwrap();
-    let row = dir.find_id("coffee-0").unwrap();
+    let row = dir.find_id("coffee-0").unwrap().unwrap();
+    let row = row.view();
     assert!(text.contains(&format!(
         "slice  0: tokens [{}, {})",
         row.image_bound[0][0], row.image_bound[0][1]
@@ -336,7 +337,7 @@ fn inspect_shows_placeholders_supervision_bounds_and_slices() {
         &prep(&["inspect", "--shards", s(&out), "--index", "0", "--no-color"]),
         0,
     );
-    assert!(by_index.starts_with(&format!("id {}", dir.sample(0).unwrap().id)));
+    assert!(by_index.starts_with(&format!("id {}", dir.sample(0).unwrap().unwrap().view().id)));
     let missing = prep(&["inspect", "--shards", s(&out), "--id", "nope"]);
     assert_eq!(missing.status.code(), Some(1));
 }
@@ -393,7 +394,7 @@ fn exif_transpose_sizes_agree_between_stats_and_build() {
             0,
         );
         let measured = per_sample(&per);
-        for row in ShardDir::open(&out).unwrap().samples() {
+        for row in rows(&ShardDir::open(&out).unwrap()).iter().map(Row::view) {
             assert_eq!(
                 measured[row.id]["total_tokens"], row.num_tokens,
                 "{flag} {}",

@@ -809,7 +809,8 @@ fn eval_agrees_with_the_forward_loss_and_the_first_training_step() {
     assert_eq!(rows.len(), data.samples());
     // Sample 0 alone through the model crate.
     let model = MiniCpmV::load(&f.model, &LoadOptions::default()).unwrap();
-    let s0 = data.shards.sample(0).unwrap();
+    let row0 = data.shards.sample(0).unwrap().unwrap();
+    let s0 = row0.view();
     let single = cpmv_train::data::Pack {
         rows: vec![0],
         tokens: s0.input_ids.len(),
@@ -1023,6 +1024,8 @@ fn non_finite_loss_stops_or_is_skipped() {
         .shards
         .sample(data.packs[first].rows[0])
         .unwrap()
+        .unwrap()
+        .view()
         .id
         .to_string();
     assert!(err.contains(&id), "{err} should name {id}");
@@ -1989,7 +1992,15 @@ fn unpacked_and_slice_limited_shards_train() {
                 let slices: usize = p
                     .rows
                     .iter()
-                    .map(|&r| data.shards.sample(r).unwrap().tgt_sizes.len())
+                    .map(|&r| {
+                        data.shards
+                            .sample(r)
+                            .unwrap()
+                            .unwrap()
+                            .view()
+                            .tgt_sizes
+                            .len()
+                    })
                     .sum();
                 assert!(p.rows.len() == 1 || slices <= 1, "{name}: {slices} slices");
             }
@@ -2677,9 +2688,10 @@ fn torchrun_launches_ranks_that_train_as_threads_do() {
     assert_same_training(&out, &threads, "model.safetensors", "torchrun");
 }
 
-/// A set of `--pixels source` trains and evaluates exactly as the set of slices it stands for:
-/// the loader makes the same slices from the stored files, so losses agree bit for bit; `prep
-/// inspect --dump-images` writes the same PNGs.
+/// A set of `--pixels source`, and one of zstd-compressed slices, train and evaluate exactly
+/// as the plain set of slices they stand for: the loader makes the same slices from the stored
+/// files (or decompresses the same bytes), so losses agree bit for bit; `prep inspect
+/// --dump-images` writes the same PNGs.
 #[test]
 fn source_pixel_shards_train_and_evaluate_as_slices_do() {
     let f = fx();
@@ -2694,6 +2706,15 @@ fn source_pixel_shards_train_and_evaluate_as_slices_do() {
         },
     );
     assert!(source.join("images.arrow").exists());
+    let zstd = tmp.path().join("zstd-shards");
+    build_shards_with(
+        "examples/models/minicpm-v-2_6-tiny",
+        &zstd,
+        cpmv_prep::config::PrepPreset {
+            compression: Some(cpmv_prep::config::ShardCompression::Zstd),
+            ..small_prep(112)
+        },
+    );
     let run = |shards: &Path, name: &str| {
         let out = tmp.path().join(name);
         ok(&train(&[
@@ -2714,13 +2735,16 @@ fn source_pixel_shards_train_and_evaluate_as_slices_do() {
     let (a, b) = (run(&f.small, "run-slices"), run(&source, "run-source"));
     assert_eq!(a.len(), 3);
     assert_eq!(a, b, "losses differ between slices and source pixels");
+    assert_eq!(a, run(&zstd, "run-zstd"), "losses differ with zstd shards");
     for pack in [&[][..], &["--pack"][..]] {
         let eval = |shards: &Path| {
             let mut args = vec!["--shards", s(shards), "--model", s(&f.model)];
             args.extend_from_slice(pack);
             per_sample(&eval_json(&args))
         };
-        assert_eq!(eval(&f.small), eval(&source), "eval {pack:?}");
+        let plain = eval(&f.small);
+        assert_eq!(plain, eval(&source), "eval {pack:?}");
+        assert_eq!(plain, eval(&zstd), "eval zstd {pack:?}");
     }
     let dump = |shards: &Path, name: &str| {
         let out = tmp.path().join(name);
@@ -2749,4 +2773,5 @@ fn source_pixel_shards_train_and_evaluate_as_slices_do() {
     let (x, y) = (dump(&f.small, "dump-slices"), dump(&source, "dump-source"));
     assert!(!x.is_empty());
     assert_eq!(x, y);
+    assert_eq!(x, dump(&zstd, "dump-zstd"));
 }

@@ -80,3 +80,8 @@ pub fn dir_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
         })
         .collect()
 }
+
+/// Every row of a shard set, in order (a row that does not decode fails the test).
+pub fn rows(dir: &cpmv_shard::ShardDir) -> Vec<cpmv_shard::Row> {
+    dir.samples().map(|r| r.expect("row decodes")).collect()
+}

@@ -201,6 +201,7 @@ pub fn resolved_with_sources(
     );
     setting!(format, merged.format.unwrap_or_default(), false);
     setting!(pixels, merged.pixels.unwrap_or_default(), false);
+    setting!(compression, merged.compression.unwrap_or_default(), false);
     setting!(
         shard_size_mb,
         merged.shard_size_mb.unwrap_or(defaults::SHARD_SIZE_MB),
@@ -516,6 +517,7 @@ struct BuildSetup {
     pack_cfg: PackConfig,
     format: OutputFormat,
     pixels: cpmv_shard::PixelMode,
+    compression: cpmv_shard::Compression,
     on_error: OnError,
     build_settings: BuildSettings,
     fingerprints: Fingerprints,
@@ -567,6 +569,7 @@ impl BuildSetup {
             pack_cfg,
             format: opts.prep.format.unwrap_or_default(),
             pixels,
+            compression: opts.prep.compression.unwrap_or_default().into(),
             on_error: opts.prep.on_error.unwrap_or_default(),
             build_settings,
             fingerprints,
@@ -699,6 +702,7 @@ fn run_samples(
         parquet: matches!(setup.format, OutputFormat::Parquet | OutputFormat::Both),
         arrow: matches!(setup.format, OutputFormat::Arrow | OutputFormat::Both),
         pixels: setup.pixels,
+        compression: setup.compression,
         ..Default::default()
     };
     let (tx, rx) = mpsc::sync_channel::<Option<(u32, Vec<Sample>)>>(4);
@@ -887,6 +891,7 @@ fn make_manifest(
         shards,
         pixels,
         images: None,
+        compression: setup.compression,
     }
 }
 /// Rejection counts sorted by count (descending), for summaries.

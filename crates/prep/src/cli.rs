@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use crate::build::{build, reasons_by_count, BuildError};
-use crate::config::{BuildOptions, OnError, OutputFormat, Pixels, PrepPreset};
+use crate::config::{BuildOptions, OnError, OutputFormat, Pixels, PrepPreset, ShardCompression};
 use crate::inspect::{inspect, InspectOptions};
 use crate::model::LlmType;
 use crate::placeholder::ImageIdMode;
@@ -168,6 +168,11 @@ struct BuildArgs {
     /// about what its images do) [default: slices].
     #[arg(long, value_enum)]
     pixels: Option<Pixels>,
+    /// Buffer compression of the Arrow shards: none (the trainer uses the mapped columns in
+    /// place), lz4 or zstd (one record batch per pack, decompressed when read; pyarrow reads
+    /// them as they are) [default: none].
+    #[arg(long, value_enum)]
+    compression: Option<ShardCompression>,
     /// Start a new shard after this many MiB [default: 1024].
     #[arg(long)]
     shard_size_mb: Option<u64>,
@@ -266,6 +271,7 @@ impl BuildArgs {
             pack_window: self.pack_window,
             format: self.format,
             pixels: self.pixels,
+            compression: self.compression,
             shard_size_mb: self.shard_size_mb,
             on_error: self.on_error,
             ..PrepPreset::default()
@@ -386,17 +392,22 @@ fn run_build(args: BuildArgs) -> u8 {
                 opts.out.display()
             );
             let shard_bytes: u64 = m.shards.iter().map(|e| e.bytes).sum();
+            let codec = match m.compression {
+                cpmv_shard::Compression::None => String::new(),
+                c => format!(" ({} compressed)", c.name()),
+            };
             match &m.images {
                 Some(i) => println!(
-                    "pixels: source, {} distinct image file(s) in {} ({:.1} MB), shards {:.1} MB",
+                    "pixels: source, {} distinct image file(s) in {} ({:.1} MB), shards \
+                     {:.1} MB{codec}",
                     i.count,
                     i.file,
                     i.bytes as f64 / 1e6,
                     shard_bytes as f64 / 1e6
                 ),
                 None => println!(
-                    "pixels: slices, shards {:.1} MB (--pixels source stores the image files \
-                     instead)",
+                    "pixels: slices, shards {:.1} MB{codec} (--pixels source stores the image \
+                     files instead)",
                     shard_bytes as f64 / 1e6
                 ),
             }
@@ -576,6 +587,6 @@ mod tests {
         got.sort();
         want.sort();
         assert_eq!(got, want);
-        assert_eq!(want.len(), 16);
+        assert_eq!(want.len(), 17);
     }
 }

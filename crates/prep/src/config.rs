@@ -47,6 +47,31 @@ impl From<Pixels> for cpmv_shard::PixelMode {
     }
 }
 
+/// Buffer compression of the Arrow shards (`--compression`).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum ShardCompression {
+    /// Uncompressed: the trainer uses the mapped columns in place.
+    #[default]
+    None,
+    /// LZ4 frames (fast to decode, modest gain).
+    Lz4,
+    /// Zstandard, level 1 (smaller; the reader decompresses one pack at a time).
+    Zstd,
+}
+
+impl From<ShardCompression> for cpmv_shard::Compression {
+    fn from(c: ShardCompression) -> Self {
+        match c {
+            ShardCompression::None => cpmv_shard::Compression::None,
+            ShardCompression::Lz4 => cpmv_shard::Compression::Lz4,
+            ShardCompression::Zstd => cpmv_shard::Compression::Zstd,
+        }
+    }
+}
+
 /// What to do with a sample that cannot be used.
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum,
@@ -78,6 +103,7 @@ pub struct PrepPreset {
     pub pack_window: Option<usize>,
     pub format: Option<OutputFormat>,
     pub pixels: Option<Pixels>,
+    pub compression: Option<ShardCompression>,
     pub shard_size_mb: Option<u64>,
     pub on_error: Option<OnError>,
 }
@@ -126,6 +152,7 @@ impl PrepPreset {
             pack_window,
             format,
             pixels,
+            compression,
             shard_size_mb,
             on_error
         )

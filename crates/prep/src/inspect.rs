@@ -113,18 +113,19 @@ pub fn inspect(opts: &InspectOptions) -> Result<String, BuildError> {
         refuse_dump_into_shards(dump, &opts.shards)?;
     }
     let dir = ShardDir::open(&opts.shards)?;
-    let row = match (&opts.id, opts.index) {
-        (Some(id), _) => dir.find_id(id).ok_or_else(|| {
+    let found = match (&opts.id, opts.index) {
+        (Some(id), _) => dir.find_id(id)?.ok_or_else(|| {
             BuildError::Setup(format!(
                 "no sample with id {id:?} in {}",
                 opts.shards.display()
             ))
         })?,
-        (None, Some(k)) => dir.sample(k).ok_or_else(|| {
+        (None, Some(k)) => dir.sample(k)?.ok_or_else(|| {
             BuildError::Setup(format!("index {k} is past the end ({} samples)", dir.len()))
         })?,
         (None, None) => return Err(BuildError::Setup("give --id or --index".into())),
     };
+    let row = found.view();
     row.check()
         .map_err(|e| BuildError::Setup(format!("{}: {e}", opts.shards.display())))?;
     let model_dir = opts

@@ -670,7 +670,9 @@ pub fn stats_from_shards(dir: &Path, model: Option<&Path>) -> Result<StatsReport
     let t = &model.tokens;
     let new = llm.new_schema();
     let mut measured = Vec::with_capacity(shards.len());
-    for row in shards.samples() {
+    for found in shards.samples_without_pixels() {
+        let found = found?;
+        let row = found.view();
         row.check()
             .map_err(|e| BuildError::Setup(format!("{}: {e}", dir.display())))?;
         let image: u32 = row.image_bound.iter().map(|b| (b[1] - b[0]) as u32).sum();

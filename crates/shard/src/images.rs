@@ -145,7 +145,17 @@ impl ImageStore {
     /// Maps `path` and checks its columns.
     pub fn open(path: &Path) -> Result<Self, ShardError> {
         let expected = images_schema();
-        let mapped = Mapped::open(path, |s| s.fields() == expected.fields(), "an image store")?;
+        let mapped = Mapped::open(
+            path,
+            |s| s.fields() == expected.fields(),
+            "an image store",
+            &[],
+        )?;
+        if mapped.compressed() {
+            // prep never compresses the store (encoded image files do not shrink), and its
+            // rows are handed out borrowed from the map.
+            return Err(ShardError::format(path, "compressed image store"));
+        }
         Ok(ImageStore { mapped })
     }
 
@@ -161,7 +171,8 @@ impl ImageStore {
 
     /// The bytes of image `i`.
     pub fn get(&self, i: u32) -> Option<&[u8]> {
-        let (batch, r) = self.mapped.locate(i as usize)?;
+        let (b, r) = self.mapped.locate(i as usize)?;
+        let batch = &self.mapped.mapped_batches()?[b];
         let col = batch.column_by_name(col::BYTES)?.as_binary::<i64>();
         Some(col.value(r))
     }

@@ -1,7 +1,8 @@
 //! The shard format shared by `prep` (writer) and `train` (reader).
 //!
-//! A shard directory holds `shard-NNNNN.arrow` files (Arrow IPC *file* format, uncompressed,
-//! 64-byte aligned buffers, so a reader maps them and uses the column buffers in place), optional
+//! A shard directory holds `shard-NNNNN.arrow` files (Arrow IPC *file* format, 64-byte aligned
+//! buffers, so a reader maps them and uses the column buffers in place; or, with
+//! `--compression lz4|zstd`, one LZ4/zstd-compressed record batch per pack), optional
 //! `shard-NNNNN.parquet` twins for pandas/datasets users, `manifest.json` (written last: a
 //! directory without it is incomplete), `rejected.jsonl`, and with `--pixels source` the image
 //! store `images.arrow` ([`images`]). Columns are described in
@@ -15,8 +16,8 @@ pub mod schema;
 pub mod settings;
 pub mod writer;
 
-pub use manifest::{ImagesEntry, Manifest, PixelMode, ShardEntry};
-pub use reader::{SampleView, ShardDir, ShardReader};
+pub use manifest::{Compression, ImagesEntry, Manifest, PixelMode, ShardEntry};
+pub use reader::{Row, SampleView, ShardDir, ShardReader};
 pub use schema::{shard_schema, Sample, SourceImage};
 pub use settings::{BuildSettings, ImageIdMode, LlmType, SampleSettings};
 pub use writer::{ClosedShardSet, ShardSetWriter, WriterOptions};

@@ -32,6 +32,32 @@ pub enum PixelMode {
     Source,
 }
 
+/// How the Arrow shards' buffers are compressed (`prep build --compression`). Arrow IPC
+/// buffer compression, which pyarrow reads transparently; Parquet twins are zstd either way.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// Uncompressed: readers use the mapped columns in place (the default).
+    #[default]
+    None,
+    /// LZ4 frames: fast to decode, modest gain.
+    Lz4,
+    /// Zstandard at level 1 (level 3 compresses u8 slices a few percent better and writes
+    /// at half the speed).
+    Zstd,
+}
+
+impl Compression {
+    /// The name used by the flag, the preset key and the manifest.
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Lz4 => "lz4",
+            Compression::Zstd => "zstd",
+        }
+    }
+}
+
 /// The image store of a set of `--pixels source`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ImagesEntry {
@@ -139,6 +165,10 @@ pub struct Manifest {
     /// The image store of a set of `--pixels source`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub images: Option<ImagesEntry>,
+    /// Buffer compression of the Arrow shards (sets built before the switch: none). The image
+    /// store is never compressed: it holds encoded image files.
+    #[serde(default)]
+    pub compression: Compression,
 }
 
 /// The model the samples were made for.

@@ -1,5 +1,9 @@
-//! Zero-copy reading of shards: the file is memory-mapped and Arrow arrays point into the map.
+//! Reading shards: the file is memory-mapped and, in an uncompressed file, Arrow arrays point
+//! into the map (zero-copy). A file written with `--compression lz4|zstd` is decoded one record
+//! batch (one pack) at a time, when a row of it is asked for; nothing decoded is kept beyond
+//! the rows that hold it, so memory stays bounded whatever the number of shards.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -9,7 +13,7 @@ use arrow_array::{Array, RecordBatch};
 use arrow_buffer::Buffer;
 use arrow_ipc::convert::try_fb_to_schema;
 use arrow_ipc::reader::{read_footer_length, FileDecoder};
-use arrow_ipc::root_as_footer;
+use arrow_ipc::{root_as_footer, Block};
 
 use std::borrow::Cow;
 
@@ -18,22 +22,55 @@ use crate::manifest::{Manifest, PixelMode};
 use crate::schema::{col, shard_schema};
 use crate::ShardError;
 
-/// A memory-mapped Arrow IPC file whose record batches point into the map.
+/// A memory-mapped Arrow IPC file. Uncompressed, its record batches are decoded at open and
+/// point into the map; compressed, each batch is decoded (decompressed) when asked for.
 pub(crate) struct Mapped {
     path: PathBuf,
-    batches: Vec<RecordBatch>,
+    map: Buffer,
+    decoder: FileDecoder,
+    /// Decodes without the columns `open` was told to leave out (they are not decompressed).
+    lean: FileDecoder,
+    blocks: Vec<Block>,
     /// Row index where each batch starts, plus the total at the end.
     starts: Vec<usize>,
-    map: Buffer,
+    /// Every batch of an uncompressed file (views into the map); empty for a compressed one.
+    batches: Vec<RecordBatch>,
+    /// Whether the file's batches are compressed (decoded on demand).
+    compressed: bool,
+}
+
+/// The row count of a record-batch block and whether its buffers are compressed, read from the
+/// block's message header without touching its body.
+fn block_header(map: &Buffer, block: &Block) -> Result<(usize, bool), String> {
+    let meta = &map[block.offset() as usize..][..block.metaDataLength() as usize];
+    let skip = if meta.len() >= 8 && meta[..4] == [0xff; 4] {
+        8
+    } else {
+        4
+    };
+    let message = meta
+        .get(skip..)
+        .ok_or("a record batch header is truncated")
+        .and_then(|m| {
+            arrow_ipc::root_as_message(m).map_err(|_| "a record batch header does not parse")
+        })?;
+    let batch = message
+        .header_as_record_batch()
+        .ok_or("a block is not a record batch")?;
+    let rows =
+        usize::try_from(batch.length()).map_err(|_| "a record batch has a negative length")?;
+    Ok((rows, batch.compression().is_some()))
 }
 
 impl Mapped {
     /// Maps `path` and decodes its footer and record-batch headers (no data is copied);
     /// `accept(schema)` says whether its columns are the expected ones (`what` names them).
+    /// [`Mapped::decode_lean`] decodes batches without the columns named in `leave_out`.
     pub(crate) fn open(
         path: &Path,
         accept: impl Fn(&arrow_schema::Schema) -> bool,
         what: &str,
+        leave_out: &[&str],
     ) -> Result<Mapped, ShardError> {
         let file = std::fs::File::open(path).map_err(|e| ShardError::io(path, e))?;
         // SAFETY: set files are written once and never modified in place (they are renamed
@@ -64,9 +101,15 @@ impl Mapped {
                 format!("columns differ from those of {what}: found {schema:?}"),
             ));
         }
-        let decoder = FileDecoder::new(Arc::new(schema), footer.version());
-        let mut batches = Vec::new();
+        let kept = (0..schema.fields().len())
+            .filter(|&k| !leave_out.contains(&schema.field(k).name().as_str()))
+            .collect();
+        let schema = Arc::new(schema);
+        let decoder = FileDecoder::new(schema.clone(), footer.version());
+        let lean = FileDecoder::new(schema, footer.version()).with_projection(kept);
+        let mut blocks = Vec::new();
         let mut starts = vec![0];
+        let mut compressed = false;
         for block in footer.recordBatches().into_iter().flatten() {
             let (offset, body, meta) = (block.offset(), block.bodyLength(), block.metaDataLength());
             let in_file = offset >= 0
@@ -81,20 +124,81 @@ impl Mapped {
                     "a record batch lies outside the file",
                 ));
             }
-            let data = map.slice_with_length(offset as usize, body as usize + meta as usize);
-            let batch = decoder
-                .read_record_batch(block, &data)
-                .map_err(|e| ShardError::arrow(path, e))?
-                .ok_or_else(|| ShardError::format(path, "empty record batch block"))?;
-            starts.push(starts.last().copied().unwrap_or(0) + batch.num_rows());
-            batches.push(batch);
+            let (rows, packed) =
+                block_header(&map, block).map_err(|e| ShardError::format(path, e))?;
+            compressed |= packed;
+            starts.push(starts.last().copied().unwrap_or(0) + rows);
+            blocks.push(*block);
         }
-        Ok(Mapped {
+        let mut mapped = Mapped {
             path: path.to_path_buf(),
-            batches,
-            starts,
             map,
-        })
+            decoder,
+            lean,
+            blocks,
+            starts,
+            batches: Vec::new(),
+            compressed,
+        };
+        if !compressed {
+            mapped.batches = (0..mapped.blocks.len())
+                .map(|b| mapped.decode(b))
+                .collect::<Result<_, _>>()?;
+        }
+        Ok(mapped)
+    }
+
+    /// Decodes batch `b` from the map (views into it, or decompressed copies).
+    fn decode(&self, b: usize) -> Result<RecordBatch, ShardError> {
+        self.decode_with(&self.decoder, b)
+    }
+
+    /// Batch `b` without the columns `open` was told to leave out: in a compressed file those
+    /// are neither decompressed nor copied.
+    pub(crate) fn decode_lean(&self, b: usize) -> Result<RecordBatch, ShardError> {
+        match self.mapped_batches() {
+            Some(all) => Ok(all[b].clone()),
+            None => self.decode_with(&self.lean, b),
+        }
+    }
+
+    fn decode_with(&self, decoder: &FileDecoder, b: usize) -> Result<RecordBatch, ShardError> {
+        let block = &self.blocks[b];
+        let len = block.bodyLength() as usize + block.metaDataLength() as usize;
+        let data = self.map.slice_with_length(block.offset() as usize, len);
+        let batch = decoder
+            .read_record_batch(block, &data)
+            .map_err(|e| ShardError::arrow(&self.path, e))?
+            .ok_or_else(|| ShardError::format(&self.path, "empty record batch block"))?;
+        let rows = self.starts[b + 1] - self.starts[b];
+        if batch.num_rows() != rows {
+            return Err(ShardError::format(
+                &self.path,
+                format!(
+                    "record batch {b} holds {} rows, its header says {rows}",
+                    batch.num_rows()
+                ),
+            ));
+        }
+        Ok(batch)
+    }
+
+    /// Batch `b`: the mapped one, or a compressed one decoded now.
+    pub(crate) fn batch(&self, b: usize) -> Result<RecordBatch, ShardError> {
+        match self.mapped_batches() {
+            Some(all) => Ok(all[b].clone()),
+            None => self.decode(b),
+        }
+    }
+
+    /// Every batch of an uncompressed file, decoded at open; `None` for a compressed one.
+    pub(crate) fn mapped_batches(&self) -> Option<&[RecordBatch]> {
+        (!self.compressed).then_some(&self.batches[..])
+    }
+
+    /// Whether the file's record batches are compressed.
+    pub(crate) fn compressed(&self) -> bool {
+        self.compressed
     }
 
     pub(crate) fn path(&self) -> &Path {
@@ -106,13 +210,18 @@ impl Mapped {
         *self.starts.last().unwrap_or(&0)
     }
 
+    /// Number of record batches.
+    pub(crate) fn num_batches(&self) -> usize {
+        self.blocks.len()
+    }
+
     /// The batch holding row `i` and the row's index in it.
-    pub(crate) fn locate(&self, i: usize) -> Option<(&RecordBatch, usize)> {
+    pub(crate) fn locate(&self, i: usize) -> Option<(usize, usize)> {
         if i >= self.len() {
             return None;
         }
         let b = self.starts.partition_point(|&s| s <= i) - 1;
-        Some((&self.batches[b], i - self.starts[b]))
+        Some((b, i - self.starts[b]))
     }
 }
 
@@ -121,7 +230,22 @@ pub struct ShardReader {
     mapped: Mapped,
 }
 
-/// A borrowed view of one row. Slices point into the memory map.
+/// One row of a shard: it holds the row's record batch (mapped, or decompressed), so it stays
+/// valid however the reader's cache moves on. [`Row::view`] borrows the row's values.
+#[derive(Debug, Clone)]
+pub struct Row {
+    batch: RecordBatch,
+    r: usize,
+}
+
+impl Row {
+    /// The row's values, borrowed from its batch.
+    pub fn view(&self) -> SampleView<'_> {
+        view(&self.batch, self.r)
+    }
+}
+
+/// A borrowed view of one row. Slices point into the memory map (or into a decompressed batch).
 #[derive(Debug, Clone)]
 pub struct SampleView<'a> {
     pub id: &'a str,
@@ -136,6 +260,9 @@ pub struct SampleView<'a> {
     pub image_refs: &'a [u32],
     pub num_tokens: i32,
     pub pack: u32,
+    /// The row was read without its pixels ([`ShardReader::samples_without_pixels`]):
+    /// `pixel_values` is empty whatever the set holds.
+    pub pixels_left_out: bool,
 }
 
 impl SampleView<'_> {
@@ -164,7 +291,8 @@ impl SampleView<'_> {
             ));
         }
         let stored_as_source = self.pixel_values.is_empty() && !self.image_refs.is_empty();
-        if (!stored_as_source && self.tgt_sizes.len() != self.pixel_values.len())
+        let counted = !stored_as_source && !self.pixels_left_out;
+        if (counted && self.tgt_sizes.len() != self.pixel_values.len())
             || self.tgt_sizes.iter().any(|t| t[0] < 0 || t[1] < 0)
         {
             return Err(format!(
@@ -188,7 +316,7 @@ impl ShardReader {
                 || s.fields()[..] == expected.fields()[..crate::schema::LEGACY_COLUMNS]
         };
         Ok(ShardReader {
-            mapped: Mapped::open(path, accept, "a shard")?,
+            mapped: Mapped::open(path, accept, "a shard", &[col::PIXEL_VALUES])?,
         })
     }
 
@@ -207,9 +335,10 @@ impl ShardReader {
         self.len() == 0
     }
 
-    /// The record batches, for column-wise access.
-    pub fn batches(&self) -> &[RecordBatch] {
-        &self.mapped.batches
+    /// Whether the file was written with `--compression lz4|zstd` (rows are decompressed when
+    /// read rather than used in place).
+    pub fn compressed(&self) -> bool {
+        self.mapped.compressed()
     }
 
     /// The mapped file's bytes (tests use it to prove that columns are not copies).
@@ -217,15 +346,65 @@ impl ShardReader {
         self.mapped.map.as_slice()
     }
 
-    /// Row `i`, or `None` past the end.
-    pub fn sample(&self, i: usize) -> Option<SampleView<'_>> {
-        let (batch, r) = self.mapped.locate(i)?;
-        Some(view(batch, r))
+    /// Row `i`, or `None` past the end; an error when its batch does not decode. In a
+    /// compressed file this decodes the row's whole batch: read a pack's rows with
+    /// [`ShardReader::rows`].
+    pub fn sample(&self, i: usize) -> Result<Option<Row>, ShardError> {
+        Ok(self.rows(&[i])?.pop().flatten())
     }
 
-    /// All rows in order.
-    pub fn samples(&self) -> impl Iterator<Item = SampleView<'_>> + '_ {
-        (0..self.len()).filter_map(move |i| self.sample(i))
+    /// Rows `indices` (`None` past the end), each compressed batch among them decoded once.
+    pub fn rows(&self, indices: &[usize]) -> Result<Vec<Option<Row>>, ShardError> {
+        let mut decoded: HashMap<usize, RecordBatch> = HashMap::new();
+        indices
+            .iter()
+            .map(|&i| {
+                let Some((b, r)) = self.mapped.locate(i) else {
+                    return Ok(None);
+                };
+                let batch = match decoded.get(&b) {
+                    Some(batch) => batch.clone(),
+                    None => {
+                        let batch = self.mapped.batch(b)?;
+                        decoded.insert(b, batch.clone());
+                        batch
+                    }
+                };
+                Ok(Some(Row { batch, r }))
+            })
+            .collect()
+    }
+
+    /// All rows in order (each compressed batch decoded once, not kept).
+    pub fn samples(&self) -> impl Iterator<Item = Result<Row, ShardError>> + '_ {
+        self.scan(|b| self.mapped.batch(b))
+    }
+
+    /// All rows in order, where a compressed file leaves their pixels out (not decompressed:
+    /// a scan of lengths, ids and labels costs a fraction of a full read). Their views say
+    /// so in [`SampleView::pixels_left_out`]; an uncompressed file gives its whole rows.
+    pub fn samples_without_pixels(&self) -> impl Iterator<Item = Result<Row, ShardError>> + '_ {
+        self.scan(|b| self.mapped.decode_lean(b))
+    }
+
+    fn scan<'a>(
+        &'a self,
+        batch: impl Fn(usize) -> Result<RecordBatch, ShardError> + 'a,
+    ) -> impl Iterator<Item = Result<Row, ShardError>> + 'a {
+        (0..self.mapped.num_batches()).flat_map(move |b| {
+            let rows: Vec<Result<Row, ShardError>> = match batch(b) {
+                Ok(batch) => (0..batch.num_rows())
+                    .map(|r| {
+                        Ok(Row {
+                            batch: batch.clone(),
+                            r,
+                        })
+                    })
+                    .collect(),
+                Err(e) => vec![Err(e)],
+            };
+            rows
+        })
     }
 }
 
@@ -261,15 +440,20 @@ fn view(batch: &RecordBatch, r: usize) -> SampleView<'_> {
         .expect("schema checked on open")
         .as_string::<i32>()
         .value(r);
+    // Absent when the batch was decoded without it (`samples_without_pixels`).
     let pix = batch
         .column_by_name(col::PIXEL_VALUES)
-        .expect("schema checked on open")
-        .as_list::<i32>();
-    let offsets = pix.value_offsets();
-    let bin = pix.values().as_binary::<i64>();
-    let pixel_values = (offsets[r] as usize..offsets[r + 1] as usize)
-        .map(|k| bin.value(k))
-        .collect();
+        .map(|c| c.as_list::<i32>());
+    let pixel_values = match pix {
+        Some(pix) => {
+            let offsets = pix.value_offsets();
+            let bin = pix.values().as_binary::<i64>();
+            (offsets[r] as usize..offsets[r + 1] as usize)
+                .map(|k| bin.value(k))
+                .collect()
+        }
+        None => Vec::new(),
+    };
     let num_tokens = batch
         .column_by_name(col::NUM_TOKENS)
         .expect("schema checked on open")
@@ -300,6 +484,7 @@ fn view(batch: &RecordBatch, r: usize) -> SampleView<'_> {
         pixel_values,
         num_tokens,
         pack,
+        pixels_left_out: pix.is_none(),
     }
 }
 
@@ -426,30 +611,59 @@ impl ShardDir {
     }
 
     /// Every row of every shard, in order.
-    pub fn samples(&self) -> impl Iterator<Item = SampleView<'_>> + '_ {
+    pub fn samples(&self) -> impl Iterator<Item = Result<Row, ShardError>> + '_ {
         self.shards.iter().flat_map(|s| s.samples())
     }
 
-    /// Row `i` counted over all shards.
-    pub fn sample(&self, mut i: usize) -> Option<SampleView<'_>> {
-        for s in &self.shards {
-            if i < s.len() {
-                return s.sample(i);
-            }
-            i -= s.len();
-        }
-        None
+    /// Every row of every shard, in order, without pixels where leaving them out saves
+    /// decompressing them ([`ShardReader::samples_without_pixels`]).
+    pub fn samples_without_pixels(&self) -> impl Iterator<Item = Result<Row, ShardError>> + '_ {
+        self.shards.iter().flat_map(|s| s.samples_without_pixels())
     }
 
-    /// The first row whose id is `id`.
-    pub fn find_id(&self, id: &str) -> Option<SampleView<'_>> {
-        self.samples().find(|s| s.id == id)
+    /// Row `i` counted over all shards, or `None` past the end.
+    pub fn sample(&self, i: usize) -> Result<Option<Row>, ShardError> {
+        Ok(self.rows(&[i])?.pop().flatten())
+    }
+
+    /// Rows `indices` counted over all shards (`None` past the end): a pack's rows, say, with
+    /// each compressed batch among them decoded once.
+    pub fn rows(&self, indices: &[usize]) -> Result<Vec<Option<Row>>, ShardError> {
+        let mut out: Vec<Option<Row>> = vec![None; indices.len()];
+        let mut start = 0;
+        for s in &self.shards {
+            let local: Vec<(usize, usize)> = indices
+                .iter()
+                .enumerate()
+                .filter(|(_, &i)| i >= start && i < start + s.len())
+                .map(|(k, &i)| (k, i - start))
+                .collect();
+            if !local.is_empty() {
+                let idx: Vec<usize> = local.iter().map(|&(_, i)| i).collect();
+                for (&(k, _), row) in local.iter().zip(s.rows(&idx)?) {
+                    out[k] = row;
+                }
+            }
+            start += s.len();
+        }
+        Ok(out)
+    }
+
+    /// The first row whose id is `id` (with its pixels).
+    pub fn find_id(&self, id: &str) -> Result<Option<Row>, ShardError> {
+        for (i, row) in self.samples_without_pixels().enumerate() {
+            if row?.view().id == id {
+                return self.sample(i);
+            }
+        }
+        Ok(None)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::manifest::Compression;
     use crate::schema::Sample;
     use crate::writer::{ShardSetWriter, WriterOptions};
 
@@ -469,68 +683,125 @@ mod tests {
         }
     }
 
+    fn owned(s: &SampleView) -> Sample {
+        Sample {
+            id: s.id.to_string(),
+            input_ids: s.input_ids.to_vec(),
+            labels: s.labels.to_vec(),
+            image_bound: s.image_bound.clone(),
+            tgt_sizes: s.tgt_sizes.clone(),
+            pixel_values: s.pixel_values.iter().map(|p| p.to_vec()).collect(),
+            ..Sample::default()
+        }
+    }
+
     #[test]
-    fn round_trip_is_zero_copy_and_exact() {
-        let dir = tempfile::tempdir().unwrap();
-        let opts = WriterOptions {
-            max_shard_bytes: 1000,
-            max_batch_rows: 2,
-            parquet: true,
-            ..Default::default()
-        };
-        let mut w = ShardSetWriter::new(dir.path(), opts);
+    fn round_trip_is_exact_and_zero_copy_when_uncompressed() {
         let written: Vec<Vec<Sample>> = vec![
             vec![sample("a", 5, 1), sample("b", 3, 0)],
             vec![sample("c", 9, 2)],
             vec![sample("d", 1, 0), sample("e", 4, 3), sample("f", 2, 1)],
         ];
-        for (p, pack) in written.iter().enumerate() {
-            w.write_pack(p as u32, pack.clone()).unwrap();
-        }
-        let entries = w.finish().unwrap();
-        assert!(
-            entries.len() >= 2,
-            "small max_shard_bytes must split shards"
-        );
-        assert!(!std::fs::read_dir(dir.path()).unwrap().any(|e| e
-            .unwrap()
-            .file_name()
-            .to_string_lossy()
-            .ends_with(".partial")));
-
-        let mut rows = Vec::new();
-        for e in &entries {
-            let r = ShardReader::open(&dir.path().join(e.file.as_ref().unwrap())).unwrap();
-            assert_eq!(r.len() as u64, e.rows);
-            let map = r.mapped_bytes().as_ptr_range();
-            for s in r.samples() {
-                assert!(
-                    map.contains(&(s.input_ids.as_ptr() as *const u8)),
-                    "input_ids not mapped"
-                );
-                for p in &s.pixel_values {
-                    assert!(map.contains(&p.as_ptr()), "pixels not mapped");
-                }
-                rows.push((
-                    s.pack,
-                    Sample {
-                        id: s.id.to_string(),
-                        input_ids: s.input_ids.to_vec(),
-                        labels: s.labels.to_vec(),
-                        image_bound: s.image_bound.clone(),
-                        tgt_sizes: s.tgt_sizes.clone(),
-                        pixel_values: s.pixel_values.iter().map(|p| p.to_vec()).collect(),
-                        ..Sample::default()
-                    },
-                ));
-            }
-        }
         let expected: Vec<(u32, Sample)> = written
-            .into_iter()
+            .iter()
             .enumerate()
-            .flat_map(|(p, v)| v.into_iter().map(move |s| (p as u32, s)))
+            .flat_map(|(p, v)| v.iter().map(move |s| (p as u32, s.clone())))
             .collect();
-        assert_eq!(rows, expected);
+        let mut sizes = Vec::new();
+        for compression in [Compression::None, Compression::Lz4, Compression::Zstd] {
+            let dir = tempfile::tempdir().unwrap();
+            let opts = WriterOptions {
+                max_shard_bytes: 1000,
+                max_batch_rows: 2,
+                parquet: true,
+                compression,
+                ..Default::default()
+            };
+            let mut w = ShardSetWriter::new(dir.path(), opts);
+            for (p, pack) in written.iter().enumerate() {
+                w.write_pack(p as u32, pack.clone()).unwrap();
+            }
+            let entries = w.finish().unwrap();
+            assert!(
+                entries.len() >= 2,
+                "small max_shard_bytes must split shards"
+            );
+            assert!(!std::fs::read_dir(dir.path()).unwrap().any(|e| e
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".partial")));
+
+            let mut rows = Vec::new();
+            let mut lean = Vec::new();
+            for e in &entries {
+                let r = ShardReader::open(&dir.path().join(e.file.as_ref().unwrap())).unwrap();
+                assert_eq!(r.len() as u64, e.rows);
+                assert_eq!(r.compressed(), compression != Compression::None);
+                let map = r.mapped_bytes().as_ptr_range();
+                for row in r.samples() {
+                    let row = row.unwrap();
+                    let s = row.view();
+                    // In place when uncompressed (a compressed file stores a buffer that
+                    // does not shrink as it is, so no claim either way there).
+                    if !r.compressed() {
+                        assert!(map.contains(&(s.input_ids.as_ptr() as *const u8)));
+                        for p in &s.pixel_values {
+                            assert!(map.contains(&p.as_ptr()), "pixels not mapped");
+                        }
+                    }
+                    assert!(!s.pixels_left_out);
+                    rows.push((s.pack, owned(&s)));
+                }
+                // Random access agrees with the scan, in any order (the cache is exercised).
+                for i in (0..r.len()).rev() {
+                    let row = r.sample(i).unwrap().unwrap();
+                    let k = rows.len() - r.len() + i;
+                    assert_eq!(owned(&row.view()), rows[k].1);
+                }
+                assert!(r.sample(r.len()).unwrap().is_none());
+                for row in r.samples_without_pixels() {
+                    let row = row.unwrap();
+                    let s = row.view();
+                    assert_eq!(s.pixels_left_out, r.compressed());
+                    lean.push((s.id.to_string(), s.input_ids.to_vec(), s.tgt_sizes.clone()));
+                }
+            }
+            assert_eq!(rows, expected, "{compression:?}");
+            let want: Vec<_> = expected
+                .iter()
+                .map(|(_, s)| (s.id.clone(), s.input_ids.clone(), s.tgt_sizes.clone()))
+                .collect();
+            assert_eq!(lean, want, "{compression:?}: rows without pixels");
+            sizes.push(entries.iter().map(|e| e.bytes).sum::<u64>());
+        }
+        // The constant-valued pixels compress, whatever the codec.
+        assert!(sizes[1] < sizes[0] && sizes[2] < sizes[0], "{sizes:?}");
+    }
+
+    #[test]
+    fn compressed_batch_that_does_not_decode_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = WriterOptions {
+            compression: Compression::Zstd,
+            ..Default::default()
+        };
+        let mut w = ShardSetWriter::new(dir.path(), opts);
+        w.write_pack(0, vec![sample("a", 5, 2)]).unwrap();
+        let entries = w.finish().unwrap();
+        let path = dir.path().join(entries[0].file.as_ref().unwrap());
+        let mut bytes = std::fs::read(&path).unwrap();
+        // The zstd frame magic of the first compressed buffer, broken.
+        let at = bytes
+            .windows(4)
+            .position(|w| w == [0x28, 0xb5, 0x2f, 0xfd])
+            .expect("a zstd frame");
+        bytes[at] ^= 0xff;
+        std::fs::write(&path, bytes).unwrap();
+        let r = ShardReader::open(&path).unwrap();
+        let err = r.sample(0).unwrap_err().to_string();
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert!(r.samples().next().unwrap().is_err());
     }
 
     #[test]
@@ -546,6 +817,7 @@ mod tests {
             image_refs: &[],
             num_tokens: 3,
             pack: 0,
+            pixels_left_out: false,
         };
         assert!(good.check().is_ok());
         let inverted = SampleView {
@@ -563,6 +835,12 @@ mod tests {
             ..good
         };
         assert!(pixels.check().is_err());
+        // A row read without its pixels is not short of them.
+        let lean = SampleView {
+            pixels_left_out: true,
+            ..pixels
+        };
+        assert!(lean.check().is_ok());
     }
 
     #[test]

@@ -17,14 +17,14 @@ use arrow_array::builder::{
 };
 use arrow_array::{ArrayRef, Int32Array, RecordBatch, UInt32Array};
 use arrow_ipc::writer::{FileWriter, IpcWriteOptions};
-use arrow_ipc::MetadataVersion;
+use arrow_ipc::{CompressionType, MetadataVersion};
 use arrow_schema::{DataType, Field, Schema};
 use parquet::arrow::ArrowWriter;
-use parquet::basic::{Compression, ZstdLevel};
+use parquet::basic::{Compression as ParquetCompression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 
 use crate::images::ImageStoreWriter;
-use crate::manifest::{ImagesEntry, PixelMode, ShardEntry};
+use crate::manifest::{Compression, ImagesEntry, PixelMode, ShardEntry};
 use crate::schema::{shard_schema, Sample};
 use crate::ShardError;
 
@@ -49,6 +49,9 @@ pub struct WriterOptions {
     /// Where pixels go: the rows (slices), or each distinct image file once into the image
     /// store (`Sample::source_images`, referenced by `image_refs`).
     pub pixels: PixelMode,
+    /// Buffer compression of the Arrow shards. A compressed shard gets one record batch per
+    /// pack: a reader decompresses the batch of the rows it wants, and a loader wants a pack.
+    pub compression: Compression,
 }
 
 impl Default for WriterOptions {
@@ -60,6 +63,7 @@ impl Default for WriterOptions {
             parquet: false,
             arrow: true,
             pixels: PixelMode::Slices,
+            compression: Compression::None,
         }
     }
 }
@@ -123,6 +127,21 @@ pub fn is_set_file_name(name: &str) -> bool {
         || is_shard_file_name(base)
 }
 
+/// Arrow IPC write options: aligned buffers, metadata V5, and `compression`.
+fn ipc_options(compression: Compression) -> Result<IpcWriteOptions, arrow_schema::ArrowError> {
+    let options = IpcWriteOptions::try_new(ALIGNMENT, false, MetadataVersion::V5)?;
+    match compression {
+        Compression::None => Ok(options),
+        Compression::Lz4 => options.try_with_compression(Some(CompressionType::LZ4_FRAME)),
+        Compression::Zstd => options
+            .try_with_compression(Some(CompressionType::ZSTD))?
+            .try_with_compression_level(Some(ZSTD_LEVEL)),
+    }
+}
+
+/// zstd level of `--compression zstd`.
+pub const ZSTD_LEVEL: i32 = 1;
+
 fn partial_name(name: &str) -> String {
     format!("{name}{PARTIAL_SUFFIX}")
 }
@@ -181,7 +200,8 @@ impl ShardSetWriter {
             self.pending_bytes += b;
             self.pending.push((pack, s));
         }
-        if self.pending_bytes >= self.opts.max_batch_bytes
+        if self.opts.compression != Compression::None
+            || self.pending_bytes >= self.opts.max_batch_bytes
             || self.pending.len() >= self.opts.max_batch_rows
         {
             self.flush_batch()?;
@@ -196,8 +216,8 @@ impl ShardSetWriter {
                 .dir
                 .join(partial_name(&shard_file_name(index, "arrow")));
             let file = File::create(&path).map_err(|e| ShardError::io(&path, e))?;
-            let options = IpcWriteOptions::try_new(ALIGNMENT, false, MetadataVersion::V5)
-                .map_err(|e| ShardError::arrow(&path, e))?;
+            let options =
+                ipc_options(self.opts.compression).map_err(|e| ShardError::arrow(&path, e))?;
             let w = FileWriter::try_new_with_options(BufWriter::new(file), &self.schema, options)
                 .map_err(|e| ShardError::arrow(&path, e))?;
             Some((path, w))
@@ -210,7 +230,7 @@ impl ShardSetWriter {
                 .join(partial_name(&shard_file_name(index, "parquet")));
             let file = File::create(&path).map_err(|e| ShardError::io(&path, e))?;
             let props = WriterProperties::builder()
-                .set_compression(Compression::ZSTD(
+                .set_compression(ParquetCompression::ZSTD(
                     ZstdLevel::try_new(3).expect("valid level"),
                 ))
                 .build();
@@ -578,6 +598,7 @@ mod tests {
             shards,
             pixels: PixelMode::Slices,
             images: None,
+            compression: Compression::None,
         }
     }
 

@@ -2,7 +2,7 @@
 //! turning packs into model batches (u8 pixels → normalised patches) on a background thread.
 
 use cpmv_model::{Batch, ImageInput};
-use cpmv_shard::reader::{SampleView, ShardDir};
+use cpmv_shard::reader::{Row, SampleView, ShardDir};
 use std::path::Path;
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
@@ -29,7 +29,11 @@ impl Dataset {
         let shards = ShardDir::open(dir).map_err(|e| TrainError::Data(format!("{e}")))?;
         let mut packs: Vec<Pack> = Vec::new();
         let mut last: Option<u32> = None;
-        for (i, s) in shards.samples().enumerate() {
+        // Pixels are not needed here (a compressed set would decompress them all for nothing);
+        // each batch's rows are checked again with their pixels when the loader reads them.
+        for (i, row) in shards.samples_without_pixels().enumerate() {
+            let row = row.map_err(|e| TrainError::Data(e.to_string()))?;
+            let s = row.view();
             s.check().map_err(|e| {
                 TrainError::Data(format!("{}: corrupt shard row {i}: {e}", dir.display()))
             })?;
@@ -53,6 +57,20 @@ impl Dataset {
             )));
         }
         Ok(Dataset { shards, packs })
+    }
+
+    /// The rows of pack `p`, in order (one decode of the pack's batch in a compressed set).
+    pub fn pack_rows(&self, p: usize) -> Result<Vec<Row>, TrainError> {
+        let rows = &self.packs[p].rows;
+        self.shards
+            .rows(rows)
+            .map_err(|e| TrainError::Data(e.to_string()))?
+            .into_iter()
+            .zip(rows)
+            .map(|(row, i)| {
+                row.ok_or_else(|| TrainError::Data(format!("row {i} vanished from the shards")))
+            })
+            .collect()
     }
 
     /// Number of samples (rows).
@@ -153,11 +171,12 @@ pub fn make_batch(
     // Each sample's images form their own vision batch (see `Batch::image_groups`).
     let mut sample_no = 0usize;
     for (r, &p) in packs.iter().enumerate() {
-        let rows: Vec<SampleView> = data.packs[p]
-            .rows
-            .iter()
-            .filter_map(|&i| data.shards.sample(i))
-            .collect();
+        let found = data.pack_rows(p)?;
+        let rows: Vec<SampleView> = found.iter().map(|r| r.view()).collect();
+        for s in &rows {
+            s.check()
+                .map_err(|e| TrainError::Data(format!("corrupt shard row: {e}")))?;
+        }
         samples += rows.len();
         ids.extend(rows.iter().map(|s| s.id.to_string()));
         add_row(&mut batch, &data.shards, &rows, patch, r, &mut sample_no)?;

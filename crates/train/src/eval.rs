@@ -161,10 +161,8 @@ pub fn evaluate_samples(opts: &EvalOptions) -> Result<EvalReport, TrainError> {
             };
             // Supervised positions come in row order, so each sample's are contiguous.
             let mut at = 0;
-            for &row in &data.packs[p].rows {
-                let s = data.shards.sample(row).ok_or_else(|| {
-                    TrainError::Data(format!("row {row} vanished from the shards"))
-                })?;
+            for found in data.pack_rows(p)? {
+                let s = found.view();
                 let n = s.labels.iter().filter(|&&l| l >= 0).count();
                 push(&s, &losses[at..at + n]);
                 at += n;
@@ -172,7 +170,9 @@ pub fn evaluate_samples(opts: &EvalOptions) -> Result<EvalReport, TrainError> {
             }
         }
     } else {
-        for s in data.shards.samples() {
+        for found in data.shards.samples() {
+            let found = found.map_err(|e| TrainError::Data(e.to_string()))?;
+            let s = found.view();
             let batch = one_sample_batch(&data.shards, &s, patch)?;
             let losses: Vec<f64> = if batch.supervised() > 0 {
                 model
