@@ -8,6 +8,7 @@
 //! built sample back as text.
 
 pub mod build;
+pub mod bytelevel;
 pub mod cli;
 pub mod config;
 pub mod input;

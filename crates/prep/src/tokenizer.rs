@@ -4,14 +4,22 @@
 
 use std::path::Path;
 
+use crate::bytelevel::ByteLevelBpe;
 use cpmv_sentencepiece::{LegacyLlamaTokenizer, SentencePieceModel, SlowTokenizerConfig};
 pub use cpmv_shard::fingerprint::TokenizerKind;
 use cpmv_shard::fingerprint::{read_tokenizer_files, tokenizer_digest, tokenizer_files};
 
 /// One of the two tokenizer implementations behind the operations prep and chat need.
 pub enum TextTokenizer {
-    Json(Box<tokenizers::Tokenizer>),
+    Json(Box<JsonTokenizer>),
     SentencePiece(Box<LegacyLlamaTokenizer>),
+}
+
+/// A `tokenizer.json` tokenizer, with the exact fast encoder when it is a byte-level BPE of the
+/// Llama-3 / Qwen2 shape ([`ByteLevelBpe`]).
+pub struct JsonTokenizer {
+    pub hf: tokenizers::Tokenizer,
+    pub fast: Option<ByteLevelBpe>,
 }
 
 impl TextTokenizer {
@@ -39,7 +47,10 @@ impl TextTokenizer {
                 // encode calls use neither (lengths are handled by --max-length).
                 t.with_truncation(None).map_err(|e| at(0, e.to_string()))?;
                 t.with_padding(None);
-                TextTokenizer::Json(Box::new(t))
+                let config: serde_json::Value =
+                    serde_json::from_slice(&files[0]).map_err(|e| at(0, e.to_string()))?;
+                let fast = ByteLevelBpe::detect(&config, &t);
+                TextTokenizer::Json(Box::new(JsonTokenizer { hf: t, fast }))
             }
             TokenizerKind::SentencePieceLegacy => {
                 let sp =
@@ -66,10 +77,16 @@ impl TextTokenizer {
     /// tokenizers).
     pub fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>, String> {
         match self {
-            TextTokenizer::Json(t) => t
-                .encode_fast(text, special)
-                .map(|e| e.get_ids().to_vec())
-                .map_err(|e| e.to_string()),
+            TextTokenizer::Json(t) => match &t.fast {
+                // add_special_tokens = false: the post-processor adds nothing, which is all the
+                // fast path leaves out.
+                Some(fast) if !special => fast.encode(&t.hf, text),
+                _ => {
+                    t.hf.encode_fast(text, special)
+                        .map(|e| e.get_ids().to_vec())
+                        .map_err(|e| e.to_string())
+                }
+            },
             TextTokenizer::SentencePiece(t) => Ok(t.encode(text, special)),
         }
     }
@@ -77,7 +94,7 @@ impl TextTokenizer {
     /// The id of a token string, if the vocabulary (or the added tokens) has it.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         match self {
-            TextTokenizer::Json(t) => t.token_to_id(token),
+            TextTokenizer::Json(t) => t.hf.token_to_id(token),
             TextTokenizer::SentencePiece(t) => {
                 let id = t.token_to_id(token);
                 (t.id_to_piece(id) == Some(token)).then_some(id)
@@ -88,7 +105,7 @@ impl TextTokenizer {
     /// The token string of an id.
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         match self {
-            TextTokenizer::Json(t) => t.id_to_token(id),
+            TextTokenizer::Json(t) => t.hf.id_to_token(id),
             TextTokenizer::SentencePiece(t) => t.id_to_piece(id).map(str::to_string),
         }
     }
@@ -96,7 +113,7 @@ impl TextTokenizer {
     /// Text of `ids`.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, String> {
         match self {
-            TextTokenizer::Json(t) => t.decode(ids, skip_special).map_err(|e| e.to_string()),
+            TextTokenizer::Json(t) => t.hf.decode(ids, skip_special).map_err(|e| e.to_string()),
             TextTokenizer::SentencePiece(t) => {
                 t.decode(ids, skip_special).map_err(|e| e.to_string())
             }
@@ -106,7 +123,7 @@ impl TextTokenizer {
     /// The token with the highest id of the ordinary vocabulary (added tokens aside).
     pub fn highest_ordinary(&self) -> Option<(String, u32)> {
         match self {
-            TextTokenizer::Json(t) => t.get_vocab(false).into_iter().max_by_key(|&(_, id)| id),
+            TextTokenizer::Json(t) => t.hf.get_vocab(false).into_iter().max_by_key(|&(_, id)| id),
             TextTokenizer::SentencePiece(t) => {
                 let n = t.vocab_size().checked_sub(1)? as u32;
                 Some((t.id_to_piece(n)?.to_string(), n))
