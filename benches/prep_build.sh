@@ -62,10 +62,10 @@ bench_exe() { # cargo args... -> path of the decode_floor bench executable
 }
 
 : >"$BENCH_DIR/build.log"
-log "building (release): prep, decode_floor"
-cargo build --release -p cpmv-prep 2>&1 | tee -a "$BENCH_DIR/build.log" >&2
+log "building (release, portable JPEG decoder): prep, decode_floor"
+cargo build --release -p cpmv-prep --no-default-features 2>&1 | tee -a "$BENCH_DIR/build.log" >&2
 cp target/release/prep "$BIN/prep-plain"
-cp "$(bench_exe)" "$BIN/decode_floor-plain"
+cp "$(bench_exe --no-default-features)" "$BIN/decode_floor-plain"
 VARIANTS=(plain)
 
 if [ "$SIMD" != 0 ]; then
@@ -78,10 +78,10 @@ if [ "$SIMD" != 0 ]; then
     fi
   fi
   if command -v nasm >/dev/null 2>&1; then
-    log "building the jpeg-simd variant ($(nasm -v))"
-    cargo build --release -p cpmv-prep --features cpmv-prep/jpeg-simd 2>&1 | tee -a "$BENCH_DIR/build.log" >&2
+    log "building the jpeg-simd variant, the default build ($(nasm -v))"
+    cargo build --release -p cpmv-prep 2>&1 | tee -a "$BENCH_DIR/build.log" >&2
     cp target/release/prep "$BIN/prep-simd"
-    cp "$(bench_exe --features cpmv-image/jpeg-simd)" "$BIN/decode_floor-simd"
+    cp "$(bench_exe)" "$BIN/decode_floor-simd"
     VARIANTS+=(simd)
   elif [ "$SIMD" = 1 ]; then
     log "BENCH_SIMD=1 but nasm is not available"; exit 1

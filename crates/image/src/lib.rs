@@ -17,7 +17,7 @@ pub mod resize;
 pub mod rgb;
 pub mod slice;
 
-pub use decode::{decode, probe, DecodeError, DecodeOptions, ImageFormat, ImageInfo};
+pub use decode::{decode, jpeg_simd, probe, DecodeError, DecodeOptions, ImageFormat, ImageInfo};
 pub use resize::resize_bicubic;
 pub use rgb::RgbImage;
 pub use slice::{plan_slices, slice_image, SliceConfig, SlicePlan, SlicedImage};

@@ -191,3 +191,21 @@ fn decoded_pixels_match_pillow() {
         failures.join("\n")
     );
 }
+
+/// CI runs these parity tests twice, with libjpeg-turbo's SIMD decoder and with the portable one
+/// (`--no-default-features`), and says which it expects through `CPMV_EXPECT_JPEG_SIMD`, so a
+/// build that silently fell back (no `nasm`) cannot pass for the SIMD run.
+#[test]
+fn the_jpeg_decoder_is_the_one_expected() {
+    let simd = cpmv_image::jpeg_simd();
+    eprintln!("libjpeg-turbo SIMD: {simd}");
+    match std::env::var("CPMV_EXPECT_JPEG_SIMD").as_deref() {
+        Ok("1") => assert!(simd, "expected the SIMD JPEG decoder (is nasm installed?)"),
+        Ok("0") => assert!(!simd, "expected the portable JPEG decoder"),
+        Ok(other) => panic!("CPMV_EXPECT_JPEG_SIMD={other:?}: expected 0 or 1"),
+        Err(_) => assert!(
+            !simd || cfg!(feature = "jpeg-simd"),
+            "SIMD without the feature"
+        ),
+    }
+}

@@ -376,6 +376,14 @@ fn run_build(args: BuildArgs) -> u8 {
             }
             println!("tokenizer: {}", m.model.tokenizer);
             println!(
+                "jpeg decoder: {}",
+                if cpmv_image::jpeg_simd() {
+                    "libjpeg-turbo with SIMD"
+                } else {
+                    "libjpeg-turbo, portable build (built without nasm; with it, ~2.8x faster)"
+                }
+            );
+            println!(
                 "tokens: {} total, {} supervised, {} image; {} images, {} slices",
                 m.tokens.total,
                 m.tokens.supervised,
