@@ -6,13 +6,11 @@
 //! overlaps Arrow/Parquet writing with the processing of the next chunk. Memory is bounded by
 //! the chunk size, the packing window and the writer queue.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
-
-use rayon::prelude::*;
 
 use cpmv_fsio::Input;
 use cpmv_shard::fingerprint::sha256_hex;
@@ -28,10 +26,10 @@ use cpmv_shard::{
 use crate::config::{
     defaults, BuildOptions, OnError, OutputFormat, PrepPreset, ResolvedSetting, SettingSource,
 };
-use crate::input::{InputError, SampleReader};
+use crate::input::{InputError, RawSample, SampleReader};
 use crate::model::{ModelDir, ModelError};
 use crate::pack::{PackConfig, Packer};
-use crate::process::{InputSource, Processor, SampleSettings};
+use crate::process::{InputSource, Prepared, Processor, Rejected, SampleSettings};
 use crate::reject::{RejectKind, RejectionRecord};
 
 /// Why a build stopped.
@@ -712,7 +710,9 @@ fn run_samples(
     let mut totals = RunTotals::default();
     let mut packer = Packer::new(setup.pack_cfg);
     let mut bytes_before = 0u64;
-    let chunk_size = 16 * threads.max(1);
+    // Samples in flight at once: enough that a slow one (a large image) never idles the other
+    // threads, few enough to bound memory (the slices of one sample are up to ~3 MB).
+    let window = 8 * threads.max(1) + 8;
     let processor = &setup.processor;
 
     let result: Result<(), BuildError> = (|| {
@@ -737,53 +737,45 @@ fn run_samples(
                 written: 0,
                 rejected: 0,
             };
-            loop {
-                let chunk = reader.next_chunk(chunk_size)?;
-                if chunk.is_empty() {
-                    break;
-                }
-                let results: Vec<_> = pool.install(|| {
-                    chunk
-                        .par_iter()
-                        .map(|raw| processor.process_guarded(raw, source))
-                        .collect()
-                });
-                for (raw, res) in chunk.iter().zip(results) {
-                    totals.counts.read += 1;
-                    file_counts.samples += 1;
-                    match res {
-                        Ok(prepared) => {
-                            totals.counts.written += 1;
-                            file_counts.written += 1;
-                            add_sample(&mut totals, &prepared);
-                            let packs = packer.push(prepared.sample);
-                            send(packs, &mut totals.packs)?;
+            let work = |raw: &RawSample| processor.process_guarded(raw, source);
+            process_in_order(&pool, window, &mut reader, work, |raw, res, bytes_read| {
+                totals.counts.read += 1;
+                file_counts.samples += 1;
+                match res {
+                    Ok(prepared) => {
+                        totals.counts.written += 1;
+                        file_counts.written += 1;
+                        add_sample(&mut totals, &prepared);
+                        let packs = packer.push(prepared.sample);
+                        send(packs, &mut totals.packs)?;
+                    }
+                    Err(rej) => {
+                        if setup.on_error == OnError::Fail {
+                            return Err(BuildError::Sample {
+                                file: source.path.display().to_string(),
+                                index: raw.index,
+                                location: raw.location.to_string(),
+                                id: rej.id,
+                                kind: rej.rejection.kind.name(),
+                                message: rej.rejection.message,
+                            });
                         }
-                        Err(rej) => {
-                            if setup.on_error == OnError::Fail {
-                                return Err(BuildError::Sample {
-                                    file: source.path.display().to_string(),
-                                    index: raw.index,
-                                    location: raw.location.to_string(),
-                                    id: rej.id,
-                                    kind: rej.rejection.kind.name(),
-                                    message: rej.rejection.message,
-                                });
-                            }
-                            file_counts.rejected += 1;
-                            let c = &mut totals.counts;
-                            record_rejection(c, source, raw, rej, rejected_out, rejected_path)?;
-                        }
+                        file_counts.rejected += 1;
+                        let c = &mut totals.counts;
+                        record_rejection(c, source, raw, rej, rejected_out, rejected_path)?;
                     }
                 }
-                pb.set_position(bytes_before + reader.bytes_read);
-                pb.set_message(format!(
-                    "{} samples ({} rejected), {:.0}/s",
-                    totals.counts.read,
-                    totals.counts.rejected,
-                    totals.counts.read as f64 / start.elapsed().as_secs_f64().max(1e-9)
-                ));
-            }
+                if totals.counts.read.is_multiple_of(16) {
+                    pb.set_position(bytes_before + bytes_read);
+                    pb.set_message(format!(
+                        "{} samples ({} rejected), {:.0}/s",
+                        totals.counts.read,
+                        totals.counts.rejected,
+                        totals.counts.read as f64 / start.elapsed().as_secs_f64().max(1e-9)
+                    ));
+                }
+                Ok(())
+            })?;
             bytes_before += file_bytes;
             totals.inputs.push(file_counts);
         }
@@ -807,6 +799,64 @@ fn run_samples(
             Err(e)
         }
     }
+}
+
+/// Processes every sample `reader` yields on `pool`, at most `window` at a time, and hands each
+/// result to `handle` on this thread in input order (with the reader's byte position). A slow
+/// sample holds back only the handling of the ones after it, never the other threads' work, as
+/// long as fewer than `window` samples wait behind it; the output does not depend on `pool`'s
+/// size. `work` must not panic (`Processor::process_guarded` turns panics into rejections).
+fn process_in_order(
+    pool: &rayon::ThreadPool,
+    window: usize,
+    reader: &mut SampleReader,
+    work: impl Fn(&RawSample) -> Result<Prepared, Rejected> + Sync,
+    mut handle: impl FnMut(&RawSample, Result<Prepared, Rejected>, u64) -> Result<(), BuildError>,
+) -> Result<(), BuildError> {
+    let (tx, rx) = mpsc::channel::<(u64, Result<Prepared, Rejected>)>();
+    let work = &work;
+    pool.in_place_scope(|scope| {
+        let mut inflight: VecDeque<Arc<RawSample>> = VecDeque::new();
+        let mut finished: HashMap<u64, Result<Prepared, Rejected>> = HashMap::new();
+        // Sequence numbers: the next to hand out, and the one at the front of `inflight`.
+        let (mut next, mut front) = (0u64, 0u64);
+        let mut exhausted = false;
+        loop {
+            while !exhausted && inflight.len() < window {
+                match reader.next() {
+                    None => exhausted = true,
+                    Some(raw) => {
+                        let raw = Arc::new(raw?);
+                        let (tx, job, seq) = (tx.clone(), raw.clone(), next);
+                        next += 1;
+                        scope.spawn(move |_| {
+                            // The receiver outlives the scope, so the send cannot fail.
+                            let _ = tx.send((seq, work(&job)));
+                        });
+                        inflight.push_back(raw);
+                    }
+                }
+            }
+            let Some(raw) = inflight.pop_front() else {
+                return Ok(());
+            };
+            let result = loop {
+                if let Some(r) = finished.remove(&front) {
+                    break r;
+                }
+                // This thread holds a sender, so `recv` waits for a job rather than failing;
+                // every spawned job sends exactly once.
+                match rx.recv() {
+                    Ok((seq, r)) => {
+                        finished.insert(seq, r);
+                    }
+                    Err(_) => unreachable!("a sender is held by this thread"),
+                }
+            };
+            front += 1;
+            handle(&raw, result, reader.bytes_read)?;
+        }
+    })
 }
 
 /// Adds a written sample's counts to the totals.
@@ -904,4 +954,71 @@ pub fn reasons_by_count(counts: &BTreeMap<String, u64>) -> Vec<(&str, u64)> {
 /// Every rejection kind's name (for documentation and schema checks).
 pub fn all_reject_kinds() -> Vec<&'static str> {
     RejectKind::ALL.iter().map(|k| k.name()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reject::Rejection;
+
+    fn reader_of(n: usize, dir: &Path) -> SampleReader {
+        let path = dir.join("data.jsonl");
+        let lines: String = (0..n).map(|i| format!("{{\"id\": \"s{i}\"}}\n")).collect();
+        std::fs::write(&path, lines).unwrap();
+        SampleReader::open(&path, 0).unwrap()
+    }
+
+    /// Every result is `Err`, named after its sample (a `Prepared` needs a model).
+    fn named(raw: &RawSample) -> Result<Prepared, Rejected> {
+        // Early samples are the slow ones, so later ones finish first.
+        if raw.index.is_multiple_of(7) {
+            std::thread::sleep(Duration::from_millis(15));
+        }
+        Err(Rejected {
+            id: format!("s{}", raw.index),
+            rejection: Rejection::new(RejectKind::InternalError, "test"),
+        })
+    }
+
+    #[test]
+    fn results_are_handled_in_input_order_whatever_finishes_first() {
+        let dir = tempfile::tempdir().unwrap();
+        for (threads, window) in [(1, 1), (3, 2), (3, 16), (4, 100)] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let mut reader = reader_of(60, dir.path());
+            let mut seen = Vec::new();
+            process_in_order(&pool, window, &mut reader, named, |raw, res, _| {
+                let id = res.err().map(|r| r.id);
+                seen.push((raw.index, id));
+                Ok(())
+            })
+            .unwrap();
+            let want: Vec<_> = (0..60u64).map(|i| (i, Some(format!("s{i}")))).collect();
+            assert_eq!(seen, want, "{threads} threads, window {window}");
+        }
+    }
+
+    #[test]
+    fn an_error_from_the_handler_stops_the_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let mut reader = reader_of(40, dir.path());
+        let mut handled = 0;
+        let err = process_in_order(&pool, 8, &mut reader, named, |raw, _, _| {
+            handled += 1;
+            if raw.index == 9 {
+                return Err(BuildError::Setup("stop at 9".into()));
+            }
+            Ok(())
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("stop at 9"), "{err}");
+        assert_eq!(handled, 10);
+    }
 }
