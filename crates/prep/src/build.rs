@@ -1,13 +1,14 @@
 //! `prep build`: stream samples from the data files, process them in parallel, pack them and
 //! write shards, the rejection report and the manifest.
 //!
-//! Samples are read in chunks; each chunk is processed by rayon and its results are consumed in
-//! input order, so the output is byte-identical whatever the thread count. A writer thread
-//! overlaps Arrow/Parquet writing with the processing of the next chunk. Memory is bounded by
-//! the chunk size, the packing window and the writer queue.
+//! Samples stream through a rayon pool, a bounded number in flight, and their results are
+//! consumed in input order ([`process_in_order`]), so the output is byte-identical whatever the
+//! thread count. A writer thread overlaps Arrow/Parquet writing with the processing. Memory is
+//! bounded by the samples in flight, the packing window and the writer queue.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{Read, Write};
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -30,7 +31,7 @@ use crate::input::{InputError, RawSample, SampleReader};
 use crate::model::{ModelDir, ModelError};
 use crate::pack::{PackConfig, Packer};
 use crate::process::{InputSource, Prepared, Processor, Rejected, SampleSettings};
-use crate::reject::{RejectKind, RejectionRecord};
+use crate::reject::{RejectKind, Rejection, RejectionRecord};
 
 /// Why a build stopped.
 #[derive(Debug, thiserror::Error)]
@@ -777,6 +778,7 @@ fn run_samples(
                 Ok(())
             })?;
             bytes_before += file_bytes;
+            pb.set_position(bytes_before);
             totals.inputs.push(file_counts);
         }
         let packs = packer.flush();
@@ -805,7 +807,8 @@ fn run_samples(
 /// result to `handle` on this thread in input order (with the reader's byte position). A slow
 /// sample holds back only the handling of the ones after it, never the other threads' work, as
 /// long as fewer than `window` samples wait behind it; the output does not depend on `pool`'s
-/// size. `work` must not panic (`Processor::process_guarded` turns panics into rejections).
+/// size. A panic in `work` (`Processor::process_guarded` already turns them into rejections)
+/// becomes an `internal_error` rejection rather than a lost result.
 fn process_in_order(
     pool: &rayon::ThreadPool,
     window: usize,
@@ -815,6 +818,7 @@ fn process_in_order(
 ) -> Result<(), BuildError> {
     let (tx, rx) = mpsc::channel::<(u64, Result<Prepared, Rejected>)>();
     let work = &work;
+    let window = window.max(1);
     pool.in_place_scope(|scope| {
         let mut inflight: VecDeque<Arc<RawSample>> = VecDeque::new();
         let mut finished: HashMap<u64, Result<Prepared, Rejected>> = HashMap::new();
@@ -830,8 +834,18 @@ fn process_in_order(
                         let (tx, job, seq) = (tx.clone(), raw.clone(), next);
                         next += 1;
                         scope.spawn(move |_| {
+                            let result = std::panic::catch_unwind(AssertUnwindSafe(|| work(&job)))
+                                .unwrap_or_else(|_| {
+                                    Err(Rejected {
+                                        id: format!("#{}", job.index),
+                                        rejection: Rejection::new(
+                                            RejectKind::InternalError,
+                                            "internal error (please report): a worker panicked",
+                                        ),
+                                    })
+                                });
                             // The receiver outlives the scope, so the send cannot fail.
-                            let _ = tx.send((seq, work(&job)));
+                            let _ = tx.send((seq, result));
                         });
                         inflight.push_back(raw);
                     }

@@ -29,8 +29,11 @@ pub const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}
 /// The Split pattern of Qwen2's tokenizer.json (numbers one digit at a time).
 pub const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
-/// Words memoised per thread before the memo is cleared (bounds its memory to a few tens of MB).
-const MEMO_WORDS: usize = 1 << 18;
+/// Words memoised per thread before the memo is cleared, and the longest word memoised (longer
+/// ones, e.g. a run of CJK letters, rarely repeat): at most ~40 MB per thread, a few MB in
+/// practice.
+const MEMO_WORDS: usize = 1 << 17;
+const MEMO_WORD_BYTES: usize = 128;
 
 /// Distinguishes encoders in the per-thread memo (two tokenizers never share entries).
 static NEXT_OWNER: AtomicU64 = AtomicU64::new(1);
@@ -456,7 +459,9 @@ impl ByteLevelBpe {
                     .map_err(|e| e.to_string())?;
                 let word_ids: Box<[u32]> = tokens.iter().map(|t| t.id).collect();
                 ids.extend_from_slice(&word_ids);
-                memo.words.insert(word.into(), word_ids);
+                if word.len() <= MEMO_WORD_BYTES {
+                    memo.words.insert(word.into(), word_ids);
+                }
             }
             Ok(())
         })

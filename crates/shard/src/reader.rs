@@ -39,8 +39,16 @@ pub(crate) struct Mapped {
     compressed: bool,
 }
 
+/// Largest uncompressed size a compressed buffer may declare: 1 GiB, or 4096 times its
+/// compressed size (zstd's ratio on uniform pixels). A damaged length prefix is refused here
+/// instead of becoming a huge allocation in the decompressor.
+fn max_uncompressed(compressed: u64) -> u64 {
+    (1u64 << 30).max(compressed.saturating_mul(4096))
+}
+
 /// The row count of a record-batch block and whether its buffers are compressed, read from the
-/// block's message header without touching its body.
+/// block's message header; a compressed block's buffers are checked to lie inside the body
+/// and to declare plausible uncompressed sizes.
 fn block_header(map: &Buffer, block: &Block) -> Result<(usize, bool), String> {
     let meta = &map[block.offset() as usize..][..block.metaDataLength() as usize];
     let skip = if meta.len() >= 8 && meta[..4] == [0xff; 4] {
@@ -59,7 +67,39 @@ fn block_header(map: &Buffer, block: &Block) -> Result<(usize, bool), String> {
         .ok_or("a block is not a record batch")?;
     let rows =
         usize::try_from(batch.length()).map_err(|_| "a record batch has a negative length")?;
-    Ok((rows, batch.compression().is_some()))
+    let compressed = batch.compression().is_some();
+    if compressed {
+        let body_start = block.offset() as u64 + block.metaDataLength() as u64;
+        let body_len = block.bodyLength() as u64;
+        for b in batch.buffers().into_iter().flatten() {
+            let (offset, len) = (b.offset() as u64, b.length() as u64);
+            if offset.checked_add(len).is_none_or(|end| end > body_len) {
+                return Err("a buffer lies outside its record batch".into());
+            }
+            if len == 0 {
+                continue;
+            }
+            if len < 8 {
+                return Err("a compressed buffer is shorter than its length prefix".into());
+            }
+            // Arrow IPC compression: each buffer starts with its uncompressed length (i64 LE,
+            // -1 when stored uncompressed).
+            let at = (body_start + offset) as usize;
+            let prefix: [u8; 8] = map
+                .get(at..at + 8)
+                .and_then(|p| p.try_into().ok())
+                .ok_or("a compressed buffer is shorter than its length prefix")?;
+            let declared = i64::from_le_bytes(prefix);
+            let plausible =
+                declared == -1 || u64::try_from(declared).is_ok_and(|d| d <= max_uncompressed(len));
+            if !plausible {
+                return Err(format!(
+                    "a compressed buffer of {len} bytes declares {declared} bytes uncompressed"
+                ));
+            }
+        }
+    }
+    Ok((rows, compressed))
 }
 
 impl Mapped {
@@ -127,7 +167,11 @@ impl Mapped {
             let (rows, packed) =
                 block_header(&map, block).map_err(|e| ShardError::format(path, e))?;
             compressed |= packed;
-            starts.push(starts.last().copied().unwrap_or(0) + rows);
+            let total: usize = starts.last().copied().unwrap_or(0);
+            let total = total
+                .checked_add(rows)
+                .ok_or_else(|| ShardError::format(path, "row counts overflow"))?;
+            starts.push(total);
             blocks.push(*block);
         }
         let mut mapped = Mapped {
@@ -231,11 +275,23 @@ pub struct ShardReader {
 }
 
 /// One row of a shard: it holds the row's record batch (mapped, or decompressed), so it stays
-/// valid however the reader's cache moves on. [`Row::view`] borrows the row's values.
-#[derive(Debug, Clone)]
+/// valid on its own. [`Row::view`] borrows the row's values.
+#[derive(Clone)]
 pub struct Row {
     batch: RecordBatch,
     r: usize,
+}
+
+impl std::fmt::Debug for Row {
+    /// The row's id and place, not its batch (which holds pixels).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let v = self.view();
+        f.debug_struct("Row")
+            .field("id", &v.id)
+            .field("row_in_batch", &self.r)
+            .field("tokens", &v.num_tokens)
+            .finish()
+    }
 }
 
 impl Row {
@@ -333,6 +389,11 @@ impl ShardReader {
     /// True when the shard has no rows.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Number of record batches (one per pack in a compressed file).
+    pub fn num_batches(&self) -> usize {
+        self.mapped.num_batches()
     }
 
     /// Whether the file was written with `--compression lz4|zstd` (rows are decompressed when
@@ -753,13 +814,19 @@ mod tests {
                     assert!(!s.pixels_left_out);
                     rows.push((s.pack, owned(&s)));
                 }
-                // Random access agrees with the scan, in any order (the cache is exercised).
+                // Random access agrees with the scan, one row or several at once.
+                let first = rows.len() - r.len();
                 for i in (0..r.len()).rev() {
                     let row = r.sample(i).unwrap().unwrap();
-                    let k = rows.len() - r.len() + i;
-                    assert_eq!(owned(&row.view()), rows[k].1);
+                    assert_eq!(owned(&row.view()), rows[first + i].1);
                 }
                 assert!(r.sample(r.len()).unwrap().is_none());
+                let picked: Vec<usize> = (0..=r.len()).rev().collect();
+                let got = r.rows(&picked).unwrap();
+                assert!(got[0].is_none(), "past the end");
+                for (&i, row) in picked.iter().zip(&got).skip(1) {
+                    assert_eq!(owned(&row.as_ref().unwrap().view()), rows[first + i].1);
+                }
                 for row in r.samples_without_pixels() {
                     let row = row.unwrap();
                     let s = row.view();
@@ -802,6 +869,15 @@ mod tests {
         let err = r.sample(0).unwrap_err().to_string();
         assert!(err.contains(&path.display().to_string()), "{err}");
         assert!(r.samples().next().unwrap().is_err());
+
+        // A length prefix (the 8 bytes before the frame) claiming an absurd size is refused
+        // at open, before any decompressor allocates for it.
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[at] ^= 0xff; // the frame again as written
+        bytes[at - 8..at].copy_from_slice(&(1i64 << 50).to_le_bytes());
+        std::fs::write(&path, bytes).unwrap();
+        let err = ShardReader::open(&path).err().unwrap().to_string();
+        assert!(err.contains("declares"), "{err}");
     }
 
     #[test]

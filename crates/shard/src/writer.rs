@@ -72,6 +72,9 @@ struct OpenShard {
     index: usize,
     arrow: Option<(PathBuf, FileWriter<BufWriter<File>>)>,
     parquet: Option<(PathBuf, ArrowWriter<File>)>,
+    /// Rows and bytes in the Parquet writer's open row group (cut by the batch limits even when
+    /// compressed Arrow batches are cut per pack).
+    parquet_group: (usize, u64),
     rows: u64,
     packs: u64,
     bytes: u64,
@@ -248,6 +251,7 @@ impl ShardSetWriter {
             index,
             arrow,
             parquet,
+            parquet_group: (0, 0),
             rows: 0,
             packs: 0,
             bytes: 0,
@@ -261,7 +265,7 @@ impl ShardSetWriter {
             return Ok(());
         }
         let rows = std::mem::take(&mut self.pending);
-        self.pending_bytes = 0;
+        let bytes = std::mem::take(&mut self.pending_bytes);
         let batch =
             build_batch(&self.schema, &rows).map_err(|e| ShardError::arrow(&self.dir, e))?;
         let cur = self
@@ -272,13 +276,21 @@ impl ShardSetWriter {
             w.write(&batch).map_err(|e| ShardError::arrow(path, e))?;
         }
         if let Some((path, w)) = cur.parquet.as_mut() {
-            // One row group per batch: the Parquet writer never buffers a whole shard.
+            // Row groups of up to a batch's limits: the Parquet writer never buffers a whole
+            // shard, and one-pack Arrow batches (compressed sets) do not make tiny row groups.
+            let group = &mut cur.parquet_group;
+            group.0 += batch.num_rows();
+            group.1 += bytes;
+            let cut = group.0 >= self.opts.max_batch_rows || group.1 >= self.opts.max_batch_bytes;
             w.write(&batch)
-                .and_then(|_| w.flush())
+                .and_then(|_| if cut { w.flush() } else { Ok(()) })
                 .map_err(|e| ShardError::Parquet {
                     path: path.display().to_string(),
                     source: e,
                 })?;
+            if cut {
+                *group = (0, 0);
+            }
         }
         Ok(())
     }
@@ -526,6 +538,38 @@ mod tests {
             pixel_values: vec![vec![7u8; 14 * 14 * 3]],
             ..Sample::default()
         }
+    }
+
+    /// A compressed set cuts one Arrow record batch per pack (what a reader decompresses at
+    /// once), while its Parquet twin keeps row groups of the usual batch limits.
+    #[test]
+    fn compressed_arrow_batches_per_pack_and_parquet_row_groups_by_limits() {
+        use parquet::file::reader::{FileReader, SerializedFileReader};
+        let dir = tempfile::tempdir().unwrap();
+        let opts = WriterOptions {
+            max_batch_rows: 4,
+            parquet: true,
+            compression: Compression::Zstd,
+            ..Default::default()
+        };
+        let mut w = ShardSetWriter::new(dir.path(), opts);
+        for p in 0..10 {
+            w.write_pack(p, vec![sample(&format!("s{p}"))]).unwrap();
+        }
+        let entries = w.finish().unwrap();
+        assert_eq!(entries.len(), 1);
+        let arrow =
+            crate::reader::ShardReader::open(&dir.path().join(entries[0].file.as_ref().unwrap()))
+                .unwrap();
+        assert!(arrow.compressed());
+        assert_eq!(arrow.len(), 10);
+        assert_eq!(arrow.num_batches(), 10, "one record batch per pack");
+        let parquet = dir.path().join(entries[0].parquet.as_ref().unwrap());
+        let reader = SerializedFileReader::new(File::open(parquet).unwrap()).unwrap();
+        let groups: Vec<i64> = (0..reader.num_row_groups())
+            .map(|g| reader.metadata().row_group(g).num_rows())
+            .collect();
+        assert_eq!(groups, vec![4, 4, 2]);
     }
 
     fn names(dir: &Path) -> Vec<String> {

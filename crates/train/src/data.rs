@@ -23,8 +23,11 @@ pub struct Dataset {
 }
 
 impl Dataset {
-    /// Maps the shards and groups rows into packs (rows sharing a `pack` value). Every row is
-    /// checked once for internal consistency, so a damaged shard is refused up front.
+    /// Maps the shards and groups rows into packs (rows sharing a `pack` value). Every row's
+    /// lengths and bounds are checked here, so a damaged shard is refused up front; in a
+    /// compressed set the pixel column is left compressed until a batch is made, where each
+    /// row is checked again with its pixels (a damaged pixel buffer stops the run there,
+    /// naming the file).
     pub fn open(dir: &Path) -> Result<Self, TrainError> {
         let shards = ShardDir::open(dir).map_err(|e| TrainError::Data(format!("{e}")))?;
         let mut packs: Vec<Pack> = Vec::new();

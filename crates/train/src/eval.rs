@@ -71,6 +71,8 @@ fn count_images(s: &SampleView, image_start: u32, slice_start: u32, slice_end: u
 }
 
 fn one_sample_batch(shards: &ShardDir, s: &SampleView, patch: usize) -> Result<Batch, TrainError> {
+    s.check()
+        .map_err(|e| TrainError::Data(format!("corrupt shard row: {e}")))?;
     let pixels = shards
         .pixels(s)
         .map_err(|e| TrainError::Data(e.to_string()))?;
