@@ -6,6 +6,9 @@
 use std::fs::File;
 use std::path::{Component, Path, PathBuf};
 
+mod direct;
+pub use direct::DirectWriter;
+
 /// Why an output was refused or could not be made durable.
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {

@@ -7,7 +7,8 @@
 //! removes what it wrote.
 
 use std::fs::File;
-use std::io::BufWriter;
+
+use cpmv_fsio::DirectWriter;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -70,7 +71,9 @@ impl Default for WriterOptions {
 
 struct OpenShard {
     index: usize,
-    arrow: Option<(PathBuf, FileWriter<BufWriter<File>>)>,
+    /// Arrow shards bypass the page cache where the file system allows (gigabytes of slices
+    /// nobody reads back soon: see `cpmv_fsio::DirectWriter`).
+    arrow: Option<(PathBuf, FileWriter<DirectWriter>)>,
     parquet: Option<(PathBuf, ArrowWriter<File>)>,
     /// Rows and bytes in the Parquet writer's open row group (cut by the batch limits even when
     /// compressed Arrow batches are cut per pack).
@@ -218,10 +221,10 @@ impl ShardSetWriter {
             let path = self
                 .dir
                 .join(partial_name(&shard_file_name(index, "arrow")));
-            let file = File::create(&path).map_err(|e| ShardError::io(&path, e))?;
+            let file = DirectWriter::create(&path).map_err(|e| ShardError::io(&path, e))?;
             let options =
                 ipc_options(self.opts.compression).map_err(|e| ShardError::arrow(&path, e))?;
-            let w = FileWriter::try_new_with_options(BufWriter::new(file), &self.schema, options)
+            let w = FileWriter::try_new_with_options(file, &self.schema, options)
                 .map_err(|e| ShardError::arrow(&path, e))?;
             Some((path, w))
         } else {
@@ -310,9 +313,7 @@ impl ShardSetWriter {
         if let Some((path, mut w)) = cur.arrow {
             w.finish().map_err(|e| ShardError::arrow(&path, e))?;
             let inner = w.into_inner().map_err(|e| ShardError::arrow(&path, e))?;
-            let file = inner
-                .into_inner()
-                .map_err(|e| ShardError::io(&path, e.into_error()))?;
+            let file = inner.finish().map_err(|e| ShardError::io(&path, e))?;
             file.sync_all().map_err(|e| ShardError::io(&path, e))?;
             entry.bytes = file.metadata().map_err(|e| ShardError::io(&path, e))?.len();
             let name = shard_file_name(cur.index, "arrow");
