@@ -18,41 +18,26 @@ const BLOCK: usize = 4096;
 /// Bytes collected before a direct write.
 const CAPACITY: usize = 8 << 20;
 
-/// A heap buffer aligned to [`BLOCK`].
+/// A [`CAPACITY`]-byte heap buffer whose usable part starts at a [`BLOCK`] boundary: a plain `Vec` one block
+/// longer than needed, used from its first aligned byte (it never grows, so never moves).
 struct Aligned {
-    ptr: std::ptr::NonNull<u8>,
-    layout: std::alloc::Layout,
+    bytes: Vec<u8>,
+    start: usize,
 }
 
-// SAFETY: `Aligned` owns its allocation exclusively (like a `Box<[u8]>`).
-unsafe impl Send for Aligned {}
-
 impl Aligned {
-    fn new(len: usize) -> Aligned {
-        let layout = std::alloc::Layout::from_size_align(len, BLOCK).expect("a valid layout");
-        // SAFETY: `layout` has a non-zero size.
-        let raw = unsafe { std::alloc::alloc(layout) };
-        let ptr =
-            std::ptr::NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        Aligned { ptr, layout }
+    fn new() -> Aligned {
+        let bytes = vec![0u8; CAPACITY + BLOCK];
+        let start = bytes.as_ptr().align_offset(BLOCK);
+        Aligned { bytes, start }
     }
 
     fn as_slice(&self) -> &[u8] {
-        // SAFETY: the allocation is `layout.size()` bytes; bytes are only read after being
-        // written (`DirectWriter` tracks how many are filled), and u8 has no invalid values.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }
+        &self.bytes[self.start..self.start + CAPACITY]
     }
 
     fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as above, with exclusive access through `&mut self`.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
-    }
-}
-
-impl Drop for Aligned {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+        &mut self.bytes[self.start..self.start + CAPACITY]
     }
 }
 
@@ -81,8 +66,8 @@ impl DirectWriter {
                 .open(path);
             match direct {
                 Ok(file) => return Ok(DirectWriter::new(file, true)),
-                // tmpfs and others refuse the flag: write normally.
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                // tmpfs and others refuse the flag (EINVAL): write normally.
+                Err(e) if e.kind() == io::ErrorKind::InvalidInput => {}
                 Err(e) => return Err(e),
             }
         }
@@ -97,7 +82,7 @@ impl DirectWriter {
     fn new(file: File, direct: bool) -> DirectWriter {
         DirectWriter {
             file,
-            buf: Aligned::new(CAPACITY),
+            buf: Aligned::new(),
             filled: 0,
             direct,
         }
@@ -140,7 +125,7 @@ impl DirectWriter {
         let result = self.file.write_all(&self.buf.as_slice()[..whole]);
         match result {
             Ok(()) => {}
-            Err(e) if self.direct && e.raw_os_error() == Some(libc_einval()) => {
+            Err(e) if self.direct && e.kind() == io::ErrorKind::InvalidInput => {
                 // Accepted at open but refused on write (some file systems): write normally.
                 // A failed direct write transfers nothing, so the offset is where it was.
                 self.stop_direct()?;
@@ -161,17 +146,6 @@ impl DirectWriter {
             self.drain()?;
         }
         Ok(self.file)
-    }
-}
-
-fn libc_einval() -> i32 {
-    #[cfg(target_os = "linux")]
-    {
-        libc::EINVAL
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        22
     }
 }
 
