@@ -6,11 +6,11 @@
 //! thread count. A writer thread overlaps Arrow/Parquet writing with the processing. Memory is
 //! bounded by the samples in flight, the packing window and the writer queue.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use cpmv_fsio::Input;
@@ -816,28 +816,29 @@ fn process_in_order(
     work: impl Fn(&RawSample) -> Result<Prepared, Rejected> + Sync,
     mut handle: impl FnMut(&RawSample, Result<Prepared, Rejected>, u64) -> Result<(), BuildError>,
 ) -> Result<(), BuildError> {
-    let (tx, rx) = mpsc::channel::<(u64, Result<Prepared, Rejected>)>();
+    type Done = (RawSample, Result<Prepared, Rejected>);
+    let (tx, rx) = mpsc::channel::<(u64, Done)>();
     let work = &work;
-    let window = window.max(1);
+    let window = window.max(1) as u64;
     pool.in_place_scope(|scope| {
-        let mut inflight: VecDeque<Arc<RawSample>> = VecDeque::new();
-        let mut finished: HashMap<u64, Result<Prepared, Rejected>> = HashMap::new();
-        // Sequence numbers: the next to hand out, and the one at the front of `inflight`.
+        // Results that came back ahead of their turn, by sequence number.
+        let mut finished: HashMap<u64, Done> = HashMap::new();
+        // Sequence numbers: the next to hand out, and the next to hand to `handle` (the
+        // samples in flight are those in between).
         let (mut next, mut front) = (0u64, 0u64);
         let mut exhausted = false;
         loop {
-            while !exhausted && inflight.len() < window {
+            while !exhausted && next - front < window {
                 match reader.next() {
                     None => exhausted = true,
                     Some(raw) => {
-                        let raw = Arc::new(raw?);
-                        let (tx, job, seq) = (tx.clone(), raw.clone(), next);
+                        let (raw, tx, seq) = (raw?, tx.clone(), next);
                         next += 1;
                         scope.spawn(move |_| {
-                            let result = std::panic::catch_unwind(AssertUnwindSafe(|| work(&job)))
+                            let result = std::panic::catch_unwind(AssertUnwindSafe(|| work(&raw)))
                                 .unwrap_or_else(|_| {
                                     Err(Rejected {
-                                        id: format!("#{}", job.index),
+                                        id: format!("#{}", raw.index),
                                         rejection: Rejection::new(
                                             RejectKind::InternalError,
                                             "internal error (please report): a worker panicked",
@@ -845,24 +846,23 @@ fn process_in_order(
                                     })
                                 });
                             // The receiver outlives the scope, so the send cannot fail.
-                            let _ = tx.send((seq, result));
+                            let _ = tx.send((seq, (raw, result)));
                         });
-                        inflight.push_back(raw);
                     }
                 }
             }
-            let Some(raw) = inflight.pop_front() else {
+            if front == next {
                 return Ok(());
-            };
-            let result = loop {
-                if let Some(r) = finished.remove(&front) {
-                    break r;
+            }
+            let (raw, result) = loop {
+                if let Some(done) = finished.remove(&front) {
+                    break done;
                 }
                 // This thread holds a sender, so `recv` waits for a job rather than failing;
                 // every spawned job sends exactly once.
                 match rx.recv() {
-                    Ok((seq, r)) => {
-                        finished.insert(seq, r);
+                    Ok((seq, done)) => {
+                        finished.insert(seq, done);
                     }
                     Err(_) => unreachable!("a sender is held by this thread"),
                 }
