@@ -168,21 +168,36 @@ pub fn make_batch(
     packs: &[usize],
     patch: usize,
 ) -> Result<(Batch, Vec<String>, usize), TrainError> {
+    let found = packs
+        .iter()
+        .map(|&p| data.pack_rows(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let groups: Vec<Vec<SampleView>> = found
+        .iter()
+        .map(|rows| rows.iter().map(Row::view).collect())
+        .collect();
+    let ids = groups.iter().flatten().map(|s| s.id.to_string()).collect();
+    let samples = groups.iter().map(Vec::len).sum();
+    Ok((batch_of_rows(&data.shards, &groups, patch)?, ids, samples))
+}
+
+/// The model batch of `groups`: one batch row per group (a pack's samples, in order),
+/// right-padded to the longest (ids 0, positions 0, labels −100, as the reference collator).
+/// Each sample is checked with its pixels first.
+pub fn batch_of_rows(
+    shards: &ShardDir,
+    groups: &[Vec<SampleView>],
+    patch: usize,
+) -> Result<Batch, TrainError> {
     let mut batch = Batch::default();
-    let mut ids = Vec::new();
-    let mut samples = 0;
     // Each sample's images form their own vision batch (see `Batch::image_groups`).
     let mut sample_no = 0usize;
-    for (r, &p) in packs.iter().enumerate() {
-        let found = data.pack_rows(p)?;
-        let rows: Vec<SampleView> = found.iter().map(|r| r.view()).collect();
-        for s in &rows {
+    for (r, rows) in groups.iter().enumerate() {
+        for s in rows {
             s.check()
                 .map_err(|e| TrainError::Data(format!("corrupt shard row: {e}")))?;
         }
-        samples += rows.len();
-        ids.extend(rows.iter().map(|s| s.id.to_string()));
-        add_row(&mut batch, &data.shards, &rows, patch, r, &mut sample_no)?;
+        add_row(&mut batch, shards, rows, patch, r, &mut sample_no)?;
     }
     let t = batch.input_ids.iter().map(Vec::len).max().unwrap_or(0);
     for r in 0..batch.input_ids.len() {
@@ -192,7 +207,7 @@ pub fn make_batch(
         batch.labels[r].resize(t, -100);
         debug_assert!(n <= t);
     }
-    Ok((batch, ids, samples))
+    Ok(batch)
 }
 
 /// Streams micro-batches from `cursor` on, over epochs, on a background thread (the next

@@ -2,12 +2,12 @@
 //! shards, per sample — to compare runs and to find the samples a model finds surprising.
 //! The forward pass and loss are the training ones (no second implementation).
 
-use cpmv_model::{Batch, LoadOptions, MiniCpmV};
-use cpmv_shard::reader::{SampleView, ShardDir};
+use cpmv_model::{LoadOptions, MiniCpmV};
+use cpmv_shard::reader::{Row, SampleView};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-use crate::data::{make_batch, Dataset};
+use crate::data::{batch_of_rows, Dataset};
 use crate::error::TrainError;
 use crate::trainer::check_fit;
 
@@ -70,39 +70,6 @@ fn count_images(s: &SampleView, image_start: u32, slice_start: u32, slice_end: u
     n
 }
 
-fn one_sample_batch(shards: &ShardDir, s: &SampleView, patch: usize) -> Result<Batch, TrainError> {
-    s.check()
-        .map_err(|e| TrainError::Data(format!("corrupt shard row: {e}")))?;
-    let pixels = shards
-        .pixels(s)
-        .map_err(|e| TrainError::Data(e.to_string()))?;
-    if s.image_bound.len() != pixels.len() {
-        return Err(TrainError::Data(format!(
-            "sample {:?}: {} placeholder runs but {} image slices",
-            s.id,
-            s.image_bound.len(),
-            pixels.len()
-        )));
-    }
-    let mut b = Batch {
-        input_ids: vec![s.input_ids.iter().map(|&x| x as u32).collect()],
-        position_ids: vec![(0..s.input_ids.len() as u32).collect()],
-        labels: vec![s.labels.iter().map(|&x| x as i64).collect()],
-        segments: vec![vec![s.input_ids.len()]],
-        ..Default::default()
-    };
-    for ((bd, ts), px) in s.image_bound.iter().zip(&s.tgt_sizes).zip(&pixels) {
-        let (h, w) = (ts[0] as usize * patch, ts[1] as usize * patch);
-        b.images.push(
-            cpmv_model::ImageInput::from_hwc_u8(px, h, w, patch)
-                .map_err(|e| TrainError::Data(format!("sample {:?}: {e}", s.id)))?,
-        );
-        b.bounds.push((0, bd[0] as usize, bd[1] as usize));
-        b.image_groups.push(0);
-    }
-    Ok(b)
-}
-
 /// Loads the model of `opts` (with its adapter, if any), frozen.
 pub fn load_model(
     model: &Path,
@@ -152,7 +119,11 @@ pub fn evaluate_samples(opts: &EvalOptions) -> Result<EvalReport, TrainError> {
     };
     if opts.pack {
         for p in 0..data.packs.len() {
-            let (batch, _, _) = make_batch(&data, &[p], patch)?;
+            // One decode of the pack (in a compressed set) for the batch and the per-sample
+            // losses alike.
+            let found = data.pack_rows(p)?;
+            let rows: Vec<SampleView> = found.iter().map(Row::view).collect();
+            let batch = batch_of_rows(&data.shards, std::slice::from_ref(&rows), patch)?;
             let losses: Vec<f64> = if batch.supervised() > 0 {
                 model
                     .token_losses(&batch)?
@@ -163,10 +134,9 @@ pub fn evaluate_samples(opts: &EvalOptions) -> Result<EvalReport, TrainError> {
             };
             // Supervised positions come in row order, so each sample's are contiguous.
             let mut at = 0;
-            for found in data.pack_rows(p)? {
-                let s = found.view();
+            for s in &rows {
                 let n = s.labels.iter().filter(|&&l| l >= 0).count();
-                push(&s, &losses[at..at + n]);
+                push(s, &losses[at..at + n]);
                 at += n;
                 pb.inc(1);
             }
@@ -175,7 +145,7 @@ pub fn evaluate_samples(opts: &EvalOptions) -> Result<EvalReport, TrainError> {
         for found in data.shards.samples() {
             let found = found.map_err(|e| TrainError::Data(e.to_string()))?;
             let s = found.view();
-            let batch = one_sample_batch(&data.shards, &s, patch)?;
+            let batch = batch_of_rows(&data.shards, &[vec![s.clone()]], patch)?;
             let losses: Vec<f64> = if batch.supervised() > 0 {
                 model
                     .token_losses(&batch)?
