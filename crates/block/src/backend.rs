@@ -1,0 +1,264 @@
+//! The primitives a layer is written in. A backend owns its buffers (host vectors, device
+//! memory) and implements these few ops; the layers in this crate never touch memory directly.
+
+use crate::error::{shape, Result};
+
+/// The two GELU variants of the vision towers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gelu {
+    /// Exact, erf-based.
+    Erf,
+    /// The tanh approximation (`gelu_pytorch_tanh`).
+    Tanh,
+}
+
+/// A row-major matrix inside a buffer: `rows × cols` starting at element `off`, rows `ld`
+/// elements apart. Column blocks of a wider matrix (q, k and v inside a fused projection's
+/// output) are views with the parent's `ld`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mat {
+    pub off: usize,
+    pub rows: usize,
+    pub cols: usize,
+    pub ld: usize,
+}
+
+impl Mat {
+    /// A dense `rows × cols` matrix at the start of its buffer.
+    pub fn dense(rows: usize, cols: usize) -> Mat {
+        Mat {
+            off: 0,
+            rows,
+            cols,
+            ld: cols,
+        }
+    }
+
+    /// Columns `c0 .. c0 + n` of this matrix.
+    pub fn cols(self, c0: usize, n: usize) -> Mat {
+        Mat {
+            off: self.off + c0,
+            cols: n,
+            ..self
+        }
+    }
+
+    /// One past the last element the view touches (0 for an empty view).
+    pub fn end(&self) -> usize {
+        if self.rows == 0 || self.cols == 0 {
+            return 0;
+        }
+        self.off + (self.rows - 1) * self.ld + self.cols
+    }
+
+    /// Whether the view is dense (rows back to back).
+    pub fn is_dense(&self) -> bool {
+        self.ld == self.cols || self.rows <= 1
+    }
+
+    /// Checks that the view fits a buffer of `len` elements and its rows do not overlap.
+    pub fn check(&self, len: usize, what: &str) -> Result<()> {
+        if self.cols > self.ld && self.rows > 1 {
+            return shape(format!(
+                "{what}: {} columns in rows {} apart",
+                self.cols, self.ld
+            ));
+        }
+        if self.end() > len {
+            return shape(format!(
+                "{what}: view {}×{} at {} (ld {}) exceeds its buffer of {len}",
+                self.rows, self.cols, self.off, self.ld
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Attention over rows of a fused projection output: `seqs` sequences of `len` rows each;
+/// query head `h` reads columns `q_col + h·head_dim` of the row, its key/value head
+/// `h / (heads / kv_heads)` columns `k_col + g·head_dim` and `v_col + g·head_dim`. Query row
+/// `r` (of all `seqs·len`) attends to keys `bounds[r].0 .. bounds[r].1` of its own sequence:
+/// `(0, valid)` for padded images, `(segment start, r + 1)` for packed causal rows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attn {
+    pub seqs: usize,
+    pub len: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Row stride of the projection buffer.
+    pub ld: usize,
+    pub q_col: usize,
+    pub k_col: usize,
+    pub v_col: usize,
+    pub scale: f32,
+    pub bounds: Vec<(u32, u32)>,
+}
+
+impl Attn {
+    /// Rows of all sequences.
+    pub fn rows(&self) -> usize {
+        self.seqs * self.len
+    }
+
+    /// Width of the attention output (`heads · head_dim`).
+    pub fn width(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    /// Checks the layout against a projection buffer of `len` elements.
+    pub fn check(&self, qkv_len: usize) -> Result<()> {
+        let (h, g, d) = (self.heads, self.kv_heads, self.head_dim);
+        if g == 0 || h % g != 0 {
+            return shape(format!(
+                "attention: {h} query heads over {g} key/value heads"
+            ));
+        }
+        if self.bounds.len() != self.rows() {
+            return shape(format!(
+                "attention: {} key ranges for {} query rows",
+                self.bounds.len(),
+                self.rows()
+            ));
+        }
+        for (r, &(lo, hi)) in self.bounds.iter().enumerate() {
+            if lo > hi || hi as usize > self.len {
+                return shape(format!(
+                    "attention: query row {r} has key range {lo}..{hi} in a sequence of {}",
+                    self.len
+                ));
+            }
+        }
+        let widest = (self.q_col + h * d)
+            .max(self.k_col + g * d)
+            .max(self.v_col + g * d);
+        if widest > self.ld {
+            return shape(format!(
+                "attention: heads reach column {widest} of rows {} wide",
+                self.ld
+            ));
+        }
+        Mat {
+            off: 0,
+            rows: self.rows(),
+            cols: widest,
+            ld: self.ld,
+        }
+        .check(qkv_len, "attention input")
+    }
+}
+
+/// The operations layers are written in. Buffers hold f32 values in the CPU backend; a device
+/// backend may store half precision and compute in f32 where the reference does.
+pub trait Backend {
+    /// A buffer of elements.
+    type Buf;
+
+    /// A zero-filled buffer.
+    fn zeros(&self, n: usize) -> Result<Self::Buf>;
+    /// A buffer holding `host`.
+    fn upload(&self, host: &[f32]) -> Result<Self::Buf>;
+    /// The buffer's values.
+    fn download(&self, b: &Self::Buf) -> Result<Vec<f32>>;
+    /// Number of elements.
+    fn len(&self, b: &Self::Buf) -> usize;
+    /// A copy.
+    fn copy(&self, b: &Self::Buf) -> Result<Self::Buf>;
+
+    /// `C = α·op(A)·op(B) + β·C` where `op` transposes when asked; `op(A)` is `m × k`,
+    /// `op(B)` `k × n`, `C` `m × n`. With β = 0, `C`'s previous values are not read.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        c: &mut Self::Buf,
+        cm: Mat,
+        a: &Self::Buf,
+        am: Mat,
+        ta: bool,
+        b: &Self::Buf,
+        bm: Mat,
+        tb: bool,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()>;
+
+    /// `y = act(y + bias)` over the view (bias `[cols]`); with an activation, `pre` (dense
+    /// `rows × cols`) receives `y + bias`, which the backward pass needs.
+    fn bias_act(
+        &self,
+        y: &mut Self::Buf,
+        ym: Mat,
+        bias: Option<&Self::Buf>,
+        act: Option<Gelu>,
+        pre: Option<&mut Self::Buf>,
+    ) -> Result<()>;
+
+    /// `d = d · act'(pre)` in place (both dense, same length).
+    fn act_backward(&self, d: &mut Self::Buf, pre: &Self::Buf, act: Gelu) -> Result<()>;
+
+    /// `db += Σ_rows dy` over the view (db `[cols]`).
+    fn bias_grad(&self, db: &mut Self::Buf, dy: &Self::Buf, dym: Mat) -> Result<()>;
+
+    /// LayerNorm of the dense `rows × cols` `x` into `y`, biased variance; `stats` (2 per
+    /// row) receives mean and 1/σ.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm(
+        &self,
+        y: &mut Self::Buf,
+        stats: &mut Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        b: &Self::Buf,
+        cols: usize,
+        eps: f32,
+    ) -> Result<()>;
+
+    /// LayerNorm backward: `dx += ∂/∂x`, and when given `dw += ∂/∂w`, `db += ∂/∂b`.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm_backward(
+        &self,
+        dx: &mut Self::Buf,
+        dw: Option<&mut Self::Buf>,
+        db: Option<&mut Self::Buf>,
+        dy: &Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        stats: &Self::Buf,
+        cols: usize,
+    ) -> Result<()>;
+
+    /// `y += x` (same length).
+    fn add(&self, y: &mut Self::Buf, x: &Self::Buf) -> Result<()>;
+
+    /// `y = x · m` elementwise (same length).
+    fn mul(&self, y: &mut Self::Buf, x: &Self::Buf, m: &Self::Buf) -> Result<()>;
+
+    /// An inverted-dropout mask of `n` values, `1/keep` or 0. `draw` is the model's
+    /// generator: the CPU backend draws one value per element (exactly as the reference path
+    /// does), a device backend one seed.
+    fn dropout_mask(&self, n: usize, keep: f64, draw: &mut dyn FnMut() -> u64)
+        -> Result<Self::Buf>;
+
+    /// Attention forward: `out` (dense `rows × heads·head_dim`) and the softmax log-sum-exp
+    /// `lse` (`heads × rows`, f32) of every query.
+    fn attention(
+        &self,
+        out: &mut Self::Buf,
+        lse: &mut Self::Buf,
+        qkv: &Self::Buf,
+        shape: &Attn,
+    ) -> Result<()>;
+
+    /// Attention backward from `dout`: `dqkv` (same layout as `qkv`) receives the gradients
+    /// of the q, k and v columns (other columns untouched).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        dqkv: &mut Self::Buf,
+        dout: &Self::Buf,
+        out: &Self::Buf,
+        lse: &Self::Buf,
+        qkv: &Self::Buf,
+        shape: &Attn,
+    ) -> Result<()>;
+}

@@ -1,0 +1,346 @@
+//! The CPU primitives against naive definitions and central differences.
+
+use super::*;
+
+/// Deterministic values in (-1, 1).
+fn vals(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
+        })
+        .collect()
+}
+
+fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let scale = want.iter().fold(1e-3f32, |m, x| m.max(x.abs()));
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= tol * scale,
+            "{what}[{i}]: {g} vs {w} (scale {scale})"
+        );
+    }
+}
+
+#[test]
+fn gemm_matches_the_definition_for_every_transpose_view_and_beta() {
+    let be = Cpu;
+    let (m, n, k) = (5, 7, 6);
+    for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+        // Operands as views inside wider buffers, at offsets.
+        let am = if ta {
+            Mat {
+                off: 3,
+                rows: k,
+                cols: m,
+                ld: m + 2,
+            }
+        } else {
+            Mat {
+                off: 3,
+                rows: m,
+                cols: k,
+                ld: k + 2,
+            }
+        };
+        let bm = if tb {
+            Mat {
+                off: 1,
+                rows: n,
+                cols: k,
+                ld: k + 4,
+            }
+        } else {
+            Mat {
+                off: 1,
+                rows: k,
+                cols: n,
+                ld: n + 4,
+            }
+        };
+        let cm = Mat {
+            off: 2,
+            rows: m,
+            cols: n,
+            ld: n + 3,
+        };
+        let a = vals(am.end() + 5, 1);
+        let b = vals(bm.end() + 5, 2);
+        let c0 = vals(cm.end() + 5, 3);
+        let at = |i: usize, p: usize| {
+            if ta {
+                a[am.off + p * am.ld + i]
+            } else {
+                a[am.off + i * am.ld + p]
+            }
+        };
+        let bt = |p: usize, j: usize| {
+            if tb {
+                b[bm.off + j * bm.ld + p]
+            } else {
+                b[bm.off + p * bm.ld + j]
+            }
+        };
+        for beta in [0.0f32, 1.0, 0.5] {
+            let mut c = c0.clone();
+            be.gemm(&mut c, cm, &a, am, ta, &b, bm, tb, 1.5, beta)
+                .unwrap();
+            let mut want = c0.clone();
+            for i in 0..m {
+                for j in 0..n {
+                    let s: f32 = (0..k).map(|p| at(i, p) * bt(p, j)).sum();
+                    let idx = cm.off + i * cm.ld + j;
+                    want[idx] = 1.5 * s + if beta == 0.0 { 0.0 } else { beta * c0[idx] };
+                }
+            }
+            assert_close(
+                &c,
+                &want,
+                1e-6,
+                &format!("gemm ta={ta} tb={tb} beta={beta}"),
+            );
+        }
+    }
+    // Shape mistakes are errors, not panics.
+    let mut c = vec![0.0; 4];
+    assert!(be
+        .gemm(
+            &mut c,
+            Mat::dense(2, 2),
+            &vec![0.0; 6],
+            Mat::dense(2, 3),
+            false,
+            &vec![0.0; 4],
+            Mat::dense(2, 2),
+            false,
+            1.0,
+            0.0
+        )
+        .is_err());
+    assert!(be
+        .gemm(
+            &mut c,
+            Mat::dense(2, 3),
+            &vec![0.0; 6],
+            Mat::dense(2, 3),
+            false,
+            &vec![0.0; 9],
+            Mat::dense(3, 3),
+            false,
+            1.0,
+            0.0
+        )
+        .is_err());
+}
+
+#[test]
+fn gelu_gradients_match_central_differences() {
+    for act in [Gelu::Erf, Gelu::Tanh] {
+        for &x in &[-3.0f32, -1.2, -0.3, 0.0, 0.4, 1.7, 3.5] {
+            let h = 1e-3f32;
+            let fd = (gelu(x + h, act) as f64 - gelu(x - h, act) as f64) / (2.0 * h as f64);
+            assert!(
+                (gelu_grad(x, act) as f64 - fd).abs() < 2e-3,
+                "{act:?} at {x}"
+            );
+        }
+    }
+    assert!((gelu(1.0, Gelu::Erf) - 0.841_344_7).abs() < 1e-6);
+    assert!((gelu(1.0, Gelu::Tanh) - 0.841_192).abs() < 1e-5);
+}
+
+/// Σ r·f(x) for a fixed random `r`: the scalar whose gradient the backward passes compute.
+fn project(y: &[f32], r: &[f32]) -> f64 {
+    y.iter().zip(r).map(|(a, b)| *a as f64 * *b as f64).sum()
+}
+
+#[test]
+fn layer_norm_forward_and_backward() {
+    let be = Cpu;
+    let (rows, cols) = (3, 8);
+    let x: Vec<f32> = vals(rows * cols, 4).iter().map(|v| v * 3.0 + 0.5).collect();
+    let w = vals(cols, 5);
+    let b = vals(cols, 6);
+    let r = vals(rows * cols, 7);
+    let run = |x: &Vec<f32>, w: &Vec<f32>, b: &Vec<f32>| {
+        let mut y = vec![0.0; rows * cols];
+        let mut st = vec![0.0; 2 * rows];
+        be.layer_norm(&mut y, &mut st, x, w, b, cols, 1e-6).unwrap();
+        (y, st)
+    };
+    let (y, st) = run(&x, &w, &b);
+    for i in 0..rows {
+        let row = &x[i * cols..(i + 1) * cols];
+        let mean = row.iter().sum::<f32>() / cols as f32;
+        let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / cols as f32;
+        for c in 0..cols {
+            let want = (row[c] - mean) / (var + 1e-6).sqrt() * w[c] + b[c];
+            assert!((y[i * cols + c] - want).abs() < 1e-5);
+        }
+    }
+    let mut dx = vec![0.25; rows * cols]; // accumulates onto what is there
+    let (mut dw, mut db) = (vec![0.0; cols], vec![0.0; cols]);
+    be.layer_norm_backward(&mut dx, Some(&mut dw), Some(&mut db), &r, &x, &w, &st, cols)
+        .unwrap();
+    let h = 1e-2f32;
+    let fd = |f: &dyn Fn(f32) -> f64| ((f(h) - f(-h)) / (2.0 * h as f64)) as f32;
+    let want_dx: Vec<f32> = (0..x.len())
+        .map(|i| {
+            0.25 + fd(&|e| {
+                let mut x2 = x.clone();
+                x2[i] += e;
+                project(&run(&x2, &w, &b).0, &r)
+            })
+        })
+        .collect();
+    assert_close(&dx, &want_dx, 2e-3, "layer_norm dx");
+    let want_dw: Vec<f32> = (0..cols)
+        .map(|i| {
+            fd(&|e| {
+                let mut w2 = w.clone();
+                w2[i] += e;
+                project(&run(&x, &w2, &b).0, &r)
+            })
+        })
+        .collect();
+    assert_close(&dw, &want_dw, 2e-3, "layer_norm dw");
+    let want_db: Vec<f32> = (0..cols)
+        .map(|c| (0..rows).map(|i| r[i * cols + c]).sum())
+        .collect();
+    assert_close(&db, &want_db, 1e-5, "layer_norm db");
+}
+
+/// A GQA layout with causal packed segments and a padded, non-causal one.
+fn attn_case() -> Attn {
+    let (seqs, len, heads, kv, d) = (2, 5, 4, 2, 3);
+    let width = heads * d + 2 * kv * d + 1; // one spare column: untouched by the backward
+    let mut bounds = Vec::new();
+    // Sequence 0: two packed causal segments [0, 2) and [2, 5).
+    for i in 0..len {
+        let start = if i < 2 { 0 } else { 2 };
+        bounds.push((start, i as u32 + 1));
+    }
+    // Sequence 1: an image of 3 valid patches padded to 5 (padded queries see the valid keys).
+    bounds.extend(std::iter::repeat_n((0u32, 3u32), len));
+    Attn {
+        seqs,
+        len,
+        heads,
+        kv_heads: kv,
+        head_dim: d,
+        ld: width,
+        q_col: 1,
+        k_col: 1 + heads * d,
+        v_col: 1 + heads * d + kv * d,
+        scale: 1.0 / (d as f32).sqrt(),
+        bounds,
+    }
+}
+
+fn attention_naive(qkv: &[f32], a: &Attn) -> Vec<f32> {
+    let d = a.head_dim;
+    let rep = a.heads / a.kv_heads;
+    let mut out = vec![0f32; a.rows() * a.width()];
+    for s in 0..a.seqs {
+        for h in 0..a.heads {
+            let g = h / rep;
+            for i in 0..a.len {
+                let row = s * a.len + i;
+                let (lo, hi) = (a.bounds[row].0 as usize, a.bounds[row].1 as usize);
+                let q = &qkv[row * a.ld + a.q_col + h * d..][..d];
+                let sc: Vec<f64> = (lo..hi)
+                    .map(|t| {
+                        let k = &qkv[(s * a.len + t) * a.ld + a.k_col + g * d..][..d];
+                        q.iter().zip(k).map(|(x, y)| (x * y) as f64).sum::<f64>() * a.scale as f64
+                    })
+                    .collect();
+                let m = sc.iter().cloned().fold(f64::MIN, f64::max);
+                let z: f64 = sc.iter().map(|v| (v - m).exp()).sum();
+                for (t, v) in (lo..hi).zip(&sc) {
+                    let p = (v - m).exp() / z;
+                    let vv = &qkv[(s * a.len + t) * a.ld + a.v_col + g * d..][..d];
+                    for e in 0..d {
+                        out[row * a.width() + h * d + e] += (p * vv[e] as f64) as f32;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn attention_forward_matches_softmax_with_key_ranges_and_gqa() {
+    let be = Cpu;
+    let a = attn_case();
+    let qkv: Vec<f32> = vals(a.rows() * a.ld, 8).iter().map(|v| v * 2.0).collect();
+    let mut out = vec![0.0; a.rows() * a.width()];
+    let mut lse = vec![0.0; a.heads * a.rows()];
+    be.attention(&mut out, &mut lse, &qkv, &a).unwrap();
+    assert_close(&out, &attention_naive(&qkv, &a), 1e-5, "attention out");
+    assert!(lse.iter().all(|v| v.is_finite()));
+    // Bad layouts are errors.
+    let mut bad = a.clone();
+    bad.bounds[3] = (0, 6);
+    assert!(be.attention(&mut out, &mut lse, &qkv, &bad).is_err());
+    let mut bad = a.clone();
+    bad.kv_heads = 3;
+    assert!(be.attention(&mut out, &mut lse, &qkv, &bad).is_err());
+}
+
+#[test]
+fn attention_backward_matches_central_differences() {
+    let be = Cpu;
+    let a = attn_case();
+    let qkv: Vec<f32> = vals(a.rows() * a.ld, 9).iter().map(|v| v * 2.0).collect();
+    let r = vals(a.rows() * a.width(), 10);
+    let fwd = |qkv: &Vec<f32>| {
+        let mut out = vec![0.0; a.rows() * a.width()];
+        let mut lse = vec![0.0; a.heads * a.rows()];
+        be.attention(&mut out, &mut lse, qkv, &a).unwrap();
+        (out, lse)
+    };
+    let (out, lse) = fwd(&qkv);
+    let mut dqkv = vec![7.0; qkv.len()];
+    be.attention_backward(&mut dqkv, &r, &out, &lse, &qkv, &a)
+        .unwrap();
+    let h = 1e-2f32;
+    for i in 0..qkv.len() {
+        let col = i % a.ld;
+        if col == 0 {
+            assert_eq!(dqkv[i], 7.0, "column outside q/k/v was written");
+            continue;
+        }
+        let f = |e: f32| {
+            let mut x = qkv.clone();
+            x[i] += e;
+            project(&fwd(&x).0, &r)
+        };
+        let fd = ((f(h) - f(-h)) / (2.0 * h as f64)) as f32;
+        assert!((dqkv[i] - fd).abs() < 2e-3, "dqkv[{i}] {} vs {fd}", dqkv[i]);
+    }
+}
+
+#[test]
+fn dropout_mask_replays_the_generator() {
+    let be = Cpu;
+    let mut s = 0u64;
+    let mut draw = || {
+        s += 1;
+        s.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    };
+    let m = be.dropout_mask(1000, 0.75, &mut draw).unwrap();
+    let kept = m.iter().filter(|&&v| v != 0.0).count();
+    assert!((650..850).contains(&kept), "{kept} of 1000 kept at 0.75");
+    assert!(m.iter().all(|&v| v == 0.0 || v == (1.0f64 / 0.75) as f32));
+    let mut s = 0u64;
+    let mut again = || {
+        s += 1;
+        s.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    };
+    assert_eq!(be.dropout_mask(1000, 0.75, &mut again).unwrap(), m);
+}
