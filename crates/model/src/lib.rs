@@ -6,6 +6,7 @@
 //! path has a backward (see [`ops`]), frozen weights get no gradient, LoRA adapters attach by
 //! module-name regex.
 
+pub mod block;
 pub mod config;
 pub mod error;
 pub mod flops;

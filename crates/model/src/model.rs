@@ -133,6 +133,7 @@ pub struct MiniCpmV {
     resampler: Resampler,
     llm: Llm,
     dropout: Mutex<Rng>,
+    block_path: bool,
 }
 
 enum Vision {
@@ -171,12 +172,18 @@ impl MiniCpmV {
         let llm = Llm::load(&cfg.llm, &mut params)?;
         Ok(MiniCpmV {
             dropout: dropout_rng(opts.seed),
+            block_path: opts.block_path,
             cfg,
             params,
             vision,
             resampler,
             llm,
         })
+    }
+
+    /// Whether the block path was asked for at load (see [`MiniCpmV::vision_on_blocks`]).
+    pub(crate) fn block_path(&self) -> bool {
+        self.block_path
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -289,6 +296,14 @@ impl MiniCpmV {
         match &self.vision {
             Vision::Vit(v) => v.layer(i, x, mask, &mode),
             Vision::Navit(v) => v.layer(i, x, mask, &mode),
+        }
+    }
+
+    /// Vision layer `i` converted for the block path.
+    pub(crate) fn vision_block_layer(&self, i: usize) -> Result<crate::block::BlockLayer> {
+        match &self.vision {
+            Vision::Vit(v) => v.block_layer(i),
+            Vision::Navit(v) => v.block_layer(i),
         }
     }
 

@@ -57,6 +57,9 @@ pub struct LoadOptions {
     /// Seeds the LoRA A initialisation.
     pub seed: u64,
     pub fixes: crate::config::Fixes,
+    /// Run vision layers on the block path where it exists (see [`crate::block`]); off
+    /// keeps candle's autograd, the reference. Default: on, unless `CPMV_UNFUSED=1`.
+    pub block_path: bool,
 }
 
 impl Default for LoadOptions {
@@ -68,6 +71,7 @@ impl Default for LoadOptions {
             lora: None,
             seed: 0,
             fixes: Default::default(),
+            block_path: !crate::block::unfused_env(),
         }
     }
 }

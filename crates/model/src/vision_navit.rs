@@ -9,8 +9,9 @@
 
 use candle_core::Tensor;
 
+use crate::block::{gelu as block_gelu, BlockLayer};
 use crate::config::VisionConfig;
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 use crate::image::{stack_patches, ImageInput};
 use crate::linear::{Linear, Mode};
 use crate::ops::{attention, key_padding_mask, layer_norm};
@@ -18,6 +19,7 @@ use crate::params::ParamStore;
 use crate::positions::navit_buckets;
 use crate::profile::part;
 use crate::vision_vit::{ln, mlp, patch_linear, VisionInput};
+use cpmv_block::vision as bv;
 
 struct Layer {
     ln1: (Tensor, Tensor),
@@ -177,6 +179,31 @@ impl NavitSiglip {
             mlp(&h, &l.fc1, &l.fc2, self.cfg.gelu, mode)
         })?;
         Ok((x + m)?)
+    }
+
+    /// Layer `i` for the block path (see [`crate::block`]).
+    pub(crate) fn block_layer(&self, i: usize) -> Result<BlockLayer> {
+        let l = self
+            .layers
+            .get(i)
+            .ok_or_else(|| ModelError::Batch(format!("internal: no vision layer {i}")))?;
+        BlockLayer::new(|c| {
+            let q = c.linear(&l.q)?;
+            let k = c.linear(&l.k)?;
+            let v = c.linear(&l.v)?;
+            Ok(bv::VisionLayer {
+                ln1: c.norm(&l.ln1)?,
+                qkv: bv::Qkv::Split(Box::new([q, k, v])),
+                out: c.linear(&l.out)?,
+                ln2: c.norm(&l.ln2)?,
+                fc1: c.linear(&l.fc1)?,
+                fc2: c.linear(&l.fc2)?,
+                hidden: self.cfg.hidden_size,
+                heads: self.cfg.num_heads,
+                eps: self.cfg.layer_norm_eps as f32,
+                gelu: block_gelu(self.cfg.gelu),
+            })
+        })
     }
 
     /// The post LayerNorm.

@@ -7,14 +7,16 @@
 
 use candle_core::{Tensor, D};
 
+use crate::block::{gelu as block_gelu, BlockLayer};
 use crate::config::{Gelu, VisionConfig};
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 use crate::image::{stack_patches, ImageInput};
 use crate::linear::{Linear, Mode};
 use crate::ops::{attention, key_padding_mask, layer_norm};
 use crate::params::ParamStore;
 use crate::positions::aa_bicubic_matrix;
 use crate::profile::part;
+use cpmv_block::vision as bv;
 
 struct Block {
     norm1: (Tensor, Tensor),
@@ -180,6 +182,28 @@ impl VitSiglip {
             mlp(&h, &b.fc1, &b.fc2, self.cfg.gelu, mode)
         })?;
         Ok((x + m)?)
+    }
+
+    /// Block `i` for the block path (see [`crate::block`]).
+    pub(crate) fn block_layer(&self, i: usize) -> Result<BlockLayer> {
+        let b = self
+            .blocks
+            .get(i)
+            .ok_or_else(|| ModelError::Batch(format!("internal: no vision layer {i}")))?;
+        BlockLayer::new(|c| {
+            Ok(bv::VisionLayer {
+                ln1: c.norm(&b.norm1)?,
+                qkv: bv::Qkv::Fused(c.linear(&b.qkv)?),
+                out: c.linear(&b.proj)?,
+                ln2: c.norm(&b.norm2)?,
+                fc1: c.linear(&b.fc1)?,
+                fc2: c.linear(&b.fc2)?,
+                hidden: self.cfg.hidden_size,
+                heads: self.cfg.num_heads,
+                eps: self.cfg.layer_norm_eps as f32,
+                gelu: block_gelu(self.cfg.gelu),
+            })
+        })
     }
 
     /// The final LayerNorm.

@@ -160,6 +160,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchResult, TrainError> {
         lora: lora.clone(),
         seed: opts.seed,
         fixes: Default::default(),
+        ..Default::default()
     };
     let tensors = random_params(&cfg, &device, dtype, opts.seed)?;
     let total_params: usize = tensors.values().map(Tensor::elem_count).sum();
