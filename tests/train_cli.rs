@@ -510,6 +510,93 @@ fn lora_adapter_merges_into_a_checkpoint_with_the_same_outputs() {
 }
 
 #[test]
+fn vision_block_path_gives_the_autograd_gradients_in_the_trainer() {
+    // The trainer's micro-step with vision layers on the block path against candle's autograd
+    // (the reference, `block_path: false`), all three versions, with and without
+    // checkpointing: vision trained whole plus LoRA with dropout on vision and LLM projections.
+    let f = fx();
+    let tmp = tempfile::tempdir().unwrap();
+    let cases = [
+        (&f.shards, "examples/models/minicpm-v-2_6-tiny"),
+        (&f.shards_25, "examples/models/minicpm-llama3-v-2_5-tiny"),
+        (&f.shards_20, "examples/models/minicpm-v-2-tiny"),
+    ];
+    for (shards, like) in cases {
+        let model_dir = tmp.path().join(like.rsplit('/').next().unwrap());
+        ok(&train(&[
+            "init-model",
+            "--like",
+            like,
+            "--out",
+            s(&model_dir),
+        ]));
+        let data = Dataset::open(shards).unwrap();
+        let p = (0..data.packs.len())
+            .max_by_key(|&i| data.packs[i].tokens)
+            .unwrap();
+        let (batch, _, _) = make_batch(&data, &[p], 14).unwrap();
+        assert!(!batch.images.is_empty());
+        let load = |block_path: bool| {
+            let opts = LoadOptions {
+                trainable: cpmv_model::Trainable {
+                    vision: true,
+                    resampler: true,
+                    llm: false,
+                    embeddings: false,
+                },
+                lora: Some(cpmv_model::LoraConfig {
+                    r: 4,
+                    dropout: 0.2,
+                    target: r"(llm\..*self_attn\.(q|k|v)_proj|vpm\..*(attn\.qkv|self_attn\.q_proj|mlp\.fc1))"
+                        .into(),
+                    ..Default::default()
+                }),
+                seed: 3,
+                block_path,
+                ..Default::default()
+            };
+            MiniCpmV::load(&model_dir, &opts).unwrap()
+        };
+        let (reference, blocks) = (load(false), load(true));
+        assert!(blocks.vision_on_blocks() && !reference.vision_on_blocks());
+        for ckpt in [false, true] {
+            let what = format!("{like} checkpointing={ckpt}");
+            let run = |m: &MiniCpmV| {
+                let vars = m.params().trainable_vars();
+                let mut acc = cpmv_train::trainer::Accum::default();
+                let loss =
+                    cpmv_train::trainer::micro_step(m, &batch, 1.0, ckpt, &vars, &mut acc).unwrap();
+                let store = acc.into_store(&vars);
+                let grads: Vec<(String, candle_core::Tensor)> = vars
+                    .iter()
+                    .map(|(n, v)| (n.clone(), store.get(v.as_tensor()).unwrap().clone()))
+                    .collect();
+                (loss, grads, m.dropout_state())
+            };
+            let (l_ref, g_ref, s_ref) = run(&reference);
+            let (l, g, s) = run(&blocks);
+            assert!(
+                (l - l_ref).abs() <= 1e-5 * l_ref.abs(),
+                "{what}: loss {l} vs {l_ref}"
+            );
+            assert_eq!(s, s_ref, "{what}: dropout draws differ");
+            let scale = g_ref.iter().map(|(_, t)| max_abs(t)).fold(0f32, f32::max);
+            assert!(g.iter().any(|(n, _)| n.starts_with("vpm.")));
+            for ((name, a), (_, b)) in g.iter().zip(&g_ref) {
+                // Relative error ≤ 1e-5, over a floor far below any real gradient (key biases'
+                // gradients are analytically zero: rounding noise on both sides).
+                let d = max_abs(&(a - b).unwrap());
+                assert!(
+                    d <= 1e-5 * max_abs(b) + 1e-6 * scale,
+                    "{what}: {name} differs by {d} (max {})",
+                    max_abs(b)
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn gradient_checkpointing_gives_the_same_gradients_with_less_memory() {
     let f = fx();
     let data = Dataset::open(&f.shards).unwrap();

@@ -4,6 +4,7 @@
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
+use cpmv_model::block::VisionBlockState;
 use cpmv_model::weights::Checkpoint;
 use cpmv_model::{Batch, LoadOptions, MiniCpmV, Rng};
 use cpmv_optim::LrSchedule;
@@ -145,6 +146,19 @@ impl Accum {
         Ok(())
     }
 
+    /// Adds gradients given with the variable tensors they belong to (the block path's).
+    pub fn add_pairs(&mut self, pairs: Vec<(Tensor, Tensor)>) -> Result<(), TrainError> {
+        for (p, g) in pairs {
+            let id = p.id();
+            let sum = match self.grads.remove(&id) {
+                Some(prev) => (prev + g)?,
+                None => g,
+            };
+            self.grads.insert(id, sum);
+        }
+        Ok(())
+    }
+
     /// The accumulated gradients as a store keyed by the variables.
     pub fn into_store(self, vars: &[(String, Var)]) -> GradStore {
         let mut store = GradStore::default();
@@ -162,6 +176,10 @@ impl Accum {
 /// Returns the micro-batch's mean loss. With `checkpointing`, the activations of every
 /// transformer layer — vision tower and LLM — are dropped after the forward pass and
 /// recomputed in backward (the same dropout masks are replayed), keeping only layer inputs.
+///
+/// Vision layers run on the block path when the model has it ([`MiniCpmV::vision_on_blocks`]):
+/// one hand-written forward and backward per layer instead of candle's graph; without
+/// checkpointing their saved activations serve the backward pass directly.
 pub fn micro_step(
     model: &MiniCpmV,
     batch: &Batch,
@@ -170,19 +188,22 @@ pub fn micro_step(
     vars: &[(String, Var)],
     acc: &mut Accum,
 ) -> Result<f64, TrainError> {
-    if !checkpointing {
+    let blocks = model.vision_on_blocks() && !batch.images.is_empty();
+    if !checkpointing && !blocks {
         let out = model.loss(batch, true)?;
         let loss = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let grads = (out.loss * weight)?.backward()?;
         acc.add(&grads, vars)?;
         return Ok(loss);
     }
-    // Vision layers: keep each layer's input only; the tower's last output becomes a leaf
-    // whose gradient the LLM side produces.
+    // Vision layers: keep each layer's input (checkpointing) or its block state (block path
+    // without checkpointing); the tower's last output becomes a leaf whose gradient the LLM
+    // side produces.
     struct Group {
         first: cpmv_model::vision_vit::VisionInput,
         inputs: Vec<Tensor>,
         states: Vec<Rng>,
+        saved: Vec<VisionBlockState>,
         last: Option<Var>,
     }
     let device = model.params().device().clone();
@@ -190,19 +211,28 @@ pub fn micro_step(
     let vision_trains = model.vision_trains();
     let plan = model.vision_plan(batch.images.len(), &batch.image_groups);
     let nv = model.vision_num_layers();
+    let keep_blocks = blocks && !checkpointing && vision_trains;
     let mut groups = Vec::with_capacity(plan.len());
     let mut last = Vec::with_capacity(plan.len());
     let mut lens = Vec::with_capacity(batch.images.len());
     for r in plan {
         let first = model.vision_embed(&batch.images[r], true)?;
         let mut x = first.x.detach();
-        let (mut inputs, mut states) = (Vec::with_capacity(nv), Vec::with_capacity(nv));
+        let (mut inputs, mut states, mut saved) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..nv {
-            inputs.push(x.clone());
-            states.push(model.dropout_state());
-            x = model
-                .vision_layer(i, &x, first.mask.as_ref(), true)?
-                .detach();
+            if checkpointing {
+                inputs.push(x.clone());
+                states.push(model.dropout_state());
+            }
+            x = if blocks {
+                let (y, st) = model.vision_block_forward(i, &x, &first, true, keep_blocks)?;
+                saved.extend(st);
+                y
+            } else {
+                model
+                    .vision_layer(i, &x, first.mask.as_ref(), true)?
+                    .detach()
+            };
         }
         lens.extend(first.lens.iter().copied());
         let leaf = if vision_trains {
@@ -217,6 +247,7 @@ pub fn micro_step(
             first,
             inputs,
             states,
+            saved,
             last: leaf,
         });
     }
@@ -226,54 +257,98 @@ pub fn micro_step(
     timer.mark("resampler_embed_fwd");
     let aux = model.llm_aux(batch)?;
     let n = model.llm().num_layers();
-    let mut inputs = Vec::with_capacity(n);
-    let mut states: Vec<Rng> = Vec::with_capacity(n);
-    let mut x = x0.detach();
+    let (mut inputs, mut states) = (Vec::new(), Vec::new());
+    // Without checkpointing the LLM stays one graph from the embeddings to the loss.
+    let mut x = if checkpointing {
+        x0.detach()
+    } else {
+        x0.clone()
+    };
     for i in 0..n {
-        inputs.push(x.clone());
-        states.push(model.dropout_state());
-        x = model.layer_forward(i, &x, &aux, true)?.detach();
+        if checkpointing {
+            inputs.push(x.clone());
+            states.push(model.dropout_state());
+            x = model.layer_forward(i, &x, &aux, true)?.detach();
+        } else {
+            x = model.layer_forward(i, &x, &aux, true)?;
+        }
     }
     timer.mark("llm_fwd");
-    let xl = Var::from_tensor(&x)?;
-    let out = model.head_loss(xl.as_tensor(), batch, true)?;
+    let xl = if checkpointing {
+        Some(Var::from_tensor(&x)?)
+    } else {
+        None
+    };
+    let out = model.head_loss(xl.as_ref().map_or(&x, |v| v.as_tensor()), batch, true)?;
     let loss = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     let grads = (out.loss * weight)?.backward()?;
     acc.add(&grads, vars)?;
-    let mut gx = grads
-        .get(xl.as_tensor())
-        .map(Tensor::detach)
-        .ok_or_else(|| TrainError::Config("internal: no gradient reached the LLM".into()))?;
-    drop(grads);
     timer.mark("head_fwd_bwd");
     let end_state = model.dropout_state();
-    for i in (0..n).rev() {
-        model.set_dropout_state(states[i]);
-        let xi = Var::from_tensor(&inputs[i])?;
-        let y = profile::part(&device, "llm.recompute", || {
-            model.layer_forward(i, xi.as_tensor(), &aux, true)
-        })?;
-        let grads = profile::part(&device, "llm.backward", || {
-            cpmv_model::ops::backward_with(&y, &gx)
-        })?;
-        acc.add(&grads, vars)?;
-        gx = grads
-            .get(xi.as_tensor())
+    // The gradient of the embeddings (checkpointing: after the LLM's backward here; else the
+    // one backward pass above reached through the LLM already).
+    let mut vision_grads = None;
+    if let Some(xl) = xl {
+        let mut gx = grads
+            .get(xl.as_tensor())
             .map(Tensor::detach)
-            .ok_or_else(|| TrainError::Config(format!("internal: no gradient below layer {i}")))?;
-    }
-    timer.mark("llm_bwd");
-    if x0.track_op() {
-        let grads = cpmv_model::ops::backward_with(&x0, &gx)?;
-        acc.add(&grads, vars)?;
+            .ok_or_else(|| TrainError::Config("internal: no gradient reached the LLM".into()))?;
+        drop(grads);
+        for i in (0..n).rev() {
+            model.set_dropout_state(states[i]);
+            let xi = Var::from_tensor(&inputs[i])?;
+            let y = profile::part(&device, "llm.recompute", || {
+                model.layer_forward(i, xi.as_tensor(), &aux, true)
+            })?;
+            let grads = profile::part(&device, "llm.backward", || {
+                cpmv_model::ops::backward_with(&y, &gx)
+            })?;
+            acc.add(&grads, vars)?;
+            gx = grads
+                .get(xi.as_tensor())
+                .map(Tensor::detach)
+                .ok_or_else(|| {
+                    TrainError::Config(format!("internal: no gradient below layer {i}"))
+                })?;
+        }
+        timer.mark("llm_bwd");
+        if x0.track_op() {
+            let grads = cpmv_model::ops::backward_with(&x0, &gx)?;
+            acc.add(&grads, vars)?;
+            vision_grads = Some(grads);
+        }
         timer.mark("resampler_embed_bwd");
-        // Back through the vision layers, group by group.
-        for g in groups {
+    } else {
+        vision_grads = Some(grads);
+    }
+    // Back through the vision layers, group by group.
+    if let Some(grads) = vision_grads {
+        for mut g in groups {
             let Some(leaf) = g.last else { continue };
             let Some(mut gv) = grads.get(leaf.as_tensor()).map(Tensor::detach) else {
                 continue;
             };
             for i in (0..nv).rev() {
+                if blocks {
+                    let st = match g.saved.pop() {
+                        Some(st) => st,
+                        None => {
+                            model.set_dropout_state(g.states[i]);
+                            let (_, st) = profile::part(&device, "vision.recompute", || {
+                                model.vision_block_forward(i, &g.inputs[i], &g.first, true, true)
+                            })?;
+                            st.ok_or_else(|| {
+                                TrainError::Config("internal: no block state saved".into())
+                            })?
+                        }
+                    };
+                    let (gx, pgrads) = profile::part(&device, "vision.backward", || {
+                        model.vision_block_backward(&st, &gv)
+                    })?;
+                    acc.add_pairs(pgrads)?;
+                    gv = gx;
+                    continue;
+                }
                 model.set_dropout_state(g.states[i]);
                 let xi = Var::from_tensor(&g.inputs[i])?;
                 let y = profile::part(&device, "vision.recompute", || {
@@ -297,7 +372,9 @@ pub fn micro_step(
         }
     }
     timer.mark("vision_bwd");
-    model.set_dropout_state(end_state);
+    if checkpointing {
+        model.set_dropout_state(end_state);
+    }
     Ok(loss)
 }
 
@@ -402,6 +479,7 @@ fn setup(opts: &TrainOptions) -> Result<Setup, TrainError> {
         fixes: cpmv_model::Fixes {
             v25_vision_masking: cfg.v25_vision_masking,
         },
+        ..Default::default()
     };
     let model = MiniCpmV::load(&opts.model, &load)?;
     if cfg.mode == crate::config::TrainMode::Lora && model.params().lora().is_empty() {
