@@ -15,10 +15,9 @@ use crate::config::Gelu;
 /// compare the two paths on a GPU). Without the `cuda` feature, never.
 #[cfg(feature = "cuda")]
 pub fn fused(x: &Tensor) -> bool {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     x.device().is_cuda()
         && matches!(x.dtype(), DType::F32 | DType::BF16)
-        && !*OFF.get_or_init(|| std::env::var("CPMV_UNFUSED").is_ok_and(|v| v == "1"))
+        && !crate::block::unfused_env()
 }
 
 /// Whether `x` goes through a fused CUDA kernel (never without the `cuda` feature).

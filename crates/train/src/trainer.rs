@@ -134,13 +134,8 @@ impl Accum {
     pub fn add(&mut self, store: &GradStore, vars: &[(String, Var)]) -> Result<(), TrainError> {
         for (_, v) in vars {
             if let Some(g) = store.get(v.as_tensor()) {
-                let id = v.as_tensor().id();
                 // Detached: a stored gradient must not carry the graph of its backward pass.
-                let sum = match self.grads.remove(&id) {
-                    Some(prev) => (prev + g.detach())?,
-                    None => g.detach(),
-                };
-                self.grads.insert(id, sum);
+                self.add_one(v.as_tensor().id(), g.detach())?;
             }
         }
         Ok(())
@@ -149,13 +144,17 @@ impl Accum {
     /// Adds gradients given with the variable tensors they belong to (the block path's).
     pub fn add_pairs(&mut self, pairs: Vec<(Tensor, Tensor)>) -> Result<(), TrainError> {
         for (p, g) in pairs {
-            let id = p.id();
-            let sum = match self.grads.remove(&id) {
-                Some(prev) => (prev + g)?,
-                None => g,
-            };
-            self.grads.insert(id, sum);
+            self.add_one(p.id(), g)?;
         }
+        Ok(())
+    }
+
+    fn add_one(&mut self, id: candle_core::TensorId, g: Tensor) -> Result<(), TrainError> {
+        let sum = match self.grads.remove(&id) {
+            Some(prev) => (prev + g)?,
+            None => g,
+        };
+        self.grads.insert(id, sum);
         Ok(())
     }
 
@@ -330,16 +329,16 @@ pub fn micro_step(
             };
             for i in (0..nv).rev() {
                 if blocks {
+                    // The state kept by the forward pass, or (checkpointing) recomputed.
                     let st = match g.saved.pop() {
                         Some(st) => st,
                         None => {
                             model.set_dropout_state(g.states[i]);
-                            let (_, st) = profile::part(&device, "vision.recompute", || {
+                            profile::part(&device, "vision.recompute", || {
                                 model.vision_block_forward(i, &g.inputs[i], &g.first, true, true)
-                            })?;
-                            st.ok_or_else(|| {
-                                TrainError::Config("internal: no block state saved".into())
                             })?
+                            .1
+                            .ok_or_else(|| TrainError::Config("internal: no block state".into()))?
                         }
                     };
                     let (gx, pgrads) = profile::part(&device, "vision.backward", || {
