@@ -510,10 +510,11 @@ fn lora_adapter_merges_into_a_checkpoint_with_the_same_outputs() {
 }
 
 #[test]
-fn vision_block_path_gives_the_autograd_gradients_in_the_trainer() {
-    // The trainer's micro-step with vision layers on the block path against candle's autograd
-    // (the reference, `block_path: false`), all three versions, with and without
-    // checkpointing: vision trained whole plus LoRA with dropout on vision and LLM projections.
+fn block_path_gives_the_autograd_gradients_in_the_trainer() {
+    // The trainer's micro-step with vision and decoder layers on the block path against
+    // candle's autograd (the reference, `block_path: false`), all three versions, with and
+    // without checkpointing: vision trained whole plus LoRA with dropout on vision and LLM
+    // projections.
     let f = fx();
     let tmp = tempfile::tempdir().unwrap();
     let cases = [
@@ -559,6 +560,7 @@ fn vision_block_path_gives_the_autograd_gradients_in_the_trainer() {
         };
         let (reference, blocks) = (load(false), load(true));
         assert!(blocks.vision_on_blocks() && !reference.vision_on_blocks());
+        assert!(blocks.llm_on_blocks() && !reference.llm_on_blocks());
         for ckpt in [false, true] {
             let what = format!("{like} checkpointing={ckpt}");
             let run = |m: &MiniCpmV| {
@@ -582,6 +584,7 @@ fn vision_block_path_gives_the_autograd_gradients_in_the_trainer() {
             assert_eq!(s, s_ref, "{what}: dropout draws differ");
             let scale = g_ref.iter().map(|(_, t)| max_abs(t)).fold(0f32, f32::max);
             assert!(g.iter().any(|(n, _)| n.starts_with("vpm.")));
+            assert!(g.iter().any(|(n, _)| n.starts_with("llm.")));
             for ((name, a), (_, b)) in g.iter().zip(&g_ref) {
                 // Relative error ≤ 1e-5, over a floor far below any real gradient (key biases'
                 // gradients are analytically zero: rounding noise on both sides).

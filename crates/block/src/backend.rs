@@ -227,6 +227,61 @@ pub trait Backend {
         cols: usize,
     ) -> Result<()>;
 
+    /// RMSNorm of the dense `rows × cols` `x` into `y`: `y = x / √(mean(x²) + eps) · w`;
+    /// `rstd` (one per row) receives `1 / √(mean(x²) + eps)`.
+    #[allow(clippy::too_many_arguments)]
+    fn rms_norm(
+        &self,
+        y: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        cols: usize,
+        eps: f32,
+    ) -> Result<()>;
+
+    /// RMSNorm backward: `dx += ∂/∂x`, and when given `dw += ∂/∂w`.
+    #[allow(clippy::too_many_arguments)]
+    fn rms_norm_backward(
+        &self,
+        dx: &mut Self::Buf,
+        dw: Option<&mut Self::Buf>,
+        dy: &Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        rstd: &Self::Buf,
+        cols: usize,
+    ) -> Result<()>;
+
+    /// Rotary embedding in place on the heads of view `m` (each `head_dim` wide, halves
+    /// rotated as `x·cos + rotate_half(x)·sin`), with tables `cos`, `sin` of one dense
+    /// `[m.rows, head_dim]` row per query row. `transpose` applies the transposed rotation,
+    /// which is the backward pass.
+    #[allow(clippy::too_many_arguments)]
+    fn rope(
+        &self,
+        x: &mut Self::Buf,
+        m: Mat,
+        head_dim: usize,
+        cos: &Self::Buf,
+        sin: &Self::Buf,
+        transpose: bool,
+    ) -> Result<()>;
+
+    /// `y = silu(g) · u` with `g` and `u` views of `gu`, `y` dense (the gated MLP).
+    fn swiglu(&self, y: &mut Self::Buf, gu: &Self::Buf, gm: Mat, um: Mat) -> Result<()>;
+
+    /// Backward of [`Backend::swiglu`] from the dense `dy`: the views `gm` and `um` of `dgu`
+    /// receive the gradients of `g` and `u`.
+    fn swiglu_backward(
+        &self,
+        dgu: &mut Self::Buf,
+        dy: &Self::Buf,
+        gu: &Self::Buf,
+        gm: Mat,
+        um: Mat,
+    ) -> Result<()>;
+
     /// `y += x` (same length).
     fn add(&self, y: &mut Self::Buf, x: &Self::Buf) -> Result<()>;
 

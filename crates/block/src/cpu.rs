@@ -306,6 +306,176 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn rms_norm(
+        &self,
+        y: &mut Vec<f32>,
+        rstd: &mut Vec<f32>,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        cols: usize,
+        eps: f32,
+    ) -> Result<()> {
+        if cols == 0 || !x.len().is_multiple_of(cols) {
+            return shape(format!("rms_norm: {} values in rows of {cols}", x.len()));
+        }
+        same_len(y.len(), x.len(), "rms_norm y")?;
+        same_len(rstd.len(), x.len() / cols, "rms_norm rstd")?;
+        same_len(w.len(), cols, "rms_norm weight")?;
+        y.par_chunks_mut(cols)
+            .zip(rstd.par_iter_mut())
+            .zip(x.par_chunks(cols))
+            .for_each(|((y, r), x)| {
+                let ms = x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / cols as f64;
+                let inv = 1.0 / (ms + eps as f64).sqrt();
+                for c in 0..cols {
+                    y[c] = (x[c] as f64 * inv * w[c] as f64) as f32;
+                }
+                *r = inv as f32;
+            });
+        Ok(())
+    }
+
+    fn rms_norm_backward(
+        &self,
+        dx: &mut Vec<f32>,
+        dw: Option<&mut Vec<f32>>,
+        dy: &Vec<f32>,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        rstd: &Vec<f32>,
+        cols: usize,
+    ) -> Result<()> {
+        if cols == 0 || !x.len().is_multiple_of(cols) {
+            return shape(format!(
+                "rms_norm_backward: {} values in rows of {cols}",
+                x.len()
+            ));
+        }
+        let rows = x.len() / cols;
+        same_len(dx.len(), x.len(), "rms_norm_backward dx")?;
+        same_len(dy.len(), x.len(), "rms_norm_backward dy")?;
+        same_len(rstd.len(), rows, "rms_norm_backward rstd")?;
+        same_len(w.len(), cols, "rms_norm_backward weight")?;
+        // y = x·r·w with r = (mean(x²) + eps)^(-1/2):
+        // ∂/∂x = r·(g − x·r²·mean(g·x)), g = dy·w.
+        dx.par_chunks_mut(cols)
+            .zip(dy.par_chunks(cols))
+            .zip(x.par_chunks(cols))
+            .zip(rstd.par_iter())
+            .for_each(|(((dx, dy), x), &r)| {
+                let r = r as f64;
+                let gx = (0..cols)
+                    .map(|c| dy[c] as f64 * w[c] as f64 * x[c] as f64)
+                    .sum::<f64>()
+                    / cols as f64;
+                for c in 0..cols {
+                    let g = dy[c] as f64 * w[c] as f64;
+                    dx[c] += (r * (g - x[c] as f64 * r * r * gx)) as f32;
+                }
+            });
+        if let Some(dw) = dw {
+            same_len(dw.len(), cols, "rms_norm_backward dw")?;
+            let mut acc = vec![0f64; cols];
+            for ((dy, x), &inv) in dy.chunks(cols).zip(x.chunks(cols)).zip(rstd) {
+                for ((a, &d), &xv) in acc.iter_mut().zip(dy).zip(x) {
+                    *a += d as f64 * xv as f64 * inv as f64;
+                }
+            }
+            dw.iter_mut().zip(acc).for_each(|(d, a)| *d += a as f32);
+        }
+        Ok(())
+    }
+
+    fn rope(
+        &self,
+        x: &mut Vec<f32>,
+        m: Mat,
+        head_dim: usize,
+        cos: &Vec<f32>,
+        sin: &Vec<f32>,
+        transpose: bool,
+    ) -> Result<()> {
+        m.check(x.len(), "rope x")?;
+        if head_dim == 0 || !head_dim.is_multiple_of(2) || !m.cols.is_multiple_of(head_dim) {
+            return shape(format!("rope: {} columns in heads of {head_dim}", m.cols));
+        }
+        same_len(cos.len(), m.rows * head_dim, "rope cos")?;
+        same_len(sin.len(), m.rows * head_dim, "rope sin")?;
+        let half = head_dim / 2;
+        let mut rot = vec![0f32; head_dim];
+        for r in 0..m.rows {
+            let c = &cos[r * head_dim..][..head_dim];
+            let s = &sin[r * head_dim..][..head_dim];
+            let row = &mut x[m.off + r * m.ld..][..m.cols];
+            for head in row.chunks_mut(head_dim) {
+                rot.copy_from_slice(head);
+                let (x1, x2) = rot.split_at(half);
+                for i in 0..half {
+                    let j = i + half;
+                    if transpose {
+                        // Transposed: dx_i = dy_i·c_i + dy_j·s_j, dx_j = dy_j·c_j − dy_i·s_i.
+                        head[i] = x1[i] * c[i] + x2[i] * s[j];
+                        head[j] = x2[i] * c[j] - x1[i] * s[i];
+                    } else {
+                        head[i] = x1[i] * c[i] - x2[i] * s[i];
+                        head[j] = x2[i] * c[j] + x1[i] * s[j];
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn swiglu(&self, y: &mut Vec<f32>, gu: &Vec<f32>, gm: Mat, um: Mat) -> Result<()> {
+        gm.check(gu.len(), "swiglu gate")?;
+        um.check(gu.len(), "swiglu up")?;
+        if gm.rows != um.rows || gm.cols != um.cols {
+            return shape(format!(
+                "swiglu: gate {}×{} and up {}×{}",
+                gm.rows, gm.cols, um.rows, um.cols
+            ));
+        }
+        same_len(y.len(), gm.rows * gm.cols, "swiglu y")?;
+        y.par_chunks_mut(gm.cols).enumerate().for_each(|(r, y)| {
+            let g = &gu[gm.off + r * gm.ld..][..gm.cols];
+            let u = &gu[um.off + r * um.ld..][..um.cols];
+            for c in 0..y.len() {
+                y[c] = silu(g[c]) * u[c];
+            }
+        });
+        Ok(())
+    }
+
+    fn swiglu_backward(
+        &self,
+        dgu: &mut Vec<f32>,
+        dy: &Vec<f32>,
+        gu: &Vec<f32>,
+        gm: Mat,
+        um: Mat,
+    ) -> Result<()> {
+        gm.check(gu.len(), "swiglu_backward gate")?;
+        um.check(gu.len(), "swiglu_backward up")?;
+        same_len(dgu.len(), gu.len(), "swiglu_backward dgu")?;
+        if gm.rows != um.rows || gm.cols != um.cols {
+            return shape(format!(
+                "swiglu_backward: gate {}×{} and up {}×{}",
+                gm.rows, gm.cols, um.rows, um.cols
+            ));
+        }
+        same_len(dy.len(), gm.rows * gm.cols, "swiglu_backward dy")?;
+        for r in 0..gm.rows {
+            for c in 0..gm.cols {
+                let (gi, ui) = (gm.off + r * gm.ld + c, um.off + r * um.ld + c);
+                let (g, u, d) = (gu[gi] as f64, gu[ui] as f64, dy[r * gm.cols + c] as f64);
+                let sig = 1.0 / (1.0 + (-g).exp());
+                dgu[gi] = (d * u * sig * (1.0 + g * (1.0 - sig))) as f32;
+                dgu[ui] = (d * g * sig) as f32;
+            }
+        }
+        Ok(())
+    }
+
     fn add(&self, y: &mut Vec<f32>, x: &Vec<f32>) -> Result<()> {
         same_len(y.len(), x.len(), "add")?;
         y.iter_mut().zip(x).for_each(|(y, x)| *y += x);
@@ -487,6 +657,12 @@ impl Backend for Cpu {
         }
         Ok(())
     }
+}
+
+/// `silu(x) = x·σ(x)`, evaluated in f64 and rounded once.
+pub fn silu(x: f32) -> f32 {
+    let v = x as f64;
+    (v / (1.0 + (-v).exp())) as f32
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {

@@ -5,17 +5,21 @@
 //! layer's algebra is written out once — norms, projections with their LoRA adapters, attention
 //! from the fused projection by strides, the MLP, residuals — in terms of a few primitives
 //! ([`Backend`]): a strided GEMM with α/β (weight gradients accumulate with β = 1), bias +
-//! activation, LayerNorm forward/backward, attention forward/backward with per-query key
-//! ranges and f32 softmax statistics. [`Cpu`] is the reference backend: tests hold every layer
+//! activation, LayerNorm / RMSNorm forward/backward, rotary embedding, SiLU gating, attention
+//! forward/backward with per-query key ranges and f32 softmax statistics. [`Cpu`] is the reference backend: tests hold every layer
 //! against candle's autograd path, so the same algebra over a device backend is checked by the
 //! same tests.
 //!
 //! Layers: [`vision::VisionLayer`] (SigLIP ViT of 2.0 with a fused qkv projection, NaViT of
-//! 2.5 / 2.6 with separate q/k/v).
+//! 2.5 / 2.6 with separate q/k/v) and [`llm::LlmLayer`] (the decoders of all three versions:
+//! RMSNorm, rotary grouped-query attention over packed rows, SiLU-gated MLP, Qwen2's q/k/v
+//! biases, MiniCPM's residual scale). [`linear`] holds the projections with LoRA both share.
 
 pub mod backend;
 pub mod cpu;
 pub mod error;
+pub mod linear;
+pub mod llm;
 pub mod vision;
 
 pub use backend::{Attn, Backend, Gelu, Mat};

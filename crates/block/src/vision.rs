@@ -2,34 +2,10 @@
 //! op: `x + attn(LN1(x))`, then `+ fc2(gelu(fc1(LN2(·))))`, every projection with its optional
 //! LoRA adapter, attention non-causal over each image's valid keys.
 
-use std::collections::BTreeMap;
-
 use crate::backend::{Attn, Backend, Gelu, Mat};
 use crate::error::{shape, Result};
-
-/// A tensor of the layer; `slot` is where its gradient is reported, `None` when it is frozen.
-pub struct Param<B: Backend> {
-    pub value: B::Buf,
-    pub slot: Option<usize>,
-}
-
-/// A LoRA adapter `(scale)·B(A(dropout(x)))`: `a` is `[rank, in]`, `b` `[out, rank]`.
-pub struct Lora<B: Backend> {
-    pub a: Param<B>,
-    pub b: Param<B>,
-    pub rank: usize,
-    pub scale: f32,
-    pub dropout: f64,
-}
-
-/// `y = x Wᵀ + bias (+ LoRA)`, weight `[out, in]`.
-pub struct Linear<B: Backend> {
-    pub weight: Param<B>,
-    pub bias: Option<Param<B>>,
-    pub out: usize,
-    pub inp: usize,
-    pub lora: Option<Lora<B>>,
-}
+use crate::linear::{linear_backward, linear_forward, LinSaved};
+pub use crate::linear::{Grads, Linear, Lora, Param, Run};
 
 /// LayerNorm weight and bias.
 pub struct Norm<B: Backend> {
@@ -66,50 +42,6 @@ pub struct Images<'a> {
     pub bounds: &'a [(u32, u32)],
 }
 
-/// Whether the pass trains (LoRA dropout on) and the model's dropout generator.
-pub struct Run<'a> {
-    pub train: bool,
-    pub draw: &'a mut dyn FnMut() -> u64,
-}
-
-/// Gradients by slot, summed over calls until taken.
-pub struct Grads<B: Backend> {
-    pub by_slot: BTreeMap<usize, B::Buf>,
-}
-
-impl<B: Backend> Default for Grads<B> {
-    fn default() -> Self {
-        Grads {
-            by_slot: BTreeMap::new(),
-        }
-    }
-}
-
-impl<B: Backend> Grads<B> {
-    /// The gradient buffer of `p` (zeros the first time), or `None` for a frozen tensor.
-    fn take(&mut self, be: &B, p: &Param<B>) -> Result<Option<B::Buf>> {
-        let Some(slot) = p.slot else { return Ok(None) };
-        match self.by_slot.remove(&slot) {
-            Some(g) => Ok(Some(g)),
-            None => Ok(Some(be.zeros(be.len(&p.value))?)),
-        }
-    }
-
-    fn put(&mut self, p: &Param<B>, g: Option<B::Buf>) {
-        if let (Some(slot), Some(g)) = (p.slot, g) {
-            self.by_slot.insert(slot, g);
-        }
-    }
-}
-
-/// What a projection's backward needs beyond its input: the LoRA input after dropout and its
-/// mask, and the adapter's hidden `[rows, rank]`.
-struct LinSaved<B: Backend> {
-    mask: Option<B::Buf>,
-    xd: Option<B::Buf>,
-    h: Option<B::Buf>,
-}
-
 /// Activations of one forward pass, kept for the backward pass.
 pub struct Saved<B: Backend> {
     rows: usize,
@@ -129,143 +61,6 @@ pub struct Saved<B: Backend> {
     g: B::Buf,
     lin_fc1: LinSaved<B>,
     lin_fc2: LinSaved<B>,
-}
-
-/// `y(ym) = β·y + x Wᵀ (+ LoRA)`, then `act(y + bias)`; `x` dense `[rows, in]`.
-#[allow(clippy::too_many_arguments)]
-fn linear_forward<B: Backend>(
-    be: &B,
-    lin: &Linear<B>,
-    x: &B::Buf,
-    y: &mut B::Buf,
-    ym: Mat,
-    beta: f32,
-    act: Option<Gelu>,
-    pre: Option<&mut B::Buf>,
-    run: &mut Run,
-) -> Result<LinSaved<B>> {
-    let rows = ym.rows;
-    let xm = Mat::dense(rows, lin.inp);
-    let wm = Mat::dense(lin.out, lin.inp);
-    be.gemm(y, ym, x, xm, false, &lin.weight.value, wm, true, 1.0, beta)?;
-    let mut saved = LinSaved {
-        mask: None,
-        xd: None,
-        h: None,
-    };
-    if let Some(l) = &lin.lora {
-        if run.train && l.dropout > 0.0 {
-            let mask = be.dropout_mask(rows * lin.inp, 1.0 - l.dropout, run.draw)?;
-            let mut xd = be.zeros(rows * lin.inp)?;
-            be.mul(&mut xd, x, &mask)?;
-            saved.mask = Some(mask);
-            saved.xd = Some(xd);
-        }
-        let xin = saved.xd.as_ref().unwrap_or(x);
-        let mut h = be.zeros(rows * l.rank)?;
-        let hm = Mat::dense(rows, l.rank);
-        be.gemm(
-            &mut h,
-            hm,
-            xin,
-            xm,
-            false,
-            &l.a.value,
-            Mat::dense(l.rank, lin.inp),
-            true,
-            1.0,
-            0.0,
-        )?;
-        be.gemm(
-            y,
-            ym,
-            &h,
-            hm,
-            false,
-            &l.b.value,
-            Mat::dense(lin.out, l.rank),
-            true,
-            l.scale,
-            1.0,
-        )?;
-        saved.h = Some(h);
-    }
-    be.bias_act(y, ym, lin.bias.as_ref().map(|b| &b.value), act, pre)?;
-    Ok(saved)
-}
-
-/// Backward of [`linear_forward`] from `dy(dym)`: parameter gradients into `grads`, and
-/// `dx = β·dx + ∂/∂x` (dense `[rows, in]`).
-#[allow(clippy::too_many_arguments)]
-fn linear_backward<B: Backend>(
-    be: &B,
-    lin: &Linear<B>,
-    saved: &LinSaved<B>,
-    x: &B::Buf,
-    dy: &B::Buf,
-    dym: Mat,
-    dx: &mut B::Buf,
-    beta: f32,
-    grads: &mut Grads<B>,
-) -> Result<()> {
-    let rows = dym.rows;
-    let xm = Mat::dense(rows, lin.inp);
-    let wm = Mat::dense(lin.out, lin.inp);
-    if let Some(mut dw) = grads.take(be, &lin.weight)? {
-        be.gemm(&mut dw, wm, dy, dym, true, x, xm, false, 1.0, 1.0)?;
-        grads.put(&lin.weight, Some(dw));
-    }
-    if let Some(b) = &lin.bias {
-        if let Some(mut db) = grads.take(be, b)? {
-            be.bias_grad(&mut db, dy, dym)?;
-            grads.put(b, Some(db));
-        }
-    }
-    be.gemm(
-        dx,
-        xm,
-        dy,
-        dym,
-        false,
-        &lin.weight.value,
-        wm,
-        false,
-        1.0,
-        beta,
-    )?;
-    if let Some(l) = &lin.lora {
-        let h = saved
-            .h
-            .as_ref()
-            .ok_or_else(|| crate::BlockError::Shape("LoRA state missing".into()))?;
-        let hm = Mat::dense(rows, l.rank);
-        let am = Mat::dense(l.rank, lin.inp);
-        let bm = Mat::dense(lin.out, l.rank);
-        if let Some(mut db) = grads.take(be, &l.b)? {
-            be.gemm(&mut db, bm, dy, dym, true, h, hm, false, l.scale, 1.0)?;
-            grads.put(&l.b, Some(db));
-        }
-        let mut dh = be.zeros(rows * l.rank)?;
-        be.gemm(
-            &mut dh, hm, dy, dym, false, &l.b.value, bm, false, l.scale, 0.0,
-        )?;
-        let xin = saved.xd.as_ref().unwrap_or(x);
-        if let Some(mut da) = grads.take(be, &l.a)? {
-            be.gemm(&mut da, am, &dh, hm, true, xin, xm, false, 1.0, 1.0)?;
-            grads.put(&l.a, Some(da));
-        }
-        match &saved.mask {
-            None => be.gemm(dx, xm, &dh, hm, false, &l.a.value, am, false, 1.0, 1.0)?,
-            Some(mask) => {
-                let mut t = be.zeros(rows * lin.inp)?;
-                be.gemm(&mut t, xm, &dh, hm, false, &l.a.value, am, false, 1.0, 0.0)?;
-                let tc = be.copy(&t)?;
-                be.mul(&mut t, &tc, mask)?;
-                be.add(dx, &t)?;
-            }
-        }
-    }
-    Ok(())
 }
 
 // The layer-norm backward's operands, as the backend primitive takes them.
@@ -365,14 +160,14 @@ impl<B: Backend> VisionLayer<B> {
         let qm = Mat::dense(rows, 3 * c);
         let lin_qkv = match &self.qkv {
             Qkv::Fused(l) => vec![linear_forward(
-                be, l, &h1, &mut qkv, qm, 0.0, None, None, run,
+                be, l, &h1, &mut qkv, qm, 1.0, 0.0, None, None, run,
             )?],
             Qkv::Split(ls) => {
                 let mut v = Vec::with_capacity(3);
                 for (j, l) in ls.iter().enumerate() {
                     let m = qm.cols(j * c, c);
                     v.push(linear_forward(
-                        be, l, &h1, &mut qkv, m, 0.0, None, None, run,
+                        be, l, &h1, &mut qkv, m, 1.0, 0.0, None, None, run,
                     )?);
                 }
                 v
@@ -383,7 +178,7 @@ impl<B: Backend> VisionLayer<B> {
         be.attention(&mut att, &mut lse, &qkv, &attn)?;
         let cm = Mat::dense(rows, c);
         let mut x2 = be.copy(x)?;
-        let lin_out = linear_forward(be, &self.out, &att, &mut x2, cm, 1.0, None, None, run)?;
+        let lin_out = linear_forward(be, &self.out, &att, &mut x2, cm, 1.0, 1.0, None, None, run)?;
         let mut h2 = be.zeros(rows * c)?;
         let mut st2 = be.zeros(2 * rows)?;
         be.layer_norm(
@@ -404,13 +199,14 @@ impl<B: Backend> VisionLayer<B> {
             &h2,
             &mut g,
             fm,
+            1.0,
             0.0,
             Some(self.gelu),
             Some(&mut pre),
             run,
         )?;
         let mut y = be.copy(&x2)?;
-        let lin_fc2 = linear_forward(be, &self.fc2, &g, &mut y, cm, 1.0, None, None, run)?;
+        let lin_fc2 = linear_forward(be, &self.fc2, &g, &mut y, cm, 1.0, 1.0, None, None, run)?;
         let saved = match save {
             false => None,
             true => Some(be.copy(x)?),
@@ -460,18 +256,20 @@ impl<B: Backend> VisionLayer<B> {
         // Residual: the output gradient flows to x2 unchanged.
         let mut dx2 = be.copy(dy)?;
         let mut dg = be.zeros(rows * f)?;
-        linear_backward(be, &self.fc2, &s.lin_fc2, &s.g, dy, cm, &mut dg, 0.0, grads)?;
+        linear_backward(
+            be, &self.fc2, &s.lin_fc2, &s.g, dy, cm, 1.0, &mut dg, 0.0, grads,
+        )?;
         be.act_backward(&mut dg, &s.pre, self.gelu)?;
         let mut dh2 = be.zeros(rows * c)?;
         linear_backward(
-            be, &self.fc1, &s.lin_fc1, &s.h2, &dg, fm, &mut dh2, 0.0, grads,
+            be, &self.fc1, &s.lin_fc1, &s.h2, &dg, fm, 1.0, &mut dh2, 0.0, grads,
         )?;
         drop(dg);
         norm_backward(be, &self.ln2, &mut dx2, &dh2, &s.x2, &s.st2, c, grads)?;
         drop(dh2);
         let mut datt = be.zeros(rows * c)?;
         linear_backward(
-            be, &self.out, &s.lin_out, &s.att, &dx2, cm, &mut datt, 0.0, grads,
+            be, &self.out, &s.lin_out, &s.att, &dx2, cm, 1.0, &mut datt, 0.0, grads,
         )?;
         let mut dqkv = be.zeros(rows * 3 * c)?;
         be.attention_backward(&mut dqkv, &datt, &s.att, &s.lse, &s.qkv, &s.attn)?;
@@ -479,14 +277,23 @@ impl<B: Backend> VisionLayer<B> {
         let qm = Mat::dense(rows, 3 * c);
         let mut dh1 = be.zeros(rows * c)?;
         match &self.qkv {
-            Qkv::Fused(l) => {
-                linear_backward(be, l, &s.lin_qkv[0], &s.h1, &dqkv, qm, &mut dh1, 0.0, grads)?
-            }
+            Qkv::Fused(l) => linear_backward(
+                be,
+                l,
+                &s.lin_qkv[0],
+                &s.h1,
+                &dqkv,
+                qm,
+                1.0,
+                &mut dh1,
+                0.0,
+                grads,
+            )?,
             Qkv::Split(ls) => {
                 for (j, (l, ls)) in ls.iter().zip(&s.lin_qkv).enumerate() {
                     let beta = if j == 0 { 0.0 } else { 1.0 };
                     let m = qm.cols(j * c, c);
-                    linear_backward(be, l, ls, &s.h1, &dqkv, m, &mut dh1, beta, grads)?;
+                    linear_backward(be, l, ls, &s.h1, &dqkv, m, 1.0, &mut dh1, beta, grads)?;
                 }
             }
         }

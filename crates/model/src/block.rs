@@ -4,16 +4,21 @@
 //! recompute a layer and back-propagate through it; the result is the same values (tests hold
 //! them to 1e-5 of the autograd path, gradients included) with the same LoRA dropout draws.
 //!
+//! Decoder layers the same way: [`MiniCpmV::llm_block_forward`] and
+//! [`MiniCpmV::llm_block_backward`].
+//!
 //! Today the block path runs on the CPU backend in f32; other devices and dtypes, and
 //! `CPMV_UNFUSED=1`, keep the autograd path (the reference).
 
 use candle_core::{DType, Tensor};
+use cpmv_block::llm as bl;
 use cpmv_block::vision::{self as bv, Grads, Images, Run};
 use cpmv_block::Cpu;
 
 use crate::config::Gelu;
 use crate::error::{ModelError, Result};
-use crate::linear::{Linear, Mode};
+use crate::linear::Linear;
+use crate::llm::LlmAux;
 use crate::model::MiniCpmV;
 use crate::vision_vit::VisionInput;
 
@@ -37,7 +42,7 @@ pub(crate) struct Collect {
 }
 
 impl Collect {
-    fn param(&mut self, t: &Tensor) -> Result<bv::Param<Cpu>> {
+    pub(crate) fn param(&mut self, t: &Tensor) -> Result<bv::Param<Cpu>> {
         let value = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         let slot = t.is_variable().then(|| {
             self.params.push(t.clone());
@@ -82,16 +87,15 @@ pub(crate) fn gelu(g: Gelu) -> cpmv_block::Gelu {
     }
 }
 
-/// A vision layer made for the block path, with the tensors behind its gradient slots.
-pub(crate) struct BlockLayer {
-    pub(crate) layer: bv::VisionLayer<Cpu>,
+/// A layer made for the block path (vision or decoder), with the tensors behind its
+/// gradient slots.
+pub(crate) struct BlockLayer<L = bv::VisionLayer<Cpu>> {
+    pub(crate) layer: L,
     pub(crate) params: Vec<Tensor>,
 }
 
-impl BlockLayer {
-    pub(crate) fn new(
-        f: impl FnOnce(&mut Collect) -> Result<bv::VisionLayer<Cpu>>,
-    ) -> Result<Self> {
+impl<L> BlockLayer<L> {
+    pub(crate) fn new(f: impl FnOnce(&mut Collect) -> Result<L>) -> Result<Self> {
         let mut c = Collect::default();
         let layer = f(&mut c)?;
         Ok(BlockLayer {
@@ -157,21 +161,9 @@ impl MiniCpmV {
             len: l_max,
             bounds: &bounds,
         };
-        let mode = Mode {
-            train,
-            rng: self.dropout_cell(),
-        };
-        let mut draw = || {
-            mode.rng
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .next_u64()
-        };
-        let mut run = Run {
-            train: mode.train,
-            draw: &mut draw,
-        };
-        let (y, saved) = bl.layer.forward(&Cpu, &xs, &im, &mut run, save)?;
+        let (y, saved) = run_with(self, train, |run| {
+            bl.layer.forward(&Cpu, &xs, &im, run, save)
+        })?;
         let y = Tensor::from_vec(y, (n, l_max, c), x.device())?;
         let state = saved.map(|saved| VisionBlockState {
             layer: i,
@@ -203,11 +195,104 @@ impl MiniCpmV {
         let mut grads = Grads::<Cpu>::default();
         let gx = bl.layer.backward(&Cpu, &state.saved, &gys, &mut grads)?;
         let gx = Tensor::from_vec(gx, (n, l_max, c), gy.device())?;
-        let mut out = Vec::with_capacity(grads.by_slot.len());
-        for (slot, g) in grads.by_slot {
-            let p = &bl.params[slot];
-            out.push((p.clone(), Tensor::from_vec(g, p.shape(), p.device())?));
+        Ok((gx, param_grads(&bl.params, grads)?))
+    }
+}
+
+/// The gradients of a block layer's slots, each with the tensor it belongs to.
+fn param_grads(params: &[Tensor], grads: Grads<Cpu>) -> Result<Vec<(Tensor, Tensor)>> {
+    let mut out = Vec::with_capacity(grads.by_slot.len());
+    for (slot, g) in grads.by_slot {
+        let p = &params[slot];
+        out.push((p.clone(), Tensor::from_vec(g, p.shape(), p.device())?));
+    }
+    Ok(out)
+}
+
+/// The generator-backed draw of the model's LoRA dropout masks.
+fn run_with<T>(model: &MiniCpmV, train: bool, f: impl FnOnce(&mut Run) -> T) -> T {
+    let rng = model.dropout_cell();
+    let mut draw = || rng.lock().unwrap_or_else(|p| p.into_inner()).next_u64();
+    let mut run = Run {
+        train,
+        draw: &mut draw,
+    };
+    f(&mut run)
+}
+
+/// What [`MiniCpmV::llm_block_backward`] needs of a forward pass.
+pub struct LlmBlockState {
+    layer: usize,
+    dims: (usize, usize, usize),
+    saved: bl::Saved<Cpu>,
+}
+
+impl MiniCpmV {
+    /// Whether decoder layers run on the block path (as [`MiniCpmV::vision_on_blocks`]).
+    pub fn llm_on_blocks(&self) -> bool {
+        self.vision_on_blocks()
+    }
+
+    /// Decoder layer `i` on the block path: the output for `x` `[B, T, H]` with the batch's
+    /// `aux`, and with `save` the state its backward pass needs. Draws the same LoRA dropout
+    /// masks, in the same order, as [`MiniCpmV::layer_forward`].
+    pub fn llm_block_forward(
+        &self,
+        i: usize,
+        x: &Tensor,
+        aux: &LlmAux,
+        train: bool,
+        save: bool,
+    ) -> Result<(Tensor, Option<LlmBlockState>)> {
+        let (b, t, h) = x.dims3()?;
+        if aux.keys.len() != b * t {
+            return Err(ModelError::Batch(format!(
+                "decoder layer {i}: {} key ranges for {b} rows of {t} tokens",
+                aux.keys.len()
+            )));
         }
-        Ok((gx, out))
+        let layer = self.llm().block_layer(i)?;
+        let xs = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let tokens = bl::Tokens::<Cpu> {
+            seqs: b,
+            len: t,
+            bounds: &aux.keys,
+            cos: &aux.cos_rows,
+            sin: &aux.sin_rows,
+        };
+        let (y, saved) = run_with(self, train, |run| {
+            layer.layer.forward(&Cpu, &xs, &tokens, run, save)
+        })?;
+        let y = Tensor::from_vec(y, (b, t, h), x.device())?;
+        let state = saved.map(|saved| LlmBlockState {
+            layer: i,
+            dims: (b, t, h),
+            saved,
+        });
+        Ok((y, state))
+    }
+
+    /// Backward of [`MiniCpmV::llm_block_forward`] from the output gradient `gy`: the input
+    /// gradient, and the gradient of every trainable tensor of the layer with its tensor.
+    pub fn llm_block_backward(
+        &self,
+        state: &LlmBlockState,
+        gy: &Tensor,
+    ) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
+        let (b, t, h) = state.dims;
+        if gy.dims() != [b, t, h] {
+            return Err(ModelError::Batch(format!(
+                "decoder layer {}: gradient of shape {:?} for an output of {:?}",
+                state.layer,
+                gy.dims(),
+                [b, t, h]
+            )));
+        }
+        let layer = self.llm().block_layer(state.layer)?;
+        let gys = gy.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut grads = Grads::<Cpu>::default();
+        let gx = layer.layer.backward(&Cpu, &state.saved, &gys, &mut grads)?;
+        let gx = Tensor::from_vec(gx, (b, t, h), gy.device())?;
+        Ok((gx, param_grads(&layer.params, grads)?))
     }
 }

@@ -67,6 +67,11 @@ pub struct LlmAux {
     /// u32 `[B, T, 2]`: the keys query i may see, `start ≤ j < i + 1` with `start` the first
     /// position of its sample (fused CUDA path only).
     pub bounds: Option<Tensor>,
+    /// The same key ranges on the host, one per token of all rows (the block path's input).
+    pub keys: Vec<(u32, u32)>,
+    /// `cos` and `sin` as f32 on the host, `[B·T, Dh]` (the block path's input).
+    pub cos_rows: Vec<f32>,
+    pub sin_rows: Vec<f32>,
 }
 
 impl LlmAux {
@@ -81,81 +86,70 @@ impl LlmAux {
     ) -> Result<Self> {
         let b = position_ids.len();
         let t = position_ids.first().map_or(0, Vec::len);
-        let (cos, sin) = rotary_tables(cfg, position_ids, dtype, device)?;
+        let (cos_rows, sin_rows) = rotary_rows(cfg, position_ids);
+        let shape = (b, 1, t, cfg.head_dim());
+        let cos = Tensor::from_slice(&cos_rows, shape, device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_slice(&sin_rows, shape, device)?.to_dtype(dtype)?;
         // Every row's samples, then its trailing padding as one more segment.
-        let row_segments = |segs: &Vec<usize>| {
+        let mut keys = Vec::with_capacity(b * t);
+        for segs in segments {
             let total: usize = segs.iter().sum();
-            let mut all = segs.clone();
-            if total < t {
-                all.push(t - total);
+            let mut start = 0u32;
+            for len in segs.iter().copied().chain((total < t).then_some(t - total)) {
+                for i in 0..len as u32 {
+                    keys.push((start, start + i + 1));
+                }
+                start += len as u32;
             }
-            all
+        }
+        let (mask, bounds) = if crate::ops::fused(&cos) {
+            let flat: Vec<u32> = keys.iter().flat_map(|&(lo, hi)| [lo, hi]).collect();
+            (None, Some(Tensor::from_vec(flat, (b, t, 2), device)?))
+        } else {
+            let mut mask = vec![f32::NEG_INFINITY; b * t * t];
+            for (i, &(lo, hi)) in keys.iter().enumerate() {
+                mask[i * t + lo as usize..i * t + hi as usize].fill(0.0);
+            }
+            let mask = Tensor::from_vec(mask, (b, 1, t, t), device)?.to_dtype(dtype)?;
+            (Some(mask), None)
         };
-        if crate::ops::fused(&cos) {
-            let mut bounds = Vec::with_capacity(b * t * 2);
-            for segs in segments {
-                let mut start = 0u32;
-                for len in row_segments(segs) {
-                    for i in 0..len as u32 {
-                        bounds.extend([start, start + i + 1]);
-                    }
-                    start += len as u32;
-                }
-            }
-            return Ok(LlmAux {
-                cos,
-                sin,
-                mask: None,
-                bounds: Some(Tensor::from_vec(bounds, (b, t, 2), device)?),
-            });
-        }
-        let mut mask = vec![f32::NEG_INFINITY; b * t * t];
-        for (r, segs) in segments.iter().enumerate() {
-            let mut start = 0;
-            for len in row_segments(segs) {
-                for i in start..start + len {
-                    for j in start..=i {
-                        mask[r * t * t + i * t + j] = 0.0;
-                    }
-                }
-                start += len;
-            }
-        }
         Ok(LlmAux {
             cos,
             sin,
-            mask: Some(Tensor::from_vec(mask, (b, 1, t, t), device)?.to_dtype(dtype)?),
-            bounds: None,
+            mask,
+            bounds,
+            keys,
+            cos_rows,
+            sin_rows,
         })
     }
 }
 
 impl LlmAux {
-    /// Rotary tables only (`mask` and `bounds` unset), for one row at `positions`: what a
-    /// cached generation step needs.
+    /// Rotary tables only (`mask` and `bounds` unset, no key ranges), for one row at
+    /// `positions`: what a cached generation step needs.
     pub fn rotary(
         cfg: &LlmConfig,
         positions: &[u32],
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let (cos, sin) = rotary_tables(cfg, &[positions.to_vec()], dtype, device)?;
+        let (cos_rows, sin_rows) = rotary_rows(cfg, &[positions.to_vec()]);
+        let shape = (1, 1, positions.len(), cfg.head_dim());
         Ok(LlmAux {
-            cos,
-            sin,
+            cos: Tensor::from_slice(&cos_rows, shape, device)?.to_dtype(dtype)?,
+            sin: Tensor::from_slice(&sin_rows, shape, device)?.to_dtype(dtype)?,
             mask: None,
             bounds: None,
+            keys: Vec::new(),
+            cos_rows,
+            sin_rows,
         })
     }
 }
 
-/// `[B, 1, T, Dh]` cos and sin tables of position ids `[B][T]`.
-fn rotary_tables(
-    cfg: &LlmConfig,
-    position_ids: &[Vec<u32>],
-    dtype: DType,
-    device: &Device,
-) -> Result<(Tensor, Tensor)> {
+/// Cos and sin tables `[B·T, Dh]` (f32) of position ids `[B][T]`.
+fn rotary_rows(cfg: &LlmConfig, position_ids: &[Vec<u32>]) -> (Vec<f32>, Vec<f32>) {
     let b = position_ids.len();
     let t = position_ids.first().map_or(0, Vec::len);
     let dh = cfg.head_dim();
@@ -175,11 +169,7 @@ fn rotary_tables(
             }
         }
     }
-    let shape = (b, 1, t, dh);
-    Ok((
-        Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,
-        Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,
-    ))
+    (cos, sin)
 }
 
 impl Llm {
@@ -392,6 +382,36 @@ impl Llm {
             .matmul(&v.contiguous()?)?
             .reshape((b, nh, t, dh))?;
         attn.transpose(1, 2)?.reshape((b, t, nh * dh))
+    }
+
+    /// Decoder layer `i` made for the block path.
+    pub(crate) fn block_layer(
+        &self,
+        i: usize,
+    ) -> Result<crate::block::BlockLayer<cpmv_block::llm::LlmLayer<cpmv_block::Cpu>>> {
+        let l = self.layers.get(i).ok_or_else(|| {
+            crate::error::ModelError::Batch(format!("internal: no decoder layer {i}"))
+        })?;
+        let c = &self.cfg;
+        crate::block::BlockLayer::new(|p| {
+            Ok(cpmv_block::llm::LlmLayer {
+                ln1: p.param(&l.ln1)?,
+                q: p.linear(&l.q)?,
+                k: p.linear(&l.k)?,
+                v: p.linear(&l.v)?,
+                o: p.linear(&l.o)?,
+                ln2: p.param(&l.ln2)?,
+                gate: p.linear(&l.gate)?,
+                up: p.linear(&l.up)?,
+                down: p.linear(&l.down)?,
+                hidden: c.hidden_size,
+                heads: c.num_heads,
+                kv_heads: c.num_kv_heads,
+                head_dim: c.head_dim(),
+                eps: c.rms_norm_eps as f32,
+                residual_scale: c.residual_scale as f32,
+            })
+        })
     }
 
     /// The final RMSNorm.

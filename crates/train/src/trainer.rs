@@ -176,9 +176,10 @@ impl Accum {
 /// transformer layer — vision tower and LLM — are dropped after the forward pass and
 /// recomputed in backward (the same dropout masks are replayed), keeping only layer inputs.
 ///
-/// Vision layers run on the block path when the model has it ([`MiniCpmV::vision_on_blocks`]):
-/// one hand-written forward and backward per layer instead of candle's graph; without
-/// checkpointing their saved activations serve the backward pass directly.
+/// Vision and decoder layers run on the block path when the model has it
+/// ([`MiniCpmV::vision_on_blocks`], [`MiniCpmV::llm_on_blocks`]): one hand-written forward and
+/// backward per layer instead of candle's graph; without checkpointing their saved
+/// activations serve the backward pass directly.
 pub fn micro_step(
     model: &MiniCpmV,
     batch: &Batch,
@@ -188,7 +189,8 @@ pub fn micro_step(
     acc: &mut Accum,
 ) -> Result<f64, TrainError> {
     let blocks = model.vision_on_blocks() && !batch.images.is_empty();
-    if !checkpointing && !blocks {
+    let llm_blocks = model.llm_on_blocks();
+    if !checkpointing && !blocks && !llm_blocks {
         let out = model.loss(batch, true)?;
         let loss = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let grads = (out.loss * weight)?.backward()?;
@@ -256,24 +258,28 @@ pub fn micro_step(
     timer.mark("resampler_embed_fwd");
     let aux = model.llm_aux(batch)?;
     let n = model.llm().num_layers();
-    let (mut inputs, mut states) = (Vec::new(), Vec::new());
-    // Without checkpointing the LLM stays one graph from the embeddings to the loss.
-    let mut x = if checkpointing {
-        x0.detach()
-    } else {
-        x0.clone()
-    };
+    let (mut inputs, mut states, mut llm_saved) = (Vec::new(), Vec::new(), Vec::new());
+    // Decoder layers one by one (block path, or checkpointing); else the LLM stays one graph
+    // from the embeddings to the loss.
+    let layerwise = checkpointing || llm_blocks;
+    let mut x = if layerwise { x0.detach() } else { x0.clone() };
     for i in 0..n {
         if checkpointing {
             inputs.push(x.clone());
             states.push(model.dropout_state());
-            x = model.layer_forward(i, &x, &aux, true)?.detach();
-        } else {
-            x = model.layer_forward(i, &x, &aux, true)?;
         }
+        x = if llm_blocks {
+            let (y, st) = model.llm_block_forward(i, &x, &aux, true, !checkpointing)?;
+            llm_saved.extend(st);
+            y
+        } else if checkpointing {
+            model.layer_forward(i, &x, &aux, true)?.detach()
+        } else {
+            model.layer_forward(i, &x, &aux, true)?
+        };
     }
     timer.mark("llm_fwd");
-    let xl = if checkpointing {
+    let xl = if layerwise {
         Some(Var::from_tensor(&x)?)
     } else {
         None
@@ -294,6 +300,26 @@ pub fn micro_step(
             .ok_or_else(|| TrainError::Config("internal: no gradient reached the LLM".into()))?;
         drop(grads);
         for i in (0..n).rev() {
+            if llm_blocks {
+                // The state kept by the forward pass, or (checkpointing) recomputed.
+                let st = match llm_saved.pop() {
+                    Some(st) => st,
+                    None => {
+                        model.set_dropout_state(states[i]);
+                        profile::part(&device, "llm.recompute", || {
+                            model.llm_block_forward(i, &inputs[i], &aux, true, true)
+                        })?
+                        .1
+                        .ok_or_else(|| TrainError::Config("internal: no block state".into()))?
+                    }
+                };
+                let (gxi, pgrads) = profile::part(&device, "llm.backward", || {
+                    model.llm_block_backward(&st, &gx)
+                })?;
+                acc.add_pairs(pgrads)?;
+                gx = gxi;
+                continue;
+            }
             model.set_dropout_state(states[i]);
             let xi = Var::from_tensor(&inputs[i])?;
             let y = profile::part(&device, "llm.recompute", || {

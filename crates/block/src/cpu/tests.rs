@@ -344,3 +344,167 @@ fn dropout_mask_replays_the_generator() {
     };
     assert_eq!(be.dropout_mask(1000, 0.75, &mut again).unwrap(), m);
 }
+
+#[test]
+fn rms_norm_forward_and_backward() {
+    let be = Cpu;
+    let (rows, cols) = (3, 8);
+    let x: Vec<f32> = vals(rows * cols, 11)
+        .iter()
+        .map(|v| v * 3.0 + 0.5)
+        .collect();
+    let w = vals(cols, 12);
+    let r = vals(rows * cols, 13);
+    let run = |x: &Vec<f32>, w: &Vec<f32>| {
+        let mut y = vec![0.0; rows * cols];
+        let mut rstd = vec![0.0; rows];
+        be.rms_norm(&mut y, &mut rstd, x, w, cols, 1e-6).unwrap();
+        (y, rstd)
+    };
+    let (y, rstd) = run(&x, &w);
+    for i in 0..rows {
+        let row = &x[i * cols..(i + 1) * cols];
+        let ms = row.iter().map(|v| v * v).sum::<f32>() / cols as f32;
+        for c in 0..cols {
+            let want = row[c] / (ms + 1e-6).sqrt() * w[c];
+            assert!((y[i * cols + c] - want).abs() < 1e-5);
+        }
+    }
+    let mut dx = vec![0.25; rows * cols];
+    let mut dw = vec![0.5; cols];
+    be.rms_norm_backward(&mut dx, Some(&mut dw), &r, &x, &w, &rstd, cols)
+        .unwrap();
+    let h = 1e-2f32;
+    let fd = |f: &dyn Fn(f32) -> f64| ((f(h) - f(-h)) / (2.0 * h as f64)) as f32;
+    let want_dx: Vec<f32> = (0..x.len())
+        .map(|i| {
+            0.25 + fd(&|e| {
+                let mut x2 = x.clone();
+                x2[i] += e;
+                project(&run(&x2, &w).0, &r)
+            })
+        })
+        .collect();
+    assert_close(&dx, &want_dx, 2e-3, "rms_norm dx");
+    let want_dw: Vec<f32> = (0..cols)
+        .map(|i| {
+            0.5 + fd(&|e| {
+                let mut w2 = w.clone();
+                w2[i] += e;
+                project(&run(&x, &w2).0, &r)
+            })
+        })
+        .collect();
+    assert_close(&dw, &want_dw, 2e-3, "rms_norm dw");
+}
+
+#[test]
+fn rope_rotates_halves_and_its_transpose_is_the_backward() {
+    let be = Cpu;
+    let (rows, d, heads) = (3, 4, 2);
+    // Two heads at column 1 of rows 10 wide: the rest of the row stays as it was.
+    let m = Mat {
+        off: 1,
+        rows,
+        cols: heads * d,
+        ld: 10,
+    };
+    let x = vals(rows * 10, 14);
+    // Tables as the model builds them: both halves of a row hold the same angles.
+    let angles: Vec<f32> = (0..rows * d / 2).map(|i| 0.3 + 0.7 * i as f32).collect();
+    let mut cos = vec![0.0; rows * d];
+    let mut sin = vec![0.0; rows * d];
+    for r in 0..rows {
+        for i in 0..d / 2 {
+            let a = angles[r * d / 2 + i];
+            for j in [i, i + d / 2] {
+                cos[r * d + j] = a.cos();
+                sin[r * d + j] = a.sin();
+            }
+        }
+    }
+    let mut y = x.clone();
+    be.rope(&mut y, m, d, &cos, &sin, false).unwrap();
+    for r in 0..rows {
+        for c in 0..10 {
+            let i = r * 10 + c;
+            if !(1..1 + heads * d).contains(&c) {
+                assert_eq!(y[i], x[i], "column {c} outside the heads changed");
+                continue;
+            }
+            let k = (c - 1) % d;
+            let base = i - k;
+            let (other, sign) = if k < d / 2 {
+                (x[base + k + d / 2], -1.0)
+            } else {
+                (x[base + k - d / 2], 1.0)
+            };
+            let want = x[i] * cos[r * d + k] + sign * other * sin[r * d + k];
+            assert!(
+                (y[i] - want).abs() < 1e-6,
+                "rope [{r}, {c}]: {} vs {want}",
+                y[i]
+            );
+        }
+    }
+    // A rotation's transpose is its inverse, and is the backward of the linear map.
+    let mut back = y.clone();
+    be.rope(&mut back, m, d, &cos, &sin, true).unwrap();
+    assert_close(&back, &x, 1e-6, "rope transposed after rope");
+    let r = vals(rows * 10, 15);
+    let mut g = r.clone();
+    be.rope(&mut g, m, d, &cos, &sin, true).unwrap();
+    let h = 1e-2f32;
+    for i in 0..x.len() {
+        if !(1..1 + heads * d).contains(&(i % 10)) {
+            continue;
+        }
+        let f = |e: f32| {
+            let mut x2 = x.clone();
+            x2[i] += e;
+            be.rope(&mut x2, m, d, &cos, &sin, false).unwrap();
+            project(&x2, &r)
+        };
+        let fd = ((f(h) - f(-h)) / (2.0 * h as f64)) as f32;
+        assert!(
+            (g[i] - fd).abs() < 1e-3,
+            "rope grad [{i}]: {} vs {fd}",
+            g[i]
+        );
+    }
+}
+
+#[test]
+fn swiglu_forward_and_backward() {
+    let be = Cpu;
+    let (rows, f) = (3, 5);
+    let gu: Vec<f32> = vals(rows * 2 * f, 16).iter().map(|v| v * 4.0).collect();
+    let whole = Mat::dense(rows, 2 * f);
+    let (gm, um) = (whole.cols(0, f), whole.cols(f, f));
+    let run = |gu: &Vec<f32>| {
+        let mut y = vec![0.0; rows * f];
+        be.swiglu(&mut y, gu, gm, um).unwrap();
+        y
+    };
+    let y = run(&gu);
+    for r in 0..rows {
+        for c in 0..f {
+            let (g, u) = (gu[r * 2 * f + c], gu[r * 2 * f + f + c]);
+            let want = g / (1.0 + (-g).exp()) * u;
+            assert!((y[r * f + c] - want).abs() < 1e-6);
+        }
+    }
+    let r = vals(rows * f, 17);
+    let mut dgu = vec![9.0; gu.len()];
+    be.swiglu_backward(&mut dgu, &r, &gu, gm, um).unwrap();
+    let h = 1e-2f32;
+    for i in 0..gu.len() {
+        let fdiff = |e: f32| {
+            let mut x = gu.clone();
+            x[i] += e;
+            project(&run(&x), &r)
+        };
+        let fd = ((fdiff(h) - fdiff(-h)) / (2.0 * h as f64)) as f32;
+        assert!((dgu[i] - fd).abs() < 1e-3, "dgu[{i}] {} vs {fd}", dgu[i]);
+    }
+}
