@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
+
+use crate::host::{self, HostMut, HostRef};
 use serde::{Deserialize, Serialize};
 
 /// Errors from the optimiser: candle failures, bad parameter lists and unusable state files.
@@ -504,8 +506,10 @@ fn update(
 }
 
 /// [`update`] for a parameter in host memory (CPU training, the offloaded optimizer): one pass
-/// over the values, in parallel chunks, with the f32 operations of [`update`] in the same order
+/// over the values in place (master or f32 weights, both moments, and a half-precision var's
+/// rounded copy), in parallel chunks, with the f32 operations of [`update`] in the same order
 /// (candle's CPU `affine(m, a)` is `x·m + a` in f32), so the result is the same bit for bit.
+/// Nothing is copied but a gradient that is not contiguous.
 fn update_host(
     cfg: &AdamWConfig,
     p: &mut ParamState,
@@ -513,69 +517,157 @@ fn update_host(
     lr: f64,
     grad_scale: f64,
 ) -> Result<(), OptimError> {
-    use rayon::prelude::*;
     let t = p.step + 1;
     let sc = cfg.scalars(t, p.decay, lr);
-    let flat = |x: &Tensor| -> Result<Vec<f32>, OptimError> {
-        Ok(x.detach()
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?)
-    };
-    let g = flat(grad)?;
-    let mut param = flat(&p.value())?;
-    let mut m = flat(&p.exp_avg)?;
-    let mut v = flat(&p.exp_avg_sq)?;
-    if g.len() != param.len() {
-        return Err(OptimError::Candle(candle_core::Error::Msg(format!(
-            "parameter {:?}: gradient of {} values for {} weights",
-            p.name,
-            g.len(),
-            param.len()
-        ))));
-    }
     let f = |x: f64| x as f32;
-    let scale = (grad_scale != 1.0).then(|| f(grad_scale));
-    let decay = sc.decay.map(f);
     let w = 1.0 - cfg.beta1;
-    let (lerp_small, w32, one_minus_w) = (w < 0.5, f(w), f(1.0 - w));
-    let (beta2, one_minus_beta2) = (f(cfg.beta2), f(1.0 - cfg.beta2));
-    let (bc2, eps, neg_step) = (f(sc.bc2_sqrt), f(cfg.eps), f(-sc.step_size));
-    const CHUNK: usize = 1 << 14;
-    param
-        .par_chunks_mut(CHUNK)
-        .zip(m.par_chunks_mut(CHUNK))
-        .zip(v.par_chunks_mut(CHUNK))
-        .zip(g.par_chunks(CHUNK))
-        .for_each(|(((pc, mc), vc), gc)| {
-            for (((pv, mv), vv), &gv) in pc.iter_mut().zip(mc).zip(vc).zip(gc) {
-                let g = match scale {
-                    Some(s) => gv * s + 0.0,
-                    None => gv,
-                };
-                let mut x = *pv;
-                if let Some(d) = decay {
-                    x = x * d + 0.0;
-                }
-                let diff = g - *mv;
-                let m_new = if lerp_small {
-                    *mv + (diff * w32 + 0.0)
-                } else {
-                    g - (diff * one_minus_w + 0.0)
-                };
-                let v_new = (*vv * beta2 + 0.0) + ((g * one_minus_beta2 + 0.0) * g);
-                let denom = (v_new.sqrt() / bc2) * 1.0 + eps;
-                *pv = x + (m_new * neg_step + 0.0) / denom;
-                *mv = m_new;
-                *vv = v_new;
+    let k = HostKernel {
+        scale: (grad_scale != 1.0).then(|| f(grad_scale)),
+        decay: sc.decay.map(f),
+        lerp_small: w < 0.5,
+        w: f(w),
+        one_minus_w: f(1.0 - w),
+        beta2: f(cfg.beta2),
+        one_minus_beta2: f(1.0 - cfg.beta2),
+        bc2: f(sc.bc2_sqrt),
+        eps: f(cfg.eps),
+        neg_step: f(-sc.step_size),
+    };
+    let name = p.name.clone();
+    let wrong = |what: &str| {
+        OptimError::Candle(candle_core::Error::Msg(format!(
+            "parameter {name:?}: {what} (host update)"
+        )))
+    };
+    let master = p.value();
+    let var = p.var.as_tensor();
+    let rounded = p.master.is_some();
+    host::with_ref(grad, |g| {
+        host::with_mut(&p.exp_avg, |m| {
+            host::with_mut(&p.exp_avg_sq, |v| {
+                host::with_mut(&master, |x| {
+                    let (HostMut::F32(m), HostMut::F32(v), HostMut::F32(x)) = (m, v, x) else {
+                        return Err(wrong("optimizer state is not f32"));
+                    };
+                    if g.len() != x.len() || m.len() != x.len() || v.len() != x.len() {
+                        return Err(wrong(&format!(
+                            "gradient of {} values for {} weights",
+                            g.len(),
+                            x.len()
+                        )));
+                    }
+                    if !rounded {
+                        return k.run(x, m, v, &g, None);
+                    }
+                    host::with_mut(var, |out| k.run(x, m, v, &g, Some(out)))
+                })
+            })
+        })
+    })?;
+    p.step = t;
+    Ok(())
+}
+
+/// The scalars of one host update (see [`update_host`]).
+struct HostKernel {
+    scale: Option<f32>,
+    decay: Option<f32>,
+    lerp_small: bool,
+    w: f32,
+    one_minus_w: f32,
+    beta2: f32,
+    one_minus_beta2: f32,
+    bc2: f32,
+    eps: f32,
+    neg_step: f32,
+}
+
+impl HostKernel {
+    /// Updates `x` (f32 weights), `m` and `v` from `g`; `out` (a half-precision var) receives
+    /// the new weights rounded.
+    fn run(
+        &self,
+        x: &mut [f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        g: &HostRef,
+        out: Option<HostMut>,
+    ) -> Result<(), OptimError> {
+        use rayon::prelude::*;
+        const CHUNK: usize = 1 << 14;
+        let n = x.len();
+        let chunks = n.div_ceil(CHUNK);
+        // Every output as chunks, zipped by index.
+        let mut out_chunks: Vec<Option<HostMut>> = match out {
+            None => (0..chunks).map(|_| None).collect(),
+            Some(HostMut::BF16(o)) if o.len() == n => o
+                .chunks_mut(CHUNK)
+                .map(|c| Some(HostMut::BF16(c)))
+                .collect(),
+            Some(HostMut::F16(o)) if o.len() == n => {
+                o.chunks_mut(CHUNK).map(|c| Some(HostMut::F16(c))).collect()
             }
-        });
-    let dims = p.var.dims().to_vec();
-    let device = p.var.device().clone();
-    let param = Tensor::from_vec(param, dims.as_slice(), &device)?;
-    let m = Tensor::from_vec(m, dims.as_slice(), &device)?;
-    let v = Tensor::from_vec(v, dims.as_slice(), &device)?;
-    p.commit(param, m, v, t)
+            Some(_) => {
+                return Err(OptimError::Candle(candle_core::Error::Msg(
+                    "host update: the parameter's rounded copy does not match its master".into(),
+                )))
+            }
+        };
+        x.par_chunks_mut(CHUNK)
+            .zip(m.par_chunks_mut(CHUNK))
+            .zip(v.par_chunks_mut(CHUNK))
+            .zip(out_chunks.par_iter_mut())
+            .enumerate()
+            .for_each(|(c, (((xc, mc), vc), oc))| {
+                let at = c * CHUNK;
+                for i in 0..xc.len() {
+                    let gv = match g {
+                        HostRef::F32(s) => s[at + i],
+                        HostRef::BF16(s) => s[at + i].to_f32(),
+                        HostRef::F16(s) => s[at + i].to_f32(),
+                    };
+                    xc[i] = self.one(xc[i], &mut mc[i], &mut vc[i], gv);
+                }
+                match oc {
+                    Some(HostMut::BF16(o)) => {
+                        for (o, &x) in o.iter_mut().zip(xc.iter()) {
+                            *o = half::bf16::from_f32(x);
+                        }
+                    }
+                    Some(HostMut::F16(o)) => {
+                        for (o, &x) in o.iter_mut().zip(xc.iter()) {
+                            *o = half::f16::from_f32(x);
+                        }
+                    }
+                    _ => {}
+                }
+            });
+        Ok(())
+    }
+
+    /// One value's update; returns the new weight.
+    #[inline]
+    fn one(&self, x: f32, mv: &mut f32, vv: &mut f32, gv: f32) -> f32 {
+        let g = match self.scale {
+            Some(s) => gv * s + 0.0,
+            None => gv,
+        };
+        let mut x = x;
+        if let Some(d) = self.decay {
+            x = x * d + 0.0;
+        }
+        let diff = g - *mv;
+        let m_new = if self.lerp_small {
+            *mv + (diff * self.w + 0.0)
+        } else {
+            g - (diff * self.one_minus_w + 0.0)
+        };
+        let v_new = (*vv * self.beta2 + 0.0) + ((g * self.one_minus_beta2 + 0.0) * g);
+        let denom = (v_new.sqrt() / self.bc2) * 1.0 + self.eps;
+        *mv = m_new;
+        *vv = v_new;
+        x + (m_new * self.neg_step + 0.0) / denom
+    }
 }
 
 /// `format` metadata value of state files, bumped if their layout changes.
@@ -610,7 +702,8 @@ mod tests {
                 };
                 let (mut a, mut b) = (make()?, make()?);
                 for t in 0..3 {
-                    let g = Tensor::from_vec(vals(t as f32 + 2.0), n, &dev)?;
+                    // Gradients in the parameter's dtype, as training makes them.
+                    let g = Tensor::from_vec(vals(t as f32 + 2.0), n, &dev)?.to_dtype(dtype)?;
                     update(&a.cfg, &mut a.params[0], &g, 1e-3, scale)?;
                     update_host(&b.cfg, &mut b.params[0], &g, 1e-3, scale)?;
                     let bits = |o: &AdamW| -> Result<Vec<Vec<u32>>, OptimError> {

@@ -24,6 +24,7 @@
 
 pub mod adamw;
 pub mod clip;
+mod host;
 pub mod schedule;
 pub mod zero;
 
