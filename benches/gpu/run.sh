@@ -95,14 +95,15 @@ cpu, g32, g16 = losses("cpu-f32"), losses("cuda-f32"), losses("cuda-bf16")
 print(f"tiny 50 steps: cpu {len(cpu)} losses, cuda f32 {len(g32)}, cuda bf16 {len(g16)}")
 # lr 2e-3 on a random tiny model is chaotic: rounding differences (GPU reduction order, bf16)
 # grow as training proceeds, so the first 20 steps are held to a tight tolerance and the whole
-# curve to a loose one.
+# curve to a loose one (f32 only: the CPU's own bf16 run departs from its f32 run by 11 % within
+# 50 steps, 2026-12-04, so a 50-step bound on bf16 measures the chaos, not the GPU).
 bad = False
-for name, other, tol20, tol50 in [("cuda f32", g32, 1e-5, 2e-2), ("cuda bf16", g16, 1e-2, 1e-1)]:
+for name, other, tol20, tol50 in [("cuda f32", g32, 1e-5, 2e-2), ("cuda bf16", g16, 1e-2, None)]:
     if len(other) != len(cpu) or not cpu:
         print(f"{name}: MISSING"); bad = True; continue
     rel = [abs(a - b) / abs(a) for a, b in zip(cpu, other)]
     w20, w50 = max(rel[:20]), max(rel)
-    ok = w20 <= tol20 and w50 <= tol50
+    ok = w20 <= tol20 and (tol50 is None or w50 <= tol50)
     print(f"{name} vs cpu: first {other[0]:.5f}/{cpu[0]:.5f} last {other[-1]:.5f}/{cpu[-1]:.5f} "
           f"max rel diff steps 1-20 {w20:.2e} (tol {tol20}), 1-50 {w50:.2e} (tol {tol50}) -> "
           f"{'PASS' if ok else 'FAIL'}")
