@@ -2,9 +2,10 @@
 # On the GPU machine, from the repository root, after benches/gpu/prepare.sh here:
 #   benches/gpu/run.sh [check|bench|all|bench-first|kernels|dist]   (results in $OUT, default out/gpu)
 # check: the GPU test binary (fused kernels vs their CPU references, fused AdamW vs the CPU
-#        optimiser, PyTorch parity fixtures v2_0 and v2_6 on the GPU in f32 and bf16), the PyTorch
-#        baseline's self-check, then 50 steps of the tiny 2.6 model on CPU, GPU f32 and GPU bf16
-#        with their loss curves compared.
+#        optimiser, PyTorch parity fixtures v2_0 and v2_6 on the GPU in f32 and bf16), the
+#        block path's CUDA backend vs its CPU backend (when bin/block is carried), the PyTorch
+#        baseline's self-check, then 50 steps of the tiny 2.6 model on CPU, GPU f32 and GPU
+#        bf16 with their loss curves compared.
 # The exit status is non-zero when a check failed or a cpmv benchmark did not run.
 # bench: `train bench` and benches/gpu/torch_baseline.py on the same configurations, one
 #        process each, then the side-by-side table (benches/gpu/table.py), printed last.
@@ -51,6 +52,11 @@ check() {
   timeout 240 "$C/bin/gpu" --test-threads 1 --nocapture ops:: adamw:: >"$OUT/gpu-tests.log" 2>&1 \
     || fail "kernel/AdamW tests"
   grep -E "rel diff|masked attention|max \||test result|panicked|FAILED|error" "$OUT/gpu-tests.log" | tee "$OUT/check.txt"
+  if [ -x "$C/bin/block" ]; then
+    stamp "block path: CUDA backend vs CPU backend (primitives, vision and decoder layers)"
+    timeout 180 "$C/bin/block" --test-threads 1 --nocapture >"$OUT/block.log" 2>&1 || fail "block-path CUDA backend"
+    grep -E "max rel diff|test result|panicked|FAILED" "$OUT/block.log" | tee -a "$OUT/check.txt"
+  fi
   stamp "PyTorch parity fixtures v2_0 and v2_6 on the GPU, f32 and bf16 (bf16 bounds: 2x PyTorch's own bf16 error)"
   for v in v2_0 v2_6; do
     CPMV_REPO=$repo_c CPMV_TEST_DEVICE=cuda timeout 180 "$C/bin/gpu" --test-threads 1 \

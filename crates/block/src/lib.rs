@@ -17,6 +17,8 @@
 
 pub mod backend;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
 pub mod linear;
 pub mod llm;
@@ -24,4 +26,6 @@ pub mod vision;
 
 pub use backend::{Attn, Backend, Gelu, Mat};
 pub use cpu::Cpu;
+#[cfg(feature = "cuda")]
+pub use cuda::Cuda;
 pub use error::{BlockError, Result};

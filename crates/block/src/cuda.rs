@@ -1,0 +1,648 @@
+//! The CUDA backend (f32): buffers are device slices, matrix products go to cuBLAS (full f32,
+//! no TF32), everything else to the kernels of `cuda/block.cu`, each the device version of a
+//! [`Cpu`](crate::Cpu) method. Work is queued on one stream (candle's, when built from a candle
+//! device), so it is ordered with the model's other work.
+//!
+//! A first, straightforward backend: attention is one warp per (query row, head) with an
+//! online softmax (no tiling yet), key/value gradients are summed with atomics (so their last
+//! bits vary from run to run), and dropout masks are drawn on the host from the model's
+//! generator (exactly the CPU backend's draws) and copied over.
+
+use std::sync::Arc;
+
+use candle_core::cuda_backend::cudarc::cublas::{
+    sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig,
+};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
+
+use crate::backend::{Attn, Backend, Gelu, Mat};
+use crate::error::{shape, BlockError, Result};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/block.ptx"));
+
+/// The CUDA backend.
+pub struct Cuda {
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    module: Arc<CudaModule>,
+}
+
+fn dev<E: std::fmt::Debug>(e: E) -> BlockError {
+    BlockError::Backend(format!("cuda: {e:?}"))
+}
+
+fn same_len(a: usize, b: usize, what: &str) -> Result<()> {
+    if a != b {
+        return shape(format!("{what}: lengths {a} and {b} differ"));
+    }
+    Ok(())
+}
+
+/// One thread per item, 256 per block.
+fn items(n: usize) -> Result<LaunchConfig> {
+    blocks(n.div_ceil(256), 256)
+}
+
+fn blocks(n: usize, threads: u32) -> Result<LaunchConfig> {
+    let grid = u32::try_from(n.max(1))
+        .ok()
+        .filter(|&g| g <= i32::MAX as u32)
+        .ok_or_else(|| BlockError::Backend(format!("cuda: a grid of {n} blocks")))?;
+    Ok(LaunchConfig {
+        grid_dim: (grid, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+fn act_code(act: Option<Gelu>) -> i32 {
+    match act {
+        None => 0,
+        Some(Gelu::Erf) => 1,
+        Some(Gelu::Tanh) => 2,
+    }
+}
+
+fn rows_of(len: usize, cols: usize, what: &str) -> Result<usize> {
+    if cols == 0 || !len.is_multiple_of(cols) {
+        return shape(format!("{what}: {len} values in rows of {cols}"));
+    }
+    Ok(len / cols)
+}
+
+impl Cuda {
+    /// A backend on `stream` (e.g. candle's: `CudaDevice::cuda_stream`).
+    pub fn new(stream: Arc<CudaStream>) -> Result<Self> {
+        let blas = CudaBlas::new(stream.clone()).map_err(dev)?;
+        let module = stream
+            .context()
+            .load_module(Ptx::from_src(PTX))
+            .map_err(dev)?;
+        Ok(Cuda {
+            stream,
+            blas,
+            module,
+        })
+    }
+
+    fn func(&self, name: &str) -> Result<CudaFunction> {
+        self.module.load_function(name).map_err(dev)
+    }
+
+    /// Waits for the queued work (tests and timing).
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(dev)
+    }
+}
+
+// Launch soundness, for every `unsafe` launch below: the kernels' parameter lists in
+// cuda/block.cu are matched argument by argument (`float*` ← CudaSlice<f32>, `size_t` ← usize,
+// `int` ← i32, `float` ← f32, `const uint32_t*` ← CudaSlice<u32>); every view and length was
+// checked against its buffer before the launch (Mat::check, same_len, Attn::check), and the
+// kernels return for indices past their counts; work is queued on `self.stream`, which orders
+// it after the writes of its inputs.
+
+impl Backend for Cuda {
+    type Buf = CudaSlice<f32>;
+
+    fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
+        self.stream.alloc_zeros::<f32>(n).map_err(dev)
+    }
+
+    fn upload(&self, host: &[f32]) -> Result<CudaSlice<f32>> {
+        self.stream.clone_htod(host).map_err(dev)
+    }
+
+    fn download(&self, b: &CudaSlice<f32>) -> Result<Vec<f32>> {
+        self.stream.clone_dtoh(b).map_err(dev)
+    }
+
+    fn len(&self, b: &CudaSlice<f32>) -> usize {
+        b.len()
+    }
+
+    fn copy(&self, b: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+        self.stream.clone_dtod(b).map_err(dev)
+    }
+
+    fn gemm(
+        &self,
+        c: &mut CudaSlice<f32>,
+        cm: Mat,
+        a: &CudaSlice<f32>,
+        am: Mat,
+        ta: bool,
+        b: &CudaSlice<f32>,
+        bm: Mat,
+        tb: bool,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
+        cm.check(c.len(), "gemm C")?;
+        am.check(a.len(), "gemm A")?;
+        bm.check(b.len(), "gemm B")?;
+        let (m, k) = if ta {
+            (am.cols, am.rows)
+        } else {
+            (am.rows, am.cols)
+        };
+        let (k2, n) = if tb {
+            (bm.cols, bm.rows)
+        } else {
+            (bm.rows, bm.cols)
+        };
+        if k != k2 || cm.rows != m || cm.cols != n {
+            return shape(format!(
+                "gemm: op(A) {m}×{k} · op(B) {k2}×{n} into C {}×{}",
+                cm.rows, cm.cols
+            ));
+        }
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let int = |v: usize| {
+            i32::try_from(v).map_err(|_| BlockError::Backend(format!("cuda: gemm size {v}")))
+        };
+        let op = |t: bool| {
+            if t {
+                cublasOperation_t::CUBLAS_OP_T
+            } else {
+                cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ, and a row-major matrix
+        // read column-major is its transpose: so B goes first, each with its own flag.
+        let cfg = GemmConfig {
+            transa: op(tb),
+            transb: op(ta),
+            m: int(n)?,
+            n: int(m)?,
+            k: int(k)?,
+            alpha,
+            lda: int(bm.ld.max(1))?,
+            ldb: int(am.ld.max(1))?,
+            beta,
+            ldc: int(cm.ld.max(1))?,
+        };
+        let av = a.slice(am.off..);
+        let bv = b.slice(bm.off..);
+        let mut cv = c.slice_mut(cm.off..);
+        // SAFETY: the three views were checked against their buffers above, with the leading
+        // dimensions the configuration passes; `c` is borrowed mutably, so it aliases neither
+        // `a` nor `b`.
+        unsafe { self.blas.gemm(cfg, &bv, &av, &mut cv) }.map_err(dev)
+    }
+
+    fn bias_act(
+        &self,
+        y: &mut CudaSlice<f32>,
+        ym: Mat,
+        bias: Option<&CudaSlice<f32>>,
+        act: Option<Gelu>,
+        pre: Option<&mut CudaSlice<f32>>,
+    ) -> Result<()> {
+        ym.check(y.len(), "bias_act y")?;
+        if let Some(b) = bias {
+            same_len(b.len(), ym.cols, "bias_act bias")?;
+        }
+        if let Some(p) = pre.as_deref() {
+            same_len(p.len(), ym.rows * ym.cols, "bias_act pre")?;
+        }
+        let n = ym.rows * ym.cols;
+        if n == 0 {
+            return Ok(());
+        }
+        let f = self.func("bias_act")?;
+        let null = 0u64;
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(y)
+            .arg(&ym.off)
+            .arg(&ym.rows)
+            .arg(&ym.cols)
+            .arg(&ym.ld);
+        match bias {
+            Some(b) => l.arg(b),
+            None => l.arg(&null),
+        };
+        let code = act_code(act);
+        l.arg(&code);
+        match pre {
+            Some(p) => l.arg(p),
+            None => l.arg(&null),
+        };
+        // SAFETY: see "Launch soundness" above; a missing bias or `pre` is a null pointer,
+        // which the kernel tests.
+        unsafe { l.launch(items(n)?) }.map_err(dev)?;
+        Ok(())
+    }
+
+    fn act_backward(&self, d: &mut CudaSlice<f32>, pre: &CudaSlice<f32>, act: Gelu) -> Result<()> {
+        same_len(d.len(), pre.len(), "act_backward")?;
+        let f = self.func("act_backward")?;
+        let (n, code) = (d.len(), act_code(Some(act)));
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(d).arg(pre).arg(&n).arg(&code);
+        // SAFETY: see "Launch soundness" above.
+        unsafe { l.launch(items(n)?) }.map_err(dev)?;
+        Ok(())
+    }
+
+    fn bias_grad(&self, db: &mut CudaSlice<f32>, dy: &CudaSlice<f32>, dym: Mat) -> Result<()> {
+        dym.check(dy.len(), "bias_grad dy")?;
+        same_len(db.len(), dym.cols, "bias_grad db")?;
+        let f = self.func("bias_grad")?;
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(db)
+            .arg(dy)
+            .arg(&dym.off)
+            .arg(&dym.rows)
+            .arg(&dym.cols)
+            .arg(&dym.ld);
+        // SAFETY: see "Launch soundness" above.
+        unsafe { l.launch(items(dym.cols)?) }.map_err(dev)?;
+        Ok(())
+    }
+
+    fn layer_norm(
+        &self,
+        y: &mut CudaSlice<f32>,
+        stats: &mut CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        cols: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let rows = rows_of(x.len(), cols, "layer_norm")?;
+        same_len(y.len(), x.len(), "layer_norm y")?;
+        same_len(stats.len(), 2 * rows, "layer_norm stats")?;
+        same_len(w.len(), cols, "layer_norm weight")?;
+        same_len(b.len(), cols, "layer_norm bias")?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let f = self.func("layer_norm")?;
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(y)
+            .arg(stats)
+            .arg(x)
+            .arg(w)
+            .arg(b)
+            .arg(&cols)
+            .arg(&eps);
+        // SAFETY: see "Launch soundness" above; one block of 256 threads per row.
+        unsafe { l.launch(blocks(rows, 256)?) }.map_err(dev)?;
+        Ok(())
+    }
+
+    fn layer_norm_backward(
+        &self,
+        dx: &mut CudaSlice<f32>,
+        dw: Option<&mut CudaSlice<f32>>,
+        db: Option<&mut CudaSlice<f32>>,
+        dy: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        stats: &CudaSlice<f32>,
+        cols: usize,
+    ) -> Result<()> {
+        let rows = rows_of(x.len(), cols, "layer_norm_backward")?;
+        same_len(dx.len(), x.len(), "layer_norm_backward dx")?;
+        same_len(dy.len(), x.len(), "layer_norm_backward dy")?;
+        same_len(stats.len(), 2 * rows, "layer_norm_backward stats")?;
+        same_len(w.len(), cols, "layer_norm_backward weight")?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let f = self.func("layer_norm_backward_dx")?;
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(dx).arg(dy).arg(x).arg(w).arg(stats).arg(&cols);
+        // SAFETY: see "Launch soundness" above; one block of 256 threads per row.
+        unsafe { l.launch(blocks(rows, 256)?) }.map_err(dev)?;
+        if dw.is_none() && db.is_none() {
+            return Ok(());
+        }
+        for g in [&dw, &db].into_iter().flatten() {
+            same_len(g.len(), cols, "layer_norm_backward dw/db")?;
+        }
+        let f = self.func("layer_norm_backward_dwb")?;
+        let null = 0u64;
+        let mut l = self.stream.launch_builder(&f);
+        match dw {
+            Some(g) => l.arg(g),
+            None => l.arg(&null),
+        };
+        match db {
+            Some(g) => l.arg(g),
+            None => l.arg(&null),
+        };
+        l.arg(dy).arg(x).arg(stats).arg(&rows).arg(&cols);
+        // SAFETY: see "Launch soundness" above; a missing dw or db is a null pointer, which the
+        // kernel tests.
+        unsafe { l.launch(items(cols)?) }.map_err(dev)?;
+        Ok(())
+    }
+
+    fn rms_norm(
+        &self,
+        y: &mut CudaSlice<f32>,
+        rstd: &mut CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        cols: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let rows = rows_of(x.len(), cols, "rms_norm")?;
+        same_len(y.len(), x.len(), "rms_norm y")?;
+        same_len(rstd.len(), rows, "rms_norm rstd")?;
+        same_len(w.len(), cols, "rms_norm weight")?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let f = self.func("rms_norm")?;
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(y).arg(rstd).arg(x).arg(w).arg(&cols).arg(&eps);
+        // SAFETY: see "Launch soundness" above; one block of 256 threads per row.
+        unsafe { l.launch(blocks(rows, 256)?) }.map_err(dev)?;
+        Ok(())
+    }
+
+    fn rms_norm_backward(
+        &self,
+        dx: &mut CudaSlice<f32>,
+        dw: Option<&mut CudaSlice<f32>>,
+        dy: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        rstd: &CudaSlice<f32>,
+        cols: usize,
+    ) -> Result<()> {
+        let rows = rows_of(x.len(), cols, "rms_norm_backward")?;
+        same_len(dx.len(), x.len(), "rms_norm_backward dx")?;
+        same_len(dy.len(), x.len(), "rms_norm_backward dy")?;
+        same_len(rstd.len(), rows, "rms_norm_backward rstd")?;
+        same_len(w.len(), cols, "rms_norm_backward weight")?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let f = self.func("rms_norm_backward_dx")?;
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(dx).arg(dy).arg(x).arg(w).arg(rstd).arg(&cols);
+        // SAFETY: see "Launch soundness" above; one block of 256 threads per row.
+        unsafe { l.launch(blocks(rows, 256)?) }.map_err(dev)?;
+        if let Some(dw) = dw {
+            same_len(dw.len(), cols, "rms_norm_backward dw")?;
+            let f = self.func("rms_norm_backward_dw")?;
+            let mut l = self.stream.launch_builder(&f);
+            l.arg(dw).arg(dy).arg(x).arg(rstd).arg(&rows).arg(&cols);
+            // SAFETY: see "Launch soundness" above.
+            unsafe { l.launch(items(cols)?) }.map_err(dev)?;
+        }
+        Ok(())
+    }
+
+    fn rope(
+        &self,
+        x: &mut CudaSlice<f32>,
+        m: Mat,
+        head_dim: usize,
+        cos: &CudaSlice<f32>,
+        sin: &CudaSlice<f32>,
+        transpose: bool,
+    ) -> Result<()> {
+        m.check(x.len(), "rope x")?;
+        if head_dim == 0 || !head_dim.is_multiple_of(2) || !m.cols.is_multiple_of(head_dim) {
+            return shape(format!("rope: {} columns in heads of {head_dim}", m.cols));
+        }
+        same_len(cos.len(), m.rows * head_dim, "rope cos")?;
+        same_len(sin.len(), m.rows * head_dim, "rope sin")?;
+        let n = m.rows * m.cols / 2;
+        if n == 0 {
+            return Ok(());
+        }
+        let f = self.func("rope")?;
+        let t = i32::from(transpose);
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(x)
+            .arg(&m.off)
+            .arg(&m.rows)
+            .arg(&m.cols)
+            .arg(&m.ld)
+            .arg(&head_dim)
+            .arg(cos)
+            .arg(sin)
+            .arg(&t);
+        // SAFETY: see "Launch soundness" above.
+        unsafe { l.launch(items(n)?) }.map_err(dev)?;
+        Ok(())
+    }
+
+    fn swiglu(&self, y: &mut CudaSlice<f32>, gu: &CudaSlice<f32>, gm: Mat, um: Mat) -> Result<()> {
+        self.check_gate(gu.len(), gm, um, "swiglu")?;
+        same_len(y.len(), gm.rows * gm.cols, "swiglu y")?;
+        let n = gm.rows * gm.cols;
+        if n == 0 {
+            return Ok(());
+        }
+        let f = self.func("swiglu")?;
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(y)
+            .arg(gu)
+            .arg(&gm.off)
+            .arg(&um.off)
+            .arg(&gm.ld)
+            .arg(&gm.rows)
+            .arg(&gm.cols);
+        // SAFETY: see "Launch soundness" above; `check_gate` holds both views to one `ld`.
+        unsafe { l.launch(items(n)?) }.map_err(dev)?;
+        Ok(())
+    }
+
+    fn swiglu_backward(
+        &self,
+        dgu: &mut CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        gu: &CudaSlice<f32>,
+        gm: Mat,
+        um: Mat,
+    ) -> Result<()> {
+        self.check_gate(gu.len(), gm, um, "swiglu_backward")?;
+        same_len(dgu.len(), gu.len(), "swiglu_backward dgu")?;
+        same_len(dy.len(), gm.rows * gm.cols, "swiglu_backward dy")?;
+        let n = gm.rows * gm.cols;
+        if n == 0 {
+            return Ok(());
+        }
+        let f = self.func("swiglu_backward")?;
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(dgu)
+            .arg(dy)
+            .arg(gu)
+            .arg(&gm.off)
+            .arg(&um.off)
+            .arg(&gm.ld)
+            .arg(&gm.rows)
+            .arg(&gm.cols);
+        // SAFETY: see "Launch soundness" above; `check_gate` holds both views to one `ld`.
+        unsafe { l.launch(items(n)?) }.map_err(dev)?;
+        Ok(())
+    }
+
+    fn add(&self, y: &mut CudaSlice<f32>, x: &CudaSlice<f32>) -> Result<()> {
+        same_len(y.len(), x.len(), "add")?;
+        let f = self.func("add")?;
+        let n = y.len();
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(y).arg(x).arg(&n);
+        // SAFETY: see "Launch soundness" above.
+        unsafe { l.launch(items(n)?) }.map_err(dev)?;
+        Ok(())
+    }
+
+    fn mul(&self, y: &mut CudaSlice<f32>, x: &CudaSlice<f32>, m: &CudaSlice<f32>) -> Result<()> {
+        same_len(y.len(), x.len(), "mul")?;
+        same_len(x.len(), m.len(), "mul mask")?;
+        let f = self.func("mul")?;
+        let n = y.len();
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(y).arg(x).arg(m).arg(&n);
+        // SAFETY: see "Launch soundness" above.
+        unsafe { l.launch(items(n)?) }.map_err(dev)?;
+        Ok(())
+    }
+
+    fn dropout_mask(
+        &self,
+        n: usize,
+        keep: f64,
+        draw: &mut dyn FnMut() -> u64,
+    ) -> Result<CudaSlice<f32>> {
+        // The CPU backend's draws, so both backends replay the same masks.
+        let host = crate::Cpu.dropout_mask(n, keep, draw)?;
+        self.upload(&host)
+    }
+
+    fn attention(
+        &self,
+        out: &mut CudaSlice<f32>,
+        lse: &mut CudaSlice<f32>,
+        qkv: &CudaSlice<f32>,
+        a: &Attn,
+    ) -> Result<()> {
+        a.check(qkv.len())?;
+        let rows = a.rows();
+        same_len(out.len(), rows * a.width(), "attention out")?;
+        same_len(lse.len(), a.heads * rows, "attention lse")?;
+        self.check_head_dim(a)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let bounds = self.bounds(a)?;
+        let f = self.func("attention")?;
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(out)
+            .arg(lse)
+            .arg(qkv)
+            .arg(&bounds)
+            .arg(&a.seqs)
+            .arg(&a.len)
+            .arg(&a.heads)
+            .arg(&a.kv_heads)
+            .arg(&a.head_dim)
+            .arg(&a.ld)
+            .arg(&a.q_col)
+            .arg(&a.k_col)
+            .arg(&a.v_col)
+            .arg(&a.scale);
+        // SAFETY: see "Launch soundness" above; one warp per (row, head), head_dim ≤ 256
+        // (check_head_dim), `bounds` holds 2 values per row (Attn::check).
+        unsafe { l.launch(items(rows * a.heads * 32)?) }.map_err(dev)?;
+        Ok(())
+    }
+
+    fn attention_backward(
+        &self,
+        dqkv: &mut CudaSlice<f32>,
+        dout: &CudaSlice<f32>,
+        out: &CudaSlice<f32>,
+        lse: &CudaSlice<f32>,
+        qkv: &CudaSlice<f32>,
+        a: &Attn,
+    ) -> Result<()> {
+        a.check(qkv.len())?;
+        same_len(dqkv.len(), qkv.len(), "attention_backward dqkv")?;
+        let rows = a.rows();
+        same_len(out.len(), rows * a.width(), "attention_backward out")?;
+        same_len(dout.len(), rows * a.width(), "attention_backward dout")?;
+        same_len(lse.len(), a.heads * rows, "attention_backward lse")?;
+        self.check_head_dim(a)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let bounds = self.bounds(a)?;
+        // The key and value gradient columns are sums over queries: zero them first.
+        let kv = a.kv_heads * a.head_dim;
+        let zero = self.func("zero_cols")?;
+        for col in [a.k_col, a.v_col] {
+            let mut l = self.stream.launch_builder(&zero);
+            l.arg(&mut *dqkv).arg(&rows).arg(&a.ld).arg(&col).arg(&kv);
+            // SAFETY: see "Launch soundness" above; columns col..col + kv of every row lie
+            // inside the buffer (Attn::check).
+            unsafe { l.launch(items(rows * kv)?) }.map_err(dev)?;
+        }
+        let f = self.func("attention_backward")?;
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(dqkv)
+            .arg(dout)
+            .arg(out)
+            .arg(lse)
+            .arg(qkv)
+            .arg(&bounds)
+            .arg(&a.seqs)
+            .arg(&a.len)
+            .arg(&a.heads)
+            .arg(&a.kv_heads)
+            .arg(&a.head_dim)
+            .arg(&a.ld)
+            .arg(&a.q_col)
+            .arg(&a.k_col)
+            .arg(&a.v_col)
+            .arg(&a.scale);
+        // SAFETY: as in `attention`.
+        unsafe { l.launch(items(rows * a.heads * 32)?) }.map_err(dev)?;
+        Ok(())
+    }
+}
+
+impl Cuda {
+    fn check_gate(&self, len: usize, gm: Mat, um: Mat, what: &str) -> Result<()> {
+        gm.check(len, what)?;
+        um.check(len, what)?;
+        if gm.rows != um.rows || gm.cols != um.cols || gm.ld != um.ld {
+            return shape(format!(
+                "{what}: gate {}×{} (ld {}) and up {}×{} (ld {})",
+                gm.rows, gm.cols, gm.ld, um.rows, um.cols, um.ld
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_head_dim(&self, a: &Attn) -> Result<()> {
+        if a.head_dim > 256 {
+            return shape(format!(
+                "attention: head dimension {} (the CUDA kernel takes up to 256)",
+                a.head_dim
+            ));
+        }
+        Ok(())
+    }
+
+    /// The key ranges on the device, two u32 per query row.
+    fn bounds(&self, a: &Attn) -> Result<CudaSlice<u32>> {
+        let flat: Vec<u32> = a.bounds.iter().flat_map(|&(lo, hi)| [lo, hi]).collect();
+        self.stream.clone_htod(&flat).map_err(dev)
+    }
+}
