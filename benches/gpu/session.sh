@@ -39,13 +39,27 @@ for phase in ${PHASES:-check dist bench}; do
     status=1
     continue
   fi
+  if [ $(( l - MARGIN_S )) -lt 10 ]; then
+    echo "== skip $phase: ${l}s left, the margin is ${MARGIN_S}s"
+    status=1
+    continue
+  fi
   echo "== phase $phase (t+$(( $(date +%s) - t0 ))s, ${l}s left)"
   OUT=$RESULTS timeout --signal=TERM --kill-after=5 $(( l - MARGIN_S )) bash benches/gpu/run.sh "$phase"
   rc=$?
   [ "$rc" = 0 ] || { echo "!! phase $phase exited $rc"; status=1; }
+  # run.sh's own `timeout`s put each command in a process group of its own, which the phase's
+  # timeout does not reach: stop what a cut phase left running before the next one starts.
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+    pkill -TERM -f "${CARRY:-target/gpu-carry}/bin/" 2>/dev/null
+    pkill -TERM -f "benches/gpu/torch_baseline.py" 2>/dev/null
+    pkill -TERM -x ncu 2>/dev/null
+    sleep 3
+  fi
   pack
 done
 echo "== session done (t+$(( $(date +%s) - t0 ))s, status $status)"
 pack
+sleep 1 # let tee write the last lines of session.log
 rm -rf "$RESULTS"
 exit $status

@@ -290,7 +290,9 @@ pub trait Backend {
 
     /// An inverted-dropout mask of `n` values, `1/keep` or 0. `draw` is the model's
     /// generator: the CPU backend draws one value per element (exactly as the reference path
-    /// does), a device backend one seed.
+    /// does on the CPU). The CUDA backend makes the same draws on the host and copies the mask
+    /// over; candle's GPU path instead draws one seed per mask and makes the mask on the
+    /// device, which a device backend will have to follow to replay it.
     fn dropout_mask(&self, n: usize, keep: f64, draw: &mut dyn FnMut() -> u64)
         -> Result<Self::Buf>;
 

@@ -263,6 +263,12 @@ impl Backend for Cpu {
         same_len(dy.len(), x.len(), "layer_norm_backward dy")?;
         same_len(stats.len(), 2 * rows, "layer_norm_backward stats")?;
         same_len(w.len(), cols, "layer_norm_backward weight")?;
+        if let Some(dw) = dw.as_deref() {
+            same_len(dw.len(), cols, "layer_norm_backward dw")?;
+        }
+        if let Some(db) = db.as_deref() {
+            same_len(db.len(), cols, "layer_norm_backward db")?;
+        }
         dx.par_chunks_mut(cols)
             .zip(dy.par_chunks(cols))
             .zip(x.par_chunks(cols))
@@ -296,11 +302,9 @@ impl Backend for Cpu {
             }
         }
         if let Some(dw) = dw {
-            same_len(dw.len(), cols, "layer_norm_backward dw")?;
             dw.iter_mut().zip(gw).for_each(|(d, g)| *d += g as f32);
         }
         if let Some(db) = db {
-            same_len(db.len(), cols, "layer_norm_backward db")?;
             db.iter_mut().zip(gb).for_each(|(d, g)| *d += g as f32);
         }
         Ok(())
@@ -356,6 +360,9 @@ impl Backend for Cpu {
         same_len(dy.len(), x.len(), "rms_norm_backward dy")?;
         same_len(rstd.len(), rows, "rms_norm_backward rstd")?;
         same_len(w.len(), cols, "rms_norm_backward weight")?;
+        if let Some(dw) = dw.as_deref() {
+            same_len(dw.len(), cols, "rms_norm_backward dw")?;
+        }
         // y = x·r·w with r = (mean(x²) + eps)^(-1/2):
         // ∂/∂x = r·(g − x·r²·mean(g·x)), g = dy·w.
         dx.par_chunks_mut(cols)
@@ -374,7 +381,6 @@ impl Backend for Cpu {
                 }
             });
         if let Some(dw) = dw {
-            same_len(dw.len(), cols, "rms_norm_backward dw")?;
             let mut acc = vec![0f64; cols];
             for ((dy, x), &inv) in dy.chunks(cols).zip(x.chunks(cols)).zip(rstd) {
                 for ((a, &d), &xv) in acc.iter_mut().zip(dy).zip(x) {

@@ -187,6 +187,9 @@ impl Backend for Cuda {
             beta,
             ldc: int(cm.ld.max(1))?,
         };
+        if am.off > a.len() || bm.off > b.len() || cm.off > c.len() {
+            return shape("gemm: a view starts past the end of its buffer");
+        }
         let av = a.slice(am.off..);
         let bv = b.slice(bm.off..);
         let mut cv = c.slice_mut(cm.off..);
@@ -314,6 +317,9 @@ impl Backend for Cuda {
         same_len(dy.len(), x.len(), "layer_norm_backward dy")?;
         same_len(stats.len(), 2 * rows, "layer_norm_backward stats")?;
         same_len(w.len(), cols, "layer_norm_backward weight")?;
+        for g in [&dw, &db].into_iter().flatten() {
+            same_len(g.len(), cols, "layer_norm_backward dw/db")?;
+        }
         if rows == 0 {
             return Ok(());
         }
@@ -324,9 +330,6 @@ impl Backend for Cuda {
         unsafe { l.launch(blocks(rows, 256)?) }.map_err(dev)?;
         if dw.is_none() && db.is_none() {
             return Ok(());
-        }
-        for g in [&dw, &db].into_iter().flatten() {
-            same_len(g.len(), cols, "layer_norm_backward dw/db")?;
         }
         let f = self.func("layer_norm_backward_dwb")?;
         let null = 0u64;
@@ -385,6 +388,9 @@ impl Backend for Cuda {
         same_len(dy.len(), x.len(), "rms_norm_backward dy")?;
         same_len(rstd.len(), rows, "rms_norm_backward rstd")?;
         same_len(w.len(), cols, "rms_norm_backward weight")?;
+        if let Some(dw) = dw.as_deref() {
+            same_len(dw.len(), cols, "rms_norm_backward dw")?;
+        }
         if rows == 0 {
             return Ok(());
         }
@@ -394,7 +400,6 @@ impl Backend for Cuda {
         // SAFETY: see "Launch soundness" above; one block of 256 threads per row.
         unsafe { l.launch(blocks(rows, 256)?) }.map_err(dev)?;
         if let Some(dw) = dw {
-            same_len(dw.len(), cols, "rms_norm_backward dw")?;
             let f = self.func("rms_norm_backward_dw")?;
             let mut l = self.stream.launch_builder(&f);
             l.arg(dw).arg(dy).arg(x).arg(rstd).arg(&rows).arg(&cols);

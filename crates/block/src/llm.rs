@@ -94,6 +94,14 @@ impl<B: Backend> LlmLayer<B> {
             (self.o.out, c, "o"),
             (self.down.out, c, "down"),
             (self.down.inp, self.up.out, "down input"),
+            (self.q.inp, c, "q input"),
+            (self.k.inp, c, "k input"),
+            (self.v.inp, c, "v input"),
+            (self.o.inp, self.heads * self.head_dim, "o input"),
+            (self.gate.inp, c, "gate input"),
+            (self.up.inp, c, "up input"),
+            (be.len(&self.ln1.value), c, "input norm"),
+            (be.len(&self.ln2.value), c, "post-attention norm"),
         ];
         for (got, want, what) in outs {
             if got != want {

@@ -220,7 +220,7 @@ fn elementwise_and_norm_primitives_match_cpu() {
     close("rms_norm dx", &down(&dxg), &dxw, 1e-5);
     close("rms_norm dw", &down(&dwg), &dww, 1e-5);
 
-    // add, mul, dropout masks (the same draws).
+    // add, mul.
     let mut aw = x.clone();
     c.add(&mut aw, &dy).unwrap();
     let mut ag = up(&x);
@@ -231,19 +231,6 @@ fn elementwise_and_norm_primitives_match_cpu() {
     let mut mg = g.zeros(x.len()).unwrap();
     g.mul(&mut mg, &up(&x), &up(&dy)).unwrap();
     close("mul", &down(&mg), &mw, 0.0);
-    let draws = |seed: u64| {
-        let mut s = seed;
-        move || {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            s
-        }
-    };
-    let (mut d1, mut d2) = (draws(3), draws(3));
-    let mask_c = c.dropout_mask(1000, 0.8, &mut d1).unwrap();
-    let mask_g = g.dropout_mask(1000, 0.8, &mut d2).unwrap();
-    assert_eq!(down(&mask_g), mask_c, "dropout masks");
 }
 
 #[test]
@@ -345,7 +332,17 @@ fn attention_matches_cpu_with_gqa_causal_segments_and_padding() {
     let mut dg = g.upload(&vec![7.0; qkv.len()]).unwrap();
     g.attention_backward(&mut dg, &g.upload(&dout).unwrap(), &og, &lg, &qd, &a)
         .unwrap();
-    close("attention dqkv", &g.download(&dg).unwrap(), &dw, 1e-5);
+    // The q/k/v columns against the CPU; the others (0 and the last two) left as they were.
+    let dg = g.download(&dg).unwrap();
+    let grads =
+        |v: &[f32]| -> Vec<f32> { v.chunks(ld).flat_map(|r| r[1..ld - 2].to_vec()).collect() };
+    close("attention dqkv", &grads(&dg), &grads(&dw), 1e-5);
+    for r in dg.chunks(ld) {
+        assert!(
+            r[0] == 7.0 && r[ld - 2] == 7.0 && r[ld - 1] == 7.0,
+            "a column outside q/k/v was written"
+        );
+    }
 }
 
 /// A parameter on `be` from seeded values; trainable ones get the next slot.

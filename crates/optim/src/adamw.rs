@@ -275,7 +275,8 @@ impl AdamW {
     /// Updates parameter `index` alone with `grad` (same shape; any dtype and device, moved to
     /// the parameter's), as [`AdamW::step`] would: for callers that stream gradients one
     /// parameter at a time (e.g. into an offloaded optimizer). The step is counted by
-    /// [`AdamW::count_step`] once every parameter of it was given.
+    /// [`AdamW::count_step`] once every parameter of it was given. `grad` must not share
+    /// storage with the parameter or its state (see `update_host`).
     pub fn step_param(
         &mut self,
         index: usize,
@@ -509,7 +510,9 @@ fn update(
 /// over the values in place (master or f32 weights, both moments, and a half-precision var's
 /// rounded copy), in parallel chunks, with the f32 operations of [`update`] in the same order
 /// (candle's CPU `affine(m, a)` is `x·m + a` in f32), so the result is the same bit for bit.
-/// Nothing is copied but a gradient that is not contiguous.
+/// Nothing is copied but a gradient that is not contiguous. The gradient must not share storage
+/// with the parameter or its state (candle's backward pass always makes fresh gradients): the
+/// update holds a read lock on it while it writes the others.
 fn update_host(
     cfg: &AdamWConfig,
     p: &mut ParamState,
