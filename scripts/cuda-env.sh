@@ -1,8 +1,11 @@
 # Source this (bash) to build cpmv with `--features cuda` on a machine without a GPU or a CUDA
 # install: it installs CUDA 13.0's compiler, headers and libraries from PyPI wheels into
 # $CPMV_CUDA_DIR (default ~/.cache/cpmv-cuda13, about 1.2 GB, once), links a stub of the driver
-# library for the linker only, and exports CUDA_HOME, CUDA_COMPUTE_CAP=90 (Hopper) and
+# library for the linker only, and exports CUDA_HOME, CUDA_COMPUTE_CAP=80 and
 # CUDARC_CUDA_VERSION=13000 for candle's and cudarc's build scripts.
+# Compute capability 8.0 on purpose: candle's and cpmv's kernels are embedded as PTX for it, which
+# the driver compiles for the card on first use, so one build runs on A100 (sm_80), L40S / RTX
+# 4090 (sm_89) and H100 / H200 (sm_90). Set CUDA_COMPUTE_CAP=90 for a Hopper-only build.
 # CUDA 13.0 on purpose: the GPU machines' driver (580) runs PTX of 13.0, not of newer compilers.
 # At run time the real driver and CUDA libraries must be on the library path, never the stub.
 _cpmv_cuda() {
@@ -42,7 +45,7 @@ _cpmv_cuda() {
       | awk '{print "int " $1 "(void) { return 999; }"}' >"$root/lib64/stubs/stub.c"
     gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$root/lib64/stubs/libcuda.so" "$root/lib64/stubs/stub.c" || return 1
   fi
-  export CUDA_HOME=$root CUDA_PATH=$root PATH=$root/bin:$PATH CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90} \
+  export CUDA_HOME=$root CUDA_PATH=$root PATH=$root/bin:$PATH CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-80} \
     CUDARC_CUDA_VERSION=13000 LIBRARY_PATH=$root/lib64:$root/lib64/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}
   echo "cuda-env: CUDA_HOME=$CUDA_HOME, $(nvcc --version | tail -1), sm_$CUDA_COMPUTE_CAP"
 }
