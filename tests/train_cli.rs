@@ -2531,8 +2531,10 @@ fn zero_sharding_and_offload_train_as_one_process() {
         };
         v.parse::<f64>().unwrap() * k
     };
+    // f32 weights: replicated AdamW keeps 8 bytes per value (the var is its own master); each of
+    // 3 ZeRO-2 ranks keeps a third of 8 bytes of moments plus 4 of its own copy of the weights.
     let ratio = parse(&z0) / parse(&z2);
-    assert!((2.9..3.1).contains(&ratio), "{z0} vs {z2}");
+    assert!((1.9..2.1).contains(&ratio), "{z0} vs {z2}");
     fails_with(
         &train_ranks(
             &shards,
