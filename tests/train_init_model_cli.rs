@@ -132,6 +132,8 @@ fn bench_prints_a_json_line_per_configuration() {
             assert_eq!(v["impl"], "cpmv");
             assert_eq!(v["version"], version);
             assert_eq!(v["mode"], mode);
+            // CPU f32: the transformer layers run on the block path.
+            assert_eq!(v["path"], "blocks");
             assert!(v["loss_first"].as_f64().unwrap().is_finite());
             assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0);
             // MFU is the counted FLOPs over the measured step time at 989 TFLOP/s.

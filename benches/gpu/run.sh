@@ -125,9 +125,13 @@ bench() {
   for c in $configs; do
     v=${c%%:*}; m=${c##*:}
     like=$(like_of "$v")
-    stamp "cpmv $v $m"
-    CPMV_PROFILE=${CPMV_PROFILE:-0} timeout 150 "$TRAIN" bench --like "$like" --mode "$m" --warmup "$WARMUP" --steps "$STEPS" --out "$OUT/cpmv.jsonl" 2>&1 | tail -3 \
-      || { echo "{\"impl\":\"cpmv\",\"version\":\"$v\",\"mode\":\"$m\",\"seq\":2048,\"error\":\"exit status ${PIPESTATUS[0]}\"}" >> "$OUT/cpmv.jsonl"; fail "cpmv bench $v $m"; }
+    # CPMV_PATHS="default unfused" adds a CPMV_UNFUSED=1 row (candle op by op) per configuration.
+    for p in ${CPMV_PATHS:-default}; do
+      u=0; [ "$p" = unfused ] && u=1
+      stamp "cpmv $v $m ($p)"
+      CPMV_UNFUSED=$u CPMV_PROFILE=${CPMV_PROFILE:-0} timeout 150 "$TRAIN" bench --like "$like" --mode "$m" --warmup "$WARMUP" --steps "$STEPS" --out "$OUT/cpmv.jsonl" 2>&1 | tail -3 \
+        || { echo "{\"impl\":\"cpmv\",\"version\":\"$v\",\"mode\":\"$m\",\"seq\":2048,\"path\":\"$([ $u = 1 ] && echo unfused || echo fused)\",\"error\":\"exit status ${PIPESTATUS[0]}\"}" >> "$OUT/cpmv.jsonl"; fail "cpmv bench $v $m $p"; }
+    done
     for w in ${TORCH_WEIGHTS:-bf16}; do
       stamp "pytorch $v $m $w"
       timeout 180 "$PY" benches/gpu/torch_baseline.py --version "$v" --mode "$m" --weights "$w" --warmup "$WARMUP" --steps "$STEPS" --out "$OUT/torch.jsonl" 2>&1 | tail -2

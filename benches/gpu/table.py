@@ -69,31 +69,36 @@ def main():
         key = (str(d.get("version")), d.get("mode"), d.get("seq"))
         devices[d["impl"]].add(d.get("device") or "?")
         if d["impl"] == "cpmv":
-            cpmv[key] = pick(cpmv.get(key), d)
+            # One row per layer path (`path`: blocks, fused or unfused; older lines: fused).
+            ckey = key + (d.get("path") or "fused",)
+            cpmv[ckey] = pick(cpmv.get(ckey), d)
         else:
             wkey = key + (d.get("weights"),)
             torch_[wkey] = pick(torch_.get(wkey), d)
 
-    rows = {}  # (version, mode, seq, weights or None) -> (cpmv line, pytorch line)
-    for key in set(cpmv) | {k[:3] for k in torch_}:
+    rows = {}  # (version, mode, seq, cpmv path, weights or None) -> (cpmv line, pytorch line)
+    for key in {k[:3] for k in cpmv} | {k[:3] for k in torch_}:
         variants = [d for k, d in torch_.items() if k[:3] == key]
-        if args.pytorch_weights == "all" and variants:
-            for d in variants:
-                rows[key + (d.get("weights"),)] = (cpmv.get(key), d)
-        else:
-            good = [d for d in variants if ok(d)]
-            best = max(good, key=lambda d: d["tokens_per_s"]) if good else (variants[-1] if variants else None)
-            rows[key + (None,)] = (cpmv.get(key), best)
+        paths = sorted(k[3] for k in cpmv if k[:3] == key) or ["fused"]
+        for path in paths:
+            c = cpmv.get(key + (path,))
+            if args.pytorch_weights == "all" and variants:
+                for d in variants:
+                    rows[key + (path, d.get("weights"))] = (c, d)
+            else:
+                good = [d for d in variants if ok(d)]
+                best = max(good, key=lambda d: d["tokens_per_s"]) if good else (variants[-1] if variants else None)
+                rows[key + (path, None)] = (c, best)
 
-    head = ["version", "mode", "seq", "cpmv tok/s", "cpmv MFU %", "cpmv peak GiB", "PyTorch tok/s (weights)",
+    head = ["version", "mode", "seq", "cpmv path", "cpmv tok/s", "cpmv MFU %", "cpmv peak GiB", "PyTorch tok/s (weights)",
             "PyTorch MFU %", "PyTorch peak GiB", "speed cpmv/PyTorch", "memory cpmv/PyTorch"]
     print("| " + " | ".join(head) + " |")
-    print("|" + "|".join("---" if i < 3 else "---:" for i in range(len(head))) + "|")
-    order = lambda k: (k[0], MODES.get(k[1], 9), k[1], k[2] or 0, k[3] or "")
+    print("|" + "|".join("---" if i < 4 else "---:" for i in range(len(head))) + "|")
+    order = lambda k: (k[0], MODES.get(k[1], 9), k[1], k[2] or 0, k[3], k[4] or "")
     for key in sorted(rows, key=order):
         c, p = rows[key]
         flops = c.get("flops_per_step") if c else None
-        cells = [key[0], key[1], str(key[2])]
+        cells = [key[0], key[1], str(key[2]), key[3]]
         if c is None:
             cells += ["not run", "", ""]
         elif not ok(c):

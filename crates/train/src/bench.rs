@@ -69,6 +69,9 @@ pub struct BenchResult {
     pub steps: usize,
     pub grad_checkpointing: bool,
     pub offload_optimizer: bool,
+    /// How the transformer layers ran: `blocks` (the block path), `fused` (candle's graph
+    /// with cpmv's fused kernels) or `unfused` (`CPMV_UNFUSED=1`, candle op by op).
+    pub path: &'static str,
     pub step_s: f64,
     pub tokens_per_s: f64,
     pub flops_per_step: f64,
@@ -166,6 +169,13 @@ pub fn run(opts: &BenchOptions) -> Result<BenchResult, TrainError> {
     let total_params: usize = tensors.values().map(Tensor::elem_count).sum();
     let params = ParamStore::from_tensors(tensors, &load)?;
     let model = MiniCpmV::from_params(cfg.clone(), params, &load)?;
+    let path = if model.vision_on_blocks() {
+        "blocks"
+    } else if cpmv_model::block::unfused_env() {
+        "unfused"
+    } else {
+        "fused"
+    };
     let vars = model.params().trainable_vars();
     let trainable_params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
     // The trainer's optimizer (AdamW, betas (0.9, 0.95), eps 1e-8, weight decay 0.1 on
@@ -259,6 +269,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchResult, TrainError> {
         steps: opts.steps,
         grad_checkpointing: opts.grad_checkpointing,
         offload_optimizer: opts.offload_optimizer,
+        path,
         step_s,
         tokens_per_s: opts.seq as f64 / step_s,
         flops_per_step: total,
