@@ -3,6 +3,28 @@
 
 use crate::error::{shape, Result};
 
+/// Checks that two operands have the same number of elements.
+pub(crate) fn same_len(a: usize, b: usize, what: &str) -> Result<()> {
+    if a != b {
+        return shape(format!("{what}: lengths {a} and {b} differ"));
+    }
+    Ok(())
+}
+
+/// Checks the gate and up views of a gated MLP's `[g | u]` buffer of `len` elements: both fit,
+/// with the same shape and row stride.
+pub(crate) fn check_gate(len: usize, gm: Mat, um: Mat, what: &str) -> Result<()> {
+    gm.check(len, what)?;
+    um.check(len, what)?;
+    if gm.rows != um.rows || gm.cols != um.cols || gm.ld != um.ld {
+        return shape(format!(
+            "{what}: gate {}×{} (ld {}) and up {}×{} (ld {})",
+            gm.rows, gm.cols, gm.ld, um.rows, um.cols, um.ld
+        ));
+    }
+    Ok(())
+}
+
 /// The two GELU variants of the vision towers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Gelu {
@@ -268,7 +290,8 @@ pub trait Backend {
         transpose: bool,
     ) -> Result<()>;
 
-    /// `y = silu(g) · u` with `g` and `u` views of `gu`, `y` dense (the gated MLP).
+    /// `y = silu(g) · u` with `g` and `u` views of `gu` (same shape and row stride), `y` dense
+    /// (the gated MLP).
     fn swiglu(&self, y: &mut Self::Buf, gu: &Self::Buf, gm: Mat, um: Mat) -> Result<()>;
 
     /// Backward of [`Backend::swiglu`] from the dense `dy`: the views `gm` and `um` of `dgu`

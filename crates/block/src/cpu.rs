@@ -3,19 +3,12 @@
 
 use rayon::prelude::*;
 
-use crate::backend::{Attn, Backend, Gelu, Mat};
+use crate::backend::{check_gate, same_len, Attn, Backend, Gelu, Mat};
 use crate::error::{shape, Result};
 
 /// The CPU backend (f32).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Cpu;
-
-fn same_len(a: usize, b: usize, what: &str) -> Result<()> {
-    if a != b {
-        return shape(format!("{what}: lengths {a} and {b} differ"));
-    }
-    Ok(())
-}
 
 const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
 
@@ -433,14 +426,7 @@ impl Backend for Cpu {
     }
 
     fn swiglu(&self, y: &mut Vec<f32>, gu: &Vec<f32>, gm: Mat, um: Mat) -> Result<()> {
-        gm.check(gu.len(), "swiglu gate")?;
-        um.check(gu.len(), "swiglu up")?;
-        if gm.rows != um.rows || gm.cols != um.cols {
-            return shape(format!(
-                "swiglu: gate {}×{} and up {}×{}",
-                gm.rows, gm.cols, um.rows, um.cols
-            ));
-        }
+        check_gate(gu.len(), gm, um, "swiglu")?;
         same_len(y.len(), gm.rows * gm.cols, "swiglu y")?;
         y.par_chunks_mut(gm.cols).enumerate().for_each(|(r, y)| {
             let g = &gu[gm.off + r * gm.ld..][..gm.cols];
@@ -460,15 +446,8 @@ impl Backend for Cpu {
         gm: Mat,
         um: Mat,
     ) -> Result<()> {
-        gm.check(gu.len(), "swiglu_backward gate")?;
-        um.check(gu.len(), "swiglu_backward up")?;
+        check_gate(gu.len(), gm, um, "swiglu_backward")?;
         same_len(dgu.len(), gu.len(), "swiglu_backward dgu")?;
-        if gm.rows != um.rows || gm.cols != um.cols {
-            return shape(format!(
-                "swiglu_backward: gate {}×{} and up {}×{}",
-                gm.rows, gm.cols, um.rows, um.cols
-            ));
-        }
         same_len(dy.len(), gm.rows * gm.cols, "swiglu_backward dy")?;
         for r in 0..gm.rows {
             for c in 0..gm.cols {

@@ -18,7 +18,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 };
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 
-use crate::backend::{Attn, Backend, Gelu, Mat};
+use crate::backend::{check_gate, same_len, Attn, Backend, Gelu, Mat};
 use crate::error::{shape, BlockError, Result};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/block.ptx"));
@@ -32,13 +32,6 @@ pub struct Cuda {
 
 fn dev<E: std::fmt::Debug>(e: E) -> BlockError {
     BlockError::Backend(format!("cuda: {e:?}"))
-}
-
-fn same_len(a: usize, b: usize, what: &str) -> Result<()> {
-    if a != b {
-        return shape(format!("{what}: lengths {a} and {b} differ"));
-    }
-    Ok(())
 }
 
 /// One thread per item, 256 per block.
@@ -446,7 +439,7 @@ impl Backend for Cuda {
     }
 
     fn swiglu(&self, y: &mut CudaSlice<f32>, gu: &CudaSlice<f32>, gm: Mat, um: Mat) -> Result<()> {
-        self.check_gate(gu.len(), gm, um, "swiglu")?;
+        check_gate(gu.len(), gm, um, "swiglu")?;
         same_len(y.len(), gm.rows * gm.cols, "swiglu y")?;
         let n = gm.rows * gm.cols;
         if n == 0 {
@@ -474,7 +467,7 @@ impl Backend for Cuda {
         gm: Mat,
         um: Mat,
     ) -> Result<()> {
-        self.check_gate(gu.len(), gm, um, "swiglu_backward")?;
+        check_gate(gu.len(), gm, um, "swiglu_backward")?;
         same_len(dgu.len(), gu.len(), "swiglu_backward dgu")?;
         same_len(dy.len(), gm.rows * gm.cols, "swiglu_backward dy")?;
         let n = gm.rows * gm.cols;
@@ -623,18 +616,6 @@ impl Backend for Cuda {
 }
 
 impl Cuda {
-    fn check_gate(&self, len: usize, gm: Mat, um: Mat, what: &str) -> Result<()> {
-        gm.check(len, what)?;
-        um.check(len, what)?;
-        if gm.rows != um.rows || gm.cols != um.cols || gm.ld != um.ld {
-            return shape(format!(
-                "{what}: gate {}×{} (ld {}) and up {}×{} (ld {})",
-                gm.rows, gm.cols, gm.ld, um.rows, um.cols, um.ld
-            ));
-        }
-        Ok(())
-    }
-
     fn check_head_dim(&self, a: &Attn) -> Result<()> {
         if a.head_dim > 256 {
             return shape(format!(
