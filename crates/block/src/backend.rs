@@ -73,11 +73,6 @@ impl Mat {
         self.off + (self.rows - 1) * self.ld + self.cols
     }
 
-    /// Whether the view is dense (rows back to back).
-    pub fn is_dense(&self) -> bool {
-        self.ld == self.cols || self.rows <= 1
-    }
-
     /// Checks that the view fits a buffer of `len` elements and its rows do not overlap.
     pub fn check(&self, len: usize, what: &str) -> Result<()> {
         if self.cols > self.ld && self.rows > 1 {

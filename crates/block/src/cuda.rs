@@ -84,11 +84,6 @@ impl Cuda {
     fn func(&self, name: &str) -> Result<CudaFunction> {
         self.module.load_function(name).map_err(dev)
     }
-
-    /// Waits for the queued work (tests and timing).
-    pub fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().map_err(dev)
-    }
 }
 
 // Launch soundness, for every `unsafe` launch below: the kernels' parameter lists in

@@ -209,11 +209,12 @@ pub(crate) fn linear_backward<B: Backend>(
         match &saved.mask {
             None => be.gemm(dx, xm, &dh, hm, false, &l.a.value, am, false, 1.0, 1.0)?,
             Some(mask) => {
+                // dx += mask · (dh A): the product, then masked into a second buffer.
                 let mut t = be.zeros(rows * lin.inp)?;
                 be.gemm(&mut t, xm, &dh, hm, false, &l.a.value, am, false, 1.0, 0.0)?;
-                let tc = be.copy(&t)?;
-                be.mul(&mut t, &tc, mask)?;
-                be.add(dx, &t)?;
+                let mut masked = be.zeros(rows * lin.inp)?;
+                be.mul(&mut masked, &t, mask)?;
+                be.add(dx, &masked)?;
             }
         }
     }

@@ -60,8 +60,6 @@ pub struct Saved<B: Backend> {
     lin_gu: Vec<LinSaved<B>>,
     act: B::Buf,
     lin_down: LinSaved<B>,
-    cos: B::Buf,
-    sin: B::Buf,
 }
 
 impl<B: Backend> LlmLayer<B> {
@@ -212,18 +210,18 @@ impl<B: Backend> LlmLayer<B> {
             lin_gu,
             act,
             lin_down,
-            cos: be.copy(t.cos)?,
-            sin: be.copy(t.sin)?,
         };
         Ok((y, Some(saved)))
     }
 
-    /// Backward from the output gradient `dy`: parameter gradients are added to `grads`, the
-    /// input gradient returned.
+    /// Backward from the output gradient `dy` of the forward pass over `t` (the same rows; its
+    /// rotary tables are read again rather than kept per layer): parameter gradients are added
+    /// to `grads`, the input gradient returned.
     pub fn backward(
         &self,
         be: &B,
         s: &Saved<B>,
+        t: &Tokens<B>,
         dy: &B::Buf,
         grads: &mut Grads<B>,
     ) -> Result<B::Buf> {
@@ -231,10 +229,13 @@ impl<B: Backend> LlmLayer<B> {
         let f = self.up.out;
         let rows = s.rows;
         let rs = self.residual_scale;
-        if be.len(dy) != rows * c {
+        if be.len(dy) != rows * c || t.seqs * t.len != rows {
             return shape(format!(
-                "decoder layer backward: gradient of {} values for {rows} rows × {c}",
-                be.len(dy)
+                "decoder layer backward: gradient of {} values and {} × {} tokens for {rows} \
+                 rows × {c}",
+                be.len(dy),
+                t.seqs,
+                t.len
             ));
         }
         let cm = Mat::dense(rows, c);
@@ -279,7 +280,7 @@ impl<B: Backend> LlmLayer<B> {
         be.attention_backward(&mut dqkv, &datt, &s.att, &s.lse, &s.qkv, &s.attn)?;
         drop(datt);
         for m in self.qk_views(rows) {
-            be.rope(&mut dqkv, m, self.head_dim, &s.cos, &s.sin, true)?;
+            be.rope(&mut dqkv, m, self.head_dim, t.cos, t.sin, true)?;
         }
         let qkv_m = Mat::dense(rows, self.qkv_width());
         let mut dh1 = be.zeros(rows * c)?;

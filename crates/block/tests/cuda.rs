@@ -570,10 +570,10 @@ fn decoder_layer_matches_cpu_forward_and_backward() {
         .unwrap();
     close("decoder layer output", &g.download(&yg).unwrap(), &yc, 1e-5);
     let mut gc = Grads::default();
-    let dxc = lc.backward(&c, &sc.unwrap(), &dy, &mut gc).unwrap();
+    let dxc = lc.backward(&c, &sc.unwrap(), &tc, &dy, &mut gc).unwrap();
     let mut gg = Grads::default();
     let dxg = lg
-        .backward(&g, &sg.unwrap(), &g.upload(&dy).unwrap(), &mut gg)
+        .backward(&g, &sg.unwrap(), &tg, &g.upload(&dy).unwrap(), &mut gg)
         .unwrap();
     close("decoder layer dx", &g.download(&dxg).unwrap(), &dxc, 1e-5);
     compare_grads("decoder layer", &g, gg, &gc);

@@ -272,11 +272,13 @@ impl MiniCpmV {
         Ok((y, state))
     }
 
-    /// Backward of [`MiniCpmV::llm_block_forward`] from the output gradient `gy`: the input
-    /// gradient, and the gradient of every trainable tensor of the layer with its tensor.
+    /// Backward of [`MiniCpmV::llm_block_forward`] (same `aux`) from the output gradient `gy`:
+    /// the input gradient, and the gradient of every trainable tensor of the layer with its
+    /// tensor.
     pub fn llm_block_backward(
         &self,
         state: &LlmBlockState,
+        aux: &LlmAux,
         gy: &Tensor,
     ) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
         let (b, t, h) = state.dims;
@@ -291,7 +293,16 @@ impl MiniCpmV {
         let layer = self.llm().block_layer(state.layer)?;
         let gys = gy.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let mut grads = Grads::<Cpu>::default();
-        let gx = layer.layer.backward(&Cpu, &state.saved, &gys, &mut grads)?;
+        let tokens = bl::Tokens::<Cpu> {
+            seqs: b,
+            len: t,
+            bounds: &aux.keys,
+            cos: &aux.cos_rows,
+            sin: &aux.sin_rows,
+        };
+        let gx = layer
+            .layer
+            .backward(&Cpu, &state.saved, &tokens, &gys, &mut grads)?;
         let gx = Tensor::from_vec(gx, (b, t, h), gy.device())?;
         Ok((gx, param_grads(&layer.params, grads)?))
     }

@@ -259,7 +259,7 @@ fn check_llm(version: &str) {
                 after_ref,
                 "{what}: dropout draws differ"
             );
-            let (gx, pgrads) = model.llm_block_backward(&st.unwrap(), &gy).unwrap();
+            let (gx, pgrads) = model.llm_block_backward(&st.unwrap(), &aux, &gy).unwrap();
 
             let e = rel_err(&y, &y_ref);
             assert!(e <= 1e-5, "{what}: output rel err {e}");

@@ -536,7 +536,7 @@ fn update_host(
         eps: f(cfg.eps),
         neg_step: f(-sc.step_size),
     };
-    let name = p.name.clone();
+    let name = &p.name;
     let wrong = |what: &str| {
         OptimError::Candle(candle_core::Error::Msg(format!(
             "parameter {name:?}: {what} (host update)"

@@ -314,7 +314,7 @@ pub fn micro_step(
                     }
                 };
                 let (gxi, pgrads) = profile::part(&device, "llm.backward", || {
-                    model.llm_block_backward(&st, &gx)
+                    model.llm_block_backward(&st, &aux, &gx)
                 })?;
                 acc.add_pairs(pgrads)?;
                 gx = gxi;
