@@ -11,6 +11,14 @@ pub(crate) fn same_len(a: usize, b: usize, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Rows of a dense operand of `len` elements in rows of `cols`.
+pub(crate) fn rows_of(len: usize, cols: usize, what: &str) -> Result<usize> {
+    if cols == 0 || !len.is_multiple_of(cols) {
+        return shape(format!("{what}: {len} values in rows of {cols}"));
+    }
+    Ok(len / cols)
+}
+
 /// Checks the gate and up views of a gated MLP's `[g | u]` buffer of `len` elements: both fit,
 /// with the same shape and row stride.
 pub(crate) fn check_gate(len: usize, gm: Mat, um: Mat, what: &str) -> Result<()> {

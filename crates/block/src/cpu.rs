@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use crate::backend::{check_gate, same_len, Attn, Backend, Gelu, Mat};
+use crate::backend::{check_gate, rows_of, same_len, Attn, Backend, Gelu, Mat};
 use crate::error::{shape, Result};
 
 /// The CPU backend (f32).
@@ -209,10 +209,7 @@ impl Backend for Cpu {
         cols: usize,
         eps: f32,
     ) -> Result<()> {
-        if cols == 0 || !x.len().is_multiple_of(cols) {
-            return shape(format!("layer_norm: {} values in rows of {cols}", x.len()));
-        }
-        let rows = x.len() / cols;
+        let rows = rows_of(x.len(), cols, "layer_norm")?;
         same_len(y.len(), x.len(), "layer_norm y")?;
         same_len(stats.len(), 2 * rows, "layer_norm stats")?;
         same_len(w.len(), cols, "layer_norm weight")?;
@@ -245,13 +242,7 @@ impl Backend for Cpu {
         stats: &Vec<f32>,
         cols: usize,
     ) -> Result<()> {
-        if cols == 0 || !x.len().is_multiple_of(cols) {
-            return shape(format!(
-                "layer_norm_backward: {} values in rows of {cols}",
-                x.len()
-            ));
-        }
-        let rows = x.len() / cols;
+        let rows = rows_of(x.len(), cols, "layer_norm_backward")?;
         same_len(dx.len(), x.len(), "layer_norm_backward dx")?;
         same_len(dy.len(), x.len(), "layer_norm_backward dy")?;
         same_len(stats.len(), 2 * rows, "layer_norm_backward stats")?;
@@ -312,11 +303,9 @@ impl Backend for Cpu {
         cols: usize,
         eps: f32,
     ) -> Result<()> {
-        if cols == 0 || !x.len().is_multiple_of(cols) {
-            return shape(format!("rms_norm: {} values in rows of {cols}", x.len()));
-        }
+        let rows = rows_of(x.len(), cols, "rms_norm")?;
         same_len(y.len(), x.len(), "rms_norm y")?;
-        same_len(rstd.len(), x.len() / cols, "rms_norm rstd")?;
+        same_len(rstd.len(), rows, "rms_norm rstd")?;
         same_len(w.len(), cols, "rms_norm weight")?;
         y.par_chunks_mut(cols)
             .zip(rstd.par_iter_mut())
@@ -342,13 +331,7 @@ impl Backend for Cpu {
         rstd: &Vec<f32>,
         cols: usize,
     ) -> Result<()> {
-        if cols == 0 || !x.len().is_multiple_of(cols) {
-            return shape(format!(
-                "rms_norm_backward: {} values in rows of {cols}",
-                x.len()
-            ));
-        }
-        let rows = x.len() / cols;
+        let rows = rows_of(x.len(), cols, "rms_norm_backward")?;
         same_len(dx.len(), x.len(), "rms_norm_backward dx")?;
         same_len(dy.len(), x.len(), "rms_norm_backward dy")?;
         same_len(rstd.len(), rows, "rms_norm_backward rstd")?;

@@ -18,7 +18,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 };
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 
-use crate::backend::{check_gate, same_len, Attn, Backend, Gelu, Mat};
+use crate::backend::{check_gate, rows_of, same_len, Attn, Backend, Gelu, Mat};
 use crate::error::{shape, BlockError, Result};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/block.ptx"));
@@ -57,13 +57,6 @@ fn act_code(act: Option<Gelu>) -> i32 {
         Some(Gelu::Erf) => 1,
         Some(Gelu::Tanh) => 2,
     }
-}
-
-fn rows_of(len: usize, cols: usize, what: &str) -> Result<usize> {
-    if cols == 0 || !len.is_multiple_of(cols) {
-        return shape(format!("{what}: {len} values in rows of {cols}"));
-    }
-    Ok(len / cols)
 }
 
 impl Cuda {
