@@ -42,7 +42,6 @@ pub struct Tokens<'a, B: Backend> {
 /// Activations of one forward pass, kept for the backward pass.
 pub struct Saved<B: Backend> {
     rows: usize,
-    attn: Attn,
     x: B::Buf,
     h1: B::Buf,
     r1: B::Buf,
@@ -194,7 +193,6 @@ impl<B: Backend> LlmLayer<B> {
         }
         let saved = Saved {
             rows,
-            attn,
             x: be.copy(x)?,
             h1,
             r1,
@@ -215,7 +213,7 @@ impl<B: Backend> LlmLayer<B> {
     }
 
     /// Backward from the output gradient `dy` of the forward pass over `t` (the same rows; its
-    /// rotary tables are read again rather than kept per layer): parameter gradients are added
+    /// key ranges and rotary tables are read again rather than kept per layer): parameter gradients are added
     /// to `grads`, the input gradient returned.
     pub fn backward(
         &self,
@@ -277,7 +275,8 @@ impl<B: Backend> LlmLayer<B> {
             be, &self.o, &s.lin_o, &s.att, &dx2, cm, rs, &mut datt, 0.0, grads,
         )?;
         let mut dqkv = be.zeros(rows * self.qkv_width())?;
-        be.attention_backward(&mut dqkv, &datt, &s.att, &s.lse, &s.qkv, &s.attn)?;
+        let attn = self.attn_shape(t);
+        be.attention_backward(&mut dqkv, &datt, &s.att, &s.lse, &s.qkv, &attn)?;
         drop(datt);
         for m in self.qk_views(rows) {
             be.rope(&mut dqkv, m, self.head_dim, t.cos, t.sin, true)?;
