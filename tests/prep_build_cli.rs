@@ -163,6 +163,89 @@ fn one_and_two_threads_write_identical_files() {
     assert_same_files(a.path(), b.path(), &[], "example set");
 }
 
+/// Pixels are made after packing: an image whose header reads but whose data does not decode
+/// rejects its sample then, and its pack goes out without it (an emptied pack is dropped, the
+/// pack numbers stay consecutive); counts add up, per input file too.
+#[test]
+fn an_image_that_fails_to_decode_after_packing_leaves_its_pack_and_the_counts_add_up() {
+    let tmp = out_dir();
+    let d = tmp.path();
+    let images = root().join("examples/images");
+    std::fs::copy(images.join("chelsea.png"), d.join("ok.png")).unwrap();
+    let jpeg = std::fs::read(images.join("rocket.jpg")).unwrap();
+    std::fs::write(d.join("truncated.jpg"), &jpeg[..jpeg.len() / 2]).unwrap();
+    let conv = serde_json::json!([{"role": "user", "content": "What?"}, {"role": "assistant", "content": "This."}]);
+    let sample = |id: &str, image: Option<&str>| {
+        let mut v = serde_json::json!({"id": id, "conversations": conv});
+        if let Some(image) = image {
+            v["image"] = image.into();
+        }
+        v.to_string()
+    };
+    let lines = [
+        sample("a", Some("ok.png")),
+        sample("bad-1", Some("truncated.jpg")),
+        sample("b", None),
+        sample("bad-2", Some("truncated.jpg")),
+        sample("c", Some("ok.png")),
+    ];
+    let data = d.join("data.jsonl");
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    for (name, extra) in [("packed", None), ("unpacked", Some("--no-pack"))] {
+        let out = d.join(name);
+        let mut args = vec![
+            "build",
+            "--data",
+            s(&data),
+            "--model",
+            MODELS[2],
+            "--out",
+            s(&out),
+            "--quiet",
+        ];
+        args.extend(extra);
+        let o = prep(&args);
+        assert_eq!(o.status.code(), Some(3), "{name}: {o:?}");
+        let dir = ShardDir::open(&out).unwrap();
+        let m = &dir.manifest;
+        assert_eq!(
+            (m.counts.read, m.counts.written, m.counts.rejected),
+            (5, 3, 2)
+        );
+        assert_eq!(m.counts.rejected_by_reason.get("image_decode"), Some(&2));
+        let input = &m.inputs[0];
+        assert_eq!((input.samples, input.written, input.rejected), (5, 3, 2));
+        let all = rows(&dir);
+        let ids: Vec<&str> = all.iter().map(|r| r.view().id).collect();
+        let mut sorted = ids.clone();
+        sorted.sort();
+        assert_eq!(sorted, ["a", "b", "c"], "{name}");
+        let mut packs: Vec<u32> = all.iter().map(|r| r.view().pack).collect();
+        packs.dedup();
+        let want: Vec<u32> = (0..m.packing.packs as u32).collect();
+        assert_eq!(packs, want, "{name}: packs numbered without gaps");
+        if extra.is_some() {
+            assert_eq!(
+                m.packing.packs, 3,
+                "the rejected samples' packs are dropped"
+            );
+        }
+        let report = std::fs::read_to_string(out.join("rejected.jsonl")).unwrap();
+        let named: Vec<(String, String)> = report
+            .lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).unwrap();
+                (
+                    v["id"].as_str().unwrap().into(),
+                    v["reason"].as_str().unwrap().into(),
+                )
+            })
+            .collect();
+        let bad = |id: &str| (id.to_string(), "image_decode".to_string());
+        assert_eq!(named, [bad("bad-1"), bad("bad-2")], "{name}");
+    }
+}
+
 /// One sample per rejection class, next to good samples: nothing panics, each bad sample is
 /// named with its reason, and the counts add up.
 #[test]
@@ -300,11 +383,14 @@ fn every_rejection_class_is_reported_and_counts_add_up() {
     assert_eq!(m.counts.rejected_by_reason.values().sum::<u64>(), 17);
     assert_eq!(m.inputs[0].samples, 19);
     let report = std::fs::read_to_string(out.join("rejected.jsonl")).unwrap();
-    let lines: Vec<Value> = report
+    let mut lines: Vec<Value> = report
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(lines.len(), 17);
+    // Lines come as rejections are found: an image that fails to decode when its pack's
+    // pixels are made (after packing), so after later samples' text rejections.
+    lines.sort_by_key(|l| l["index"].as_u64());
     let bad: Vec<_> = cases
         .iter()
         .enumerate()

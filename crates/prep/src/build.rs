@@ -27,11 +27,11 @@ use cpmv_shard::{
 use crate::config::{
     defaults, BuildOptions, OnError, OutputFormat, PrepPreset, ResolvedSetting, SettingSource,
 };
-use crate::input::{InputError, RawSample, SampleReader};
+use crate::input::{InputError, Location, RawSample, SampleReader};
 use crate::model::{ModelDir, ModelError};
-use crate::pack::{PackConfig, Packer};
-use crate::process::{InputSource, Prepared, Processor, Rejected, SampleSettings};
-use crate::reject::{RejectKind, Rejection, RejectionRecord};
+use crate::pack::{PackConfig, Packable, Packer};
+use crate::process::{InputSource, Planned, Processor, Rejected, SampleSettings};
+use crate::reject::{RejectKind, RejectionRecord};
 
 /// Why a build stopped.
 #[derive(Debug, thiserror::Error)]
@@ -708,66 +708,64 @@ fn run_samples(
     let writer = spawn_writer(opts.out.clone(), writer_opts, rx);
 
     let pb = progress_bar(setup.input_bytes, opts.progress);
-    let mut totals = RunTotals::default();
+    // Per input file from the start: a file's samples can be rejected (when their pixels are
+    // made) after the next file has begun.
+    let mut totals = RunTotals {
+        inputs: setup
+            .sources
+            .iter()
+            .map(|(source, bytes)| InputFile {
+                path: source.path.display().to_string(),
+                bytes: *bytes,
+                samples: 0,
+                written: 0,
+                rejected: 0,
+            })
+            .collect(),
+        ..RunTotals::default()
+    };
     let mut packer = Packer::new(setup.pack_cfg);
     let mut bytes_before = 0u64;
     // Samples in flight at once: enough that a slow one (a large image) never idles the other
     // threads, few enough to bound memory (the slices of one sample are up to ~3 MB).
     let window = 8 * threads.max(1) + 8;
     let processor = &setup.processor;
+    let sources: Vec<&InputSource> = setup.sources.iter().map(|(s, _)| s).collect();
+    let mut run = PackRun {
+        pool: &pool,
+        window,
+        processor,
+        sources: &sources,
+        on_error: setup.on_error,
+        tx: &tx,
+        rejected_out,
+        rejected_path,
+    };
 
     let result: Result<(), BuildError> = (|| {
-        let send = |packs: Vec<Vec<Sample>>, next_pack: &mut u64| -> Result<(), BuildError> {
-            for rows in packs {
-                let pack = u32::try_from(*next_pack)
-                    .map_err(|_| BuildError::Setup("more than 2^32 packs".into()))?;
-                if tx.send(Some((pack, rows))).is_err() {
-                    // The writer stopped on an error; it is reported when joined.
-                    return Err(BuildError::WriterStopped);
-                }
-                *next_pack += 1;
-            }
-            Ok(())
-        };
         for (file_idx, (source, file_bytes)) in setup.sources.iter().enumerate() {
             let mut reader = SampleReader::open(&source.path, file_idx)?;
-            let mut file_counts = InputFile {
-                path: source.path.display().to_string(),
-                bytes: *file_bytes,
-                samples: 0,
-                written: 0,
-                rejected: 0,
+            let jobs = std::iter::from_fn(|| {
+                let raw = reader.next()?;
+                let at = reader.bytes_read;
+                Some(raw.map(|raw| (raw, at)))
+            });
+            let work = |(raw, at): (RawSample, u64)| {
+                let res = processor.plan_guarded(&raw, source);
+                (Origin::of(&raw), at, res)
             };
-            let work = |raw: &RawSample| processor.process_guarded(raw, source);
-            process_in_order(&pool, window, &mut reader, work, |raw, res, bytes_read| {
+            process_in_order(&pool, window, jobs, work, |(origin, at, res)| {
                 totals.counts.read += 1;
-                file_counts.samples += 1;
+                totals.inputs[file_idx].samples += 1;
                 match res {
-                    Ok(prepared) => {
-                        totals.counts.written += 1;
-                        file_counts.written += 1;
-                        add_sample(&mut totals, &prepared);
-                        let packs = packer.push(prepared.sample);
-                        send(packs, &mut totals.packs)?;
+                    Ok(planned) => {
+                        let packs = packer.push((origin, planned));
+                        run.finish_packs(packs, &mut totals)?;
                     }
-                    Err(rej) => {
-                        if setup.on_error == OnError::Fail {
-                            return Err(BuildError::Sample {
-                                file: source.path.display().to_string(),
-                                index: raw.index,
-                                location: raw.location.to_string(),
-                                id: rej.id,
-                                kind: rej.rejection.kind.name(),
-                                message: rej.rejection.message,
-                            });
-                        }
-                        file_counts.rejected += 1;
-                        let c = &mut totals.counts;
-                        record_rejection(c, source, raw, rej, rejected_out, rejected_path)?;
-                    }
+                    Err(rej) => run.reject(&mut totals, origin, rej)?,
                 }
                 if totals.counts.read.is_multiple_of(16) {
-                    pb.set_position(bytes_before + bytes_read);
+                    pb.set_position(bytes_before + at);
                     pb.set_message(format!(
                         "{} samples ({} rejected), {:.0}/s",
                         totals.counts.read,
@@ -779,10 +777,9 @@ fn run_samples(
             })?;
             bytes_before += file_bytes;
             pb.set_position(bytes_before);
-            totals.inputs.push(file_counts);
         }
         let packs = packer.flush();
-        send(packs, &mut totals.packs)?;
+        run.finish_packs(packs, &mut totals)?;
         tx.send(None).map_err(|_| BuildError::WriterStopped)
     })();
     drop(tx);
@@ -803,50 +800,170 @@ fn run_samples(
     }
 }
 
-/// Processes every sample `reader` yields on `pool`, at most `window` at a time, and hands each
-/// result to `handle` on this thread in input order (with the reader's byte position). A slow
-/// sample holds back only the handling of the ones after it, never the other threads' work, as
-/// long as fewer than `window` samples wait behind it; the output does not depend on `pool`'s
-/// size. A panic in `work` (`Processor::process_guarded` already turns them into rejections)
-/// becomes an `internal_error` rejection rather than a lost result.
-fn process_in_order(
+/// Where a sample came from: what a rejection names.
+#[derive(Clone, Copy, Debug)]
+struct Origin {
+    file: usize,
+    index: u64,
+    location: Location,
+}
+
+impl Origin {
+    fn of(raw: &RawSample) -> Self {
+        Self {
+            file: raw.file,
+            index: raw.index,
+            location: raw.location,
+        }
+    }
+}
+
+/// A planned sample waiting in the packing window.
+type Waiting = (Origin, Planned);
+
+impl Packable for Waiting {
+    fn num_tokens(&self) -> usize {
+        self.1.num_tokens()
+    }
+    fn num_slices(&self) -> usize {
+        self.1.num_slices()
+    }
+    fn pixel_bytes(&self) -> usize {
+        self.1.pixel_bytes()
+    }
+}
+
+/// What turns packed samples into rows for the writer, and records rejections.
+struct PackRun<'a, W: Write> {
+    pool: &'a rayon::ThreadPool,
+    window: usize,
+    processor: &'a Processor,
+    sources: &'a [&'a InputSource],
+    on_error: OnError,
+    tx: &'a mpsc::SyncSender<Option<(u32, Vec<Sample>)>>,
+    rejected_out: &'a mut W,
+    rejected_path: &'a Path,
+}
+
+impl<W: Write> PackRun<'_, W> {
+    /// Makes the pixels of every sample of `packs` (on the pool, in pack order) and sends each
+    /// pack's rows to the writer. A sample whose images fail to decode is rejected here, after
+    /// packing: its pack goes out without it (a pack left empty is dropped), so only such a
+    /// sample's pack is less full than planned.
+    fn finish_packs(
+        &mut self,
+        packs: Vec<Vec<Waiting>>,
+        totals: &mut RunTotals,
+    ) -> Result<(), BuildError> {
+        let jobs = packs
+            .into_iter()
+            .enumerate()
+            .flat_map(|(k, rows)| rows.into_iter().map(move |w| Ok((k, w))));
+        let processor = self.processor;
+        let work = |(k, (origin, planned)): (usize, Waiting)| {
+            (k, origin, processor.pixels_guarded(planned))
+        };
+        let mut current: (usize, Vec<Sample>) = (0, Vec::new());
+        let (pool, window) = (self.pool, self.window);
+        process_in_order(pool, window, jobs, work, |(k, origin, res)| {
+            if k != current.0 {
+                let rows = std::mem::take(&mut current.1);
+                self.send(rows, totals)?;
+                current.0 = k;
+            }
+            match res {
+                Ok(prepared) => {
+                    totals.counts.written += 1;
+                    totals.inputs[origin.file].written += 1;
+                    add_sample(totals, &prepared);
+                    current.1.push(prepared.sample);
+                    Ok(())
+                }
+                Err(rej) => self.reject(totals, origin, rej),
+            }
+        })?;
+        self.send(current.1, totals)
+    }
+
+    /// Sends one pack's rows to the writer (nothing when every sample of it was rejected).
+    fn send(&mut self, rows: Vec<Sample>, totals: &mut RunTotals) -> Result<(), BuildError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let pack = u32::try_from(totals.packs)
+            .map_err(|_| BuildError::Setup("more than 2^32 packs".into()))?;
+        if self.tx.send(Some((pack, rows))).is_err() {
+            // The writer stopped on an error; it is reported when joined.
+            return Err(BuildError::WriterStopped);
+        }
+        totals.packs += 1;
+        Ok(())
+    }
+
+    /// Records a rejected sample (or, with `--on-error fail`, stops the run naming it).
+    fn reject(
+        &mut self,
+        totals: &mut RunTotals,
+        origin: Origin,
+        rej: Rejected,
+    ) -> Result<(), BuildError> {
+        let source = self.sources[origin.file];
+        if self.on_error == OnError::Fail {
+            return Err(BuildError::Sample {
+                file: source.path.display().to_string(),
+                index: origin.index,
+                location: origin.location.to_string(),
+                id: rej.id,
+                kind: rej.rejection.kind.name(),
+                message: rej.rejection.message,
+            });
+        }
+        totals.inputs[origin.file].rejected += 1;
+        record_rejection(
+            &mut totals.counts,
+            source,
+            origin,
+            rej,
+            self.rejected_out,
+            self.rejected_path,
+        )
+    }
+}
+
+/// Runs `work` on every job `jobs` yields, on `pool`, at most `window` at a time, and hands each
+/// result to `handle` on this thread in the jobs' order. A slow job holds back only the handling
+/// of the ones after it, never the other threads' work, as long as fewer than `window` jobs wait
+/// behind it; the results do not depend on `pool`'s size. `work` must not panic (the sample
+/// steps turn panics into rejections); if it does, the run stops with an internal error.
+fn process_in_order<J: Send, R: Send>(
     pool: &rayon::ThreadPool,
     window: usize,
-    reader: &mut SampleReader,
-    work: impl Fn(&RawSample) -> Result<Prepared, Rejected> + Sync,
-    mut handle: impl FnMut(&RawSample, Result<Prepared, Rejected>, u64) -> Result<(), BuildError>,
+    mut jobs: impl Iterator<Item = Result<J, InputError>>,
+    work: impl Fn(J) -> R + Sync,
+    mut handle: impl FnMut(R) -> Result<(), BuildError>,
 ) -> Result<(), BuildError> {
-    type Done = (RawSample, Result<Prepared, Rejected>);
-    let (tx, rx) = mpsc::channel::<(u64, Done)>();
+    let (tx, rx) = mpsc::channel::<(u64, Option<R>)>();
     let work = &work;
     let window = window.max(1) as u64;
     pool.in_place_scope(|scope| {
         // Results that came back ahead of their turn, by sequence number.
-        let mut finished: HashMap<u64, Done> = HashMap::new();
+        let mut finished: HashMap<u64, Option<R>> = HashMap::new();
         // Sequence numbers: the next to hand out, and the next to hand to `handle` (the
-        // samples in flight are those in between).
+        // jobs in flight are those in between).
         let (mut next, mut front) = (0u64, 0u64);
         let mut exhausted = false;
         loop {
             while !exhausted && next - front < window {
-                match reader.next() {
+                match jobs.next() {
                     None => exhausted = true,
-                    Some(raw) => {
-                        let (raw, tx, seq) = (raw?, tx.clone(), next);
+                    Some(job) => {
+                        let (job, tx, seq) = (job?, tx.clone(), next);
                         next += 1;
                         scope.spawn(move |_| {
-                            let result = std::panic::catch_unwind(AssertUnwindSafe(|| work(&raw)))
-                                .unwrap_or_else(|_| {
-                                    Err(Rejected {
-                                        id: format!("#{}", raw.index),
-                                        rejection: Rejection::new(
-                                            RejectKind::InternalError,
-                                            "internal error (please report): a worker panicked",
-                                        ),
-                                    })
-                                });
+                            let result =
+                                std::panic::catch_unwind(AssertUnwindSafe(|| work(job))).ok();
                             // The receiver outlives the scope, so the send cannot fail.
-                            let _ = tx.send((seq, (raw, result)));
+                            let _ = tx.send((seq, result));
                         });
                     }
                 }
@@ -854,7 +971,7 @@ fn process_in_order(
             if front == next {
                 return Ok(());
             }
-            let (raw, result) = loop {
+            let result = loop {
                 if let Some(done) = finished.remove(&front) {
                     break done;
                 }
@@ -868,7 +985,10 @@ fn process_in_order(
                 }
             };
             front += 1;
-            handle(&raw, result, reader.bytes_read)?;
+            let result = result.ok_or_else(|| {
+                BuildError::Setup("internal error (please report): a worker panicked".into())
+            })?;
+            handle(result)?;
         }
     })
 }
@@ -892,7 +1012,7 @@ fn add_sample(totals: &mut RunTotals, prepared: &crate::process::Prepared) {
 fn record_rejection(
     counts: &mut Counts,
     source: &InputSource,
-    raw: &crate::input::RawSample,
+    origin: Origin,
     rej: crate::process::Rejected,
     out: &mut impl Write,
     path: &Path,
@@ -905,8 +1025,8 @@ fn record_rejection(
         .or_insert(0) += 1;
     let record = RejectionRecord {
         file: source.path.display().to_string(),
-        index: raw.index,
-        location: raw.location.to_string(),
+        index: origin.index,
+        location: origin.location.to_string(),
         id: rej.id,
         reason: kind,
         message: rej.rejection.message,
@@ -973,7 +1093,6 @@ pub fn all_reject_kinds() -> Vec<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reject::Rejection;
 
     fn reader_of(n: usize, dir: &Path) -> SampleReader {
         let path = dir.join("data.jsonl");
@@ -982,16 +1101,13 @@ mod tests {
         SampleReader::open(&path, 0).unwrap()
     }
 
-    /// Every result is `Err`, named after its sample (a `Prepared` needs a model).
-    fn named(raw: &RawSample) -> Result<Prepared, Rejected> {
-        // Early samples are the slow ones, so later ones finish first.
+    /// The sample's index and a name for it, slowly for early samples so that later ones
+    /// finish first.
+    fn named(raw: RawSample) -> (u64, String) {
         if raw.index.is_multiple_of(7) {
             std::thread::sleep(Duration::from_millis(15));
         }
-        Err(Rejected {
-            id: format!("s{}", raw.index),
-            rejection: Rejection::new(RejectKind::InternalError, "test"),
-        })
+        (raw.index, format!("s{}", raw.index))
     }
 
     #[test]
@@ -1002,15 +1118,13 @@ mod tests {
                 .num_threads(threads)
                 .build()
                 .unwrap();
-            let mut reader = reader_of(60, dir.path());
             let mut seen = Vec::new();
-            process_in_order(&pool, window, &mut reader, named, |raw, res, _| {
-                let id = res.err().map(|r| r.id);
-                seen.push((raw.index, id));
+            process_in_order(&pool, window, reader_of(60, dir.path()), named, |r| {
+                seen.push(r);
                 Ok(())
             })
             .unwrap();
-            let want: Vec<_> = (0..60u64).map(|i| (i, Some(format!("s{i}")))).collect();
+            let want: Vec<_> = (0..60u64).map(|i| (i, format!("s{i}"))).collect();
             assert_eq!(seen, want, "{threads} threads, window {window}");
         }
     }
@@ -1022,11 +1136,10 @@ mod tests {
             .num_threads(2)
             .build()
             .unwrap();
-        let mut reader = reader_of(40, dir.path());
         let mut handled = 0;
-        let err = process_in_order(&pool, 8, &mut reader, named, |raw, _, _| {
+        let err = process_in_order(&pool, 8, reader_of(40, dir.path()), named, |(i, _)| {
             handled += 1;
-            if raw.index == 9 {
+            if i == 9 {
                 return Err(BuildError::Setup("stop at 9".into()));
             }
             Ok(())
@@ -1034,5 +1147,26 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().contains("stop at 9"), "{err}");
         assert_eq!(handled, 10);
+    }
+
+    #[test]
+    fn a_panicking_job_stops_the_run_with_an_internal_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let mut handled = Vec::new();
+        let work = |raw: RawSample| {
+            assert!(raw.index != 5, "job 5 panics");
+            raw.index
+        };
+        let err = process_in_order(&pool, 4, reader_of(20, dir.path()), work, |i| {
+            handled.push(i);
+            Ok(())
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("a worker panicked"), "{err}");
+        assert_eq!(handled, vec![0, 1, 2, 3, 4]);
     }
 }

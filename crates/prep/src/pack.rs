@@ -3,9 +3,33 @@
 //!
 //! Best-fit decreasing inside a bounded window of consecutive samples: deterministic (it depends
 //! only on the samples, never on thread timing) and memory-bounded (a window is flushed when it
-//! holds `window` samples or `window_bytes` of pixels).
+//! holds `window` samples or `window_bytes` of pixels). Packing needs only each sample's length,
+//! slice count and pixel size ([`Packable`]), so `prep build` packs samples before their pixels
+//! exist and makes the pixels of a pack only when it is written.
 
 use cpmv_shard::Sample;
+
+/// What packing reads of a sample.
+pub trait Packable {
+    /// Tokens (the row's length in a pack).
+    fn num_tokens(&self) -> usize;
+    /// Image slices (vision-tower inputs).
+    fn num_slices(&self) -> usize;
+    /// Bytes of pixel data the sample's row will carry (what bounds a window).
+    fn pixel_bytes(&self) -> usize;
+}
+
+impl Packable for Sample {
+    fn num_tokens(&self) -> usize {
+        Sample::num_tokens(self)
+    }
+    fn num_slices(&self) -> usize {
+        self.tgt_sizes.len()
+    }
+    fn pixel_bytes(&self) -> usize {
+        Sample::pixel_bytes(self)
+    }
+}
 
 /// Packing limits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,13 +46,13 @@ pub struct PackConfig {
 }
 
 /// Collects samples and emits packs.
-pub struct Packer {
+pub struct Packer<T> {
     cfg: PackConfig,
-    window: Vec<Sample>,
+    window: Vec<T>,
     window_bytes: usize,
 }
 
-impl Packer {
+impl<T: Packable> Packer<T> {
     pub fn new(cfg: PackConfig) -> Self {
         Self {
             cfg,
@@ -38,7 +62,7 @@ impl Packer {
     }
 
     /// Adds a sample; returns the packs that became final (possibly none).
-    pub fn push(&mut self, s: Sample) -> Vec<Vec<Sample>> {
+    pub fn push(&mut self, s: T) -> Vec<Vec<T>> {
         if !self.cfg.enabled {
             return vec![vec![s]];
         }
@@ -53,7 +77,7 @@ impl Packer {
     }
 
     /// Packs whatever is buffered.
-    pub fn flush(&mut self) -> Vec<Vec<Sample>> {
+    pub fn flush(&mut self) -> Vec<Vec<T>> {
         let samples = std::mem::take(&mut self.window);
         self.window_bytes = 0;
         best_fit_decreasing(samples, self.cfg.max_length, self.cfg.max_slices)
@@ -63,11 +87,11 @@ impl Packer {
 /// Packs `samples` best-fit decreasing by token count: each sample (longest first, ties in input
 /// order) goes into the open pack it fills most tightly, or opens a new pack. Packs come out in
 /// the order they were opened, rows in the order they were placed.
-pub fn best_fit_decreasing(
-    samples: Vec<Sample>,
+pub fn best_fit_decreasing<T: Packable>(
+    samples: Vec<T>,
     max_len: usize,
     max_slices: usize,
-) -> Vec<Vec<Sample>> {
+) -> Vec<Vec<T>> {
     let mut order: Vec<usize> = (0..samples.len()).collect();
     order.sort_by_key(|&i| (std::cmp::Reverse(samples[i].num_tokens()), i));
     struct Open {
@@ -77,7 +101,7 @@ pub fn best_fit_decreasing(
     }
     let mut packs: Vec<Open> = Vec::new();
     for i in order {
-        let (t, sl) = (samples[i].num_tokens(), samples[i].tgt_sizes.len());
+        let (t, sl) = (samples[i].num_tokens(), samples[i].num_slices());
         let fits =
             |p: &Open| p.tokens + t <= max_len && (max_slices == 0 || p.slices + sl <= max_slices);
         let best = packs
@@ -99,7 +123,7 @@ pub fn best_fit_decreasing(
             }),
         }
     }
-    let mut slots: Vec<Option<Sample>> = samples.into_iter().map(Some).collect();
+    let mut slots: Vec<Option<T>> = samples.into_iter().map(Some).collect();
     packs
         .into_iter()
         .map(|p| {

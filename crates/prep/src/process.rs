@@ -452,18 +452,41 @@ impl Processor {
         })
     }
 
-    /// [`Processor::process`], with a panic (a cpmv bug) turned into an `internal_error`
-    /// rejection naming the sample instead of aborting the run.
-    pub fn process_guarded(
-        &self,
-        raw: &RawSample,
-        source: &InputSource,
-    ) -> Result<Prepared, Rejected> {
-        guard_sample(raw, source, || self.process(raw, source))
+    /// [`Processor::plan`], with a panic (a cpmv bug) turned into an `internal_error` rejection
+    /// naming the sample instead of aborting the run.
+    pub fn plan_guarded(&self, raw: &RawSample, source: &InputSource) -> Result<Planned, Rejected> {
+        guard_sample(raw, source, || self.plan(raw, source))
     }
 
-    /// The full pipeline for one raw sample.
+    /// [`Processor::pixels`], with a panic turned into an `internal_error` rejection.
+    pub fn pixels_guarded(&self, planned: Planned) -> Result<Prepared, Rejected> {
+        let id = planned.text.id.clone();
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.pixels(planned)))
+            .unwrap_or_else(|payload| {
+                let msg = payload
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "panic".into());
+                Err(Rejected {
+                    id,
+                    rejection: Rejection::new(
+                        RejectKind::InternalError,
+                        format!("internal error (please report): {msg}"),
+                    ),
+                })
+            })
+    }
+
+    /// The full pipeline for one raw sample: [`Processor::plan`], then [`Processor::pixels`].
     pub fn process(&self, raw: &RawSample, source: &InputSource) -> Result<Prepared, Rejected> {
+        self.pixels(self.plan(raw, source)?)
+    }
+
+    /// Everything about a sample but its pixels: the JSON checked, its image files read and
+    /// their sizes taken from the headers, the text planned (tokens, labels, bounds, slicing).
+    /// Enough to pack it; [`Processor::pixels`] finishes it.
+    pub fn plan(&self, raw: &RawSample, source: &InputSource) -> Result<Planned, Rejected> {
         let parsed = self.parse(raw, source)?;
         let reject = |rejection: Rejection| Rejected {
             id: parsed.id.clone(),
@@ -478,7 +501,34 @@ impl Processor {
         }
         let mut text = self.plan_text(&parsed, &sizes).map_err(reject)?;
         text.stats.image_bytes = files.iter().map(|f| f.len() as u64).sum();
+        let pixel_bytes = if self.keep_source {
+            files.iter().map(Vec::len).sum()
+        } else {
+            text.plans
+                .iter()
+                .flat_map(|p| p.image_sizes())
+                .map(|(w, h)| w as usize * h as usize * 3)
+                .sum()
+        };
+        Ok(Planned {
+            paths: parsed.images,
+            files,
+            text,
+            pixel_bytes,
+        })
+    }
 
+    /// Decodes a planned sample's images and makes its slices (or, with `--pixels source`,
+    /// keeps its files once they decoded): the finished row. An image that does not decode,
+    /// or decodes to another size than its header said, rejects the sample.
+    pub fn pixels(&self, planned: Planned) -> Result<Prepared, Rejected> {
+        let Planned {
+            paths, files, text, ..
+        } = planned;
+        let reject = |rejection: Rejection| Rejected {
+            id: text.id.clone(),
+            rejection,
+        };
         let opts = DecodeOptions {
             exif_transpose: self.settings.exif_transpose,
         };
@@ -486,7 +536,7 @@ impl Processor {
         let p = cfg.patch_size as i32;
         let mut tgt_sizes = Vec::with_capacity(text.stats.slices);
         let mut pixel_values = Vec::with_capacity(text.stats.slices);
-        for ((path, bytes), plan) in parsed.images.iter().zip(&files).zip(&text.plans) {
+        for ((path, bytes), plan) in paths.iter().zip(&files).zip(&text.plans) {
             let img = decode(bytes, opts).map_err(|e| reject(decode_rejection(path, e)))?;
             if plan_slices(img.width, img.height, &cfg) != *plan {
                 // The header promised another size than the pixels have: placeholders and
@@ -514,5 +564,30 @@ impl Processor {
             sample.source_images = files.into_iter().map(SourceImage::new).collect();
         }
         Ok(Prepared { sample, stats })
+    }
+}
+
+/// A sample planned but without pixels yet ([`Processor::plan`]): what a packing window holds,
+/// its image files (compressed, a few hundred kB) rather than its slices (a few MB).
+#[derive(Clone, Debug)]
+pub struct Planned {
+    /// Image paths as the sample names them (model order).
+    pub paths: Vec<String>,
+    /// Their files' bytes.
+    pub files: Vec<Vec<u8>>,
+    pub text: TextPlan,
+    /// Bytes of pixel data the finished row will carry.
+    pub pixel_bytes: usize,
+}
+
+impl crate::pack::Packable for Planned {
+    fn num_tokens(&self) -> usize {
+        self.text.input_ids.len()
+    }
+    fn num_slices(&self) -> usize {
+        self.text.stats.slices
+    }
+    fn pixel_bytes(&self) -> usize {
+        self.pixel_bytes
     }
 }
