@@ -732,6 +732,8 @@ fn run_samples(
     let processor = &setup.processor;
     let sources: Vec<&InputSource> = setup.sources.iter().map(|(s, _)| s).collect();
     let mut run = PackRun {
+        pb: &pb,
+        start,
         pool: &pool,
         window,
         processor,
@@ -750,33 +752,23 @@ fn run_samples(
                 let at = reader.bytes_read;
                 Some(raw.map(|raw| (raw, at)))
             });
+            let base = bytes_before;
             let work = |(raw, at): (RawSample, u64)| {
                 let res = processor.plan_guarded(&raw, source);
-                (Origin::of(&raw), at, res)
+                (Origin::of(&raw, base + at), res)
             };
-            process_in_order(&pool, window, jobs, work, |(origin, at, res)| {
+            process_in_order(&pool, window, jobs, work, |(origin, res)| {
                 totals.counts.read += 1;
                 totals.inputs[file_idx].samples += 1;
                 match res {
                     Ok(planned) => {
                         let packs = packer.push((origin, planned));
-                        run.finish_packs(packs, &mut totals)?;
+                        run.finish_packs(packs, &mut totals)
                     }
-                    Err(rej) => run.reject(&mut totals, origin, rej)?,
+                    Err(rej) => run.reject(&mut totals, origin, rej),
                 }
-                if totals.counts.read.is_multiple_of(16) {
-                    pb.set_position(bytes_before + at);
-                    pb.set_message(format!(
-                        "{} samples ({} rejected), {:.0}/s",
-                        totals.counts.read,
-                        totals.counts.rejected,
-                        totals.counts.read as f64 / start.elapsed().as_secs_f64().max(1e-9)
-                    ));
-                }
-                Ok(())
             })?;
             bytes_before += file_bytes;
-            pb.set_position(bytes_before);
         }
         let packs = packer.flush();
         run.finish_packs(packs, &mut totals)?;
@@ -800,20 +792,23 @@ fn run_samples(
     }
 }
 
-/// Where a sample came from: what a rejection names.
+/// Where a sample came from: what a rejection names, and how far into the input it ends.
 #[derive(Clone, Copy, Debug)]
 struct Origin {
     file: usize,
     index: u64,
     location: Location,
+    /// Input bytes (all files so far) read up to the end of this sample.
+    at: u64,
 }
 
 impl Origin {
-    fn of(raw: &RawSample) -> Self {
+    fn of(raw: &RawSample, at: u64) -> Self {
         Self {
             file: raw.file,
             index: raw.index,
             location: raw.location,
+            at,
         }
     }
 }
@@ -835,6 +830,8 @@ impl Packable for Waiting {
 
 /// What turns packed samples into rows for the writer, and records rejections.
 struct PackRun<'a, W: Write> {
+    pb: &'a indicatif::ProgressBar,
+    start: Instant,
     pool: &'a rayon::ThreadPool,
     window: usize,
     processor: &'a Processor,
@@ -877,12 +874,29 @@ impl<W: Write> PackRun<'_, W> {
                     totals.inputs[origin.file].written += 1;
                     add_sample(totals, &prepared);
                     current.1.push(prepared.sample);
+                    self.progress(totals, origin);
                     Ok(())
                 }
                 Err(rej) => self.reject(totals, origin, rej),
             }
         })?;
         self.send(current.1, totals)
+    }
+
+    /// Shows how far the finished samples (written or rejected) reach into the input.
+    fn progress(&self, totals: &RunTotals, origin: Origin) {
+        let c = &totals.counts;
+        let done = c.written + c.rejected;
+        if origin.at > self.pb.position() {
+            self.pb.set_position(origin.at);
+        }
+        if done.is_multiple_of(16) {
+            let rate = done as f64 / self.start.elapsed().as_secs_f64().max(1e-9);
+            self.pb.set_message(format!(
+                "{done} samples ({} rejected), {rate:.0}/s",
+                c.rejected
+            ));
+        }
     }
 
     /// Sends one pack's rows to the writer (nothing when every sample of it was rejected).
@@ -926,7 +940,9 @@ impl<W: Write> PackRun<'_, W> {
             rej,
             self.rejected_out,
             self.rejected_path,
-        )
+        )?;
+        self.progress(totals, origin);
+        Ok(())
     }
 }
 

@@ -7,6 +7,7 @@
 //! [`stats`] measures lengths from image headers with the same code, and [`inspect`] shows a
 //! built sample back as text.
 
+pub mod alloc;
 pub mod build;
 pub mod bytelevel;
 pub mod cli;

@@ -103,6 +103,16 @@ pub fn guard_sample<T>(
     })
 }
 
+/// Reads an image file fully; a file that cannot be read rejects its sample.
+fn read_image_file(full: &Path) -> Result<Vec<u8>, Rejection> {
+    std::fs::read(full).map_err(|e| {
+        Rejection::new(
+            RejectKind::ImageNotFound,
+            format!("cannot read image {}: {e}", full.display()),
+        )
+    })
+}
+
 fn decode_rejection(path: &str, e: cpmv_image::DecodeError) -> Rejection {
     let kind = match e {
         cpmv_image::DecodeError::TooLarge(..) => RejectKind::ImageTooLarge,
@@ -222,13 +232,7 @@ impl Processor {
 
     /// Reads an image file fully (the caller decodes it later from the same bytes).
     pub fn read_image(&self, source: &InputSource, path: &str) -> Result<Vec<u8>, Rejection> {
-        let full = self.resolve(source, path);
-        std::fs::read(&full).map_err(|e| {
-            Rejection::new(
-                RejectKind::ImageNotFound,
-                format!("cannot read image {}: {e}", full.display()),
-            )
-        })
+        read_image_file(&self.resolve(source, path))
     }
 
     /// Image size read from the file's first bytes only (no pixel data is read or decoded):
@@ -239,6 +243,15 @@ impl Processor {
         source: &InputSource,
         path: &str,
     ) -> Result<(u32, u32), Rejection> {
+        self.image_header(source, path).map(|(size, _)| size)
+    }
+
+    /// [`Processor::image_size_from_header`] and the file's length in bytes.
+    pub fn image_header(
+        &self,
+        source: &InputSource,
+        path: &str,
+    ) -> Result<((u32, u32), u64), Rejection> {
         use std::io::Read;
         const HEAD: u64 = 16 << 10;
         let full = self.resolve(source, path);
@@ -249,6 +262,7 @@ impl Processor {
             )
         };
         let mut file = std::fs::File::open(&full).map_err(not_found)?;
+        let len = file.metadata().map_err(not_found)?.len();
         let mut head = Vec::with_capacity(HEAD as usize);
         (&mut file)
             .take(HEAD)
@@ -259,13 +273,14 @@ impl Processor {
         if self.settings.exif_transpose && head.len() as u64 == HEAD {
             file.read_to_end(&mut head).map_err(not_found)?;
         }
-        match self.image_size(path, &head) {
+        let size = match self.image_size(path, &head) {
             Err(_) if head.len() as u64 == HEAD => {
                 file.read_to_end(&mut head).map_err(not_found)?;
                 self.image_size(path, &head)
             }
             r => r,
-        }
+        }?;
+        Ok((size, len))
     }
 
     /// Image size as the reference sees it (EXIF rotation applied only with `exif_transpose`).
@@ -483,26 +498,26 @@ impl Processor {
         self.pixels(self.plan(raw, source)?)
     }
 
-    /// Everything about a sample but its pixels: the JSON checked, its image files read and
-    /// their sizes taken from the headers, the text planned (tokens, labels, bounds, slicing).
-    /// Enough to pack it; [`Processor::pixels`] finishes it.
+    /// Everything about a sample but its pixels: the JSON checked, its images' sizes read from
+    /// their file headers (as `prep stats` does), the text planned (tokens, labels, bounds,
+    /// slicing). Enough to pack it; [`Processor::pixels`] reads and decodes the images.
     pub fn plan(&self, raw: &RawSample, source: &InputSource) -> Result<Planned, Rejected> {
         let parsed = self.parse(raw, source)?;
         let reject = |rejection: Rejection| Rejected {
             id: parsed.id.clone(),
             rejection,
         };
-        let mut files = Vec::with_capacity(parsed.images.len());
         let mut sizes = Vec::with_capacity(parsed.images.len());
+        let mut file_bytes = Vec::with_capacity(parsed.images.len());
         for path in &parsed.images {
-            let bytes = self.read_image(source, path).map_err(reject)?;
-            sizes.push(self.image_size(path, &bytes).map_err(reject)?);
-            files.push(bytes);
+            let (size, len) = self.image_header(source, path).map_err(reject)?;
+            sizes.push(size);
+            file_bytes.push(len);
         }
         let mut text = self.plan_text(&parsed, &sizes).map_err(reject)?;
-        text.stats.image_bytes = files.iter().map(|f| f.len() as u64).sum();
+        text.stats.image_bytes = file_bytes.iter().sum();
         let pixel_bytes = if self.keep_source {
-            files.iter().map(Vec::len).sum()
+            file_bytes.iter().map(|&b| b as usize).sum()
         } else {
             text.plans
                 .iter()
@@ -510,6 +525,11 @@ impl Processor {
                 .map(|(w, h)| w as usize * h as usize * 3)
                 .sum()
         };
+        let files = parsed
+            .images
+            .iter()
+            .map(|p| self.resolve(source, p))
+            .collect();
         Ok(Planned {
             paths: parsed.images,
             files,
@@ -536,8 +556,10 @@ impl Processor {
         let p = cfg.patch_size as i32;
         let mut tgt_sizes = Vec::with_capacity(text.stats.slices);
         let mut pixel_values = Vec::with_capacity(text.stats.slices);
-        for ((path, bytes), plan) in paths.iter().zip(&files).zip(&text.plans) {
-            let img = decode(bytes, opts).map_err(|e| reject(decode_rejection(path, e)))?;
+        let mut sources = Vec::new();
+        for ((path, file), plan) in paths.iter().zip(&files).zip(&text.plans) {
+            let bytes = read_image_file(file).map_err(reject)?;
+            let img = decode(&bytes, opts).map_err(|e| reject(decode_rejection(path, e)))?;
             if plan_slices(img.width, img.height, &cfg) != *plan {
                 // The header promised another size than the pixels have: placeholders and
                 // pixels would disagree.
@@ -554,27 +576,27 @@ impl Processor {
             }
             // `--pixels source`: the file decodes to the size its placeholders were made for;
             // the reader makes the slices, so resizing here would be thrown away.
-            if !self.keep_source {
+            if self.keep_source {
+                sources.push(SourceImage::new(bytes));
+            } else {
                 pixel_values.extend(slice_image(&img, &cfg).images.into_iter().map(|s| s.data));
             }
         }
         let stats = text.stats;
         let mut sample = text.into_sample(tgt_sizes, pixel_values);
-        if self.keep_source {
-            sample.source_images = files.into_iter().map(SourceImage::new).collect();
-        }
+        sample.source_images = sources;
         Ok(Prepared { sample, stats })
     }
 }
 
-/// A sample planned but without pixels yet ([`Processor::plan`]): what a packing window holds,
-/// its image files (compressed, a few hundred kB) rather than its slices (a few MB).
+/// A sample planned but without pixels yet ([`Processor::plan`]): what a packing window holds
+/// (a few kB: its tokens and where its images are, not their slices' few MB).
 #[derive(Clone, Debug)]
 pub struct Planned {
     /// Image paths as the sample names them (model order).
     pub paths: Vec<String>,
-    /// Their files' bytes.
-    pub files: Vec<Vec<u8>>,
+    /// The same, resolved against the image root.
+    pub files: Vec<PathBuf>,
     pub text: TextPlan,
     /// Bytes of pixel data the finished row will carry.
     pub pixel_bytes: usize,
