@@ -9,8 +9,8 @@
 //! Modes:
 //! * `decode`: `cpmv_image::decode` only (the floor: no prep can be faster than decoding its
 //!   input). Prints `{"mode","threads","samples","images","image_bytes","seconds",...}`.
-//! * `slice`: decode + `slice_image` (overview resize, refine resize, crops): all the pixel work
-//!   `prep build` does.
+//! * `slice`: decode + `slice_image_into` (the overview, then the refine image resized straight
+//!   into its slices, appended to one buffer): all the pixel work `prep build` does.
 //! * `phases`: one thread, the whole per-sample pipeline of `prep build` split into timed
 //!   phases (read+probe+parse+placeholders+template+tokenize, decode, overview resize, refine
 //!   resize, crop, Arrow shard write; `--model` and `--out` required). Prints seconds per phase.
@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use rayon::prelude::*;
 use serde_json::Value;
 
-use cpmv::image::{decode, resize_bicubic, slice_image, DecodeOptions, SliceConfig};
+use cpmv::image::{decode, resize_bicubic, slice_image_into, DecodeOptions, SliceConfig};
 
 // The allocator `prep` runs with, set up the same way, so the floor is the same pixel work with
 // the same memory behaviour (glibc's allocator hands large buffers back to the kernel, which
@@ -162,9 +162,9 @@ fn main() {
                 .map(|b| {
                     let img = decode(b, opts).expect("benchmark images decode");
                     if slice {
-                        let sliced = slice_image(&img, &cfg);
-                        let n = sliced.images.len();
-                        (sliced.images.iter().map(|i| checksum(&i.data)).sum(), n)
+                        let mut out = Vec::new();
+                        let plan = slice_image_into(&img, &cfg, &mut out);
+                        (checksum(&out), plan.num_images())
                     } else {
                         (checksum(&img.data), 1)
                     }

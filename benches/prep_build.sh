@@ -18,7 +18,8 @@
 # What is measured (all on the same data set, one run of this script):
 #   decode-only  cpmv_image::decode of every image reference (benches/decode_floor.rs), rayon
 #                with 1 / 2 threads; file bytes pre-read, only decoding timed: the floor.
-#   decode+slice decode + slice_image (overview + refine resize + crops): all our pixel work.
+#   decode+slice decode + slice_image_into (overview, refine resized straight into its slices):
+#                all our pixel work.
 #   prep build   target/release/prep build --threads 1 / 2, wall clock of the whole process
 #                (start-up, tokenizer load, JSON, images, tokens, packing, Arrow shards,
 #                manifest). Output removed and `sync`ed between runs (not timed).

@@ -18,6 +18,6 @@ pub mod rgb;
 pub mod slice;
 
 pub use decode::{decode, jpeg_simd, probe, DecodeError, DecodeOptions, ImageFormat, ImageInfo};
-pub use resize::resize_bicubic;
+pub use resize::{resize_bicubic, resize_bicubic_into, Tiles};
 pub use rgb::RgbImage;
-pub use slice::{plan_slices, slice_image, SliceConfig, SlicePlan, SlicedImage};
+pub use slice::{plan_slices, slice_image, slice_image_into, SliceConfig, SlicePlan, SlicedImage};

@@ -170,55 +170,220 @@ fn horizontal_pass(
     y0: usize,
     rows: usize,
     c: &Coeffs,
-    simd: bool,
-) -> Vec<u8> {
+    hp: &mut HPass,
+    out: &mut [u8],
+) {
     let out_w = c.bounds.len();
-    let mut out = vec![0u8; out_w * rows * 3];
-    let mut strip = vec![0u8; in_w * LANES];
-    let mut out_strip = vec![0u8; out_w * LANES];
-    let mut kernel = Kernel::new(simd);
+    assert_eq!(out.len(), out_w * rows * 3, "horizontal pass output size");
+    let HPass {
+        strip,
+        out_strip,
+        kernel,
+    } = hp;
+    strip.resize(in_w * LANES, 0);
+    out_strip.resize(out_w * LANES, 0);
     for s0 in (0..rows).step_by(STRIP) {
         let sr = STRIP.min(rows - s0);
-        load_strip(src, in_w, y0 + s0, sr, &mut strip, kernel.simd);
+        load_strip(src, in_w, y0 + s0, sr, strip, kernel.simd);
         for (xx, dst) in out_strip.chunks_exact_mut(LANES).enumerate() {
             let (xmin, n) = c.bounds[xx];
             let k = &c.k[xx * c.ksize..xx * c.ksize + n];
-            if !kernel.run(&strip, LANES, xmin, k, &mut dst[..sr * 3]) {
-                weighted_lanes(&strip, xmin, k, dst);
+            if !kernel.run(strip, LANES, xmin, k, &mut dst[..sr * 3]) {
+                weighted_lanes(strip, xmin, k, dst);
             }
         }
-        store_strip(&out_strip, out_w, s0, sr, &mut out, kernel.simd);
+        store_strip(out_strip, out_w, s0, sr, out, kernel.simd);
     }
-    out
 }
 
-/// Vertical pass: each output row is a weighted sum of whole input rows (vectorisable).
-/// `simd`: use the AVX2 kernel (the caller checked the CPU has it).
-fn vertical_pass(src: &[u8], width: usize, c: &Coeffs, ybase: usize, simd: bool) -> Vec<u8> {
-    let stride = width * 3;
-    let out_h = c.bounds.len();
-    let mut out = vec![0u8; stride * out_h];
-    let mut acc = vec![0i32; stride];
-    let mut kernel = Kernel::new(simd);
-    for (yy, out_row) in out.chunks_exact_mut(stride).enumerate() {
-        let (ymin, n) = c.bounds[yy];
-        let k = &c.k[yy * c.ksize..yy * c.ksize + n];
-        if kernel.run(src, stride, ymin - ybase, k, out_row) {
-            continue;
-        }
-        acc.fill(HALF);
-        for (t, &kv) in k.iter().enumerate() {
-            let y = ymin + t - ybase;
-            let row = &src[y * stride..(y + 1) * stride];
-            for (a, &p) in acc.iter_mut().zip(row) {
-                *a += p as i32 * kv;
-            }
-        }
-        for (o, &a) in out_row.iter_mut().zip(acc.iter()) {
-            *o = clip8(a);
+/// The horizontal pass's scratch (transposed strips, split taps), kept across the chunks of
+/// one resize.
+struct HPass {
+    strip: Vec<u8>,
+    out_strip: Vec<u8>,
+    kernel: Kernel,
+}
+
+impl HPass {
+    fn new(simd: bool) -> Self {
+        HPass {
+            strip: Vec::new(),
+            out_strip: Vec::new(),
+            kernel: Kernel::new(simd),
         }
     }
-    out
+}
+
+/// Input rows the horizontal pass resamples at a time when both passes run (a multiple of
+/// [`STRIP`]): the intermediate rows live in a window of about this many rows plus the
+/// vertical filter's taps, which stays in the L2 cache, instead of a whole image's worth
+/// going out to memory and back.
+const CHUNK: usize = 64;
+
+/// Both passes, the vertical one consuming the horizontal one's rows as they are made: the
+/// window `tmp` holds intermediate rows `lo..hi`; output rows whose taps all lie in the
+/// window are made, then rows no longer needed are dropped and the next [`CHUNK`] input rows
+/// resampled. Every output row is the same sum as with a whole intermediate image.
+fn both_passes(img: &RgbImage, horiz: &Coeffs, vert: &Coeffs, simd: bool, out: &mut Tiles) {
+    let in_w = img.width as usize;
+    let row = horiz.bounds.len() * 3;
+    let end = |y: usize| vert.bounds[y].0 + vert.bounds[y].1;
+    let out_h = vert.bounds.len();
+    let last = end(out_h - 1);
+    let mut tmp = vec![0u8; (vert.ksize + CHUNK) * row];
+    let mut hp = HPass::new(simd);
+    let (mut lo, mut hi) = (vert.bounds[0].0, vert.bounds[0].0);
+    let mut y = 0;
+    while y < out_h {
+        let mut ready = y;
+        while ready < out_h && end(ready) <= hi {
+            ready += 1;
+        }
+        if ready > y {
+            vertical_pass(
+                &tmp[..(hi - lo) * row],
+                row / 3,
+                vert,
+                lo,
+                simd,
+                out,
+                y..ready,
+            );
+            y = ready;
+            continue;
+        }
+        // Output row `y` needs rows past `hi`: keep its first row onwards, resample more.
+        let keep = vert.bounds[y].0;
+        tmp.copy_within((keep - lo) * row..(hi - lo) * row, 0);
+        lo = keep;
+        let n = CHUNK.min(last - hi);
+        let at = (hi - lo) * row;
+        horizontal_pass(
+            &img.data,
+            in_w,
+            hi,
+            n,
+            horiz,
+            &mut hp,
+            &mut tmp[at..at + n * row],
+        );
+        hi += n;
+    }
+}
+
+/// Vertical pass over output rows `rows`: each is a weighted sum of whole rows of `src` (which
+/// holds input rows from `ybase` on), vectorisable, written where `out` wants it (`out` holds
+/// the output image cut into tiles, see [`Tiles`]).
+/// `simd`: use the AVX2 kernel (the caller checked the CPU has it).
+fn vertical_pass(
+    src: &[u8],
+    width: usize,
+    c: &Coeffs,
+    ybase: usize,
+    simd: bool,
+    out: &mut Tiles,
+    rows: std::ops::Range<usize>,
+) {
+    let stride = width * 3;
+    let mut scratch = Vec::new();
+    let mut acc = vec![0i32; stride];
+    let mut kernel = Kernel::new(simd);
+    for yy in rows {
+        let (ymin, n) = c.bounds[yy];
+        let k = &c.k[yy * c.ksize..yy * c.ksize + n];
+        // A plain image takes the row in place; tiles take it through a row of scratch
+        // (in the L1 cache) cut into their pieces.
+        let out_row = match out.row_mut(yy) {
+            Some(row) => row,
+            None => {
+                scratch.resize(stride, 0);
+                &mut scratch[..]
+            }
+        };
+        if !kernel.run(src, stride, ymin - ybase, k, out_row) {
+            acc.fill(HALF);
+            for (t, &kv) in k.iter().enumerate() {
+                let y = ymin + t - ybase;
+                let row = &src[y * stride..(y + 1) * stride];
+                for (a, &p) in acc.iter_mut().zip(row) {
+                    *a += p as i32 * kv;
+                }
+            }
+            for (o, &a) in out_row.iter_mut().zip(acc.iter()) {
+                *o = clip8(a);
+            }
+        }
+        if out.cols > 1 {
+            out.put_row(yy, &scratch);
+        }
+    }
+}
+
+/// An output image cut into a `cols` × `rows` grid of equal tiles, stored one tile after
+/// another (row-major tile order), each tile row-major without padding: what the slicing
+/// hands the model. A 1 × 1 grid is the plain image. Resizing straight into the tiles saves
+/// the copy that cropping a resized image would make.
+pub struct Tiles<'a> {
+    out: &'a mut [u8],
+    /// Bytes of one row of the whole image.
+    stride: usize,
+    cols: usize,
+    /// Rows of one tile.
+    tile_h: usize,
+}
+
+impl<'a> Tiles<'a> {
+    /// `out` for a `width` × `height` image cut into `cols` × `rows` tiles.
+    ///
+    /// # Panics
+    /// If `out` is not `width · height · 3` bytes or the grid does not divide the image
+    /// (callers derive both from a slicing plan).
+    pub fn new(out: &'a mut [u8], width: u32, height: u32, cols: u32, rows: u32) -> Self {
+        let (w, h, cols, rows) = (
+            width as usize,
+            height as usize,
+            cols as usize,
+            rows as usize,
+        );
+        assert_eq!(out.len(), w * h * 3, "tile buffer size");
+        assert!(
+            cols > 0 && rows > 0 && w.is_multiple_of(cols) && h.is_multiple_of(rows),
+            "a {cols}x{rows} grid does not divide {w}x{h}"
+        );
+        Tiles {
+            out,
+            stride: w * 3,
+            cols,
+            tile_h: h / rows,
+        }
+    }
+
+    /// Output row `y` in place, when the image is not cut across its width.
+    fn row_mut(&mut self, y: usize) -> Option<&mut [u8]> {
+        (self.cols == 1).then(|| &mut self.out[y * self.stride..(y + 1) * self.stride])
+    }
+
+    /// Writes the whole-width output row `y` into its tiles.
+    fn put_row(&mut self, y: usize, row: &[u8]) {
+        let seg = self.stride / self.cols;
+        let tile = self.tile_h * seg;
+        let (band, r) = (y / self.tile_h, y % self.tile_h);
+        for (c, piece) in row.chunks_exact(seg).enumerate() {
+            let at = (band * self.cols + c) * tile + r * seg;
+            self.out[at..at + seg].copy_from_slice(piece);
+        }
+    }
+
+    /// Writes a whole plain image (`stride`-byte rows) into the tiles.
+    fn put_image(&mut self, data: &[u8]) {
+        if self.cols == 1 {
+            self.out.copy_from_slice(data);
+            return;
+        }
+        for (y, row) in data.chunks_exact(self.stride).enumerate() {
+            self.put_row(y, row);
+        }
+    }
 }
 
 /// Whether this CPU runs the SIMD kernel ([`avx2::weighted_rows`]).
@@ -487,37 +652,53 @@ mod avx2 {
 /// If the output size has a zero side.
 pub fn resize_bicubic(img: &RgbImage, out_w: u32, out_h: u32) -> RgbImage {
     assert!(out_w > 0 && out_h > 0, "resize to an empty size");
+    let mut data = vec![0u8; out_w as usize * out_h as usize * 3];
+    resize_bicubic_into(img, Tiles::new(&mut data, out_w, out_h, 1, 1));
+    RgbImage {
+        width: out_w,
+        height: out_h,
+        data,
+    }
+}
+
+/// [`resize_bicubic`] into `out` (its size is the output size), cut into `out`'s tiles: the
+/// bytes of `resize_bicubic(img, w, h)` cropped tile by tile, without the whole image in
+/// between.
+///
+/// # Panics
+/// If the output size has a zero side.
+pub fn resize_bicubic_into(img: &RgbImage, mut out: Tiles) {
     let (in_w, in_h) = (img.width as usize, img.height as usize);
-    let (out_w, out_h) = (out_w as usize, out_h as usize);
+    let out_w = out.stride / 3;
+    let out_h = if out_w == 0 {
+        0
+    } else {
+        out.out.len() / out.stride
+    };
+    assert!(out_w > 0 && out_h > 0, "resize to an empty size");
     let need_h = out_w != in_w;
     let need_v = out_h != in_h;
     if !need_h && !need_v {
-        return img.clone();
+        out.put_image(&img.data);
+        return;
     }
     let vert = precompute(in_h, out_h);
-    let (data, width) = if need_h {
-        let horiz = precompute(in_w, out_w);
-        // Only the input rows the vertical pass will read (all of them when it is skipped).
-        let (first, last) = if need_v {
-            let first = vert.bounds[0].0;
-            let (lmin, ln) = vert.bounds[out_h - 1];
-            (first, lmin + ln)
-        } else {
-            (0, in_h)
-        };
-        let tmp = horizontal_pass(&img.data, in_w, first, last - first, &horiz, true);
-        if need_v {
-            (vertical_pass(&tmp, out_w, &vert, first, true), out_w)
-        } else {
-            (tmp, out_w)
-        }
+    if !need_h {
+        vertical_pass(&img.data, in_w, &vert, 0, true, &mut out, 0..out_h);
+        return;
+    }
+    let horiz = precompute(in_w, out_w);
+    if need_v {
+        both_passes(img, &horiz, &vert, true, &mut out);
+        return;
+    }
+    let mut hp = HPass::new(true);
+    if out.cols == 1 {
+        horizontal_pass(&img.data, in_w, 0, in_h, &horiz, &mut hp, out.out);
     } else {
-        (vertical_pass(&img.data, in_w, &vert, 0, true), in_w)
-    };
-    RgbImage {
-        width: width as u32,
-        height: out_h as u32,
-        data,
+        let mut tmp = vec![0u8; out_w * in_h * 3];
+        horizontal_pass(&img.data, in_w, 0, in_h, &horiz, &mut hp, &mut tmp);
+        out.put_image(&tmp);
     }
 }
 
@@ -556,15 +737,88 @@ mod tests {
         // many taps, widths with and without a tail past the 16-byte blocks.
         for (ow, oh) in [(40, 23), (300, 100), (157, 30), (3, 61), (1, 1), (158, 200)] {
             let hc = precompute(w, ow);
-            assert_eq!(
-                horizontal_pass(&src, w, 0, h, &hc, true),
-                horizontal_pass(&src, w, 0, h, &hc, false)
-            );
+            let horizontal = |simd| {
+                let mut out = vec![0u8; ow * h * 3];
+                horizontal_pass(&src, w, 0, h, &hc, &mut HPass::new(simd), &mut out);
+                out
+            };
+            assert_eq!(horizontal(true), horizontal(false));
             let vc = precompute(h, oh);
-            assert_eq!(
-                vertical_pass(&src, w, &vc, 0, true),
-                vertical_pass(&src, w, &vc, 0, false)
-            );
+            let vertical = |simd| {
+                let mut out = vec![0u8; w * oh * 3];
+                let tiles = &mut Tiles::new(&mut out, w as u32, oh as u32, 1, 1);
+                vertical_pass(&src, w, &vc, 0, simd, tiles, 0..oh);
+                out
+            };
+            assert_eq!(vertical(true), vertical(false));
+        }
+    }
+
+    /// Resizing into tiles gives the resized image cropped tile by tile, for every kind of
+    /// resize (both passes, one of them, none).
+    #[test]
+    fn tiles_are_the_crops_of_the_resized_image() {
+        // Taller than CHUNK, so tiles are also cut across the chunks of the two passes.
+        let (w, h) = (60u32, 150u32);
+        let data = (0..w * h * 3)
+            .map(|i| (i.wrapping_mul(2654435761) >> 9) as u8)
+            .collect();
+        let img = RgbImage::from_raw(w, h, data).unwrap();
+        for (ow, oh, cols, rows) in [
+            (40, 96, 2, 3),    // both passes
+            (120, 150, 2, 3),  // horizontal only
+            (60, 300, 2, 2),   // vertical only
+            (60, 150, 3, 5),   // no resize
+            (90, 90, 3, 3),    // both, upscaling across, downscaling down
+            (40, 24, 1, 1),    // the plain image
+            (60, 150, 60, 75), // single pixels, two rows
+        ] {
+            let whole = resize_bicubic(&img, ow, oh);
+            let (tw, th) = (ow / cols, oh / rows);
+            let mut want = Vec::new();
+            for r in 0..rows {
+                for c in 0..cols {
+                    want.extend(whole.crop(c * tw, r * th, tw, th).data);
+                }
+            }
+            let mut got = vec![0u8; want.len()];
+            resize_bicubic_into(&img, Tiles::new(&mut got, ow, oh, cols, rows));
+            assert!(got == want, "{ow}x{oh} in {cols}x{rows} tiles");
+        }
+    }
+
+    /// The chunked two-pass resize gives the bytes of a whole intermediate image followed by
+    /// the vertical pass (Pillow's order), across chunk boundaries, for down- and up-scaling.
+    #[test]
+    fn chunked_passes_are_the_whole_image_passes() {
+        let (w, h) = (83usize, 301usize);
+        let data: Vec<u8> = (0..w * h * 3)
+            .map(|i| match (i / 7) % 9 {
+                0 => 0,
+                1 => 255,
+                _ => ((i * 2654435761usize) >> 9) as u8,
+            })
+            .collect();
+        let img = RgbImage::from_raw(w as u32, h as u32, data).unwrap();
+        for (ow, oh) in [
+            (40, 150),
+            (61, 37),
+            (120, 600),
+            (82, 300),
+            (7, 5),
+            (166, 64),
+        ] {
+            let (hc, vc) = (precompute(w, ow), precompute(h, oh));
+            let first = vc.bounds[0].0;
+            let last = vc.bounds[oh - 1].0 + vc.bounds[oh - 1].1;
+            let mut tmp = vec![0u8; ow * (last - first) * 3];
+            let hp = &mut HPass::new(true);
+            horizontal_pass(&img.data, w, first, last - first, &hc, hp, &mut tmp);
+            let mut want = vec![0u8; ow * oh * 3];
+            let whole = &mut Tiles::new(&mut want, ow as u32, oh as u32, 1, 1);
+            vertical_pass(&tmp, ow, &vc, first, true, whole, 0..oh);
+            let got = resize_bicubic(&img, ow as u32, oh as u32);
+            assert!(got.data == want, "{ow}x{oh}");
         }
     }
 

@@ -5,7 +5,7 @@
 //! and a strict `<` on the log-ratio error, so that floating-point rounding breaks apparent ties
 //! the same way (a 1024×1024 image gets a 3×2 grid, not 2×3).
 
-use crate::resize::resize_bicubic;
+use crate::resize::{resize_bicubic, resize_bicubic_into, Tiles};
 use crate::rgb::RgbImage;
 
 /// The three knobs of the slicing (from the checkpoint's config, overridable on the command line).
@@ -172,6 +172,24 @@ pub fn slice_image(image: &RgbImage, cfg: &SliceConfig) -> SlicedImage {
     SlicedImage { plan, images }
 }
 
+/// [`slice_image`]'s pixels appended to `out`, image after image (overview first, then the
+/// slices row by row), each u8 RGB row-major: the layout of a shard's pixel column. The slices
+/// are resized straight into place (no refine image cropped afterwards). Returns the plan,
+/// whose [`SlicePlan::image_sizes`] give each image's size.
+pub fn slice_image_into(image: &RgbImage, cfg: &SliceConfig, out: &mut Vec<u8>) -> SlicePlan {
+    let plan = plan_slices(image.width, image.height, cfg);
+    let mut place = |(w, h): (u32, u32), (cols, rows): (u32, u32)| {
+        let at = out.len();
+        out.resize(at + w as usize * h as usize * 3, 0);
+        resize_bicubic_into(image, Tiles::new(&mut out[at..], w, h, cols, rows));
+    };
+    place(plan.source, (1, 1));
+    if let (Some(grid), Some(refine)) = (plan.grid, plan.refine) {
+        place(refine, grid);
+    }
+    plan
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,6 +221,29 @@ mod tests {
         assert_eq!(plan(1024, 1024).slice_size(), Some((364, 546)));
         assert_eq!(plan(1920, 1080).slice_size(), Some((420, 476)));
         assert_eq!(plan(1920, 1080).num_images(), 9);
+    }
+
+    /// The appended bytes are [`slice_image`]'s images, in order, for sliced and unsliced
+    /// pictures.
+    #[test]
+    fn slices_appended_in_place_are_slice_image_s() {
+        for (w, h) in [(1920u32, 1080u32), (300, 200), (1000, 250), (612, 612)] {
+            let data = (0..w * h * 3)
+                .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+                .collect();
+            let img = RgbImage::from_raw(w, h, data).unwrap();
+            let cfg = SliceConfig::default();
+            let want: Vec<u8> = slice_image(&img, &cfg)
+                .images
+                .into_iter()
+                .flat_map(|i| i.data)
+                .collect();
+            let mut got = vec![9u8; 5];
+            let plan = slice_image_into(&img, &cfg, &mut got);
+            assert_eq!(plan, plan_slices(w, h, &cfg));
+            assert_eq!(&got[..5], &[9; 5], "what was there is kept");
+            assert!(got[5..] == want[..], "{w}x{h}");
+        }
     }
 
     #[test]

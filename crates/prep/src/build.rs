@@ -3,8 +3,12 @@
 //!
 //! Samples stream through a rayon pool, a bounded number in flight, and their results are
 //! consumed in input order ([`process_in_order`]), so the output is byte-identical whatever the
-//! thread count. A writer thread overlaps Arrow/Parquet writing with the processing. Memory is
-//! bounded by the samples in flight, the packing window and the writer queue.
+//! thread count. Packing needs only lengths and slice counts, so samples are planned first
+//! (JSON, image headers, tokens) and packed; a pack's images are decoded and sliced into one
+//! buffer when the pack is final, a pack per job, and that buffer goes to the file as it is. A
+//! writer thread overlaps Arrow/Parquet writing with the processing. Memory is bounded by the
+//! packs in flight (count and bytes), the packing window of planned samples and the writer
+//! queue.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
@@ -21,7 +25,7 @@ use cpmv_shard::manifest::{
 };
 use cpmv_shard::writer::{is_set_file_name, PARTIAL_SUFFIX};
 use cpmv_shard::{
-    BuildSettings, ClosedShardSet, Sample, ShardEntry, ShardSetWriter, WriterOptions,
+    BuildSettings, ClosedShardSet, PackPixels, Sample, ShardEntry, ShardSetWriter, WriterOptions,
 };
 
 use crate::config::{
@@ -666,14 +670,14 @@ fn write_set(
 fn spawn_writer(
     dir: PathBuf,
     opts: WriterOptions,
-    rx: mpsc::Receiver<Option<(u32, Vec<Sample>)>>,
+    rx: mpsc::Receiver<Option<(u32, Vec<Sample>, PackPixels)>>,
 ) -> std::thread::JoinHandle<Result<ClosedShardSet, BuildError>> {
     std::thread::spawn(move || {
         let mut w = ShardSetWriter::new(&dir, opts);
         for msg in rx {
             match msg {
-                Some((pack, rows)) => {
-                    if let Err(e) = w.write_pack(pack, rows) {
+                Some((pack, rows, pixels)) => {
+                    if let Err(e) = w.write_pack_pixels(pack, rows, pixels) {
                         w.abort();
                         return Err(e.into());
                     }
@@ -704,7 +708,7 @@ fn run_samples(
         compression: setup.compression,
         ..Default::default()
     };
-    let (tx, rx) = mpsc::sync_channel::<Option<(u32, Vec<Sample>)>>(4);
+    let (tx, rx) = mpsc::sync_channel::<Option<(u32, Vec<Sample>, PackPixels)>>(4);
     let writer = spawn_writer(opts.out.clone(), writer_opts, rx);
 
     let pb = progress_bar(setup.input_bytes, opts.progress);
@@ -726,16 +730,25 @@ fn run_samples(
     };
     let mut packer = Packer::new(setup.pack_cfg);
     let mut bytes_before = 0u64;
-    // Samples in flight at once: enough that a slow one (a large image) never idles the other
-    // threads, few enough to bound memory (the slices of one sample are up to ~3 MB).
+    // Samples being planned at once (JSON, image headers, tokens: a few kB each): enough that
+    // a slow one never idles the other threads.
     let window = 8 * threads.max(1) + 8;
+    // Packs whose pixels are being made at once (a pack's slices are up to a few tens of MB):
+    // a few per thread, so a slow pack does not idle the others; fewer when packs are larger
+    // than PACK_PIXEL_BUDGET (see `PackRun::finish_packs`).
+    let pack_window = 2 * threads.max(1) + 2;
+    // Finished packs are handed to the pixel stage this many at a time (and at the end of
+    // every input file), so that its threads have work side by side even when packs come one
+    // at a time (`--no-pack`).
+    let pack_batch = 4 * pack_window;
+    let mut ready: Vec<Vec<Waiting>> = Vec::new();
     let processor = &setup.processor;
     let sources: Vec<&InputSource> = setup.sources.iter().map(|(s, _)| s).collect();
     let mut run = PackRun {
         pb: &pb,
         start,
         pool: &pool,
-        window,
+        pack_window,
         processor,
         sources: &sources,
         on_error: setup.on_error,
@@ -762,16 +775,22 @@ fn run_samples(
                 totals.inputs[file_idx].samples += 1;
                 match res {
                     Ok(planned) => {
-                        let packs = packer.push((origin, planned));
-                        run.finish_packs(packs, &mut totals)
+                        ready.extend(packer.push((origin, planned)));
+                        if ready.len() < pack_batch {
+                            return Ok(());
+                        }
+                        run.finish_packs(std::mem::take(&mut ready), &mut totals)
                     }
                     Err(rej) => run.reject(&mut totals, origin, rej),
                 }
             })?;
+            // Packs already final go out before the next file is read (which may be slow to
+            // come, e.g. a pipe).
+            run.finish_packs(std::mem::take(&mut ready), &mut totals)?;
             bytes_before += file_bytes;
         }
-        let packs = packer.flush();
-        run.finish_packs(packs, &mut totals)?;
+        ready.extend(packer.flush());
+        run.finish_packs(std::mem::take(&mut ready), &mut totals)?;
         tx.send(None).map_err(|_| BuildError::WriterStopped)
     })();
     drop(tx);
@@ -828,59 +847,78 @@ impl Packable for Waiting {
     }
 }
 
+/// Pixel bytes per pack of the pixel stage's window: packs larger than this shrink the window
+/// (down to one pack at a time), so the slices in flight stay under `pack_window` times this.
+const PACK_PIXEL_BUDGET: usize = 32 << 20;
+
 /// What turns packed samples into rows for the writer, and records rejections.
 struct PackRun<'a, W: Write> {
     pb: &'a indicatif::ProgressBar,
     start: Instant,
     pool: &'a rayon::ThreadPool,
-    window: usize,
+    /// Packs in flight in [`PackRun::finish_packs`].
+    pack_window: usize,
     processor: &'a Processor,
     sources: &'a [&'a InputSource],
     on_error: OnError,
-    tx: &'a mpsc::SyncSender<Option<(u32, Vec<Sample>)>>,
+    tx: &'a mpsc::SyncSender<Option<(u32, Vec<Sample>, PackPixels)>>,
     rejected_out: &'a mut W,
     rejected_path: &'a Path,
 }
 
 impl<W: Write> PackRun<'_, W> {
-    /// Makes the pixels of every sample of `packs` (on the pool, in pack order) and sends each
-    /// pack's rows to the writer. A sample whose images fail to decode is rejected here, after
-    /// packing: its pack goes out without it (a pack left empty is dropped), so only such a
-    /// sample's pack is less full than planned.
+    /// Makes the pixels of every pack of `packs` (a pack per job, on the pool, in pack order;
+    /// its slices in one buffer, the one the writer writes) and sends each pack's rows to the
+    /// writer. A sample whose images fail to decode is rejected here, after packing: its pack
+    /// goes out without it (a pack left empty is dropped), so only such a sample's pack is
+    /// less full than planned.
     fn finish_packs(
         &mut self,
         packs: Vec<Vec<Waiting>>,
         totals: &mut RunTotals,
     ) -> Result<(), BuildError> {
-        let jobs = packs
-            .into_iter()
-            .enumerate()
-            .flat_map(|(k, rows)| rows.into_iter().map(move |w| Ok((k, w))));
         let processor = self.processor;
-        let work = |(k, (origin, planned)): (usize, Waiting)| {
-            (k, origin, processor.pixels_guarded(planned))
+        let pack_bytes = |rows: &[Waiting]| -> usize {
+            if processor.keep_source {
+                // The files go to the image store, not into the pack's buffer.
+                return 0;
+            }
+            rows.iter().map(|w| w.1.pixel_bytes).sum()
         };
-        let mut current: (usize, Vec<Sample>) = (0, Vec::new());
-        let (pool, window) = (self.pool, self.window);
-        process_in_order(pool, window, jobs, work, |(k, origin, res)| {
-            if k != current.0 {
-                let rows = std::mem::take(&mut current.1);
-                self.send(rows, totals)?;
-                current.0 = k;
-            }
-            match res {
-                Ok(prepared) => {
-                    totals.counts.written += 1;
-                    totals.inputs[origin.file].written += 1;
-                    add_sample(totals, &prepared);
-                    current.1.push(prepared.sample);
-                    self.progress(totals, origin);
-                    Ok(())
+        let largest = packs.iter().map(|p| pack_bytes(p)).max().unwrap_or(0);
+        let window =
+            (self.pack_window * PACK_PIXEL_BUDGET / largest.max(1)).clamp(1, self.pack_window);
+        let jobs = packs.into_iter().map(Ok);
+        let work = |rows: Vec<Waiting>| {
+            let bytes = pack_bytes(&rows);
+            let mut pixels = PackPixels {
+                data: Vec::with_capacity(bytes),
+                ..PackPixels::default()
+            };
+            let rows: Vec<_> = rows
+                .into_iter()
+                .map(|(origin, planned)| {
+                    (origin, processor.pixels_into_guarded(planned, &mut pixels))
+                })
+                .collect();
+            (rows, pixels)
+        };
+        process_in_order(self.pool, window, jobs, work, |(rows, pixels)| {
+            let mut samples = Vec::with_capacity(rows.len());
+            for (origin, res) in rows {
+                match res {
+                    Ok(prepared) => {
+                        totals.counts.written += 1;
+                        totals.inputs[origin.file].written += 1;
+                        add_sample(totals, &prepared);
+                        samples.push(prepared.sample);
+                        self.progress(totals, origin);
+                    }
+                    Err(rej) => self.reject(totals, origin, rej)?,
                 }
-                Err(rej) => self.reject(totals, origin, rej),
             }
-        })?;
-        self.send(current.1, totals)
+            self.send(samples, pixels, totals)
+        })
     }
 
     /// Shows how far the finished samples (written or rejected) reach into the input.
@@ -900,13 +938,18 @@ impl<W: Write> PackRun<'_, W> {
     }
 
     /// Sends one pack's rows to the writer (nothing when every sample of it was rejected).
-    fn send(&mut self, rows: Vec<Sample>, totals: &mut RunTotals) -> Result<(), BuildError> {
+    fn send(
+        &mut self,
+        rows: Vec<Sample>,
+        pixels: PackPixels,
+        totals: &mut RunTotals,
+    ) -> Result<(), BuildError> {
         if rows.is_empty() {
             return Ok(());
         }
         let pack = u32::try_from(totals.packs)
             .map_err(|_| BuildError::Setup("more than 2^32 packs".into()))?;
-        if self.tx.send(Some((pack, rows))).is_err() {
+        if self.tx.send(Some((pack, rows, pixels))).is_err() {
             // The writer stopped on an error; it is reported when joined.
             return Err(BuildError::WriterStopped);
         }

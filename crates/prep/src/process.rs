@@ -6,8 +6,8 @@
 
 use std::path::{Path, PathBuf};
 
-use cpmv_image::{decode, plan_slices, probe, slice_image, DecodeOptions, SlicePlan};
-use cpmv_shard::{Sample, SourceImage};
+use cpmv_image::{decode, plan_slices, probe, slice_image_into, DecodeOptions, SlicePlan};
+use cpmv_shard::{PackPixels, Sample, SourceImage};
 use serde_json::Value;
 
 use crate::input::RawSample;
@@ -473,24 +473,33 @@ impl Processor {
         guard_sample(raw, source, || self.plan(raw, source))
     }
 
-    /// [`Processor::pixels`], with a panic turned into an `internal_error` rejection.
-    pub fn pixels_guarded(&self, planned: Planned) -> Result<Prepared, Rejected> {
+    /// [`Processor::pixels_into`], with a panic turned into an `internal_error` rejection
+    /// (and `pack` left as it was).
+    pub fn pixels_into_guarded(
+        &self,
+        planned: Planned,
+        pack: &mut PackPixels,
+    ) -> Result<Prepared, Rejected> {
         let id = planned.text.id.clone();
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.pixels(planned)))
-            .unwrap_or_else(|payload| {
-                let msg = payload
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "panic".into());
-                Err(Rejected {
-                    id,
-                    rejection: Rejection::new(
-                        RejectKind::InternalError,
-                        format!("internal error (please report): {msg}"),
-                    ),
-                })
+        let mark = pack.mark();
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.pixels_into(planned, pack)
+        }))
+        .unwrap_or_else(|payload| {
+            pack.truncate(mark);
+            let msg = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "panic".into());
+            Err(Rejected {
+                id,
+                rejection: Rejection::new(
+                    RejectKind::InternalError,
+                    format!("internal error (please report): {msg}"),
+                ),
             })
+        })
     }
 
     /// The full pipeline for one raw sample: [`Processor::plan`], then [`Processor::pixels`].
@@ -542,6 +551,40 @@ impl Processor {
     /// keeps its files once they decoded): the finished row. An image that does not decode,
     /// or decodes to another size than its header said, rejects the sample.
     pub fn pixels(&self, planned: Planned) -> Result<Prepared, Rejected> {
+        let mut px = PackPixels::default();
+        let mut prepared = self.pixels_into(planned, &mut px)?;
+        let mut start = 0;
+        prepared.sample.pixel_values = px
+            .slice_ends
+            .iter()
+            .map(|&end| {
+                let slice = px.data[start..end].to_vec();
+                start = end;
+                slice
+            })
+            .collect();
+        Ok(prepared)
+    }
+
+    /// [`Processor::pixels`] with the sample's slices appended to a pack's buffer (one more row
+    /// of `pack`) instead of kept in the row: how `prep build` makes them, so they go to the
+    /// file without another copy. A rejected sample leaves `pack` as it found it.
+    pub fn pixels_into(
+        &self,
+        planned: Planned,
+        pack: &mut PackPixels,
+    ) -> Result<Prepared, Rejected> {
+        let mark = pack.mark();
+        let res = self.append_pixels(planned, pack);
+        match &res {
+            Ok(_) => pack.end_row(mark),
+            Err(_) => pack.truncate(mark),
+        }
+        res
+    }
+
+    /// The work of [`Processor::pixels_into`]; on an error `pack` may hold part of the row.
+    fn append_pixels(&self, planned: Planned, pack: &mut PackPixels) -> Result<Prepared, Rejected> {
         let Planned {
             paths, files, text, ..
         } = planned;
@@ -555,7 +598,6 @@ impl Processor {
         let cfg = slice_config(&self.settings);
         let p = cfg.patch_size as i32;
         let mut tgt_sizes = Vec::with_capacity(text.stats.slices);
-        let mut pixel_values = Vec::with_capacity(text.stats.slices);
         let mut sources = Vec::new();
         for ((path, file), plan) in paths.iter().zip(&files).zip(&text.plans) {
             let bytes = read_image_file(file).map_err(reject)?;
@@ -579,11 +621,15 @@ impl Processor {
             if self.keep_source {
                 sources.push(SourceImage::new(bytes));
             } else {
-                pixel_values.extend(slice_image(&img, &cfg).images.into_iter().map(|s| s.data));
+                let mut end = pack.data.len();
+                for (w, h) in slice_image_into(&img, &cfg, &mut pack.data).image_sizes() {
+                    end += w as usize * h as usize * 3;
+                    pack.slice_ends.push(end);
+                }
             }
         }
         let stats = text.stats;
-        let mut sample = text.into_sample(tgt_sizes, pixel_values);
+        let mut sample = text.into_sample(tgt_sizes, Vec::new());
         sample.source_images = sources;
         Ok(Prepared { sample, stats })
     }

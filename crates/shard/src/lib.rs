@@ -20,7 +20,7 @@ pub use manifest::{Compression, ImagesEntry, Manifest, PixelMode, ShardEntry};
 pub use reader::{Row, SampleView, ShardDir, ShardReader};
 pub use schema::{shard_schema, Sample, SourceImage};
 pub use settings::{BuildSettings, ImageIdMode, LlmType, SampleSettings};
-pub use writer::{ClosedShardSet, ShardSetWriter, WriterOptions};
+pub use writer::{ClosedShardSet, PackMark, PackPixels, ShardSetWriter, WriterOptions};
 
 /// Errors of the shard format (I/O, Arrow, a file that does not follow the schema).
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +45,9 @@ pub enum ShardError {
     },
     #[error("{path}: not a cpmv shard: {reason}")]
     Format { path: String, reason: String },
+    /// A pack handed to the writer whose pixels do not add up (a caller's bug).
+    #[error("pack {pack}: {reason}")]
+    Pack { pack: u32, reason: String },
     #[error("{path}: invalid manifest: {reason}")]
     Manifest { path: String, reason: String },
     /// The set was written with `prep build --format parquet`: it has no Arrow files, which

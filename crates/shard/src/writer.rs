@@ -13,10 +13,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow_array::builder::{
-    FixedSizeListBuilder, Int32Builder, LargeBinaryBuilder, ListBuilder, StringBuilder,
-    UInt32Builder,
+    FixedSizeListBuilder, Int32Builder, ListBuilder, StringBuilder, UInt32Builder,
 };
-use arrow_array::{ArrayRef, Int32Array, RecordBatch, UInt32Array};
+use arrow_array::{ArrayRef, Int32Array, LargeBinaryArray, ListArray, RecordBatch, UInt32Array};
+use arrow_buffer::{Buffer, OffsetBuffer, ScalarBuffer};
 use arrow_ipc::writer::{FileWriter, IpcWriteOptions};
 use arrow_ipc::{CompressionType, MetadataVersion};
 use arrow_schema::{DataType, Field, Schema};
@@ -39,7 +39,9 @@ pub struct WriterOptions {
     /// A new shard is started once the current one holds at least this many bytes of data
     /// (packs are never split across shards).
     pub max_shard_bytes: u64,
-    /// Rows are grouped into record batches of at most this many bytes...
+    /// Rows are grouped into record batches of at most this many bytes (a pack of
+    /// [`SOLO_PACK_BYTES`] of slices or more, and every pack of a compressed set, is a batch of
+    /// its own)...
     pub max_batch_bytes: u64,
     /// ...or this many rows.
     pub max_batch_rows: usize,
@@ -84,14 +86,161 @@ struct OpenShard {
     first_pack: Option<u32>,
 }
 
+/// The slices of a pack's rows in one buffer, the way the pixel column stores them: row after
+/// row, each row's slices in model order (u8 RGB, row-major). A pack of this many bytes or more
+/// is written as a record batch of its own whose pixel column *is* this buffer, so the slices
+/// reach the file without being copied into a batch first.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PackPixels {
+    /// Every slice of every row, back to back.
+    pub data: Vec<u8>,
+    /// Where each slice ends in `data`.
+    pub slice_ends: Vec<usize>,
+    /// How many slices each row has (one entry per row of the pack, 0 for rows without
+    /// slices, e.g. in a set of `--pixels source`).
+    pub row_slices: Vec<usize>,
+}
+
+impl PackPixels {
+    /// The pixels of `samples` (their `pixel_values`), copied into one buffer.
+    pub fn of_samples(samples: &[Sample]) -> Self {
+        let mut p = PackPixels {
+            data: Vec::with_capacity(samples.iter().map(|s| s.pixel_bytes()).sum()),
+            ..Default::default()
+        };
+        for s in samples {
+            for slice in &s.pixel_values {
+                p.data.extend_from_slice(slice);
+                p.slice_ends.push(p.data.len());
+            }
+            p.row_slices.push(s.pixel_values.len());
+        }
+        p
+    }
+
+    /// How far the pack reaches now, to undo a row that fails half-way
+    /// ([`PackPixels::truncate`]).
+    pub fn mark(&self) -> PackMark {
+        PackMark {
+            data: self.data.len(),
+            slices: self.slice_ends.len(),
+            rows: self.row_slices.len(),
+        }
+    }
+
+    /// Drops everything added since `mark` was taken.
+    pub fn truncate(&mut self, mark: PackMark) {
+        self.data.truncate(mark.data);
+        self.slice_ends.truncate(mark.slices);
+        self.row_slices.truncate(mark.rows);
+    }
+
+    /// Closes a row: the slices added since `mark` are its slices.
+    pub fn end_row(&mut self, mark: PackMark) {
+        self.row_slices.truncate(mark.rows);
+        self.row_slices.push(self.slice_ends.len() - mark.slices);
+    }
+
+    /// Checks that the buffer, the slice ends and the row counts agree with `rows` rows.
+    fn check(&self, pack: u32, rows: usize) -> Result<(), ShardError> {
+        let bad = |reason: String| Err(ShardError::Pack { pack, reason });
+        if self.row_slices.len() != rows {
+            return bad(format!(
+                "slice counts for {} rows, the pack has {rows}",
+                self.row_slices.len()
+            ));
+        }
+        let slices: usize = self.row_slices.iter().sum();
+        if slices != self.slice_ends.len() {
+            return bad(format!(
+                "rows count {slices} slices, {} slice ends given",
+                self.slice_ends.len()
+            ));
+        }
+        if self.slice_ends.windows(2).any(|w| w[0] > w[1])
+            || self.slice_ends.last().copied().unwrap_or(0) != self.data.len()
+        {
+            return bad(format!(
+                "slice ends do not run in order to the end of {} pixel bytes",
+                self.data.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Bytes of pixels of each row.
+    fn row_bytes(&self) -> impl Iterator<Item = usize> + '_ {
+        let mut slice = 0;
+        let mut start = 0;
+        self.row_slices.iter().map(move |&n| {
+            slice += n;
+            let end = if slice == 0 {
+                0
+            } else {
+                self.slice_ends[slice - 1]
+            };
+            let bytes = end - start;
+            start = end;
+            bytes
+        })
+    }
+}
+
+/// A point of a [`PackPixels`] to go back to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PackMark {
+    data: usize,
+    slices: usize,
+    rows: usize,
+}
+
+/// Packs of at least this many pixel bytes get a record batch of their own, written from their
+/// own buffer (smaller ones share a batch, copied into it: a batch per pack of a text-only set
+/// would be mostly metadata).
+pub const SOLO_PACK_BYTES: usize = 1 << 20;
+
+/// Rows waiting for the next record batch: their pixels already laid out as the pixel column.
+#[derive(Default)]
+struct Pending {
+    rows: Vec<(u32, Sample)>,
+    bytes: u64,
+    /// The pixel column's values and, per slice, where it ends (LargeBinary offsets, from 0).
+    pixels: Vec<u8>,
+    slice_offsets: Vec<i64>,
+    /// Slices of each row.
+    row_slices: Vec<usize>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Adds a checked pack's pixels: its buffer is taken as it is when nothing is pending
+    /// (a solo pack: no copy), else appended.
+    fn add_pixels(&mut self, px: PackPixels) {
+        if self.slice_offsets.is_empty() {
+            self.slice_offsets.push(0);
+        }
+        let base = self.pixels.len();
+        if base == 0 {
+            self.pixels = px.data;
+        } else {
+            self.pixels.extend_from_slice(&px.data);
+        }
+        self.slice_offsets
+            .extend(px.slice_ends.iter().map(|&e| (base + e) as i64));
+        self.row_slices.extend_from_slice(&px.row_slices);
+    }
+}
+
 /// Writes a whole shard set into one directory.
 pub struct ShardSetWriter {
     dir: PathBuf,
     opts: WriterOptions,
     schema: Arc<Schema>,
     current: Option<OpenShard>,
-    pending: Vec<(u32, Sample)>,
-    pending_bytes: u64,
+    pending: Pending,
     done: Vec<ShardEntry>,
     partial_files: Vec<(PathBuf, PathBuf)>,
     /// The image store (`--pixels source`), opened with the first pack.
@@ -164,8 +313,7 @@ impl ShardSetWriter {
             opts,
             schema: Arc::new(shard_schema()),
             current: None,
-            pending: Vec::new(),
-            pending_bytes: 0,
+            pending: Pending::default(),
             done: Vec::new(),
             partial_files: Vec::new(),
             images: None,
@@ -173,8 +321,43 @@ impl ShardSetWriter {
     }
 
     /// Appends one pack (its rows are written consecutively, in the given order, with `pack`
-    /// as their `pack` value).
+    /// as their `pack` value). Its slices are copied out of the samples; see
+    /// [`ShardSetWriter::write_pack_pixels`] for a pack whose slices are in one buffer already.
     pub fn write_pack(&mut self, pack: u32, mut samples: Vec<Sample>) -> Result<(), ShardError> {
+        let pixels = PackPixels::of_samples(&samples);
+        for s in &mut samples {
+            s.pixel_values = Vec::new();
+        }
+        self.write_pack_pixels(pack, samples, pixels)
+    }
+
+    /// [`ShardSetWriter::write_pack`] for rows whose slices are in `pixels` (their own
+    /// `pixel_values` must be empty). A pack of [`SOLO_PACK_BYTES`] or more goes to the file
+    /// from `pixels`' own buffer.
+    pub fn write_pack_pixels(
+        &mut self,
+        pack: u32,
+        mut samples: Vec<Sample>,
+        pixels: PackPixels,
+    ) -> Result<(), ShardError> {
+        pixels.check(pack, samples.len())?;
+        for (s, &n) in samples.iter().zip(&pixels.row_slices) {
+            let want = match self.opts.pixels {
+                PixelMode::Slices => s.tgt_sizes.len(),
+                PixelMode::Source => 0,
+            };
+            let reason = if !s.pixel_values.is_empty() {
+                "has slices of its own besides the pack's".to_string()
+            } else if n != want {
+                format!("has {n} slices in the pack's pixels, {want} expected")
+            } else {
+                continue;
+            };
+            return Err(ShardError::Pack {
+                pack,
+                reason: format!("row {:?} {reason}", s.id),
+            });
+        }
         if self.opts.pixels == PixelMode::Source {
             if self.images.is_none() {
                 self.images = Some(ImageStoreWriter::create(&self.dir)?);
@@ -196,19 +379,27 @@ impl ShardSetWriter {
             self.close_current()?;
             self.open_next()?;
         }
+        // Compressed sets get a batch per pack whatever its size (what a reader decompresses
+        // at once).
+        let solo =
+            self.opts.compression != Compression::None || pixels.data.len() >= SOLO_PACK_BYTES;
+        if solo {
+            self.flush_batch()?;
+        }
         let cur = self.current.as_mut().expect("shard opened above");
         cur.first_pack.get_or_insert(pack);
         cur.packs += 1;
-        for s in samples {
-            let b = sample_bytes(&s);
+        for (s, pix) in samples.drain(..).zip(pixels.row_bytes()) {
+            let b = sample_bytes(&s) + pix as u64;
             cur.bytes += b;
             cur.rows += 1;
-            self.pending_bytes += b;
-            self.pending.push((pack, s));
+            self.pending.bytes += b;
+            self.pending.rows.push((pack, s));
         }
-        if self.opts.compression != Compression::None
-            || self.pending_bytes >= self.opts.max_batch_bytes
-            || self.pending.len() >= self.opts.max_batch_rows
+        self.pending.add_pixels(pixels);
+        if solo
+            || self.pending.bytes >= self.opts.max_batch_bytes
+            || self.pending.rows.len() >= self.opts.max_batch_rows
         {
             self.flush_batch()?;
         }
@@ -267,10 +458,10 @@ impl ShardSetWriter {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let rows = std::mem::take(&mut self.pending);
-        let bytes = std::mem::take(&mut self.pending_bytes);
+        let pending = std::mem::take(&mut self.pending);
+        let bytes = pending.bytes;
         let batch =
-            build_batch(&self.schema, &rows).map_err(|e| ShardError::arrow(&self.dir, e))?;
+            build_batch(&self.schema, pending).map_err(|e| ShardError::arrow(&self.dir, e))?;
         let cur = self
             .current
             .as_mut()
@@ -280,7 +471,8 @@ impl ShardSetWriter {
         }
         if let Some((path, w)) = cur.parquet.as_mut() {
             // Row groups of up to a batch's limits: the Parquet writer never buffers a whole
-            // shard, and one-pack Arrow batches (compressed sets) do not make tiny row groups.
+            // shard, and one-pack Arrow batches (large packs, compressed sets) do not make tiny
+            // row groups.
             let group = &mut cur.parquet_group;
             group.0 += batch.num_rows();
             group.1 += bytes;
@@ -457,8 +649,15 @@ impl ClosedShardSet {
 
 fn build_batch(
     schema: &Arc<Schema>,
-    rows: &[(u32, Sample)],
+    pending: Pending,
 ) -> Result<RecordBatch, arrow_schema::ArrowError> {
+    let Pending {
+        rows,
+        pixels: pixel_bytes,
+        mut slice_offsets,
+        row_slices,
+        ..
+    } = pending;
     let n = rows.len();
     let item = |dt: DataType| Arc::new(Field::new("item", dt, false));
 
@@ -477,14 +676,26 @@ fn build_batch(
     };
     let mut bounds = pairs();
     let mut sizes = pairs();
-    let pix_bytes: usize = rows.iter().map(|r| r.1.pixel_bytes()).sum();
-    let mut pixels = ListBuilder::new(LargeBinaryBuilder::with_capacity(n, pix_bytes))
-        .with_field(item(DataType::LargeBinary));
+    // The pixel column around the pending buffer as it is (no copy).
+    if slice_offsets.is_empty() {
+        slice_offsets.push(0);
+    }
+    let slices = LargeBinaryArray::try_new(
+        OffsetBuffer::new(ScalarBuffer::from(slice_offsets)),
+        Buffer::from_vec(pixel_bytes),
+        None,
+    )?;
+    let pixels = ListArray::try_new(
+        item(DataType::LargeBinary),
+        OffsetBuffer::<i32>::from_lengths(row_slices),
+        Arc::new(slices),
+        None,
+    )?;
     let mut num_tokens = Vec::with_capacity(n);
     let mut packs = Vec::with_capacity(n);
     let mut image_refs = ListBuilder::new(UInt32Builder::new()).with_field(item(DataType::UInt32));
 
-    for (pack, s) in rows {
+    for (pack, s) in &rows {
         ids.append_value(&s.id);
         input_ids.values().append_slice(&s.input_ids);
         input_ids.append(true);
@@ -497,10 +708,6 @@ fn build_batch(
             }
             builder.append(true);
         }
-        for p in &s.pixel_values {
-            pixels.values().append_value(p);
-        }
-        pixels.append(true);
         image_refs.values().append_slice(&s.image_refs);
         image_refs.append(true);
         num_tokens.push(s.input_ids.len() as i32);
@@ -512,7 +719,7 @@ fn build_batch(
         Arc::new(labels.finish()),
         Arc::new(bounds.finish()),
         Arc::new(sizes.finish()),
-        Arc::new(pixels.finish()),
+        Arc::new(pixels),
         Arc::new(Int32Array::from(num_tokens)),
         Arc::new(UInt32Array::from(packs)),
         Arc::new(image_refs.finish()),
@@ -571,6 +778,146 @@ mod tests {
             .map(|g| reader.metadata().row_group(g).num_rows())
             .collect();
         assert_eq!(groups, vec![4, 4, 2]);
+    }
+
+    /// A pack of `rows` rows of `slices` slices each, every slice `bytes` long and filled
+    /// with its own value.
+    fn pack_of(tag: u8, rows: usize, slices: usize, bytes: usize) -> (Vec<Sample>, PackPixels) {
+        let mut px = PackPixels::default();
+        let samples = (0..rows)
+            .map(|r| {
+                let mark = px.mark();
+                for k in 0..slices {
+                    let v = tag.wrapping_mul(31).wrapping_add((r * slices + k) as u8);
+                    px.data.extend(std::iter::repeat_n(v, bytes));
+                    px.slice_ends.push(px.data.len());
+                }
+                px.end_row(mark);
+                Sample {
+                    id: format!("p{tag}r{r}"),
+                    input_ids: vec![1, 2],
+                    labels: vec![2, -100],
+                    tgt_sizes: vec![[1, 1]; slices],
+                    ..Sample::default()
+                }
+            })
+            .collect();
+        (samples, px)
+    }
+
+    /// Large packs get a batch of their own and go to the file from their own buffer; small
+    /// ones share batches; every row reads back with its slices either way, in order.
+    #[test]
+    fn large_packs_are_batches_of_their_own_and_small_ones_share() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = ShardSetWriter::new(dir.path(), WriterOptions::default());
+        // (rows, slices per row, bytes per slice): small, small, large, small, large.
+        let shapes = [
+            (2, 1, 100),
+            (1, 3, 50),
+            (2, 2, SOLO_PACK_BYTES / 4),
+            (1, 0, 0),
+            (1, 1, SOLO_PACK_BYTES),
+        ];
+        let mut want = Vec::new();
+        for (p, &(rows, slices, bytes)) in shapes.iter().enumerate() {
+            let (samples, px) = pack_of(p as u8, rows, slices, bytes);
+            let mut start = 0;
+            let mut ends = px.slice_ends.iter();
+            for (s, &n) in samples.iter().zip(&px.row_slices) {
+                let mut full = s.clone();
+                full.pixel_values = ends
+                    .by_ref()
+                    .take(n)
+                    .map(|&e| {
+                        let v = px.data[start..e].to_vec();
+                        start = e;
+                        v
+                    })
+                    .collect();
+                want.push((p as u32, full));
+            }
+            w.write_pack_pixels(p as u32, samples, px).unwrap();
+        }
+        let entries = w.finish().unwrap();
+        let r =
+            crate::reader::ShardReader::open(&dir.path().join(entries[0].file.as_ref().unwrap()))
+                .unwrap();
+        // Packs 0 and 1 share a batch; 2 alone; 3 waits and is flushed before 4; 4 alone.
+        assert_eq!(r.num_batches(), 4);
+        assert_eq!(r.len(), want.len());
+        for (i, (pack, s)) in want.iter().enumerate() {
+            let row = r.sample(i).unwrap().unwrap();
+            let v = row.view();
+            assert_eq!((v.id, v.pack), (s.id.as_str(), *pack));
+            let got: Vec<Vec<u8>> = v.pixel_values.iter().map(|p| p.to_vec()).collect();
+            assert!(got == s.pixel_values, "row {i} pixels");
+        }
+    }
+
+    /// The pixel column of a batch is the pending buffer itself, not a copy of it.
+    #[test]
+    fn a_batch_s_pixel_column_is_the_pack_s_buffer() {
+        let (samples, px) = pack_of(7, 2, 3, 1000);
+        let ptr = px.data.as_ptr();
+        let mut pending = Pending {
+            rows: samples.into_iter().map(|s| (0, s)).collect(),
+            ..Pending::default()
+        };
+        pending.add_pixels(px);
+        let batch = build_batch(&Arc::new(shard_schema()), pending).unwrap();
+        let col = batch
+            .column_by_name(crate::schema::col::PIXEL_VALUES)
+            .unwrap()
+            .as_any()
+            .downcast_ref::<ListArray>()
+            .unwrap()
+            .values()
+            .as_any()
+            .downcast_ref::<LargeBinaryArray>()
+            .unwrap()
+            .values()
+            .as_ptr();
+        assert_eq!(col, ptr);
+    }
+
+    /// Pixels that do not add up, rows with slices of their own next to the pack's, or slice
+    /// counts a row's sizes do not match are the caller's error, named by pack and row, and
+    /// leave nothing in the set.
+    #[test]
+    fn inconsistent_pack_pixels_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = ShardSetWriter::new(dir.path(), WriterOptions::default());
+        let (samples, mut px) = pack_of(1, 2, 2, 10);
+        px.slice_ends[1] = 5;
+        let err = w.write_pack_pixels(3, samples.clone(), px).unwrap_err();
+        assert!(matches!(err, ShardError::Pack { pack: 3, .. }), "{err}");
+        let (_, mut px) = pack_of(1, 2, 2, 10);
+        px.row_slices.pop();
+        let err = w.write_pack_pixels(3, samples.clone(), px).unwrap_err();
+        assert!(matches!(err, ShardError::Pack { pack: 3, .. }), "{err}");
+        let (_, mut px) = pack_of(1, 2, 2, 10);
+        px.data.push(0);
+        let err = w.write_pack_pixels(3, samples.clone(), px).unwrap_err();
+        assert!(matches!(err, ShardError::Pack { pack: 3, .. }), "{err}");
+        let (mut samples, px) = pack_of(1, 2, 2, 10);
+        samples[1].pixel_values = vec![vec![1; 10]];
+        let err = w.write_pack_pixels(4, samples, px).unwrap_err().to_string();
+        assert!(err.contains("pack 4") && err.contains("p1r1"), "{err}");
+        // Slices that a row's sizes do not account for: the rows would get each other's.
+        let (mut samples, px) = pack_of(2, 2, 2, 10);
+        samples[0].tgt_sizes.pop();
+        let err = w.write_pack_pixels(5, samples, px).unwrap_err().to_string();
+        assert!(err.contains("p2r0") && err.contains("1 expected"), "{err}");
+        // Nothing of the refused packs reached the set.
+        let (samples, px) = pack_of(3, 1, 1, 10);
+        w.write_pack_pixels(6, samples, px).unwrap();
+        let entries = w.finish().unwrap();
+        let r =
+            crate::reader::ShardReader::open(&dir.path().join(entries[0].file.as_ref().unwrap()))
+                .unwrap();
+        assert_eq!(r.len(), 1);
+        assert_eq!(r.sample(0).unwrap().unwrap().view().id, "p3r0");
     }
 
     fn names(dir: &Path) -> Vec<String> {
