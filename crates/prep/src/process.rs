@@ -87,20 +87,25 @@ pub fn guard_sample<T>(
     source: &InputSource,
     f: impl FnOnce() -> Result<T, Rejected>,
 ) -> Result<T, Rejected> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
-        let msg = payload
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "panic".into());
-        Err(Rejected {
-            id: sample_id(None, &source.stem, raw.index),
-            rejection: Rejection::new(
-                RejectKind::InternalError,
-                format!("internal error (please report): {msg}"),
-            ),
-        })
-    })
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .map_err(|payload| panic_rejection(sample_id(None, &source.stem, raw.index), payload))?
+}
+
+/// The rejection of a sample whose processing panicked (a cpmv bug): `internal_error`, with
+/// the panic's message, so the run goes on and the report names the sample.
+fn panic_rejection(id: String, payload: Box<dyn std::any::Any + Send>) -> Rejected {
+    let msg = payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panic".into());
+    Rejected {
+        id,
+        rejection: Rejection::new(
+            RejectKind::InternalError,
+            format!("internal error (please report): {msg}"),
+        ),
+    }
 }
 
 /// Reads an image file fully; a file that cannot be read rejects its sample.
@@ -485,21 +490,10 @@ impl Processor {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             self.pixels_into(planned, pack)
         }))
-        .unwrap_or_else(|payload| {
+        .map_err(|payload| {
             pack.truncate(mark);
-            let msg = payload
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "panic".into());
-            Err(Rejected {
-                id,
-                rejection: Rejection::new(
-                    RejectKind::InternalError,
-                    format!("internal error (please report): {msg}"),
-                ),
-            })
-        })
+            panic_rejection(id, payload)
+        })?
     }
 
     /// The full pipeline for one raw sample: [`Processor::plan`], then [`Processor::pixels`].

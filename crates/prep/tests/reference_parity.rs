@@ -306,3 +306,81 @@ fn whole_samples_match_the_reference_pixels_and_tokens() {
         assert!(seen >= 10, "{llm}: {seen} samples compared");
     }
 }
+
+/// Slices appended to a pack's buffer are exactly the row's slices of `process`, and a sample
+/// rejected while its pixels are made (here: a file that is not an image) leaves the pack as it
+/// was, so the next row's slices follow the previous row's.
+#[test]
+fn a_sample_rejected_while_its_pixels_are_made_leaves_the_pack_as_it_was() {
+    let samples = json("tests/fixtures/e2e/samples.json");
+    let model = ModelDir::load(&root().join(tiny_dir("qwen")), None).unwrap();
+    let slice = SliceConfig::default();
+    let settings = SampleSettings {
+        llm_type: model.llm_type,
+        max_slice_nums: slice.max_slice_nums,
+        scale_resolution: slice.scale_resolution,
+        patch_size: slice.patch_size,
+        query_num: model.query_num,
+        max_length: 8192,
+        truncate: false,
+        image_id_mode: ImageIdMode::Reference,
+        exif_transpose: false,
+    };
+    let p = Processor::new(model, settings).unwrap();
+    let source = InputSource {
+        path: root().join("tests/fixtures/e2e/samples.json"),
+        stem: "samples".into(),
+        image_root: root().join("tests/fixtures/e2e"),
+    };
+    // Samples with images that plan and make their pixels.
+    let mut ok = Vec::new();
+    for (index, s) in samples.as_array().unwrap().iter().enumerate() {
+        let raw = RawSample {
+            file: 0,
+            index: index as u64,
+            location: Location::Offset(0),
+            text: serde_json::to_vec(s).unwrap(),
+        };
+        if let Ok(planned) = p.plan(&raw, &source) {
+            // The second one with several images: its first image's slices are in the
+            // buffer when the last one fails.
+            let wanted = if ok.len() == 1 { 2 } else { 1 };
+            if planned.files.len() >= wanted && p.pixels(planned.clone()).is_ok() {
+                ok.push(raw);
+            }
+        }
+        if ok.len() == 3 {
+            break;
+        }
+    }
+    assert_eq!(
+        ok.len(),
+        3,
+        "three samples with images, the second with several"
+    );
+    let mut pack = cpmv_shard::PackPixels::default();
+    let first = p
+        .pixels_into(p.plan(&ok[0], &source).unwrap(), &mut pack)
+        .unwrap();
+    let before = pack.clone();
+    let mut broken = p.plan(&ok[1], &source).unwrap();
+    *broken.files.last_mut().unwrap() = root().join("tests/fixtures/e2e/samples.json");
+    let err = p.pixels_into(broken, &mut pack).unwrap_err();
+    assert_eq!(err.rejection.kind, RejectKind::ImageDecode);
+    assert_eq!(pack, before, "the rejected row left nothing behind");
+    let third = p
+        .pixels_into(p.plan(&ok[2], &source).unwrap(), &mut pack)
+        .unwrap();
+    assert_eq!(pack.row_slices.len(), 2);
+    // The buffer is the two rows' slices, as `process` makes them, back to back.
+    let mut want = Vec::new();
+    for raw in [&ok[0], &ok[2]] {
+        for slice in p.process(raw, &source).unwrap().sample.pixel_values {
+            want.extend(slice);
+        }
+    }
+    assert!(pack.data == want);
+    let slices = first.sample.tgt_sizes.len() + third.sample.tgt_sizes.len();
+    assert_eq!(pack.slice_ends.len(), slices);
+    assert!(first.sample.pixel_values.is_empty() && third.sample.pixel_values.is_empty());
+}
