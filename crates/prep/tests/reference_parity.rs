@@ -184,33 +184,40 @@ fn expected_rejection(id: &str) -> Option<RejectKind> {
     }
 }
 
+/// A processor of the tiny `llm` model with the reference's slicing, and the e2e fixtures'
+/// input source.
+fn e2e_processor(llm: &str, max_length: usize, truncate: bool) -> (Processor, InputSource) {
+    let model = ModelDir::load(&root().join(tiny_dir(llm)), None).unwrap();
+    assert_eq!(model.llm_type, llm.parse::<LlmType>().unwrap());
+    let slice = SliceConfig::default();
+    let settings = SampleSettings {
+        llm_type: model.llm_type,
+        max_slice_nums: slice.max_slice_nums,
+        scale_resolution: slice.scale_resolution,
+        patch_size: slice.patch_size,
+        query_num: model.query_num,
+        max_length,
+        truncate,
+        image_id_mode: ImageIdMode::Reference,
+        exif_transpose: false,
+    };
+    let source = InputSource {
+        path: root().join("tests/fixtures/e2e/samples.json"),
+        stem: "samples".into(),
+        image_root: root().join("tests/fixtures/e2e"),
+    };
+    (Processor::new(model, settings).unwrap(), source)
+}
+
 #[test]
 fn whole_samples_match_the_reference_pixels_and_tokens() {
     let samples = json("tests/fixtures/e2e/samples.json");
     for llm in ["minicpm", "llama3", "qwen"] {
         let expected = json(&format!("tests/fixtures/e2e/expected-{llm}.json"));
-        let model = ModelDir::load(&root().join(tiny_dir(llm)), None).unwrap();
-        assert_eq!(model.llm_type, llm.parse::<LlmType>().unwrap());
-        let slice = SliceConfig::default();
-        let settings = SampleSettings {
-            llm_type: model.llm_type,
-            max_slice_nums: slice.max_slice_nums,
-            scale_resolution: slice.scale_resolution,
-            patch_size: slice.patch_size,
-            query_num: model.query_num,
-            max_length: expected["max_length"].as_u64().unwrap() as usize,
-            // The reference cuts over-long samples at the head; ours does the same with
-            // --truncate whenever no image is cut (the only case in the fixtures).
-            truncate: true,
-            image_id_mode: ImageIdMode::Reference,
-            exif_transpose: false,
-        };
-        let p = Processor::new(model, settings).unwrap();
-        let source = InputSource {
-            path: root().join("tests/fixtures/e2e/samples.json"),
-            stem: "samples".into(),
-            image_root: root().join("tests/fixtures/e2e"),
-        };
+        // The reference cuts over-long samples at the head; ours does the same with
+        // --truncate whenever no image is cut (the only case in the fixtures).
+        let max_length = expected["max_length"].as_u64().unwrap() as usize;
+        let (p, source) = e2e_processor(llm, max_length, true);
         let mut seen = 0;
         for (index, s) in samples.as_array().unwrap().iter().enumerate() {
             let id = s["id"].as_str().unwrap();
@@ -313,25 +320,7 @@ fn whole_samples_match_the_reference_pixels_and_tokens() {
 #[test]
 fn a_sample_rejected_while_its_pixels_are_made_leaves_the_pack_as_it_was() {
     let samples = json("tests/fixtures/e2e/samples.json");
-    let model = ModelDir::load(&root().join(tiny_dir("qwen")), None).unwrap();
-    let slice = SliceConfig::default();
-    let settings = SampleSettings {
-        llm_type: model.llm_type,
-        max_slice_nums: slice.max_slice_nums,
-        scale_resolution: slice.scale_resolution,
-        patch_size: slice.patch_size,
-        query_num: model.query_num,
-        max_length: 8192,
-        truncate: false,
-        image_id_mode: ImageIdMode::Reference,
-        exif_transpose: false,
-    };
-    let p = Processor::new(model, settings).unwrap();
-    let source = InputSource {
-        path: root().join("tests/fixtures/e2e/samples.json"),
-        stem: "samples".into(),
-        image_root: root().join("tests/fixtures/e2e"),
-    };
+    let (p, source) = e2e_processor("qwen", 8192, false);
     // Samples with images that plan and make their pixels.
     let mut ok = Vec::new();
     for (index, s) in samples.as_array().unwrap().iter().enumerate() {
