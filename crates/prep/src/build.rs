@@ -740,7 +740,7 @@ fn run_samples(
     // Finished packs are handed to the pixel stage this many at a time (and at the end of
     // every input file), so that its threads have work side by side even when packs come one
     // at a time (`--no-pack`).
-    let pack_batch = 4 * pack_window;
+    let pack_batch = 16 * pack_window;
     let mut ready: Vec<Vec<Waiting>> = Vec::new();
     let processor = &setup.processor;
     let sources: Vec<&InputSource> = setup.sources.iter().map(|(s, _)| s).collect();
