@@ -231,7 +231,7 @@ fn both_passes(img: &RgbImage, horiz: &Coeffs, vert: &Coeffs, simd: bool, out: &
     let out_h = vert.bounds.len();
     let last = end(out_h - 1);
     let mut tmp = vec![0u8; (vert.ksize + CHUNK) * row];
-    let mut hp = HPass::new(simd);
+    let (mut hp, mut vp) = (HPass::new(simd), VPass::new(simd));
     let (mut lo, mut hi) = (vert.bounds[0].0, vert.bounds[0].0);
     let mut y = 0;
     while y < out_h {
@@ -245,7 +245,7 @@ fn both_passes(img: &RgbImage, horiz: &Coeffs, vert: &Coeffs, simd: bool, out: &
                 row / 3,
                 vert,
                 lo,
-                simd,
+                &mut vp,
                 out,
                 y..ready,
             );
@@ -280,14 +280,17 @@ fn vertical_pass(
     width: usize,
     c: &Coeffs,
     ybase: usize,
-    simd: bool,
+    vp: &mut VPass,
     out: &mut Tiles,
     rows: std::ops::Range<usize>,
 ) {
     let stride = width * 3;
-    let mut scratch = Vec::new();
-    let mut acc = vec![0i32; stride];
-    let mut kernel = Kernel::new(simd);
+    let VPass {
+        acc,
+        scratch,
+        kernel,
+    } = vp;
+    acc.resize(stride, 0);
     for yy in rows {
         let (ymin, n) = c.bounds[yy];
         let k = &c.k[yy * c.ksize..yy * c.ksize + n];
@@ -314,7 +317,25 @@ fn vertical_pass(
             }
         }
         if out.cols > 1 {
-            out.put_row(yy, &scratch);
+            out.put_row(yy, scratch);
+        }
+    }
+}
+
+/// The vertical pass's scratch (accumulators, a row for tiles, split taps), kept across the
+/// chunks of one resize.
+struct VPass {
+    acc: Vec<i32>,
+    scratch: Vec<u8>,
+    kernel: Kernel,
+}
+
+impl VPass {
+    fn new(simd: bool) -> Self {
+        VPass {
+            acc: Vec::new(),
+            scratch: Vec::new(),
+            kernel: Kernel::new(simd),
         }
     }
 }
@@ -325,8 +346,9 @@ fn vertical_pass(
 /// the copy that cropping a resized image would make.
 pub struct Tiles<'a> {
     out: &'a mut [u8],
-    /// Bytes of one row of the whole image.
-    stride: usize,
+    /// Size of the whole image.
+    width: usize,
+    height: usize,
     cols: usize,
     /// Rows of one tile.
     tile_h: usize,
@@ -352,20 +374,27 @@ impl<'a> Tiles<'a> {
         );
         Tiles {
             out,
-            stride: w * 3,
+            width: w,
+            height: h,
             cols,
             tile_h: h / rows,
         }
     }
 
+    /// Bytes of one row of the whole image.
+    fn stride(&self) -> usize {
+        self.width * 3
+    }
+
     /// Output row `y` in place, when the image is not cut across its width.
     fn row_mut(&mut self, y: usize) -> Option<&mut [u8]> {
-        (self.cols == 1).then(|| &mut self.out[y * self.stride..(y + 1) * self.stride])
+        let stride = self.stride();
+        (self.cols == 1).then(|| &mut self.out[y * stride..(y + 1) * stride])
     }
 
     /// Writes the whole-width output row `y` into its tiles.
     fn put_row(&mut self, y: usize, row: &[u8]) {
-        let seg = self.stride / self.cols;
+        let seg = self.stride() / self.cols;
         let tile = self.tile_h * seg;
         let (band, r) = (y / self.tile_h, y % self.tile_h);
         for (c, piece) in row.chunks_exact(seg).enumerate() {
@@ -380,7 +409,7 @@ impl<'a> Tiles<'a> {
             self.out.copy_from_slice(data);
             return;
         }
-        for (y, row) in data.chunks_exact(self.stride).enumerate() {
+        for (y, row) in data.chunks_exact(self.stride()).enumerate() {
             self.put_row(y, row);
         }
     }
@@ -669,12 +698,7 @@ pub fn resize_bicubic(img: &RgbImage, out_w: u32, out_h: u32) -> RgbImage {
 /// If the output size has a zero side.
 pub fn resize_bicubic_into(img: &RgbImage, mut out: Tiles) {
     let (in_w, in_h) = (img.width as usize, img.height as usize);
-    let out_w = out.stride / 3;
-    let out_h = if out_w == 0 {
-        0
-    } else {
-        out.out.len() / out.stride
-    };
+    let (out_w, out_h) = (out.width, out.height);
     assert!(out_w > 0 && out_h > 0, "resize to an empty size");
     let need_h = out_w != in_w;
     let need_v = out_h != in_h;
@@ -684,7 +708,8 @@ pub fn resize_bicubic_into(img: &RgbImage, mut out: Tiles) {
     }
     let vert = precompute(in_h, out_h);
     if !need_h {
-        vertical_pass(&img.data, in_w, &vert, 0, true, &mut out, 0..out_h);
+        let vp = &mut VPass::new(true);
+        vertical_pass(&img.data, in_w, &vert, 0, vp, &mut out, 0..out_h);
         return;
     }
     let horiz = precompute(in_w, out_w);
@@ -721,18 +746,24 @@ mod tests {
         assert_eq!(resize_bicubic(&img, 2, 1), img);
     }
 
-    /// The SIMD kernel (where the CPU has it) and the portable loops give the same bytes.
-    #[test]
-    fn dispatched_and_portable_passes_agree() {
-        let (w, h) = (157usize, 61usize);
-        // Hashed bytes, with runs of 0 and 255 next to each other (the largest overshoots).
-        let src: Vec<u8> = (0..w * h * 3)
+    /// A `w` × `h` test image of hashed bytes with runs of 0 and 255 next to each other (the
+    /// largest overshoots of the cubic filter).
+    fn test_image(w: usize, h: usize) -> RgbImage {
+        let data = (0..w * h * 3)
             .map(|i| match (i / 5) % 7 {
                 0 => 0,
                 1 => 255,
                 _ => ((i * 2654435761usize) >> 7) as u8,
             })
             .collect();
+        RgbImage::from_raw(w as u32, h as u32, data).unwrap()
+    }
+
+    /// The SIMD kernel (where the CPU has it) and the portable loops give the same bytes.
+    #[test]
+    fn dispatched_and_portable_passes_agree() {
+        let (w, h) = (157usize, 61usize);
+        let src = test_image(w, h).data;
         // Down- and up-scaling (negative lobes push sums past both ends of clip8), few and
         // many taps, widths with and without a tail past the 16-byte blocks.
         for (ow, oh) in [(40, 23), (300, 100), (157, 30), (3, 61), (1, 1), (158, 200)] {
@@ -747,7 +778,7 @@ mod tests {
             let vertical = |simd| {
                 let mut out = vec![0u8; w * oh * 3];
                 let tiles = &mut Tiles::new(&mut out, w as u32, oh as u32, 1, 1);
-                vertical_pass(&src, w, &vc, 0, simd, tiles, 0..oh);
+                vertical_pass(&src, w, &vc, 0, &mut VPass::new(simd), tiles, 0..oh);
                 out
             };
             assert_eq!(vertical(true), vertical(false));
@@ -759,11 +790,7 @@ mod tests {
     #[test]
     fn tiles_are_the_crops_of_the_resized_image() {
         // Taller than CHUNK, so tiles are also cut across the chunks of the two passes.
-        let (w, h) = (60u32, 150u32);
-        let data = (0..w * h * 3)
-            .map(|i| (i.wrapping_mul(2654435761) >> 9) as u8)
-            .collect();
-        let img = RgbImage::from_raw(w, h, data).unwrap();
+        let img = test_image(60, 150);
         for (ow, oh, cols, rows) in [
             (40, 96, 2, 3),    // both passes
             (120, 150, 2, 3),  // horizontal only
@@ -792,14 +819,7 @@ mod tests {
     #[test]
     fn chunked_passes_are_the_whole_image_passes() {
         let (w, h) = (83usize, 301usize);
-        let data: Vec<u8> = (0..w * h * 3)
-            .map(|i| match (i / 7) % 9 {
-                0 => 0,
-                1 => 255,
-                _ => ((i * 2654435761usize) >> 9) as u8,
-            })
-            .collect();
-        let img = RgbImage::from_raw(w as u32, h as u32, data).unwrap();
+        let img = test_image(w, h);
         for (ow, oh) in [
             (40, 150),
             (61, 37),
@@ -816,7 +836,7 @@ mod tests {
             horizontal_pass(&img.data, w, first, last - first, &hc, hp, &mut tmp);
             let mut want = vec![0u8; ow * oh * 3];
             let whole = &mut Tiles::new(&mut want, ow as u32, oh as u32, 1, 1);
-            vertical_pass(&tmp, ow, &vc, first, true, whole, 0..oh);
+            vertical_pass(&tmp, ow, &vc, first, &mut VPass::new(true), whole, 0..oh);
             let got = resize_bicubic(&img, ow as u32, oh as u32);
             assert!(got.data == want, "{ow}x{oh}");
         }
