@@ -664,13 +664,17 @@ fn write_set(
     Ok((manifest, image_bytes))
 }
 
+/// What the writer thread receives: a pack (id, rows, their slices), or `None` for "the run
+/// succeeded, close the set".
+type PackMsg = Option<(u32, Vec<Sample>, PackPixels)>;
+
 /// The shard writer thread: packs arrive through `rx`; `None` means "the run succeeded, close
 /// the set". A channel closed without it means the run failed: the writer removes its partial
 /// files. Returns the closed (complete, flushed, not yet published) set.
 fn spawn_writer(
     dir: PathBuf,
     opts: WriterOptions,
-    rx: mpsc::Receiver<Option<(u32, Vec<Sample>, PackPixels)>>,
+    rx: mpsc::Receiver<PackMsg>,
 ) -> std::thread::JoinHandle<Result<ClosedShardSet, BuildError>> {
     std::thread::spawn(move || {
         let mut w = ShardSetWriter::new(&dir, opts);
@@ -708,7 +712,7 @@ fn run_samples(
         compression: setup.compression,
         ..Default::default()
     };
-    let (tx, rx) = mpsc::sync_channel::<Option<(u32, Vec<Sample>, PackPixels)>>(4);
+    let (tx, rx) = mpsc::sync_channel::<PackMsg>(4);
     let writer = spawn_writer(opts.out.clone(), writer_opts, rx);
 
     let pb = progress_bar(setup.input_bytes, opts.progress);
@@ -861,7 +865,7 @@ struct PackRun<'a, W: Write> {
     processor: &'a Processor,
     sources: &'a [&'a InputSource],
     on_error: OnError,
-    tx: &'a mpsc::SyncSender<Option<(u32, Vec<Sample>, PackPixels)>>,
+    tx: &'a mpsc::SyncSender<PackMsg>,
     rejected_out: &'a mut W,
     rejected_path: &'a Path,
 }
@@ -878,13 +882,8 @@ impl<W: Write> PackRun<'_, W> {
         totals: &mut RunTotals,
     ) -> Result<(), BuildError> {
         let processor = self.processor;
-        let pack_bytes = |rows: &[Waiting]| -> usize {
-            if processor.keep_source {
-                // The files go to the image store, not into the pack's buffer.
-                return 0;
-            }
-            rows.iter().map(|w| w.1.pixel_bytes).sum()
-        };
+        let pack_bytes =
+            |rows: &[Waiting]| -> usize { rows.iter().map(|w| processor.slice_bytes(&w.1)).sum() };
         let largest = packs.iter().map(|p| pack_bytes(p)).max().unwrap_or(0);
         let window =
             (self.pack_window * PACK_PIXEL_BUDGET / largest.max(1)).clamp(1, self.pack_window);

@@ -547,17 +547,17 @@ impl Processor {
     pub fn pixels(&self, planned: Planned) -> Result<Prepared, Rejected> {
         let mut px = PackPixels::default();
         let mut prepared = self.pixels_into(planned, &mut px)?;
-        let mut start = 0;
-        prepared.sample.pixel_values = px
-            .slice_ends
-            .iter()
-            .map(|&end| {
-                let slice = px.data[start..end].to_vec();
-                start = end;
-                slice
-            })
-            .collect();
+        prepared.sample.pixel_values = px.slices().map(<[u8]>::to_vec).collect();
         Ok(prepared)
+    }
+
+    /// Bytes of slices [`Processor::pixels_into`] will append for `planned` (none with
+    /// `--pixels source`, whose files go to the image store instead).
+    pub fn slice_bytes(&self, planned: &Planned) -> usize {
+        if self.keep_source {
+            return 0;
+        }
+        planned.pixel_bytes
     }
 
     /// [`Processor::pixels`] with the sample's slices appended to a pack's buffer (one more row

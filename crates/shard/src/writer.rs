@@ -168,6 +168,16 @@ impl PackPixels {
         Ok(())
     }
 
+    /// Each slice, in order.
+    pub fn slices(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        let mut start = 0;
+        self.slice_ends.iter().map(move |&end| {
+            let slice = &self.data[start..end];
+            start = end;
+            slice
+        })
+    }
+
     /// Bytes of pixels of each row.
     fn row_bytes(&self) -> impl Iterator<Item = usize> + '_ {
         let mut slice = 0;
@@ -822,20 +832,13 @@ mod tests {
         let mut want = Vec::new();
         for (p, &(rows, slices, bytes)) in shapes.iter().enumerate() {
             let (samples, px) = pack_of(p as u8, rows, slices, bytes);
-            let mut start = 0;
-            let mut ends = px.slice_ends.iter();
-            for (s, &n) in samples.iter().zip(&px.row_slices) {
-                let mut full = s.clone();
-                full.pixel_values = ends
-                    .by_ref()
-                    .take(n)
-                    .map(|&e| {
-                        let v = px.data[start..e].to_vec();
-                        start = e;
-                        v
-                    })
-                    .collect();
-                want.push((p as u32, full));
+            {
+                let mut each = px.slices();
+                for (s, &n) in samples.iter().zip(&px.row_slices) {
+                    let mut full = s.clone();
+                    full.pixel_values = each.by_ref().take(n).map(<[u8]>::to_vec).collect();
+                    want.push((p as u32, full));
+                }
             }
             w.write_pack_pixels(p as u32, samples, px).unwrap();
         }
