@@ -183,6 +183,23 @@ extern "C" __global__ void mul(float* y, const float* x, const float* m, size_t 
     if (i < n) y[i] = x[i] * m[i];
 }
 
+// Dropout mask from one seed: m[i] = 1/keep when a hash of (seed, i) falls below keep, else 0.
+// The arithmetic of cpmv-kernels' dropout_mask (candle's GPU path), so the block path replays its
+// masks; cpmv_block::host_mask(.., PerMask, ..) is the host reference.
+__device__ __forceinline__ uint64_t splitmix64(uint64_t z) {
+    z += 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+extern "C" __global__ void dropout_mask(float* m, size_t n, uint64_t seed, float keep) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    double u = (double)(splitmix64(seed ^ (i * 0xD1B54A32D192ED03ull)) >> 11) * (1.0 / 9007199254740992.0);
+    m[i] = u < keep ? 1.f / keep : 0.f;
+}
+
 // Rotary embedding in place over the heads of a view; one thread per (row, head, i < half).
 extern "C" __global__ void rope(float* x, size_t off, size_t rows, size_t cols, size_t ld,
                                 size_t head_dim, const float* cos_t, const float* sin_t,

@@ -173,6 +173,65 @@ impl Attn {
     }
 }
 
+/// How a LoRA dropout mask is drawn from the model's generator. The block path must draw as
+/// the path it replaces does on the same device, so that both train on the same masks (and a
+/// recomputed layer replays its forward pass's masks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaskDraws {
+    /// One draw per element, kept when the uniform `(draw >> 11) / 2⁵³` is below `keep`:
+    /// candle's path on the CPU.
+    PerElement,
+    /// One draw per mask, the seed of a counter-based hash of each element's index: candle's
+    /// path on a GPU (`cpmv_kernels::dropout_mask`), where a mask as large as the activations
+    /// is made on the device instead of the host.
+    PerMask,
+}
+
+/// The values of a dropout mask of `n` elements drawn as `masks` says: the CPU backend's
+/// masks, and the reference a device backend's masks are checked against.
+pub fn host_mask(n: usize, keep: f64, masks: MaskDraws, draw: &mut dyn FnMut() -> u64) -> Vec<f32> {
+    match masks {
+        MaskDraws::PerElement => {
+            let scaled = (1.0 / keep) as f32;
+            (0..n)
+                .map(|_| {
+                    let u = (draw() >> 11) as f64 / (1u64 << 53) as f64;
+                    if u < keep {
+                        scaled
+                    } else {
+                        0.0
+                    }
+                })
+                .collect()
+        }
+        MaskDraws::PerMask => {
+            // The device kernel's arithmetic exactly: keep in f32, the uniform in f64.
+            let seed = draw();
+            let keep = keep as f32;
+            let scaled = 1.0f32 / keep;
+            (0..n as u64)
+                .map(|i| {
+                    let z = splitmix64(seed ^ i.wrapping_mul(0xD1B5_4A32_D192_ED03));
+                    let u = (z >> 11) as f64 * (1.0 / 9_007_199_254_740_992.0);
+                    if u < f64::from(keep) {
+                        scaled
+                    } else {
+                        0.0
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+/// SplitMix64's output function of `z` (the step added first), as the device kernels hash.
+fn splitmix64(z: u64) -> u64 {
+    let mut z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// The operations layers are written in. Buffers hold f32 values in the CPU backend; a device
 /// backend may store half precision and compute in f32 where the reference does.
 pub trait Backend {
@@ -314,13 +373,15 @@ pub trait Backend {
     /// `y = x · m` elementwise (same length).
     fn mul(&self, y: &mut Self::Buf, x: &Self::Buf, m: &Self::Buf) -> Result<()>;
 
-    /// An inverted-dropout mask of `n` values, `1/keep` or 0. `draw` is the model's
-    /// generator: the CPU backend draws one value per element (exactly as the reference path
-    /// does on the CPU). The CUDA backend makes the same draws on the host and copies the mask
-    /// over; candle's GPU path instead draws one seed per mask and makes the mask on the
-    /// device, which a device backend will have to follow to replay it.
-    fn dropout_mask(&self, n: usize, keep: f64, draw: &mut dyn FnMut() -> u64)
-        -> Result<Self::Buf>;
+    /// An inverted-dropout mask of `n` values, `1/keep` or 0, drawn from the model's
+    /// generator `draw` the way `masks` says (the values [`host_mask`] gives).
+    fn dropout_mask(
+        &self,
+        n: usize,
+        keep: f64,
+        masks: MaskDraws,
+        draw: &mut dyn FnMut() -> u64,
+    ) -> Result<Self::Buf>;
 
     /// Attention forward: `out` (dense `rows × heads·head_dim`) and the softmax log-sum-exp
     /// `lse` (`heads × rows`, f32) of every query.

@@ -3,7 +3,9 @@
 
 use rayon::prelude::*;
 
-use crate::backend::{check_gate, rows_of, same_len, Attn, Backend, Gelu, Mat};
+use crate::backend::{
+    check_gate, host_mask, rows_of, same_len, Attn, Backend, Gelu, MaskDraws, Mat,
+};
 use crate::error::{shape, Result};
 
 /// The CPU backend (f32).
@@ -459,19 +461,14 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn dropout_mask(&self, n: usize, keep: f64, draw: &mut dyn FnMut() -> u64) -> Result<Vec<f32>> {
-        // The reference path's mask: a uniform in [0, 1) per element, kept below `keep`.
-        let scaled = (1.0 / keep) as f32;
-        Ok((0..n)
-            .map(|_| {
-                let u = (draw() >> 11) as f64 / (1u64 << 53) as f64;
-                if u < keep {
-                    scaled
-                } else {
-                    0.0
-                }
-            })
-            .collect())
+    fn dropout_mask(
+        &self,
+        n: usize,
+        keep: f64,
+        masks: MaskDraws,
+        draw: &mut dyn FnMut() -> u64,
+    ) -> Result<Vec<f32>> {
+        Ok(host_mask(n, keep, masks, draw))
     }
 
     fn attention(

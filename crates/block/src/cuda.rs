@@ -5,8 +5,9 @@
 //!
 //! A first, straightforward backend: attention is one warp per (query row, head) with an
 //! online softmax (no tiling yet), key/value gradients are summed with atomics (so their last
-//! bits vary from run to run), and dropout masks are drawn on the host from the model's
-//! generator (exactly the CPU backend's draws) and copied over.
+//! bits vary from run to run). Dropout masks are made on the device from one seed each
+//! ([`MaskDraws::PerMask`], as candle's GPU path), or drawn per element on the host and copied
+//! over.
 
 use std::sync::Arc;
 
@@ -18,7 +19,9 @@ use candle_core::cuda_backend::cudarc::driver::{
 };
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 
-use crate::backend::{check_gate, rows_of, same_len, Attn, Backend, Gelu, Mat};
+use crate::backend::{
+    check_gate, host_mask, rows_of, same_len, Attn, Backend, Gelu, MaskDraws, Mat,
+};
 use crate::error::{shape, BlockError, Result};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/block.ptx"));
@@ -74,6 +77,11 @@ impl Cuda {
         })
     }
 
+    /// The stream the backend's work is queued on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
     fn func(&self, name: &str) -> Result<CudaFunction> {
         self.module.load_function(name).map_err(dev)
     }
@@ -81,7 +89,7 @@ impl Cuda {
 
 // Launch soundness, for every `unsafe` launch below: the kernels' parameter lists in
 // cuda/block.cu are matched argument by argument (`float*` ← CudaSlice<f32>, `size_t` ← usize,
-// `int` ← i32, `float` ← f32, `const uint32_t*` ← CudaSlice<u32>); every view and length was
+// `int` ← i32, `float` ← f32, `uint64_t` ← u64, `const uint32_t*` ← CudaSlice<u32>); every view and length was
 // checked against its buffer before the launch (Mat::check, same_len, Attn::check), and the
 // kernels return for indices past their counts; work is queued on `self.stream`, which orders
 // it after the writes of its inputs.
@@ -504,11 +512,28 @@ impl Backend for Cuda {
         &self,
         n: usize,
         keep: f64,
+        masks: MaskDraws,
         draw: &mut dyn FnMut() -> u64,
     ) -> Result<CudaSlice<f32>> {
-        // The CPU backend's draws, so both backends replay the same masks.
-        let host = crate::Cpu.dropout_mask(n, keep, draw)?;
-        self.upload(&host)
+        match masks {
+            // One draw per element happens on the host.
+            MaskDraws::PerElement => self.upload(&host_mask(n, keep, masks, draw)),
+            MaskDraws::PerMask => {
+                let mut m = self.zeros(n)?;
+                if n == 0 {
+                    return Ok(m);
+                }
+                let seed = draw();
+                let keep = keep as f32;
+                let f = self.func("dropout_mask")?;
+                let mut l = self.stream.launch_builder(&f);
+                l.arg(&mut m).arg(&n).arg(&seed).arg(&keep);
+                // SAFETY: see "Launch soundness" above; thread i < n writes m[i] only, and `m`
+                // holds n values.
+                unsafe { l.launch(items(n)?) }.map_err(dev)?;
+                Ok(m)
+            }
+        }
     }
 
     fn attention(

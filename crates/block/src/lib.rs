@@ -24,7 +24,7 @@ pub mod linear;
 pub mod llm;
 pub mod vision;
 
-pub use backend::{Attn, Backend, Gelu, Mat};
+pub use backend::{host_mask, Attn, Backend, Gelu, MaskDraws, Mat};
 pub use cpu::Cpu;
 #[cfg(feature = "cuda")]
 pub use cuda::Cuda;

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::backend::{Backend, Gelu, Mat};
+use crate::backend::{Backend, Gelu, MaskDraws, Mat};
 use crate::error::{shape, Result};
 
 /// A tensor of the layer; `slot` is where its gradient is reported, `None` when it is frozen.
@@ -31,10 +31,12 @@ pub struct Linear<B: Backend> {
     pub lora: Option<Lora<B>>,
 }
 
-/// Whether the pass trains (LoRA dropout on) and the model's dropout generator.
+/// Whether the pass trains (LoRA dropout on), the model's dropout generator and how masks are
+/// drawn from it.
 pub struct Run<'a> {
     pub train: bool,
     pub draw: &'a mut dyn FnMut() -> u64,
+    pub masks: MaskDraws,
 }
 
 /// Gradients by slot, summed over calls until taken.
@@ -116,7 +118,7 @@ pub(crate) fn linear_forward<B: Backend>(
     };
     if let Some(l) = &lin.lora {
         if run.train && l.dropout > 0.0 {
-            let mask = be.dropout_mask(rows * lin.inp, 1.0 - l.dropout, run.draw)?;
+            let mask = be.dropout_mask(rows * lin.inp, 1.0 - l.dropout, run.masks, run.draw)?;
             let mut xd = be.zeros(rows * lin.inp)?;
             be.mul(&mut xd, x, &mask)?;
             saved.mask = Some(mask);

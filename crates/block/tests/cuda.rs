@@ -1,6 +1,6 @@
 //! The CUDA backend against the CPU backend (needs a GPU; built with `--features cuda`):
-//! every primitive on views, GQA and packed key ranges, and whole vision and decoder layers
-//! (LoRA with dropout, biases, MiniCPM's residual scale) forward and backward. f32; errors are
+//! every primitive on views, GQA and packed key ranges, dropout masks of both kinds (bit for
+//! bit), and whole vision and decoder layers (LoRA with dropout, biases, MiniCPM's residual scale) forward and backward. f32; errors are
 //! relative to the largest magnitude of the CPU result, ≤ 1e-5.
 //!
 //! ```text
@@ -12,7 +12,7 @@ use candle_core::cuda_backend::cudarc::driver::CudaContext;
 use cpmv_block::linear::{Grads, Linear, Lora, Param, Run};
 use cpmv_block::llm::{LlmLayer, Tokens};
 use cpmv_block::vision::{Images, Norm, Qkv, VisionLayer};
-use cpmv_block::{Attn, Backend, Cpu, Cuda, Gelu, Mat};
+use cpmv_block::{host_mask, Attn, Backend, Cpu, Cuda, Gelu, MaskDraws, Mat};
 
 fn cuda() -> Cuda {
     let ctx = CudaContext::new(0).expect("a CUDA device");
@@ -444,6 +444,22 @@ fn llm_layer<B: Backend>(be: &B) -> LlmLayer<B> {
     }
 }
 
+#[test]
+fn dropout_masks_are_the_host_draws_exactly() {
+    let g = cuda();
+    for masks in [MaskDraws::PerElement, MaskDraws::PerMask] {
+        for (n, keep) in [(100_003, 0.95), (4096, 0.8), (1, 0.5), (0, 0.9)] {
+            let want = host_mask(n, keep, masks, &mut draws(17));
+            let got = g.dropout_mask(n, keep, masks, &mut draws(17)).unwrap();
+            let got = g.download(&got).unwrap();
+            assert!(
+                got == want,
+                "{masks:?}, {n} values at keep {keep}: masks differ"
+            );
+        }
+    }
+}
+
 /// The model's dropout generator, replayed from `seed`.
 fn draws(seed: u64) -> impl FnMut() -> u64 {
     let mut s = seed;
@@ -480,6 +496,7 @@ fn vision_layer_matches_cpu_forward_and_backward() {
             &mut Run {
                 train: true,
                 draw: &mut d1,
+                masks: MaskDraws::PerMask,
             },
             true,
         )
@@ -493,6 +510,7 @@ fn vision_layer_matches_cpu_forward_and_backward() {
             &mut Run {
                 train: true,
                 draw: &mut d2,
+                masks: MaskDraws::PerMask,
             },
             true,
         )
@@ -551,6 +569,7 @@ fn decoder_layer_matches_cpu_forward_and_backward() {
             &mut Run {
                 train: true,
                 draw: &mut d1,
+                masks: MaskDraws::PerElement,
             },
             true,
         )
@@ -564,6 +583,7 @@ fn decoder_layer_matches_cpu_forward_and_backward() {
             &mut Run {
                 train: true,
                 draw: &mut d2,
+                masks: MaskDraws::PerElement,
             },
             true,
         )

@@ -7,13 +7,15 @@
 //! Decoder layers the same way: [`MiniCpmV::llm_block_forward`] and
 //! [`MiniCpmV::llm_block_backward`].
 //!
-//! Today the block path runs on the CPU backend in f32; other devices and dtypes, and
+//! The block path runs in f32: on the CPU backend, and on the CUDA backend (device buffers
+//! handed to and from candle without a host round trip, LoRA dropout masks drawn as candle's
+//! GPU path draws them) when `CPMV_CUDA_BLOCKS=1` asks for it. Other dtypes, and
 //! `CPMV_UNFUSED=1`, keep the autograd path (the reference).
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Shape, Tensor};
 use cpmv_block::llm as bl;
 use cpmv_block::vision::{self as bv, Grads, Images, Run};
-use cpmv_block::Cpu;
+use cpmv_block::{Backend, Cpu, MaskDraws};
 
 use crate::config::Gelu;
 use crate::error::{ModelError, Result};
@@ -34,16 +36,111 @@ pub fn unfused_env() -> bool {
     *OFF.get_or_init(|| std::env::var("CPMV_UNFUSED").is_ok_and(|v| v == "1"))
 }
 
+/// Whether `CPMV_CUDA_BLOCKS=1` asks for the block path on a GPU (f32 only). Off by default
+/// until the CUDA backend has passed its checks on a device (benches/gpu/run.sh check).
+pub fn cuda_blocks_env() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("CPMV_CUDA_BLOCKS").is_ok_and(|v| v == "1"))
+}
+
+/// A block backend the model hands its tensors to: candle tensors in, the backend's buffers
+/// out, and back, on the device the tensors live on (no host round trip on a GPU).
+pub(crate) trait Bridge: Backend {
+    /// How LoRA dropout masks are drawn: as candle's path on this device draws them.
+    const MASKS: MaskDraws;
+    /// The values of `t` (any float dtype) as an f32 buffer of this backend.
+    fn buf(&self, t: &Tensor) -> Result<Self::Buf>;
+    /// `b` as an f32 tensor of `shape` on `device`.
+    fn tensor(&self, b: Self::Buf, shape: Shape, device: &Device) -> Result<Tensor>;
+    /// The rotary tables of a batch, one `[head_dim]` row per token of all rows.
+    fn rope_tables(&self, aux: &LlmAux) -> Result<(Self::Buf, Self::Buf)>;
+}
+
+impl Bridge for Cpu {
+    const MASKS: MaskDraws = MaskDraws::PerElement;
+
+    fn buf(&self, t: &Tensor) -> Result<Vec<f32>> {
+        Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+    }
+
+    fn tensor(&self, b: Vec<f32>, shape: Shape, device: &Device) -> Result<Tensor> {
+        Ok(Tensor::from_vec(b, shape, device)?)
+    }
+
+    fn rope_tables(&self, aux: &LlmAux) -> Result<(Vec<f32>, Vec<f32>)> {
+        Ok((aux.cos_rows.clone(), aux.sin_rows.clone()))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::cuda_backend::cudarc::driver::CudaSlice;
+    use candle_core::cuda_backend::CudaStorage;
+    use candle_core::op::BackpropOp;
+    use candle_core::{DType, Device, Shape, Storage, Tensor};
+    use cpmv_block::{Cuda, MaskDraws};
+
+    use super::Bridge;
+    use crate::error::{ModelError, Result};
+    use crate::llm::LlmAux;
+
+    fn not_cuda(what: &str) -> ModelError {
+        ModelError::Batch(format!("internal: the CUDA block path got {what}"))
+    }
+
+    impl Bridge for Cuda {
+        const MASKS: MaskDraws = MaskDraws::PerMask;
+
+        fn buf(&self, t: &Tensor) -> Result<CudaSlice<f32>> {
+            let t = t.to_dtype(DType::F32)?.contiguous()?;
+            let (storage, layout) = t.storage_and_layout();
+            let Storage::Cuda(cs) = &*storage else {
+                return Err(not_cuda("a tensor off the GPU"));
+            };
+            let start = layout.start_offset();
+            let view = cs
+                .as_cuda_slice::<f32>()?
+                .slice(start..start + t.elem_count());
+            self.stream()
+                .clone_dtod(&view)
+                .map_err(|e| ModelError::Batch(format!("cuda: {e:?}")))
+        }
+
+        fn tensor(&self, b: CudaSlice<f32>, shape: Shape, device: &Device) -> Result<Tensor> {
+            let Device::Cuda(dev) = device else {
+                return Err(not_cuda("a CPU device"));
+            };
+            if b.len() != shape.elem_count() {
+                return Err(ModelError::Batch(format!(
+                    "internal: {} values for a tensor of shape {shape:?}",
+                    b.len()
+                )));
+            }
+            let storage = CudaStorage::wrap_cuda_slice(b, dev.clone());
+            Ok(Tensor::from_storage(
+                Storage::Cuda(storage),
+                shape,
+                BackpropOp::none(),
+                false,
+            ))
+        }
+
+        fn rope_tables(&self, aux: &LlmAux) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+            Ok((self.buf(&aux.cos)?, self.buf(&aux.sin)?))
+        }
+    }
+}
+
 /// Collects a layer's tensors for the block path; trainable ones get a gradient slot.
-#[derive(Default)]
-pub(crate) struct Collect {
+pub(crate) struct Collect<'a, B> {
+    be: &'a B,
     /// The tensor of each slot (a variable's tensor: gradients are keyed by its id).
     params: Vec<Tensor>,
 }
 
-impl Collect {
-    pub(crate) fn param(&mut self, t: &Tensor) -> Result<bv::Param<Cpu>> {
-        let value = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+impl<B: Bridge> Collect<'_, B> {
+    pub(crate) fn param(&mut self, t: &Tensor) -> Result<bv::Param<B>> {
+        let value = self.be.buf(t)?;
         let slot = t.is_variable().then(|| {
             self.params.push(t.clone());
             self.params.len() - 1
@@ -51,14 +148,14 @@ impl Collect {
         Ok(bv::Param { value, slot })
     }
 
-    pub(crate) fn norm(&mut self, n: &(Tensor, Tensor)) -> Result<bv::Norm<Cpu>> {
+    pub(crate) fn norm(&mut self, n: &(Tensor, Tensor)) -> Result<bv::Norm<B>> {
         Ok(bv::Norm {
             weight: self.param(&n.0)?,
             bias: self.param(&n.1)?,
         })
     }
 
-    pub(crate) fn linear(&mut self, l: &Linear) -> Result<bv::Linear<Cpu>> {
+    pub(crate) fn linear(&mut self, l: &Linear) -> Result<bv::Linear<B>> {
         let (out, inp) = l.weight.dims2()?;
         let lora = match &l.lora {
             Some(ad) => Some(bv::Lora {
@@ -87,16 +184,22 @@ pub(crate) fn gelu(g: Gelu) -> cpmv_block::Gelu {
     }
 }
 
-/// A layer made for the block path (vision or decoder), with the tensors behind its
-/// gradient slots.
-pub(crate) struct BlockLayer<L = bv::VisionLayer<Cpu>> {
+/// A layer made for the block path (vision or decoder) on a backend, with the tensors
+/// behind its gradient slots.
+pub(crate) struct BlockLayer<L> {
     pub(crate) layer: L,
     pub(crate) params: Vec<Tensor>,
 }
 
 impl<L> BlockLayer<L> {
-    pub(crate) fn new(f: impl FnOnce(&mut Collect) -> Result<L>) -> Result<Self> {
-        let mut c = Collect::default();
+    pub(crate) fn new<B: Bridge>(
+        be: &B,
+        f: impl FnOnce(&mut Collect<'_, B>) -> Result<L>,
+    ) -> Result<Self> {
+        let mut c = Collect {
+            be,
+            params: Vec::new(),
+        };
         let layer = f(&mut c)?;
         Ok(BlockLayer {
             layer,
@@ -105,11 +208,25 @@ impl<L> BlockLayer<L> {
     }
 }
 
+/// A vision layer's saved activations on the backend that ran it.
+enum VisionSaved {
+    Cpu(Box<bv::Saved<Cpu>>),
+    #[cfg(feature = "cuda")]
+    Cuda(Box<bv::Saved<cpmv_block::Cuda>>),
+}
+
+/// A decoder layer's saved activations on the backend that ran it.
+enum LlmSaved {
+    Cpu(Box<bl::Saved<Cpu>>),
+    #[cfg(feature = "cuda")]
+    Cuda(Box<bl::Saved<cpmv_block::Cuda>>),
+}
+
 /// What [`MiniCpmV::vision_block_backward`] needs of a forward pass.
 pub struct VisionBlockState {
     layer: usize,
     dims: (usize, usize, usize),
-    saved: bv::Saved<Cpu>,
+    saved: VisionSaved,
 }
 
 /// Query key ranges of a vision batch: every image's valid patches when padded keys are
@@ -127,12 +244,27 @@ fn key_bounds(input: &VisionInput, l_max: usize) -> Vec<(u32, u32)> {
     b
 }
 
+/// The block path asked of a device it does not run on.
+fn unsupported(device: &Device) -> ModelError {
+    ModelError::Batch(format!("the block path does not run on {device:?}"))
+}
+
+/// A backward pass given the state of a forward pass on another device.
+fn mismatch(layer: &str) -> ModelError {
+    ModelError::Batch(format!(
+        "internal: {layer} state from another device than the model's"
+    ))
+}
+
 impl MiniCpmV {
     /// Whether vision layers run on the block path: asked for at load
-    /// ([`crate::LoadOptions::block_path`]) and available for the model's device and dtype
-    /// (today: CPU, f32).
+    /// ([`crate::LoadOptions::block_path`]) and available for the model's device and dtype:
+    /// f32 on the CPU, and on a GPU with `CPMV_CUDA_BLOCKS=1` ([`cuda_blocks_env`]).
     pub fn vision_on_blocks(&self) -> bool {
-        self.block_path() && self.params().device().is_cpu() && self.params().dtype() == DType::F32
+        let device = self.params().device();
+        let here =
+            device.is_cpu() || (cfg!(feature = "cuda") && device.is_cuda() && cuda_blocks_env());
+        self.block_path() && here && self.params().dtype() == DType::F32
     }
 
     /// Vision layer `i` on the block path: the output for `x` `[n, l_max, C]` (the batch
@@ -153,24 +285,48 @@ impl MiniCpmV {
                 input.lens.len()
             )));
         }
-        let bl = self.vision_block_layer(i)?;
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let bounds = key_bounds(input, l_max);
         let im = Images {
             seqs: n,
             len: l_max,
             bounds: &bounds,
         };
-        let (y, saved) = run_with(self, train, |run| {
-            bl.layer.forward(&Cpu, &xs, &im, run, save)
-        })?;
-        let y = Tensor::from_vec(y, (n, l_max, c), x.device())?;
+        let (y, saved) = match x.device() {
+            Device::Cpu => {
+                let (y, s) = self.vision_forward_on(&Cpu, i, x, &im, train, save)?;
+                (y, s.map(|s| VisionSaved::Cpu(Box::new(s))))
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(dev) => {
+                let g = self.cuda_backend(dev)?;
+                let (y, s) = self.vision_forward_on(g, i, x, &im, train, save)?;
+                (y, s.map(|s| VisionSaved::Cuda(Box::new(s))))
+            }
+            other => return Err(unsupported(other)),
+        };
         let state = saved.map(|saved| VisionBlockState {
             layer: i,
             dims: (n, l_max, c),
             saved,
         });
         Ok((y, state))
+    }
+
+    fn vision_forward_on<B: Bridge>(
+        &self,
+        be: &B,
+        i: usize,
+        x: &Tensor,
+        im: &Images,
+        train: bool,
+        save: bool,
+    ) -> Result<(Tensor, Option<bv::Saved<B>>)> {
+        let layer = self.vision_block_layer(be, i)?;
+        let xs = be.buf(x)?;
+        let (y, saved) = run_with::<B, _>(self, train, |run| {
+            layer.layer.forward(be, &xs, im, run, save)
+        })?;
+        Ok((be.tensor(y, x.shape().clone(), x.device())?, saved))
     }
 
     /// Backward of [`MiniCpmV::vision_block_forward`] from the output gradient `gy`: the
@@ -190,32 +346,54 @@ impl MiniCpmV {
                 [n, l_max, c]
             )));
         }
-        let bl = self.vision_block_layer(state.layer)?;
-        let gys = gy.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let mut grads = Grads::<Cpu>::default();
-        let gx = bl.layer.backward(&Cpu, &state.saved, &gys, &mut grads)?;
-        let gx = Tensor::from_vec(gx, (n, l_max, c), gy.device())?;
-        Ok((gx, param_grads(&bl.params, grads)?))
+        match (&state.saved, gy.device()) {
+            (VisionSaved::Cpu(s), Device::Cpu) => self.vision_backward_on(&Cpu, state.layer, s, gy),
+            #[cfg(feature = "cuda")]
+            (VisionSaved::Cuda(s), Device::Cuda(dev)) => {
+                self.vision_backward_on(self.cuda_backend(dev)?, state.layer, s, gy)
+            }
+            _ => Err(mismatch("vision layer")),
+        }
+    }
+
+    fn vision_backward_on<B: Bridge>(
+        &self,
+        be: &B,
+        i: usize,
+        saved: &bv::Saved<B>,
+        gy: &Tensor,
+    ) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
+        let layer = self.vision_block_layer(be, i)?;
+        let gys = be.buf(gy)?;
+        let mut grads = Grads::<B>::default();
+        let gx = layer.layer.backward(be, saved, &gys, &mut grads)?;
+        let gx = be.tensor(gx, gy.shape().clone(), gy.device())?;
+        Ok((gx, param_grads(be, &layer.params, grads)?))
     }
 }
 
 /// The gradients of a block layer's slots, each with the tensor it belongs to.
-fn param_grads(params: &[Tensor], grads: Grads<Cpu>) -> Result<Vec<(Tensor, Tensor)>> {
+fn param_grads<B: Bridge>(
+    be: &B,
+    params: &[Tensor],
+    grads: Grads<B>,
+) -> Result<Vec<(Tensor, Tensor)>> {
     let mut out = Vec::with_capacity(grads.by_slot.len());
     for (slot, g) in grads.by_slot {
         let p = &params[slot];
-        out.push((p.clone(), Tensor::from_vec(g, p.shape(), p.device())?));
+        out.push((p.clone(), be.tensor(g, p.shape().clone(), p.device())?));
     }
     Ok(out)
 }
 
-/// The generator-backed draw of the model's LoRA dropout masks.
-fn run_with<T>(model: &MiniCpmV, train: bool, f: impl FnOnce(&mut Run) -> T) -> T {
+/// The generator-backed draw of the model's LoRA dropout masks, drawn as `B` draws them.
+fn run_with<B: Bridge, T>(model: &MiniCpmV, train: bool, f: impl FnOnce(&mut Run) -> T) -> T {
     let rng = model.dropout_cell();
     let mut draw = || rng.lock().unwrap_or_else(|p| p.into_inner()).next_u64();
     let mut run = Run {
         train,
         draw: &mut draw,
+        masks: B::MASKS,
     };
     f(&mut run)
 }
@@ -224,7 +402,7 @@ fn run_with<T>(model: &MiniCpmV, train: bool, f: impl FnOnce(&mut Run) -> T) -> 
 pub struct LlmBlockState {
     layer: usize,
     dims: (usize, usize, usize),
-    saved: bl::Saved<Cpu>,
+    saved: LlmSaved,
 }
 
 impl MiniCpmV {
@@ -251,25 +429,51 @@ impl MiniCpmV {
                 aux.keys.len()
             )));
         }
-        let layer = self.llm().block_layer(i)?;
-        let xs = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-        let tokens = bl::Tokens::<Cpu> {
-            seqs: b,
-            len: t,
-            bounds: &aux.keys,
-            cos: &aux.cos_rows,
-            sin: &aux.sin_rows,
+        let (y, saved) = match x.device() {
+            Device::Cpu => {
+                let (y, s) = self.llm_forward_on(&Cpu, i, x, aux, train, save)?;
+                (y, s.map(|s| LlmSaved::Cpu(Box::new(s))))
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(dev) => {
+                let g = self.cuda_backend(dev)?;
+                let (y, s) = self.llm_forward_on(g, i, x, aux, train, save)?;
+                (y, s.map(|s| LlmSaved::Cuda(Box::new(s))))
+            }
+            other => return Err(unsupported(other)),
         };
-        let (y, saved) = run_with(self, train, |run| {
-            layer.layer.forward(&Cpu, &xs, &tokens, run, save)
-        })?;
-        let y = Tensor::from_vec(y, (b, t, h), x.device())?;
         let state = saved.map(|saved| LlmBlockState {
             layer: i,
             dims: (b, t, h),
             saved,
         });
         Ok((y, state))
+    }
+
+    fn llm_forward_on<B: Bridge>(
+        &self,
+        be: &B,
+        i: usize,
+        x: &Tensor,
+        aux: &LlmAux,
+        train: bool,
+        save: bool,
+    ) -> Result<(Tensor, Option<bl::Saved<B>>)> {
+        let (b, t, _) = x.dims3()?;
+        let layer = self.llm().block_layer(be, i)?;
+        let xs = be.buf(x)?;
+        let (cos, sin) = be.rope_tables(aux)?;
+        let tokens = bl::Tokens::<B> {
+            seqs: b,
+            len: t,
+            bounds: &aux.keys,
+            cos: &cos,
+            sin: &sin,
+        };
+        let (y, saved) = run_with::<B, _>(self, train, |run| {
+            layer.layer.forward(be, &xs, &tokens, run, save)
+        })?;
+        Ok((be.tensor(y, x.shape().clone(), x.device())?, saved))
     }
 
     /// Backward of [`MiniCpmV::llm_block_forward`] (same `aux`) from the output gradient `gy`:
@@ -290,20 +494,38 @@ impl MiniCpmV {
                 [b, t, h]
             )));
         }
-        let layer = self.llm().block_layer(state.layer)?;
-        let gys = gy.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let mut grads = Grads::<Cpu>::default();
-        let tokens = bl::Tokens::<Cpu> {
+        match (&state.saved, gy.device()) {
+            (LlmSaved::Cpu(s), Device::Cpu) => self.llm_backward_on(&Cpu, state.layer, s, aux, gy),
+            #[cfg(feature = "cuda")]
+            (LlmSaved::Cuda(s), Device::Cuda(dev)) => {
+                self.llm_backward_on(self.cuda_backend(dev)?, state.layer, s, aux, gy)
+            }
+            _ => Err(mismatch("decoder layer")),
+        }
+    }
+
+    fn llm_backward_on<B: Bridge>(
+        &self,
+        be: &B,
+        i: usize,
+        saved: &bl::Saved<B>,
+        aux: &LlmAux,
+        gy: &Tensor,
+    ) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
+        let (b, t, _) = gy.dims3()?;
+        let layer = self.llm().block_layer(be, i)?;
+        let gys = be.buf(gy)?;
+        let (cos, sin) = be.rope_tables(aux)?;
+        let tokens = bl::Tokens::<B> {
             seqs: b,
             len: t,
             bounds: &aux.keys,
-            cos: &aux.cos_rows,
-            sin: &aux.sin_rows,
+            cos: &cos,
+            sin: &sin,
         };
-        let gx = layer
-            .layer
-            .backward(&Cpu, &state.saved, &tokens, &gys, &mut grads)?;
-        let gx = Tensor::from_vec(gx, (b, t, h), gy.device())?;
-        Ok((gx, param_grads(&layer.params, grads)?))
+        let mut grads = Grads::<B>::default();
+        let gx = layer.layer.backward(be, saved, &tokens, &gys, &mut grads)?;
+        let gx = be.tensor(gx, gy.shape().clone(), gy.device())?;
+        Ok((gx, param_grads(be, &layer.params, grads)?))
     }
 }

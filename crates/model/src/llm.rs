@@ -385,15 +385,16 @@ impl Llm {
     }
 
     /// Decoder layer `i` made for the block path.
-    pub(crate) fn block_layer(
+    pub(crate) fn block_layer<B: crate::block::Bridge>(
         &self,
+        be: &B,
         i: usize,
-    ) -> Result<crate::block::BlockLayer<cpmv_block::llm::LlmLayer<cpmv_block::Cpu>>> {
+    ) -> Result<crate::block::BlockLayer<cpmv_block::llm::LlmLayer<B>>> {
         let l = self.layers.get(i).ok_or_else(|| {
             crate::error::ModelError::Batch(format!("internal: no decoder layer {i}"))
         })?;
         let c = &self.cfg;
-        crate::block::BlockLayer::new(|p| {
+        crate::block::BlockLayer::new(be, |p| {
             Ok(cpmv_block::llm::LlmLayer {
                 ln1: p.param(&l.ln1)?,
                 q: p.linear(&l.q)?,

@@ -134,6 +134,9 @@ pub struct MiniCpmV {
     llm: Llm,
     dropout: Mutex<Rng>,
     block_path: bool,
+    /// The block path's CUDA backend, made on first use on candle's stream.
+    #[cfg(feature = "cuda")]
+    cuda_blocks: std::sync::OnceLock<cpmv_block::Cuda>,
 }
 
 enum Vision {
@@ -173,6 +176,8 @@ impl MiniCpmV {
         Ok(MiniCpmV {
             dropout: dropout_rng(opts.seed),
             block_path: opts.block_path,
+            #[cfg(feature = "cuda")]
+            cuda_blocks: std::sync::OnceLock::new(),
             cfg,
             params,
             vision,
@@ -299,12 +304,31 @@ impl MiniCpmV {
         }
     }
 
-    /// Vision layer `i` converted for the block path.
-    pub(crate) fn vision_block_layer(&self, i: usize) -> Result<crate::block::BlockLayer> {
+    /// Vision layer `i` converted for the block path on backend `be`.
+    pub(crate) fn vision_block_layer<B: crate::block::Bridge>(
+        &self,
+        be: &B,
+        i: usize,
+    ) -> Result<crate::block::BlockLayer<cpmv_block::vision::VisionLayer<B>>> {
         match &self.vision {
-            Vision::Vit(v) => v.block_layer(i),
-            Vision::Navit(v) => v.block_layer(i),
+            Vision::Vit(v) => v.block_layer(be, i),
+            Vision::Navit(v) => v.block_layer(be, i),
         }
+    }
+
+    /// The block path's CUDA backend for `dev` (the model's device), on candle's stream so
+    /// that its work is ordered with candle's.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn cuda_backend(&self, dev: &candle_core::CudaDevice) -> Result<&cpmv_block::Cuda> {
+        if let Some(b) = self.cuda_blocks.get() {
+            return Ok(b);
+        }
+        let b = cpmv_block::Cuda::new(dev.cuda_stream())?;
+        // A second thread may have set it meanwhile: either backend serves.
+        let _ = self.cuda_blocks.set(b);
+        self.cuda_blocks
+            .get()
+            .ok_or_else(|| ModelError::Batch("internal: no CUDA block backend".into()))
     }
 
     /// Whether any vision parameter trains (weights or LoRA adapters).

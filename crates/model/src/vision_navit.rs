@@ -9,7 +9,7 @@
 
 use candle_core::Tensor;
 
-use crate::block::{gelu as block_gelu, BlockLayer};
+use crate::block::{gelu as block_gelu, BlockLayer, Bridge};
 use crate::config::VisionConfig;
 use crate::error::{ModelError, Result};
 use crate::image::{stack_patches, ImageInput};
@@ -182,12 +182,16 @@ impl NavitSiglip {
     }
 
     /// Layer `i` for the block path (see [`crate::block`]).
-    pub(crate) fn block_layer(&self, i: usize) -> Result<BlockLayer> {
+    pub(crate) fn block_layer<B: Bridge>(
+        &self,
+        be: &B,
+        i: usize,
+    ) -> Result<BlockLayer<bv::VisionLayer<B>>> {
         let l = self
             .layers
             .get(i)
             .ok_or_else(|| ModelError::Batch(format!("internal: no vision layer {i}")))?;
-        BlockLayer::new(|c| {
+        BlockLayer::new(be, |c| {
             let q = c.linear(&l.q)?;
             let k = c.linear(&l.k)?;
             let v = c.linear(&l.v)?;

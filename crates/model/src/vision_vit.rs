@@ -7,7 +7,7 @@
 
 use candle_core::{Tensor, D};
 
-use crate::block::{gelu as block_gelu, BlockLayer};
+use crate::block::{gelu as block_gelu, BlockLayer, Bridge};
 use crate::config::{Gelu, VisionConfig};
 use crate::error::{ModelError, Result};
 use crate::image::{stack_patches, ImageInput};
@@ -185,12 +185,16 @@ impl VitSiglip {
     }
 
     /// Block `i` for the block path (see [`crate::block`]).
-    pub(crate) fn block_layer(&self, i: usize) -> Result<BlockLayer> {
+    pub(crate) fn block_layer<B: Bridge>(
+        &self,
+        be: &B,
+        i: usize,
+    ) -> Result<BlockLayer<bv::VisionLayer<B>>> {
         let b = self
             .blocks
             .get(i)
             .ok_or_else(|| ModelError::Batch(format!("internal: no vision layer {i}")))?;
-        BlockLayer::new(|c| {
+        BlockLayer::new(be, |c| {
             Ok(bv::VisionLayer {
                 ln1: c.norm(&b.norm1)?,
                 qkv: bv::Qkv::Fused(c.linear(&b.qkv)?),

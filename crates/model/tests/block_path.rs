@@ -2,6 +2,10 @@
 //! real-format models of all three versions: outputs, input gradients and the gradient of
 //! every trainable tensor (full fine-tune, LoRA with dropout over frozen weights, both at once),
 //! f32, relative error ≤ 1e-5, and the same LoRA dropout draws.
+//!
+//! On the CPU by default. The GPU test binary (`tests/gpu`) runs the same checks on the GPU
+//! with `CPMV_TEST_DEVICE=cuda CPMV_CUDA_BLOCKS=1`: the CUDA backend against candle's fused
+//! CUDA path, masks made on the device from the same seeds.
 
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
@@ -9,10 +13,23 @@ use cpmv_model::config::Fixes;
 use cpmv_model::{synthetic, LoadOptions, LoraConfig, MiniCpmV, Trainable};
 use std::path::PathBuf;
 
+/// `tests/fixtures/model/<v>` of the repository (`CPMV_REPO` overrides the root, for a test
+/// binary carried to another machine).
 fn fixture_dir(v: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/model")
-        .join(v)
+    let root = std::env::var_os("CPMV_REPO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."));
+    root.join("tests/fixtures/model").join(v)
+}
+
+/// Where the layers run: the CPU, or the GPU with `CPMV_TEST_DEVICE=cuda`.
+fn device() -> Device {
+    match std::env::var("CPMV_TEST_DEVICE").as_deref() {
+        Ok("cuda") => {
+            Device::new_cuda(0).expect("CPMV_TEST_DEVICE=cuda needs a CUDA build and GPU")
+        }
+        _ => Device::Cpu,
+    }
 }
 
 /// `max |a − b| / max |b|`.
@@ -30,11 +47,11 @@ fn max_abs(t: &Tensor) -> f32 {
         .unwrap()
 }
 
-fn seeded(shape: &[usize], seed: u64) -> Tensor {
+fn seeded(shape: &[usize], seed: u64, device: &Device) -> Tensor {
     let mut rng = cpmv_model::Rng(seed);
     let n: usize = shape.iter().product();
     let v: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    Tensor::from_vec(v, shape, device).unwrap()
 }
 
 struct Setup {
@@ -86,9 +103,11 @@ fn check(version: &str, fixes: Fixes) {
             lora: s.lora.clone(),
             seed: 7,
             fixes,
+            device: device(),
             ..Default::default()
         };
         let model = MiniCpmV::load(&fixture_dir(version), &opts).unwrap();
+        assert!(model.vision_on_blocks(), "the block path is off");
         let cfg = model.config().clone();
         // Images of three sizes: padded rows, and a masked or unmasked scheme.
         let batch = synthetic::batch(&cfg, 1, 3, 8, &[(2, 3), (4, 4), (1, 2)], 11);
@@ -97,7 +116,7 @@ fn check(version: &str, fixes: Fixes) {
         let mut x = input.x.detach();
         for i in 0..model.vision_num_layers() {
             let what = format!("{version} {:?} [{}] layer {i}", fixes, s.name);
-            let gy = seeded(x.dims(), 100 + i as u64);
+            let gy = seeded(x.dims(), 100 + i as u64, x.device());
             let state = model.dropout_state();
 
             // Reference: candle's autograd.
@@ -233,10 +252,11 @@ fn check_llm(version: &str) {
             trainable: s.trainable,
             lora: s.lora.clone(),
             seed: 7,
+            device: device(),
             ..Default::default()
         };
         let model = MiniCpmV::load(&fixture_dir(version), &opts).unwrap();
-        assert!(model.llm_on_blocks());
+        assert!(model.llm_on_blocks(), "the block path is off");
         let cfg = model.config().clone();
         let batch = synthetic::batch(&cfg, 2, 3, 6, &[(2, 2), (1, 3)], 13);
         let aux = model.llm_aux(&batch).unwrap();
@@ -244,7 +264,7 @@ fn check_llm(version: &str) {
         let mut x = model.input_embeddings(&batch, true).unwrap().detach();
         for i in 0..model.llm().num_layers() {
             let what = format!("{version} LLM [{}] layer {i}", s.name);
-            let gy = seeded(x.dims(), 200 + i as u64);
+            let gy = seeded(x.dims(), 200 + i as u64, x.device());
             let state = model.dropout_state();
 
             let xv = Var::from_tensor(&x).unwrap();

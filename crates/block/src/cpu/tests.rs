@@ -325,24 +325,65 @@ fn attention_backward_matches_central_differences() {
     }
 }
 
+fn counter_draws() -> impl FnMut() -> u64 {
+    let mut s = 0u64;
+    move || {
+        s += 1;
+        s.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    }
+}
+
 #[test]
 fn dropout_mask_replays_the_generator() {
     let be = Cpu;
-    let mut s = 0u64;
+    for masks in [MaskDraws::PerElement, MaskDraws::PerMask] {
+        let mut draw = counter_draws();
+        let m = be.dropout_mask(1000, 0.75, masks, &mut draw).unwrap();
+        let kept = m.iter().filter(|&&v| v != 0.0).count();
+        assert!(
+            (650..850).contains(&kept),
+            "{masks:?}: {kept} of 1000 kept at 0.75"
+        );
+        assert!(m.iter().all(|&v| v == 0.0 || v == 1.0 / 0.75f32));
+        let second = be.dropout_mask(1000, 0.75, masks, &mut draw).unwrap();
+        assert_ne!(second, m, "{masks:?}: the next mask is another one");
+        assert_eq!(
+            be.dropout_mask(1000, 0.75, masks, &mut counter_draws())
+                .unwrap(),
+            m,
+            "{masks:?}: the same draws give the same mask"
+        );
+    }
+}
+
+#[test]
+fn a_per_mask_draw_takes_one_value_of_the_generator() {
+    let mut calls = 0;
     let mut draw = || {
-        s += 1;
-        s.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        calls += 1;
+        0x1234_5678_9ABC_DEF0u64
     };
-    let m = be.dropout_mask(1000, 0.75, &mut draw).unwrap();
+    let m = host_mask(10_000, 0.9, MaskDraws::PerMask, &mut draw);
+    assert_eq!(calls, 1);
+    // The hash's first values for this seed, worked out by hand from SplitMix64: element 0
+    // hashes the seed itself.
+    let z0 = {
+        let mut z = 0x1234_5678_9ABC_DEF0u64.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let u0 = (z0 >> 11) as f64 / 9_007_199_254_740_992.0;
+    assert_eq!(m[0] != 0.0, u0 < 0.9f32 as f64);
     let kept = m.iter().filter(|&&v| v != 0.0).count();
-    assert!((650..850).contains(&kept), "{kept} of 1000 kept at 0.75");
-    assert!(m.iter().all(|&v| v == 0.0 || v == (1.0f64 / 0.75) as f32));
-    let mut s = 0u64;
-    let mut again = || {
-        s += 1;
-        s.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    assert!((8800..9200).contains(&kept), "{kept} of 10000 kept at 0.9");
+    let mut calls = 0;
+    let mut draw = || {
+        calls += 1;
+        calls
     };
-    assert_eq!(be.dropout_mask(1000, 0.75, &mut again).unwrap(), m);
+    host_mask(10, 0.9, MaskDraws::PerElement, &mut draw);
+    assert_eq!(calls, 10);
 }
 
 #[test]
