@@ -3,7 +3,8 @@
 # folder target/gpu-carry (pass it as the device tool's `carry`):
 #   bin/train.xz      the CUDA + NCCL build of `train` (stripped, xz; libnccl.so.2 comes from
 #                     PyTorch's wheels there)
-#   bin/gpu.xz        the GPU test binary (crates/model/tests/gpu: kernels vs CPU, AdamW, parity)
+#   bin/gpu.xz        the GPU test binary (crates/model/tests/gpu: kernels vs CPU, AdamW, parity,
+#                     the block path's layers on the GPU vs candle's autograd there)
 #   bin/block.xz      the block path's CUDA backend against its CPU backend (crates/block/tests/cuda.rs)
 #   tiny-shards/      the bundled example prepared for the tiny 2.6 model (50-step CPU/GPU run)
 #   dist-shards/      the same, one sample per pack at 112 px (11 packs: several ranks' steps

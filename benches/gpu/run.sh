@@ -57,6 +57,10 @@ check() {
     timeout 180 "$C/bin/block" --test-threads 1 --nocapture >"$OUT/block.log" 2>&1 || fail "block-path CUDA backend"
     grep -E "max rel diff|test result|panicked|FAILED" "$OUT/block.log" | tee -a "$OUT/check.txt"
   fi
+  stamp "block path on the GPU: layers of v2_0 and v2_6 on the CUDA backend vs candle's autograd on the GPU (f32, 1e-5)"
+  CPMV_REPO=$repo_c CPMV_TEST_DEVICE=cuda CPMV_CUDA_BLOCKS=1 timeout 180 "$C/bin/gpu" --test-threads 1 \
+    --nocapture blocks::v2_0 blocks::v2_6 >"$OUT/blocks.log" 2>&1 || fail "block path on the GPU"
+  grep -E "test |test result|panicked|rel err|FAILED" "$OUT/blocks.log" | tee -a "$OUT/check.txt"
   stamp "PyTorch parity fixtures v2_0 and v2_6 on the GPU, f32 and bf16 (bf16 bounds: 2x PyTorch's own bf16 error)"
   for v in v2_0 v2_6; do
     CPMV_REPO=$repo_c CPMV_TEST_DEVICE=cuda timeout 180 "$C/bin/gpu" --test-threads 1 \
@@ -69,14 +73,15 @@ check() {
     timeout 120 "$PY" benches/gpu/torch_baseline.py --tiny --device cuda --check 2>&1 | tail -4 | tee -a "$OUT/check.txt"
   fi
   [ "${TINY:-1}" = 1 ] || return 0
-  stamp "50 tiny steps: CPU f32, GPU f32, GPU bf16"
+  stamp "50 tiny steps: CPU f32, GPU f32 (candle, then the block path), GPU bf16"
   W=$(mktemp -d)
   trap 'rm -rf "$W"' EXIT
   "$TRAIN" init-model --like examples/models/minicpm-v-2_6-tiny --size tiny --seed 0 --out "$W/model" >/dev/null
-  for run in cpu:f32 cuda:f32 cuda:bf16; do
-    dev=${run%%:*}; dt=${run##*:}
-    timeout 240 "$TRAIN" --config pipelines/tiny-cpu-demo.toml --shards "$C/tiny-shards" --model "$W/model" \
-      --output "$W/run-$dev-$dt" --max-steps 50 --save-every 1000 --eval-every 1000 --device "$dev" --dtype "$dt" --quiet 2>&1 | tail -2
+  for run in cpu:f32 cuda:f32 cuda:f32-blocks cuda:bf16; do
+    dev=${run%%:*}; dt=${run##*:}; blocks=0
+    [ "$dt" = f32-blocks ] && { dt=f32; blocks=1; }
+    CPMV_CUDA_BLOCKS=$blocks timeout 240 "$TRAIN" --config pipelines/tiny-cpu-demo.toml --shards "$C/tiny-shards" --model "$W/model" \
+      --output "$W/run-$dev-${run##*:}" --max-steps 50 --save-every 1000 --eval-every 1000 --device "$dev" --dtype "$dt" --quiet 2>&1 | tail -2
   done
   # One file for the three logs (the device tool returns at most 8 files): each line gets "run".
   "$PY" - "$W" "$OUT" <<'PYEOF' | tee -a "$OUT/check.txt"
@@ -84,7 +89,7 @@ import json, sys
 work, out = sys.argv[1], sys.argv[2]
 runs = {}
 with open(f"{out}/tiny.jsonl", "w") as merged:
-    for name in ("cpu-f32", "cuda-f32", "cuda-bf16"):
+    for name in ("cpu-f32", "cuda-f32", "cuda-f32-blocks", "cuda-bf16"):
         runs[name] = []
         try:
             lines = open(f"{work}/run-{name}/log.jsonl").read().splitlines()
@@ -98,13 +103,16 @@ with open(f"{out}/tiny.jsonl", "w") as merged:
 def losses(name):
     return runs.get(name, [])
 cpu, g32, g16 = losses("cpu-f32"), losses("cuda-f32"), losses("cuda-bf16")
-print(f"tiny 50 steps: cpu {len(cpu)} losses, cuda f32 {len(g32)}, cuda bf16 {len(g16)}")
+gb = losses("cuda-f32-blocks")
+print(f"tiny 50 steps: cpu {len(cpu)} losses, cuda f32 {len(g32)}, cuda f32 block path {len(gb)}, "
+      f"cuda bf16 {len(g16)}")
 # lr 2e-3 on a random tiny model is chaotic: rounding differences (GPU reduction order, bf16)
 # grow as training proceeds, so the first 20 steps are held to a tight tolerance and the whole
 # curve to a loose one (f32 only: the CPU's own bf16 run departs from its f32 run by 11 % within
 # 50 steps, 2026-12-04, so a 50-step bound on bf16 measures the chaos, not the GPU).
 bad = False
-for name, other, tol20, tol50 in [("cuda f32", g32, 1e-5, 2e-2), ("cuda bf16", g16, 1e-2, None)]:
+for name, other, tol20, tol50 in [("cuda f32", g32, 1e-5, 2e-2), ("cuda f32 block path", gb, 1e-5, 2e-2),
+                                  ("cuda bf16", g16, 1e-2, None)]:
     if len(other) != len(cpu) or not cpu:
         print(f"{name}: MISSING"); bad = True; continue
     rel = [abs(a - b) / abs(a) for a, b in zip(cpu, other)]
@@ -125,12 +133,19 @@ bench() {
   for c in $configs; do
     v=${c%%:*}; m=${c##*:}
     like=$(like_of "$v")
-    # CPMV_PATHS="default unfused" adds a CPMV_UNFUSED=1 row (candle op by op) per configuration.
+    # CPMV_PATHS: `default` (bf16, candle's graph with the fused kernels), `unfused` (a
+    # CPMV_UNFUSED=1 row: candle op by op), `f32` and `blocks-f32` (f32 weights on candle's graph,
+    # and on the block path's CUDA backend: the two f32 rows compare the paths, not precisions).
     for p in ${CPMV_PATHS:-default}; do
-      u=0; [ "$p" = unfused ] && u=1
+      u=0; b=0; dt=(); label=fused
+      case $p in
+        unfused) u=1; label=unfused ;;
+        f32) dt=(--dtype f32) ;;
+        blocks-f32) b=1; dt=(--dtype f32); label=blocks ;;
+      esac
       stamp "cpmv $v $m ($p)"
-      CPMV_UNFUSED=$u CPMV_PROFILE=${CPMV_PROFILE:-0} timeout 150 "$TRAIN" bench --like "$like" --mode "$m" --warmup "$WARMUP" --steps "$STEPS" --out "$OUT/cpmv.jsonl" 2>&1 | tail -3 \
-        || { echo "{\"impl\":\"cpmv\",\"version\":\"$v\",\"mode\":\"$m\",\"seq\":2048,\"path\":\"$([ $u = 1 ] && echo unfused || echo fused)\",\"error\":\"exit status ${PIPESTATUS[0]}\"}" >> "$OUT/cpmv.jsonl"; fail "cpmv bench $v $m $p"; }
+      CPMV_UNFUSED=$u CPMV_CUDA_BLOCKS=$b CPMV_PROFILE=${CPMV_PROFILE:-0} timeout 150 "$TRAIN" bench --like "$like" --mode "$m" "${dt[@]}" --warmup "$WARMUP" --steps "$STEPS" --out "$OUT/cpmv.jsonl" 2>&1 | tail -3 \
+        || { echo "{\"impl\":\"cpmv\",\"version\":\"$v\",\"mode\":\"$m\",\"seq\":2048,\"path\":\"$label\",\"error\":\"exit status ${PIPESTATUS[0]}\"}" >> "$OUT/cpmv.jsonl"; fail "cpmv bench $v $m $p"; }
     done
     for w in ${TORCH_WEIGHTS:-bf16}; do
       stamp "pytorch $v $m $w"
