@@ -1,8 +1,20 @@
-// The CUDA backend's kernels (f32). Each one is the device version of a `Cpu` method in
-// src/cpu.rs and is held to it by tests/cuda.rs; the matrix products go to cuBLAS.
+// The CUDA backend's kernels. Each one is the device version of a `Cpu` method in src/cpu.rs
+// and is held to it by tests/cuda.rs; the matrix products go to cuBLAS. Every kernel is a
+// template over the element type T of activations, weights and gradients (float or bf16),
+// instantiated as `<name>_f32` and `<name>_bf16`; arithmetic is in f32 (f64 for sums), and
+// per-row statistics (norm statistics, softmax log-sum-exp) are float whatever T is.
 // Views: a row-major matrix at element `off`, `rows` × `cols`, rows `ld` apart.
 
+#include <cuda_bf16.h>
 #include <stdint.h>
+
+typedef __nv_bfloat16 bf16;
+
+__device__ __forceinline__ float tof(float x) { return x; }
+__device__ __forceinline__ float tof(bf16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T fromf(float x);
+template <> __device__ __forceinline__ float fromf<float>(float x) { return x; }
+template <> __device__ __forceinline__ bf16 fromf<bf16>(float x) { return __float2bfloat16(x); }
 
 #define GELU_NONE 0
 #define GELU_ERF 1
@@ -41,50 +53,53 @@ __device__ double block_sum(double v, double* shared) {
 }
 
 // y(view) = act(y + bias); pre (dense rows×cols) receives y + bias when given.
-extern "C" __global__ void bias_act(float* y, size_t off, size_t rows, size_t cols, size_t ld,
-                                    const float* bias, int act, float* pre) {
+template <typename T>
+__device__ void bias_act(T* y, size_t off, size_t rows, size_t cols, size_t ld, const T* bias,
+                         int act, T* pre) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
     size_t r = i / cols, c = i % cols;
-    float* p = y + off + r * ld + c;
-    float v = *p + (bias ? bias[c] : 0.0f);
-    if (pre) pre[i] = v;
-    *p = act == GELU_NONE ? v : gelu_f(v, act);
+    T* p = y + off + r * ld + c;
+    float v = tof(*p) + (bias ? tof(bias[c]) : 0.0f);
+    if (pre) pre[i] = fromf<T>(v);
+    *p = fromf<T>(act == GELU_NONE ? v : gelu_f(v, act));
 }
 
-extern "C" __global__ void act_backward(float* d, const float* pre, size_t n, int act) {
+template <typename T> __device__ void act_backward(T* d, const T* pre, size_t n, int act) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) d[i] *= gelu_grad_f(pre[i], act);
+    if (i < n) d[i] = fromf<T>(tof(d[i]) * gelu_grad_f(tof(pre[i]), act));
 }
 
 // db[c] += Σ_r dy(view)[r, c]: one thread per column, rows in order (deterministic).
-extern "C" __global__ void bias_grad(float* db, const float* dy, size_t off, size_t rows,
-                                     size_t cols, size_t ld) {
+template <typename T>
+__device__ void bias_grad(T* db, const T* dy, size_t off, size_t rows, size_t cols, size_t ld) {
     size_t c = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= cols) return;
     double acc = 0.0;
-    for (size_t r = 0; r < rows; r++) acc += (double)dy[off + r * ld + c];
-    db[c] += (float)acc;
+    for (size_t r = 0; r < rows; r++) acc += (double)tof(dy[off + r * ld + c]);
+    db[c] = fromf<T>((float)((double)tof(db[c]) + acc));
 }
 
 // One block per row: y = (x − mean)·rstd·w + b; stats = (mean, rstd).
-extern "C" __global__ void layer_norm(float* y, float* stats, const float* x, const float* w,
-                                      const float* b, size_t cols, float eps) {
+template <typename T>
+__device__ void layer_norm(T* y, float* stats, const T* x, const T* w, const T* b, size_t cols,
+                           float eps) {
     __shared__ double sh[32];
     size_t r = blockIdx.x;
-    const float* xr = x + r * cols;
+    const T* xr = x + r * cols;
     double s = 0.0;
-    for (size_t c = threadIdx.x; c < cols; c += blockDim.x) s += (double)xr[c];
+    for (size_t c = threadIdx.x; c < cols; c += blockDim.x) s += (double)tof(xr[c]);
     double mean = block_sum(s, sh) / (double)cols;
     double q = 0.0;
     for (size_t c = threadIdx.x; c < cols; c += blockDim.x) {
-        double d = (double)xr[c] - mean;
+        double d = (double)tof(xr[c]) - mean;
         q += d * d;
     }
     double var = block_sum(q, sh) / (double)cols;
     double rstd = 1.0 / sqrt(var + (double)eps);
     for (size_t c = threadIdx.x; c < cols; c += blockDim.x)
-        y[r * cols + c] = (float)(((double)xr[c] - mean) * rstd * (double)w[c] + (double)b[c]);
+        y[r * cols + c] = fromf<T>(
+            (float)(((double)tof(xr[c]) - mean) * rstd * (double)tof(w[c]) + (double)tof(b[c])));
     if (threadIdx.x == 0) {
         stats[2 * r] = (float)mean;
         stats[2 * r + 1] = (float)rstd;
@@ -92,95 +107,102 @@ extern "C" __global__ void layer_norm(float* y, float* stats, const float* x, co
 }
 
 // One block per row: dx += rstd·(g − mean(g) − x̂·mean(g·x̂)), g = dy·w.
-extern "C" __global__ void layer_norm_backward_dx(float* dx, const float* dy, const float* x,
-                                                  const float* w, const float* stats,
-                                                  size_t cols) {
+template <typename T>
+__device__ void layer_norm_backward_dx(T* dx, const T* dy, const T* x, const T* w,
+                                       const float* stats, size_t cols) {
     __shared__ double sh[32];
     size_t r = blockIdx.x;
     double mean = stats[2 * r], rstd = stats[2 * r + 1];
-    const float *xr = x + r * cols, *dyr = dy + r * cols;
+    const T *xr = x + r * cols, *dyr = dy + r * cols;
     double s1 = 0.0, s2 = 0.0;
     for (size_t c = threadIdx.x; c < cols; c += blockDim.x) {
-        double xh = ((double)xr[c] - mean) * rstd;
-        double g = (double)dyr[c] * (double)w[c];
+        double xh = ((double)tof(xr[c]) - mean) * rstd;
+        double g = (double)tof(dyr[c]) * (double)tof(w[c]);
         s1 += g;
         s2 += g * xh;
     }
     double m1 = block_sum(s1, sh) / (double)cols;
     double m2 = block_sum(s2, sh) / (double)cols;
     for (size_t c = threadIdx.x; c < cols; c += blockDim.x) {
-        double xh = ((double)xr[c] - mean) * rstd;
-        double g = (double)dyr[c] * (double)w[c];
-        dx[r * cols + c] += (float)(rstd * (g - m1 - xh * m2));
+        double xh = ((double)tof(xr[c]) - mean) * rstd;
+        double g = (double)tof(dyr[c]) * (double)tof(w[c]);
+        T* o = dx + r * cols + c;
+        *o = fromf<T>((float)((double)tof(*o) + rstd * (g - m1 - xh * m2)));
     }
 }
 
 // One thread per column: dw += Σ dy·x̂, db += Σ dy (either may be null).
-extern "C" __global__ void layer_norm_backward_dwb(float* dw, float* db, const float* dy,
-                                                   const float* x, const float* stats, size_t rows,
-                                                   size_t cols) {
+template <typename T>
+__device__ void layer_norm_backward_dwb(T* dw, T* db, const T* dy, const T* x, const float* stats,
+                                        size_t rows, size_t cols) {
     size_t c = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= cols) return;
     double gw = 0.0, gb = 0.0;
     for (size_t r = 0; r < rows; r++) {
-        double d = (double)dy[r * cols + c];
-        gw += d * ((double)x[r * cols + c] - (double)stats[2 * r]) * (double)stats[2 * r + 1];
+        double d = (double)tof(dy[r * cols + c]);
+        gw += d * ((double)tof(x[r * cols + c]) - (double)stats[2 * r]) * (double)stats[2 * r + 1];
         gb += d;
     }
-    if (dw) dw[c] += (float)gw;
-    if (db) db[c] += (float)gb;
+    if (dw) dw[c] = fromf<T>((float)((double)tof(dw[c]) + gw));
+    if (db) db[c] = fromf<T>((float)((double)tof(db[c]) + gb));
 }
 
 // One block per row: y = x·rstd·w, rstd = 1/√(mean(x²) + eps).
-extern "C" __global__ void rms_norm(float* y, float* rstd, const float* x, const float* w,
-                                    size_t cols, float eps) {
+template <typename T>
+__device__ void rms_norm(T* y, float* rstd, const T* x, const T* w, size_t cols, float eps) {
     __shared__ double sh[32];
     size_t r = blockIdx.x;
-    const float* xr = x + r * cols;
+    const T* xr = x + r * cols;
     double s = 0.0;
-    for (size_t c = threadIdx.x; c < cols; c += blockDim.x) s += (double)xr[c] * (double)xr[c];
+    for (size_t c = threadIdx.x; c < cols; c += blockDim.x) {
+        double v = (double)tof(xr[c]);
+        s += v * v;
+    }
     double inv = 1.0 / sqrt(block_sum(s, sh) / (double)cols + (double)eps);
     for (size_t c = threadIdx.x; c < cols; c += blockDim.x)
-        y[r * cols + c] = (float)((double)xr[c] * inv * (double)w[c]);
+        y[r * cols + c] = fromf<T>((float)((double)tof(xr[c]) * inv * (double)tof(w[c])));
     if (threadIdx.x == 0) rstd[r] = (float)inv;
 }
 
 // One block per row: dx += r·(g − x·r²·mean(g·x)), g = dy·w.
-extern "C" __global__ void rms_norm_backward_dx(float* dx, const float* dy, const float* x,
-                                                const float* w, const float* rstd, size_t cols) {
+template <typename T>
+__device__ void rms_norm_backward_dx(T* dx, const T* dy, const T* x, const T* w,
+                                     const float* rstd, size_t cols) {
     __shared__ double sh[32];
     size_t row = blockIdx.x;
     double r = rstd[row];
-    const float *xr = x + row * cols, *dyr = dy + row * cols;
+    const T *xr = x + row * cols, *dyr = dy + row * cols;
     double s = 0.0;
     for (size_t c = threadIdx.x; c < cols; c += blockDim.x)
-        s += (double)dyr[c] * (double)w[c] * (double)xr[c];
+        s += (double)tof(dyr[c]) * (double)tof(w[c]) * (double)tof(xr[c]);
     double gx = block_sum(s, sh) / (double)cols;
     for (size_t c = threadIdx.x; c < cols; c += blockDim.x) {
-        double g = (double)dyr[c] * (double)w[c];
-        dx[row * cols + c] += (float)(r * (g - (double)xr[c] * r * r * gx));
+        double g = (double)tof(dyr[c]) * (double)tof(w[c]);
+        T* o = dx + row * cols + c;
+        *o = fromf<T>((float)((double)tof(*o) + r * (g - (double)tof(xr[c]) * r * r * gx)));
     }
 }
 
 // One thread per column: dw += Σ dy·x·rstd.
-extern "C" __global__ void rms_norm_backward_dw(float* dw, const float* dy, const float* x,
-                                                const float* rstd, size_t rows, size_t cols) {
+template <typename T>
+__device__ void rms_norm_backward_dw(T* dw, const T* dy, const T* x, const float* rstd,
+                                     size_t rows, size_t cols) {
     size_t c = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= cols) return;
     double acc = 0.0;
     for (size_t r = 0; r < rows; r++)
-        acc += (double)dy[r * cols + c] * (double)x[r * cols + c] * (double)rstd[r];
-    dw[c] += (float)acc;
+        acc += (double)tof(dy[r * cols + c]) * (double)tof(x[r * cols + c]) * (double)rstd[r];
+    dw[c] = fromf<T>((float)((double)tof(dw[c]) + acc));
 }
 
-extern "C" __global__ void add(float* y, const float* x, size_t n) {
+template <typename T> __device__ void add(T* y, const T* x, size_t n) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) y[i] += x[i];
+    if (i < n) y[i] = fromf<T>(tof(y[i]) + tof(x[i]));
 }
 
-extern "C" __global__ void mul(float* y, const float* x, const float* m, size_t n) {
+template <typename T> __device__ void mul(T* y, const T* x, const T* m, size_t n) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) y[i] = x[i] * m[i];
+    if (i < n) y[i] = fromf<T>(tof(x[i]) * tof(m[i]));
 }
 
 // Dropout mask from one seed: m[i] = 1/keep when a hash of (seed, i) falls below keep, else 0.
@@ -193,62 +215,56 @@ __device__ __forceinline__ uint64_t splitmix64(uint64_t z) {
     return z ^ (z >> 31);
 }
 
-extern "C" __global__ void dropout_mask(float* m, size_t n, uint64_t seed, float keep) {
+template <typename T> __device__ void dropout_mask(T* m, size_t n, uint64_t seed, float keep) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     double u = (double)(splitmix64(seed ^ (i * 0xD1B54A32D192ED03ull)) >> 11) * (1.0 / 9007199254740992.0);
-    m[i] = u < keep ? 1.f / keep : 0.f;
+    m[i] = fromf<T>(u < keep ? 1.f / keep : 0.f);
 }
 
 // Rotary embedding in place over the heads of a view; one thread per (row, head, i < half).
-extern "C" __global__ void rope(float* x, size_t off, size_t rows, size_t cols, size_t ld,
-                                size_t head_dim, const float* cos_t, const float* sin_t,
-                                int transpose) {
+template <typename T>
+__device__ void rope(T* x, size_t off, size_t rows, size_t cols, size_t ld, size_t head_dim,
+                     const T* cos_t, const T* sin_t, int transpose) {
     size_t half = head_dim / 2, heads = cols / head_dim;
     size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= rows * heads * half) return;
     size_t i = t % half, h = (t / half) % heads, r = t / (half * heads);
     size_t j = i + half;
-    float* p = x + off + r * ld + h * head_dim;
-    const float *c = cos_t + r * head_dim, *s = sin_t + r * head_dim;
-    float x1 = p[i], x2 = p[j];
+    T* p = x + off + r * ld + h * head_dim;
+    const T *c = cos_t + r * head_dim, *s = sin_t + r * head_dim;
+    float x1 = tof(p[i]), x2 = tof(p[j]);
     if (transpose) {
-        p[i] = x1 * c[i] + x2 * s[j];
-        p[j] = x2 * c[j] - x1 * s[i];
+        p[i] = fromf<T>(x1 * tof(c[i]) + x2 * tof(s[j]));
+        p[j] = fromf<T>(x2 * tof(c[j]) - x1 * tof(s[i]));
     } else {
-        p[i] = x1 * c[i] - x2 * s[i];
-        p[j] = x2 * c[j] + x1 * s[j];
+        p[i] = fromf<T>(x1 * tof(c[i]) - x2 * tof(s[i]));
+        p[j] = fromf<T>(x2 * tof(c[j]) + x1 * tof(s[j]));
     }
 }
 
 // y (dense rows×cols) = silu(g)·u, g and u views of one buffer with the same ld.
-extern "C" __global__ void swiglu(float* y, const float* gu, size_t goff, size_t uoff, size_t ld,
-                                  size_t rows, size_t cols) {
+template <typename T>
+__device__ void swiglu(T* y, const T* gu, size_t goff, size_t uoff, size_t ld, size_t rows,
+                       size_t cols) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
     size_t r = i / cols, c = i % cols;
-    double g = gu[goff + r * ld + c];
-    y[i] = (float)(g / (1.0 + exp(-g))) * gu[uoff + r * ld + c];
+    double g = tof(gu[goff + r * ld + c]);
+    y[i] = fromf<T>((float)(g / (1.0 + exp(-g))) * tof(gu[uoff + r * ld + c]));
 }
 
-extern "C" __global__ void swiglu_backward(float* dgu, const float* dy, const float* gu,
-                                           size_t goff, size_t uoff, size_t ld, size_t rows,
-                                           size_t cols) {
+template <typename T>
+__device__ void swiglu_backward(T* dgu, const T* dy, const T* gu, size_t goff, size_t uoff,
+                                size_t ld, size_t rows, size_t cols) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= rows * cols) return;
     size_t r = i / cols, c = i % cols;
     size_t gi = goff + r * ld + c, ui = uoff + r * ld + c;
-    double g = gu[gi], u = gu[ui], d = dy[i];
+    double g = tof(gu[gi]), u = tof(gu[ui]), d = tof(dy[i]);
     double sig = 1.0 / (1.0 + exp(-g));
-    dgu[gi] = (float)(d * u * sig * (1.0 + g * (1.0 - sig)));
-    dgu[ui] = (float)(d * g * sig);
-}
-
-// Zeroes columns [col, col + n) of every row (the k/v gradient columns before accumulation).
-extern "C" __global__ void zero_cols(float* x, size_t rows, size_t ld, size_t col, size_t n) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= rows * n) return;
-    x[(i / n) * ld + col + i % n] = 0.0f;
+    dgu[gi] = fromf<T>((float)(d * u * sig * (1.0 + g * (1.0 - sig))));
+    dgu[ui] = fromf<T>((float)(d * g * sig));
 }
 
 #define MAX_D 256
@@ -261,10 +277,10 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 // Attention forward, one warp per (query row, head): online softmax over the row's key range
 // [bounds[2r], bounds[2r+1]) of its sequence; lane l holds dims l, l + 32, ...
-extern "C" __global__ void attention(float* out, float* lse, const float* qkv,
-                                     const uint32_t* bounds, size_t seqs, size_t len,
-                                     size_t heads, size_t kv_heads, size_t d, size_t ld,
-                                     size_t q_col, size_t k_col, size_t v_col, float scale) {
+template <typename T>
+__device__ void attention(T* out, float* lse, const T* qkv, const uint32_t* bounds, size_t seqs,
+                          size_t len, size_t heads, size_t kv_heads, size_t d, size_t ld,
+                          size_t q_col, size_t k_col, size_t v_col, float scale) {
     size_t rows = seqs * len;
     size_t warp = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     int lane = threadIdx.x % 32;
@@ -273,21 +289,21 @@ extern "C" __global__ void attention(float* out, float* lse, const float* qkv,
     size_t g = h / (heads / kv_heads);
     size_t base = (row / len) * len;
     uint32_t lo = bounds[2 * row], hi = bounds[2 * row + 1];
-    const float* q = qkv + row * ld + q_col + h * d;
+    const T* q = qkv + row * ld + q_col + h * d;
     float qv[PER_LANE], acc[PER_LANE];
     for (int j = 0; j < PER_LANE; j++) {
         size_t e = lane + 32 * j;
-        qv[j] = e < d ? q[e] : 0.0f;
+        qv[j] = e < d ? tof(q[e]) : 0.0f;
         acc[j] = 0.0f;
     }
     float m = -INFINITY, sum = 0.0f;
     for (uint32_t t = lo; t < hi; t++) {
-        const float* k = qkv + (base + t) * ld + k_col + g * d;
-        const float* v = qkv + (base + t) * ld + v_col + g * d;
+        const T* k = qkv + (base + t) * ld + k_col + g * d;
+        const T* v = qkv + (base + t) * ld + v_col + g * d;
         float part = 0.0f;
         for (int j = 0; j < PER_LANE; j++) {
             size_t e = lane + 32 * j;
-            if (e < d) part += qv[j] * k[e];
+            if (e < d) part += qv[j] * tof(k[e]);
         }
         float s = warp_sum(part) * scale;
         float m_new = fmaxf(m, s);
@@ -295,26 +311,27 @@ extern "C" __global__ void attention(float* out, float* lse, const float* qkv,
         sum = sum * corr + p;
         for (int j = 0; j < PER_LANE; j++) {
             size_t e = lane + 32 * j;
-            acc[j] = acc[j] * corr + (e < d ? p * v[e] : 0.0f);
+            acc[j] = acc[j] * corr + (e < d ? p * tof(v[e]) : 0.0f);
         }
         m = m_new;
     }
-    float* o = out + row * heads * d + h * d;
+    T* o = out + row * heads * d + h * d;
     for (int j = 0; j < PER_LANE; j++) {
         size_t e = lane + 32 * j;
-        if (e < d) o[e] = hi > lo ? acc[j] / sum : 0.0f;
+        if (e < d) o[e] = fromf<T>(hi > lo ? acc[j] / sum : 0.0f);
     }
     if (lane == 0) lse[h * rows + row] = hi > lo ? m + logf(sum) : -INFINITY;
 }
 
-// Attention backward, one warp per (query row, head): dq written, dk and dv accumulated with
-// atomics into columns zeroed beforehand.
-extern "C" __global__ void attention_backward(float* dqkv, const float* dout, const float* out,
-                                              const float* lse, const float* qkv,
-                                              const uint32_t* bounds, size_t seqs, size_t len,
-                                              size_t heads, size_t kv_heads, size_t d, size_t ld,
-                                              size_t q_col, size_t k_col, size_t v_col,
-                                              float scale) {
+// Attention backward, one warp per (query row, head): dq written into dqkv; the key and value
+// gradients summed with atomics into the f32 scratch dkv (rows × 2·kv_heads·d, zeroed, k then
+// v), which scatter_kv then writes into dqkv's k and v columns.
+template <typename T>
+__device__ void attention_backward(T* dqkv, float* dkv, const T* dout, const T* out,
+                                   const float* lse, const T* qkv, const uint32_t* bounds,
+                                   size_t seqs, size_t len, size_t heads, size_t kv_heads,
+                                   size_t d, size_t ld, size_t q_col, size_t k_col, size_t v_col,
+                                   float scale) {
     size_t rows = seqs * len;
     size_t warp = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     int lane = threadIdx.x % 32;
@@ -323,49 +340,144 @@ extern "C" __global__ void attention_backward(float* dqkv, const float* dout, co
     size_t g = h / (heads / kv_heads);
     size_t base = (row / len) * len;
     uint32_t lo = bounds[2 * row], hi = bounds[2 * row + 1];
-    size_t width = heads * d;
-    const float* q = qkv + row * ld + q_col + h * d;
-    const float* go = dout + row * width + h * d;
-    const float* o = out + row * width + h * d;
+    size_t width = heads * d, kvw = kv_heads * d;
+    const T* q = qkv + row * ld + q_col + h * d;
+    const T* go = dout + row * width + h * d;
+    const T* o = out + row * width + h * d;
     float qv[PER_LANE], gv[PER_LANE], dq[PER_LANE];
     float part = 0.0f;
     for (int j = 0; j < PER_LANE; j++) {
         size_t e = lane + 32 * j;
-        qv[j] = e < d ? q[e] : 0.0f;
-        gv[j] = e < d ? go[e] : 0.0f;
+        qv[j] = e < d ? tof(q[e]) : 0.0f;
+        gv[j] = e < d ? tof(go[e]) : 0.0f;
         dq[j] = 0.0f;
-        if (e < d) part += gv[j] * o[e];
+        if (e < d) part += gv[j] * tof(o[e]);
     }
     float delta = warp_sum(part);
     float l = lse[h * rows + row];
     for (uint32_t t = lo; t < hi; t++) {
         size_t kr = (base + t) * ld;
-        const float* k = qkv + kr + k_col + g * d;
-        const float* v = qkv + kr + v_col + g * d;
+        const T* k = qkv + kr + k_col + g * d;
+        const T* v = qkv + kr + v_col + g * d;
         float qk = 0.0f, gvv = 0.0f;
         for (int j = 0; j < PER_LANE; j++) {
             size_t e = lane + 32 * j;
             if (e < d) {
-                qk += qv[j] * k[e];
-                gvv += gv[j] * v[e];
+                qk += qv[j] * tof(k[e]);
+                gvv += gv[j] * tof(v[e]);
             }
         }
         qk = warp_sum(qk);
         gvv = warp_sum(gvv);
         float p = expf(qk * scale - l);
         float ds = p * (gvv - delta) * scale;
+        float* dk = dkv + (base + t) * 2 * kvw + g * d;
         for (int j = 0; j < PER_LANE; j++) {
             size_t e = lane + 32 * j;
             if (e < d) {
-                atomicAdd(dqkv + kr + v_col + g * d + e, p * gv[j]);
-                atomicAdd(dqkv + kr + k_col + g * d + e, ds * qv[j]);
-                dq[j] += ds * k[e];
+                atomicAdd(dk + kvw + e, p * gv[j]);
+                atomicAdd(dk + e, ds * qv[j]);
+                dq[j] += ds * tof(k[e]);
             }
         }
     }
-    float* dqo = dqkv + row * ld + q_col + h * d;
+    T* dqo = dqkv + row * ld + q_col + h * d;
     for (int j = 0; j < PER_LANE; j++) {
         size_t e = lane + 32 * j;
-        if (e < d) dqo[e] = dq[j];
+        if (e < d) dqo[e] = fromf<T>(dq[j]);
     }
 }
+
+// dqkv's k and v columns of every row from the scratch dkv (rows × 2·kvw: k then v).
+template <typename T>
+__device__ void scatter_kv(T* dqkv, const float* dkv, size_t rows, size_t ld, size_t k_col,
+                           size_t v_col, size_t kvw) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= rows * 2 * kvw) return;
+    size_t r = i / (2 * kvw), c = i % (2 * kvw);
+    size_t col = c < kvw ? k_col + c : v_col + (c - kvw);
+    dqkv[r * ld + col] = fromf<T>(dkv[i]);
+}
+
+#define INSTANTIATE(T, S)                                                                          \
+    extern "C" __global__ void bias_act_##S(T* y, size_t off, size_t rows, size_t cols, size_t ld, \
+                                            const T* bias, int act, T* pre) {                     \
+        bias_act<T>(y, off, rows, cols, ld, bias, act, pre);                                       \
+    }                                                                                              \
+    extern "C" __global__ void act_backward_##S(T* d, const T* pre, size_t n, int act) {           \
+        act_backward<T>(d, pre, n, act);                                                           \
+    }                                                                                              \
+    extern "C" __global__ void bias_grad_##S(T* db, const T* dy, size_t off, size_t rows,          \
+                                             size_t cols, size_t ld) {                             \
+        bias_grad<T>(db, dy, off, rows, cols, ld);                                                 \
+    }                                                                                              \
+    extern "C" __global__ void layer_norm_##S(T* y, float* stats, const T* x, const T* w,          \
+                                              const T* b, size_t cols, float eps) {                \
+        layer_norm<T>(y, stats, x, w, b, cols, eps);                                               \
+    }                                                                                              \
+    extern "C" __global__ void layer_norm_backward_dx_##S(T* dx, const T* dy, const T* x,          \
+                                                          const T* w, const float* stats,          \
+                                                          size_t cols) {                           \
+        layer_norm_backward_dx<T>(dx, dy, x, w, stats, cols);                                      \
+    }                                                                                              \
+    extern "C" __global__ void layer_norm_backward_dwb_##S(T* dw, T* db, const T* dy, const T* x,  \
+                                                           const float* stats, size_t rows,        \
+                                                           size_t cols) {                          \
+        layer_norm_backward_dwb<T>(dw, db, dy, x, stats, rows, cols);                              \
+    }                                                                                              \
+    extern "C" __global__ void rms_norm_##S(T* y, float* rstd, const T* x, const T* w, size_t cols, \
+                                            float eps) {                                           \
+        rms_norm<T>(y, rstd, x, w, cols, eps);                                                     \
+    }                                                                                              \
+    extern "C" __global__ void rms_norm_backward_dx_##S(T* dx, const T* dy, const T* x, const T* w, \
+                                                        const float* rstd, size_t cols) {          \
+        rms_norm_backward_dx<T>(dx, dy, x, w, rstd, cols);                                         \
+    }                                                                                              \
+    extern "C" __global__ void rms_norm_backward_dw_##S(T* dw, const T* dy, const T* x,            \
+                                                        const float* rstd, size_t rows,            \
+                                                        size_t cols) {                             \
+        rms_norm_backward_dw<T>(dw, dy, x, rstd, rows, cols);                                      \
+    }                                                                                              \
+    extern "C" __global__ void add_##S(T* y, const T* x, size_t n) { add<T>(y, x, n); }            \
+    extern "C" __global__ void mul_##S(T* y, const T* x, const T* m, size_t n) {                   \
+        mul<T>(y, x, m, n);                                                                        \
+    }                                                                                              \
+    extern "C" __global__ void dropout_mask_##S(T* m, size_t n, uint64_t seed, float keep) {       \
+        dropout_mask<T>(m, n, seed, keep);                                                         \
+    }                                                                                              \
+    extern "C" __global__ void rope_##S(T* x, size_t off, size_t rows, size_t cols, size_t ld,     \
+                                        size_t head_dim, const T* cos_t, const T* sin_t,           \
+                                        int transpose) {                                           \
+        rope<T>(x, off, rows, cols, ld, head_dim, cos_t, sin_t, transpose);                        \
+    }                                                                                              \
+    extern "C" __global__ void swiglu_##S(T* y, const T* gu, size_t goff, size_t uoff, size_t ld,  \
+                                          size_t rows, size_t cols) {                              \
+        swiglu<T>(y, gu, goff, uoff, ld, rows, cols);                                              \
+    }                                                                                              \
+    extern "C" __global__ void swiglu_backward_##S(T* dgu, const T* dy, const T* gu, size_t goff,  \
+                                                   size_t uoff, size_t ld, size_t rows,            \
+                                                   size_t cols) {                                  \
+        swiglu_backward<T>(dgu, dy, gu, goff, uoff, ld, rows, cols);                               \
+    }                                                                                              \
+    extern "C" __global__ void attention_##S(T* out, float* lse, const T* qkv,                     \
+                                             const uint32_t* bounds, size_t seqs, size_t len,      \
+                                             size_t heads, size_t kv_heads, size_t d, size_t ld,   \
+                                             size_t q_col, size_t k_col, size_t v_col,             \
+                                             float scale) {                                        \
+        attention<T>(out, lse, qkv, bounds, seqs, len, heads, kv_heads, d, ld, q_col, k_col,       \
+                     v_col, scale);                                                                \
+    }                                                                                              \
+    extern "C" __global__ void attention_backward_##S(                                             \
+        T* dqkv, float* dkv, const T* dout, const T* out, const float* lse, const T* qkv,          \
+        const uint32_t* bounds, size_t seqs, size_t len, size_t heads, size_t kv_heads, size_t d,  \
+        size_t ld, size_t q_col, size_t k_col, size_t v_col, float scale) {                        \
+        attention_backward<T>(dqkv, dkv, dout, out, lse, qkv, bounds, seqs, len, heads, kv_heads,  \
+                              d, ld, q_col, k_col, v_col, scale);                                  \
+    }                                                                                              \
+    extern "C" __global__ void scatter_kv_##S(T* dqkv, const float* dkv, size_t rows, size_t ld,   \
+                                              size_t k_col, size_t v_col, size_t kvw) {            \
+        scatter_kv<T>(dqkv, dkv, rows, ld, k_col, v_col, kvw);                                     \
+    }
+
+INSTANTIATE(float, f32)
+INSTANTIATE(bf16, bf16)

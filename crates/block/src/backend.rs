@@ -233,13 +233,20 @@ fn splitmix64(z: u64) -> u64 {
 }
 
 /// The operations layers are written in. Buffers hold f32 values in the CPU backend; a device
-/// backend may store half precision and compute in f32 where the reference does.
+/// backend may store bf16 and compute in f32 where the reference does (statistics stay f32).
 pub trait Backend {
-    /// A buffer of elements.
+    /// A buffer of elements (activations, weights, gradients).
     type Buf;
+    /// A buffer of per-row statistics (norm statistics, softmax log-sum-exp): f32 whatever
+    /// the elements are, as the reference computes them.
+    type Stat;
 
     /// A zero-filled buffer.
     fn zeros(&self, n: usize) -> Result<Self::Buf>;
+    /// A zero-filled statistics buffer.
+    fn zeros_stat(&self, n: usize) -> Result<Self::Stat>;
+    /// The statistics' values.
+    fn download_stat(&self, s: &Self::Stat) -> Result<Vec<f32>>;
     /// A buffer holding `host`.
     fn upload(&self, host: &[f32]) -> Result<Self::Buf>;
     /// The buffer's values.
@@ -289,7 +296,7 @@ pub trait Backend {
     fn layer_norm(
         &self,
         y: &mut Self::Buf,
-        stats: &mut Self::Buf,
+        stats: &mut Self::Stat,
         x: &Self::Buf,
         w: &Self::Buf,
         b: &Self::Buf,
@@ -307,7 +314,7 @@ pub trait Backend {
         dy: &Self::Buf,
         x: &Self::Buf,
         w: &Self::Buf,
-        stats: &Self::Buf,
+        stats: &Self::Stat,
         cols: usize,
     ) -> Result<()>;
 
@@ -317,7 +324,7 @@ pub trait Backend {
     fn rms_norm(
         &self,
         y: &mut Self::Buf,
-        rstd: &mut Self::Buf,
+        rstd: &mut Self::Stat,
         x: &Self::Buf,
         w: &Self::Buf,
         cols: usize,
@@ -333,7 +340,7 @@ pub trait Backend {
         dy: &Self::Buf,
         x: &Self::Buf,
         w: &Self::Buf,
-        rstd: &Self::Buf,
+        rstd: &Self::Stat,
         cols: usize,
     ) -> Result<()>;
 
@@ -388,7 +395,7 @@ pub trait Backend {
     fn attention(
         &self,
         out: &mut Self::Buf,
-        lse: &mut Self::Buf,
+        lse: &mut Self::Stat,
         qkv: &Self::Buf,
         shape: &Attn,
     ) -> Result<()>;
@@ -401,7 +408,7 @@ pub trait Backend {
         dqkv: &mut Self::Buf,
         dout: &Self::Buf,
         out: &Self::Buf,
-        lse: &Self::Buf,
+        lse: &Self::Stat,
         qkv: &Self::Buf,
         shape: &Attn,
     ) -> Result<()>;

@@ -45,6 +45,15 @@ pub fn gelu_grad(x: f32, act: Gelu) -> f32 {
 
 impl Backend for Cpu {
     type Buf = Vec<f32>;
+    type Stat = Vec<f32>;
+
+    fn zeros_stat(&self, n: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; n])
+    }
+
+    fn download_stat(&self, s: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(s.clone())
+    }
 
     fn zeros(&self, n: usize) -> Result<Vec<f32>> {
         Ok(vec![0.0; n])

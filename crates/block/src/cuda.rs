@@ -1,23 +1,30 @@
-//! The CUDA backend (f32): buffers are device slices, matrix products go to cuBLAS (full f32,
-//! no TF32), everything else to the kernels of `cuda/block.cu`, each the device version of a
-//! [`Cpu`](crate::Cpu) method. Work is queued on one stream (candle's, when built from a candle
-//! device), so it is ordered with the model's other work.
+//! The CUDA backend: buffers are device slices of f32 or bf16 ([`Elem`]), matrix products go to
+//! cuBLAS (f32 accumulation; full f32 without TF32 for f32 buffers), everything else to the
+//! kernels of `cuda/block.cu`, each the device version of a [`Cpu`](crate::Cpu) method,
+//! instantiated for both element types. Per-row statistics stay f32. Work is queued on one
+//! stream (candle's, when built from a candle device), so it is ordered with the model's other
+//! work.
 //!
 //! A first, straightforward backend: attention is one warp per (query row, head) with an
-//! online softmax (no tiling yet), key/value gradients are summed with atomics (so their last
-//! bits vary from run to run). Dropout masks are made on the device from one seed each
-//! ([`MaskDraws::PerMask`], as candle's GPU path), or drawn per element on the host and copied
-//! over.
+//! online softmax (no tiling yet), key/value gradients are summed with f32 atomics into a
+//! scratch buffer (so their last bits vary from run to run). Dropout masks are made on the
+//! device from one seed each ([`MaskDraws::PerMask`], as candle's GPU path), or drawn per
+//! element on the host and copied over.
 
+use std::marker::PhantomData;
 use std::sync::Arc;
 
-use candle_core::cuda_backend::cudarc::cublas::{
-    sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig,
+use candle_core::cuda_backend::cudarc::cublas::result::gemm_ex;
+use candle_core::cuda_backend::cudarc::cublas::sys::{
+    cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t,
 };
+use candle_core::cuda_backend::cudarc::cublas::CudaBlas;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
+    LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
+use half::bf16;
 
 use crate::backend::{
     check_gate, host_mask, rows_of, same_len, Attn, Backend, Gelu, MaskDraws, Mat,
@@ -26,11 +33,44 @@ use crate::error::{shape, BlockError, Result};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/block.ptx"));
 
-/// The CUDA backend.
-pub struct Cuda {
+/// An element type of the CUDA backend's buffers: f32, or bf16 (stored; arithmetic in f32).
+pub trait Elem: DeviceRepr + ValidAsZeroBits + Copy + Unpin + Send + Sync + 'static {
+    /// The suffix of the kernels instantiated for this type (`cuda/block.cu`).
+    const SUFFIX: &'static str;
+    /// cuBLAS's name for the type.
+    const DATA: cudaDataType_t;
+    fn from_f32(v: f32) -> Self;
+    fn to_f32(self) -> f32;
+}
+
+impl Elem for f32 {
+    const SUFFIX: &'static str = "f32";
+    const DATA: cudaDataType_t = cudaDataType_t::CUDA_R_32F;
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl Elem for bf16 {
+    const SUFFIX: &'static str = "bf16";
+    const DATA: cudaDataType_t = cudaDataType_t::CUDA_R_16BF;
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+}
+
+/// The CUDA backend, buffers of `T` (f32 by default).
+pub struct Cuda<T: Elem = f32> {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     module: Arc<CudaModule>,
+    elem: PhantomData<T>,
 }
 
 fn dev<E: std::fmt::Debug>(e: E) -> BlockError {
@@ -62,7 +102,7 @@ fn act_code(act: Option<Gelu>) -> i32 {
     }
 }
 
-impl Cuda {
+impl<T: Elem> Cuda<T> {
     /// A backend on `stream` (e.g. candle's: `CudaDevice::cuda_stream`).
     pub fn new(stream: Arc<CudaStream>) -> Result<Self> {
         let blas = CudaBlas::new(stream.clone()).map_err(dev)?;
@@ -74,6 +114,7 @@ impl Cuda {
             stream,
             blas,
             module,
+            elem: PhantomData,
         })
     }
 
@@ -82,49 +123,64 @@ impl Cuda {
         &self.stream
     }
 
+    /// Kernel `name` instantiated for `T`.
     fn func(&self, name: &str) -> Result<CudaFunction> {
-        self.module.load_function(name).map_err(dev)
+        self.module
+            .load_function(&format!("{name}_{}", T::SUFFIX))
+            .map_err(dev)
     }
 }
 
 // Launch soundness, for every `unsafe` launch below: the kernels' parameter lists in
-// cuda/block.cu are matched argument by argument (`float*` ← CudaSlice<f32>, `size_t` ← usize,
+// cuda/block.cu are matched argument by argument (`T*` ← CudaSlice<T> of the kernel
+// instantiated for T, `float*` ← CudaSlice<f32>, `size_t` ← usize,
 // `int` ← i32, `float` ← f32, `uint64_t` ← u64, `const uint32_t*` ← CudaSlice<u32>); every view and length was
 // checked against its buffer before the launch (Mat::check, same_len, Attn::check), and the
 // kernels return for indices past their counts; work is queued on `self.stream`, which orders
 // it after the writes of its inputs.
 
-impl Backend for Cuda {
-    type Buf = CudaSlice<f32>;
+impl<T: Elem> Backend for Cuda<T> {
+    type Buf = CudaSlice<T>;
+    type Stat = CudaSlice<f32>;
 
-    fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
+    fn zeros(&self, n: usize) -> Result<CudaSlice<T>> {
+        self.stream.alloc_zeros::<T>(n).map_err(dev)
+    }
+
+    fn zeros_stat(&self, n: usize) -> Result<CudaSlice<f32>> {
         self.stream.alloc_zeros::<f32>(n).map_err(dev)
     }
 
-    fn upload(&self, host: &[f32]) -> Result<CudaSlice<f32>> {
-        self.stream.clone_htod(host).map_err(dev)
+    fn download_stat(&self, s: &CudaSlice<f32>) -> Result<Vec<f32>> {
+        self.stream.clone_dtoh(s).map_err(dev)
     }
 
-    fn download(&self, b: &CudaSlice<f32>) -> Result<Vec<f32>> {
-        self.stream.clone_dtoh(b).map_err(dev)
+    fn upload(&self, host: &[f32]) -> Result<CudaSlice<T>> {
+        let vals: Vec<T> = host.iter().map(|&v| T::from_f32(v)).collect();
+        self.stream.clone_htod(&vals).map_err(dev)
     }
 
-    fn len(&self, b: &CudaSlice<f32>) -> usize {
+    fn download(&self, b: &CudaSlice<T>) -> Result<Vec<f32>> {
+        let vals = self.stream.clone_dtoh(b).map_err(dev)?;
+        Ok(vals.into_iter().map(T::to_f32).collect())
+    }
+
+    fn len(&self, b: &CudaSlice<T>) -> usize {
         b.len()
     }
 
-    fn copy(&self, b: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+    fn copy(&self, b: &CudaSlice<T>) -> Result<CudaSlice<T>> {
         self.stream.clone_dtod(b).map_err(dev)
     }
 
     fn gemm(
         &self,
-        c: &mut CudaSlice<f32>,
+        c: &mut CudaSlice<T>,
         cm: Mat,
-        a: &CudaSlice<f32>,
+        a: &CudaSlice<T>,
         am: Mat,
         ta: bool,
-        b: &CudaSlice<f32>,
+        b: &CudaSlice<T>,
         bm: Mat,
         tb: bool,
         alpha: f32,
@@ -164,37 +220,54 @@ impl Backend for Cuda {
         };
         // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ, and a row-major matrix
         // read column-major is its transpose: so B goes first, each with its own flag.
-        let cfg = GemmConfig {
-            transa: op(tb),
-            transb: op(ta),
-            m: int(n)?,
-            n: int(m)?,
-            k: int(k)?,
-            alpha,
-            lda: int(bm.ld.max(1))?,
-            ldb: int(am.ld.max(1))?,
-            beta,
-            ldc: int(cm.ld.max(1))?,
-        };
+        let (gm, gn, gk) = (int(n)?, int(m)?, int(k)?);
+        let (lda, ldb, ldc) = (int(bm.ld.max(1))?, int(am.ld.max(1))?, int(cm.ld.max(1))?);
         if am.off > a.len() || bm.off > b.len() || cm.off > c.len() {
             return shape("gemm: a view starts past the end of its buffer");
         }
         let av = a.slice(am.off..);
         let bv = b.slice(bm.off..);
         let mut cv = c.slice_mut(cm.off..);
+        let (ap, _ra) = av.device_ptr(&self.stream);
+        let (bp, _rb) = bv.device_ptr(&self.stream);
+        let (cp, _rc) = cv.device_ptr_mut(&self.stream);
         // SAFETY: the three views were checked against their buffers above, with the leading
-        // dimensions the configuration passes; `c` is borrowed mutably, so it aliases neither
-        // `a` nor `b`.
-        unsafe { self.blas.gemm(cfg, &bv, &av, &mut cv) }.map_err(dev)
+        // dimensions passed here; `c` is borrowed mutably, so it aliases neither `a` nor `b`.
+        // α and β are f32 (the compute type's scalars) for both element types; f32 computes
+        // in full f32 (no TF32), bf16 accumulates in f32.
+        unsafe {
+            gemm_ex(
+                *self.blas.handle(),
+                op(tb),
+                op(ta),
+                gm,
+                gn,
+                gk,
+                (&alpha) as *const f32 as *const _,
+                bp as *const _,
+                T::DATA,
+                lda,
+                ap as *const _,
+                T::DATA,
+                ldb,
+                (&beta) as *const f32 as *const _,
+                cp as *mut _,
+                T::DATA,
+                ldc,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(dev)
     }
 
     fn bias_act(
         &self,
-        y: &mut CudaSlice<f32>,
+        y: &mut CudaSlice<T>,
         ym: Mat,
-        bias: Option<&CudaSlice<f32>>,
+        bias: Option<&CudaSlice<T>>,
         act: Option<Gelu>,
-        pre: Option<&mut CudaSlice<f32>>,
+        pre: Option<&mut CudaSlice<T>>,
     ) -> Result<()> {
         ym.check(y.len(), "bias_act y")?;
         if let Some(b) = bias {
@@ -231,7 +304,7 @@ impl Backend for Cuda {
         Ok(())
     }
 
-    fn act_backward(&self, d: &mut CudaSlice<f32>, pre: &CudaSlice<f32>, act: Gelu) -> Result<()> {
+    fn act_backward(&self, d: &mut CudaSlice<T>, pre: &CudaSlice<T>, act: Gelu) -> Result<()> {
         same_len(d.len(), pre.len(), "act_backward")?;
         let f = self.func("act_backward")?;
         let (n, code) = (d.len(), act_code(Some(act)));
@@ -242,7 +315,7 @@ impl Backend for Cuda {
         Ok(())
     }
 
-    fn bias_grad(&self, db: &mut CudaSlice<f32>, dy: &CudaSlice<f32>, dym: Mat) -> Result<()> {
+    fn bias_grad(&self, db: &mut CudaSlice<T>, dy: &CudaSlice<T>, dym: Mat) -> Result<()> {
         dym.check(dy.len(), "bias_grad dy")?;
         same_len(db.len(), dym.cols, "bias_grad db")?;
         let f = self.func("bias_grad")?;
@@ -260,11 +333,11 @@ impl Backend for Cuda {
 
     fn layer_norm(
         &self,
-        y: &mut CudaSlice<f32>,
+        y: &mut CudaSlice<T>,
         stats: &mut CudaSlice<f32>,
-        x: &CudaSlice<f32>,
-        w: &CudaSlice<f32>,
-        b: &CudaSlice<f32>,
+        x: &CudaSlice<T>,
+        w: &CudaSlice<T>,
+        b: &CudaSlice<T>,
         cols: usize,
         eps: f32,
     ) -> Result<()> {
@@ -292,12 +365,12 @@ impl Backend for Cuda {
 
     fn layer_norm_backward(
         &self,
-        dx: &mut CudaSlice<f32>,
-        dw: Option<&mut CudaSlice<f32>>,
-        db: Option<&mut CudaSlice<f32>>,
-        dy: &CudaSlice<f32>,
-        x: &CudaSlice<f32>,
-        w: &CudaSlice<f32>,
+        dx: &mut CudaSlice<T>,
+        dw: Option<&mut CudaSlice<T>>,
+        db: Option<&mut CudaSlice<T>>,
+        dy: &CudaSlice<T>,
+        x: &CudaSlice<T>,
+        w: &CudaSlice<T>,
         stats: &CudaSlice<f32>,
         cols: usize,
     ) -> Result<()> {
@@ -340,10 +413,10 @@ impl Backend for Cuda {
 
     fn rms_norm(
         &self,
-        y: &mut CudaSlice<f32>,
+        y: &mut CudaSlice<T>,
         rstd: &mut CudaSlice<f32>,
-        x: &CudaSlice<f32>,
-        w: &CudaSlice<f32>,
+        x: &CudaSlice<T>,
+        w: &CudaSlice<T>,
         cols: usize,
         eps: f32,
     ) -> Result<()> {
@@ -364,11 +437,11 @@ impl Backend for Cuda {
 
     fn rms_norm_backward(
         &self,
-        dx: &mut CudaSlice<f32>,
-        dw: Option<&mut CudaSlice<f32>>,
-        dy: &CudaSlice<f32>,
-        x: &CudaSlice<f32>,
-        w: &CudaSlice<f32>,
+        dx: &mut CudaSlice<T>,
+        dw: Option<&mut CudaSlice<T>>,
+        dy: &CudaSlice<T>,
+        x: &CudaSlice<T>,
+        w: &CudaSlice<T>,
         rstd: &CudaSlice<f32>,
         cols: usize,
     ) -> Result<()> {
@@ -400,11 +473,11 @@ impl Backend for Cuda {
 
     fn rope(
         &self,
-        x: &mut CudaSlice<f32>,
+        x: &mut CudaSlice<T>,
         m: Mat,
         head_dim: usize,
-        cos: &CudaSlice<f32>,
-        sin: &CudaSlice<f32>,
+        cos: &CudaSlice<T>,
+        sin: &CudaSlice<T>,
         transpose: bool,
     ) -> Result<()> {
         m.check(x.len(), "rope x")?;
@@ -434,7 +507,7 @@ impl Backend for Cuda {
         Ok(())
     }
 
-    fn swiglu(&self, y: &mut CudaSlice<f32>, gu: &CudaSlice<f32>, gm: Mat, um: Mat) -> Result<()> {
+    fn swiglu(&self, y: &mut CudaSlice<T>, gu: &CudaSlice<T>, gm: Mat, um: Mat) -> Result<()> {
         check_gate(gu.len(), gm, um, "swiglu")?;
         same_len(y.len(), gm.rows * gm.cols, "swiglu y")?;
         let n = gm.rows * gm.cols;
@@ -457,9 +530,9 @@ impl Backend for Cuda {
 
     fn swiglu_backward(
         &self,
-        dgu: &mut CudaSlice<f32>,
-        dy: &CudaSlice<f32>,
-        gu: &CudaSlice<f32>,
+        dgu: &mut CudaSlice<T>,
+        dy: &CudaSlice<T>,
+        gu: &CudaSlice<T>,
         gm: Mat,
         um: Mat,
     ) -> Result<()> {
@@ -485,7 +558,7 @@ impl Backend for Cuda {
         Ok(())
     }
 
-    fn add(&self, y: &mut CudaSlice<f32>, x: &CudaSlice<f32>) -> Result<()> {
+    fn add(&self, y: &mut CudaSlice<T>, x: &CudaSlice<T>) -> Result<()> {
         same_len(y.len(), x.len(), "add")?;
         let f = self.func("add")?;
         let n = y.len();
@@ -496,7 +569,7 @@ impl Backend for Cuda {
         Ok(())
     }
 
-    fn mul(&self, y: &mut CudaSlice<f32>, x: &CudaSlice<f32>, m: &CudaSlice<f32>) -> Result<()> {
+    fn mul(&self, y: &mut CudaSlice<T>, x: &CudaSlice<T>, m: &CudaSlice<T>) -> Result<()> {
         same_len(y.len(), x.len(), "mul")?;
         same_len(x.len(), m.len(), "mul mask")?;
         let f = self.func("mul")?;
@@ -514,7 +587,7 @@ impl Backend for Cuda {
         keep: f64,
         masks: MaskDraws,
         draw: &mut dyn FnMut() -> u64,
-    ) -> Result<CudaSlice<f32>> {
+    ) -> Result<CudaSlice<T>> {
         match masks {
             // One draw per element happens on the host.
             MaskDraws::PerElement => self.upload(&host_mask(n, keep, masks, draw)),
@@ -538,9 +611,9 @@ impl Backend for Cuda {
 
     fn attention(
         &self,
-        out: &mut CudaSlice<f32>,
+        out: &mut CudaSlice<T>,
         lse: &mut CudaSlice<f32>,
-        qkv: &CudaSlice<f32>,
+        qkv: &CudaSlice<T>,
         a: &Attn,
     ) -> Result<()> {
         a.check(qkv.len())?;
@@ -576,11 +649,11 @@ impl Backend for Cuda {
 
     fn attention_backward(
         &self,
-        dqkv: &mut CudaSlice<f32>,
-        dout: &CudaSlice<f32>,
-        out: &CudaSlice<f32>,
+        dqkv: &mut CudaSlice<T>,
+        dout: &CudaSlice<T>,
+        out: &CudaSlice<T>,
         lse: &CudaSlice<f32>,
-        qkv: &CudaSlice<f32>,
+        qkv: &CudaSlice<T>,
         a: &Attn,
     ) -> Result<()> {
         a.check(qkv.len())?;
@@ -594,19 +667,17 @@ impl Backend for Cuda {
             return Ok(());
         }
         let bounds = self.bounds(a)?;
-        // The key and value gradient columns are sums over queries: zero them first.
-        let kv = a.kv_heads * a.head_dim;
-        let zero = self.func("zero_cols")?;
-        for col in [a.k_col, a.v_col] {
-            let mut l = self.stream.launch_builder(&zero);
-            l.arg(&mut *dqkv).arg(&rows).arg(&a.ld).arg(&col).arg(&kv);
-            // SAFETY: see "Launch soundness" above; columns col..col + kv of every row lie
-            // inside the buffer (Attn::check).
-            unsafe { l.launch(items(rows * kv)?) }.map_err(dev)?;
-        }
+        // Key and value gradients are sums over queries: accumulated in an f32 scratch
+        // (rows × 2·kv_heads·head_dim, k then v), then written into their columns.
+        let kvw = a.kv_heads * a.head_dim;
+        let mut dkv = self
+            .stream
+            .alloc_zeros::<f32>(rows * 2 * kvw)
+            .map_err(dev)?;
         let f = self.func("attention_backward")?;
         let mut l = self.stream.launch_builder(&f);
-        l.arg(dqkv)
+        l.arg(&mut *dqkv)
+            .arg(&mut dkv)
             .arg(dout)
             .arg(out)
             .arg(lse)
@@ -622,13 +693,25 @@ impl Backend for Cuda {
             .arg(&a.k_col)
             .arg(&a.v_col)
             .arg(&a.scale);
-        // SAFETY: as in `attention`.
+        // SAFETY: as in `attention`; `dkv` holds 2·kvw values per row.
         unsafe { l.launch(items(rows * a.heads * 32)?) }.map_err(dev)?;
+        let f = self.func("scatter_kv")?;
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(dqkv)
+            .arg(&dkv)
+            .arg(&rows)
+            .arg(&a.ld)
+            .arg(&a.k_col)
+            .arg(&a.v_col)
+            .arg(&kvw);
+        // SAFETY: see "Launch soundness" above; columns k_col.. and v_col.. + kvw of every row
+        // lie inside the buffer (Attn::check).
+        unsafe { l.launch(items(rows * 2 * kvw)?) }.map_err(dev)?;
         Ok(())
     }
 }
 
-impl Cuda {
+impl<T: Elem> Cuda<T> {
     fn check_head_dim(&self, a: &Attn) -> Result<()> {
         if a.head_dim > 256 {
             return shape(format!(

@@ -27,5 +27,5 @@ pub mod vision;
 pub use backend::{host_mask, Attn, Backend, Gelu, MaskDraws, Mat};
 pub use cpu::Cpu;
 #[cfg(feature = "cuda")]
-pub use cuda::Cuda;
+pub use cuda::{Cuda, Elem};
 pub use error::{BlockError, Result};

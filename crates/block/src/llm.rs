@@ -44,16 +44,16 @@ pub struct Saved<B: Backend> {
     rows: usize,
     x: B::Buf,
     h1: B::Buf,
-    r1: B::Buf,
+    r1: B::Stat,
     /// q, k (rotated) and v side by side.
     qkv: B::Buf,
     lin_qkv: Vec<LinSaved<B>>,
     att: B::Buf,
-    lse: B::Buf,
+    lse: B::Stat,
     lin_o: LinSaved<B>,
     x2: B::Buf,
     h2: B::Buf,
-    r2: B::Buf,
+    r2: B::Stat,
     /// gate and up side by side.
     gu: B::Buf,
     lin_gu: Vec<LinSaved<B>>,
@@ -151,7 +151,7 @@ impl<B: Backend> LlmLayer<B> {
         let s = self.residual_scale;
         let attn = self.attn_shape(t);
         let mut h1 = be.zeros(rows * c)?;
-        let mut r1 = be.zeros(rows)?;
+        let mut r1 = be.zeros_stat(rows)?;
         be.rms_norm(&mut h1, &mut r1, x, &self.ln1.value, c, self.eps)?;
         let w = self.qkv_width();
         let mut qkv = be.zeros(rows * w)?;
@@ -169,13 +169,13 @@ impl<B: Backend> LlmLayer<B> {
             be.rope(&mut qkv, m, self.head_dim, t.cos, t.sin, false)?;
         }
         let mut att = be.zeros(rows * self.heads * self.head_dim)?;
-        let mut lse = be.zeros(self.heads * rows)?;
+        let mut lse = be.zeros_stat(self.heads * rows)?;
         be.attention(&mut att, &mut lse, &qkv, &attn)?;
         let cm = Mat::dense(rows, c);
         let mut x2 = be.copy(x)?;
         let lin_o = linear_forward(be, &self.o, &att, &mut x2, cm, s, 1.0, None, None, run)?;
         let mut h2 = be.zeros(rows * c)?;
-        let mut r2 = be.zeros(rows)?;
+        let mut r2 = be.zeros_stat(rows)?;
         be.rms_norm(&mut h2, &mut r2, &x2, &self.ln2.value, c, self.eps)?;
         let gu_m = Mat::dense(rows, 2 * f);
         let (gm, um) = (gu_m.cols(0, f), gu_m.cols(f, f));
@@ -307,7 +307,7 @@ impl<B: Backend> LlmLayer<B> {
         dx: &mut B::Buf,
         dy: &B::Buf,
         x: &B::Buf,
-        rstd: &B::Buf,
+        rstd: &B::Stat,
         grads: &mut Grads<B>,
     ) -> Result<()> {
         let mut dw = grads.take(be, w)?;

@@ -48,15 +48,15 @@ pub struct Saved<B: Backend> {
     attn: Attn,
     x: B::Buf,
     h1: B::Buf,
-    st1: B::Buf,
+    st1: B::Stat,
     qkv: B::Buf,
     lin_qkv: Vec<LinSaved<B>>,
     att: B::Buf,
-    lse: B::Buf,
+    lse: B::Stat,
     lin_out: LinSaved<B>,
     x2: B::Buf,
     h2: B::Buf,
-    st2: B::Buf,
+    st2: B::Stat,
     pre: B::Buf,
     g: B::Buf,
     lin_fc1: LinSaved<B>,
@@ -71,7 +71,7 @@ fn norm_backward<B: Backend>(
     dx: &mut B::Buf,
     dy: &B::Buf,
     x: &B::Buf,
-    stats: &B::Buf,
+    stats: &B::Stat,
     cols: usize,
     grads: &mut Grads<B>,
 ) -> Result<()> {
@@ -146,7 +146,7 @@ impl<B: Backend> VisionLayer<B> {
         let rows = im.seqs * im.len;
         let attn = self.attn_shape(im);
         let mut h1 = be.zeros(rows * c)?;
-        let mut st1 = be.zeros(2 * rows)?;
+        let mut st1 = be.zeros_stat(2 * rows)?;
         be.layer_norm(
             &mut h1,
             &mut st1,
@@ -174,13 +174,13 @@ impl<B: Backend> VisionLayer<B> {
             }
         };
         let mut att = be.zeros(rows * c)?;
-        let mut lse = be.zeros(self.heads * rows)?;
+        let mut lse = be.zeros_stat(self.heads * rows)?;
         be.attention(&mut att, &mut lse, &qkv, &attn)?;
         let cm = Mat::dense(rows, c);
         let mut x2 = be.copy(x)?;
         let lin_out = linear_forward(be, &self.out, &att, &mut x2, cm, 1.0, 1.0, None, None, run)?;
         let mut h2 = be.zeros(rows * c)?;
-        let mut st2 = be.zeros(2 * rows)?;
+        let mut st2 = be.zeros_stat(2 * rows)?;
         be.layer_norm(
             &mut h2,
             &mut st2,

@@ -7,10 +7,10 @@
 //! Decoder layers the same way: [`MiniCpmV::llm_block_forward`] and
 //! [`MiniCpmV::llm_block_backward`].
 //!
-//! The block path runs in f32: on the CPU backend, and on the CUDA backend (device buffers
-//! handed to and from candle without a host round trip, LoRA dropout masks drawn as candle's
-//! GPU path draws them) when `CPMV_CUDA_BLOCKS=1` asks for it. Other dtypes, and
-//! `CPMV_UNFUSED=1`, keep the autograd path (the reference).
+//! The block path runs on the CPU backend in f32, and on the CUDA backend in f32 or bf16
+//! (device buffers handed to and from candle without a host round trip, LoRA dropout masks
+//! drawn as candle's GPU path draws them) when `CPMV_CUDA_BLOCKS=1` asks for it. Other
+//! devices and dtypes, and `CPMV_UNFUSED=1`, keep the autograd path (the reference).
 
 use candle_core::{DType, Device, Shape, Tensor};
 use cpmv_block::llm as bl;
@@ -36,7 +36,7 @@ pub fn unfused_env() -> bool {
     *OFF.get_or_init(|| std::env::var("CPMV_UNFUSED").is_ok_and(|v| v == "1"))
 }
 
-/// Whether `CPMV_CUDA_BLOCKS=1` asks for the block path on a GPU (f32 only). Off by default
+/// Whether `CPMV_CUDA_BLOCKS=1` asks for the block path on a GPU (f32 or bf16). Off by default
 /// until the CUDA backend has passed its checks on a device (benches/gpu/run.sh check).
 pub fn cuda_blocks_env() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -48,9 +48,9 @@ pub fn cuda_blocks_env() -> bool {
 pub(crate) trait Bridge: Backend {
     /// How LoRA dropout masks are drawn: as candle's path on this device draws them.
     const MASKS: MaskDraws;
-    /// The values of `t` (any float dtype) as an f32 buffer of this backend.
+    /// The values of `t` (any float dtype) as a buffer of this backend's element type.
     fn buf(&self, t: &Tensor) -> Result<Self::Buf>;
-    /// `b` as an f32 tensor of `shape` on `device`.
+    /// `b` as a tensor of `shape` on `device`, of the backend's element type.
     fn tensor(&self, b: Self::Buf, shape: Shape, device: &Device) -> Result<Tensor>;
     /// The rotary tables of a batch, one `[head_dim]` row per token of all rows.
     fn rope_tables(&self, aux: &LlmAux) -> Result<(Self::Buf, Self::Buf)>;
@@ -75,10 +75,10 @@ impl Bridge for Cpu {
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::cuda_backend::cudarc::driver::CudaSlice;
-    use candle_core::cuda_backend::CudaStorage;
+    use candle_core::cuda_backend::{CudaDType, CudaStorage};
     use candle_core::op::BackpropOp;
-    use candle_core::{DType, Device, Shape, Storage, Tensor};
-    use cpmv_block::{Cuda, MaskDraws};
+    use candle_core::{Device, Shape, Storage, Tensor, WithDType};
+    use cpmv_block::{Cuda, Elem, MaskDraws};
 
     use super::Bridge;
     use crate::error::{ModelError, Result};
@@ -88,25 +88,25 @@ mod cuda {
         ModelError::Batch(format!("internal: the CUDA block path got {what}"))
     }
 
-    impl Bridge for Cuda {
+    impl<T: Elem + CudaDType + WithDType> Bridge for Cuda<T> {
         const MASKS: MaskDraws = MaskDraws::PerMask;
 
-        fn buf(&self, t: &Tensor) -> Result<CudaSlice<f32>> {
-            let t = t.to_dtype(DType::F32)?.contiguous()?;
+        fn buf(&self, t: &Tensor) -> Result<CudaSlice<T>> {
+            let t = t.to_dtype(T::DTYPE)?.contiguous()?;
             let (storage, layout) = t.storage_and_layout();
             let Storage::Cuda(cs) = &*storage else {
                 return Err(not_cuda("a tensor off the GPU"));
             };
             let start = layout.start_offset();
             let view = cs
-                .as_cuda_slice::<f32>()?
+                .as_cuda_slice::<T>()?
                 .slice(start..start + t.elem_count());
             self.stream()
                 .clone_dtod(&view)
                 .map_err(|e| ModelError::Batch(format!("cuda: {e:?}")))
         }
 
-        fn tensor(&self, b: CudaSlice<f32>, shape: Shape, device: &Device) -> Result<Tensor> {
+        fn tensor(&self, b: CudaSlice<T>, shape: Shape, device: &Device) -> Result<Tensor> {
             let Device::Cuda(dev) = device else {
                 return Err(not_cuda("a CPU device"));
             };
@@ -125,7 +125,7 @@ mod cuda {
             ))
         }
 
-        fn rope_tables(&self, aux: &LlmAux) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+        fn rope_tables(&self, aux: &LlmAux) -> Result<(CudaSlice<T>, CudaSlice<T>)> {
             Ok((self.buf(&aux.cos)?, self.buf(&aux.sin)?))
         }
     }
@@ -213,6 +213,8 @@ enum VisionSaved {
     Cpu(Box<bv::Saved<Cpu>>),
     #[cfg(feature = "cuda")]
     Cuda(Box<bv::Saved<cpmv_block::Cuda>>),
+    #[cfg(feature = "cuda")]
+    CudaBf16(Box<bv::Saved<cpmv_block::Cuda<half::bf16>>>),
 }
 
 /// A decoder layer's saved activations on the backend that ran it.
@@ -220,6 +222,8 @@ enum LlmSaved {
     Cpu(Box<bl::Saved<Cpu>>),
     #[cfg(feature = "cuda")]
     Cuda(Box<bl::Saved<cpmv_block::Cuda>>),
+    #[cfg(feature = "cuda")]
+    CudaBf16(Box<bl::Saved<cpmv_block::Cuda<half::bf16>>>),
 }
 
 /// What [`MiniCpmV::vision_block_backward`] needs of a forward pass.
@@ -259,12 +263,19 @@ fn mismatch(layer: &str) -> ModelError {
 impl MiniCpmV {
     /// Whether vision layers run on the block path: asked for at load
     /// ([`crate::LoadOptions::block_path`]) and available for the model's device and dtype:
-    /// f32 on the CPU, and on a GPU with `CPMV_CUDA_BLOCKS=1` ([`cuda_blocks_env`]).
+    /// f32 on the CPU; f32 or bf16 on a GPU with `CPMV_CUDA_BLOCKS=1` ([`cuda_blocks_env`]).
     pub fn vision_on_blocks(&self) -> bool {
-        let device = self.params().device();
-        let here =
-            device.is_cpu() || (cfg!(feature = "cuda") && device.is_cuda() && cuda_blocks_env());
-        self.block_path() && here && self.params().dtype() == DType::F32
+        let (device, dtype) = (self.params().device(), self.params().dtype());
+        let here = match device {
+            Device::Cpu => dtype == DType::F32,
+            Device::Cuda(_) => {
+                cfg!(feature = "cuda")
+                    && cuda_blocks_env()
+                    && matches!(dtype, DType::F32 | DType::BF16)
+            }
+            _ => false,
+        };
+        self.block_path() && here
     }
 
     /// Vision layer `i` on the block path: the output for `x` `[n, l_max, C]` (the batch
@@ -297,8 +308,14 @@ impl MiniCpmV {
                 (y, s.map(|s| VisionSaved::Cpu(Box::new(s))))
             }
             #[cfg(feature = "cuda")]
+            Device::Cuda(dev) if x.dtype() == DType::BF16 => {
+                let g = &self.cuda_backends(dev)?.1;
+                let (y, s) = self.vision_forward_on(g, i, x, &im, train, save)?;
+                (y, s.map(|s| VisionSaved::CudaBf16(Box::new(s))))
+            }
+            #[cfg(feature = "cuda")]
             Device::Cuda(dev) => {
-                let g = self.cuda_backend(dev)?;
+                let g = &self.cuda_backends(dev)?.0;
                 let (y, s) = self.vision_forward_on(g, i, x, &im, train, save)?;
                 (y, s.map(|s| VisionSaved::Cuda(Box::new(s))))
             }
@@ -350,7 +367,11 @@ impl MiniCpmV {
             (VisionSaved::Cpu(s), Device::Cpu) => self.vision_backward_on(&Cpu, state.layer, s, gy),
             #[cfg(feature = "cuda")]
             (VisionSaved::Cuda(s), Device::Cuda(dev)) => {
-                self.vision_backward_on(self.cuda_backend(dev)?, state.layer, s, gy)
+                self.vision_backward_on(&self.cuda_backends(dev)?.0, state.layer, s, gy)
+            }
+            #[cfg(feature = "cuda")]
+            (VisionSaved::CudaBf16(s), Device::Cuda(dev)) => {
+                self.vision_backward_on(&self.cuda_backends(dev)?.1, state.layer, s, gy)
             }
             _ => Err(mismatch("vision layer")),
         }
@@ -435,8 +456,14 @@ impl MiniCpmV {
                 (y, s.map(|s| LlmSaved::Cpu(Box::new(s))))
             }
             #[cfg(feature = "cuda")]
+            Device::Cuda(dev) if x.dtype() == DType::BF16 => {
+                let g = &self.cuda_backends(dev)?.1;
+                let (y, s) = self.llm_forward_on(g, i, x, aux, train, save)?;
+                (y, s.map(|s| LlmSaved::CudaBf16(Box::new(s))))
+            }
+            #[cfg(feature = "cuda")]
             Device::Cuda(dev) => {
-                let g = self.cuda_backend(dev)?;
+                let g = &self.cuda_backends(dev)?.0;
                 let (y, s) = self.llm_forward_on(g, i, x, aux, train, save)?;
                 (y, s.map(|s| LlmSaved::Cuda(Box::new(s))))
             }
@@ -498,7 +525,11 @@ impl MiniCpmV {
             (LlmSaved::Cpu(s), Device::Cpu) => self.llm_backward_on(&Cpu, state.layer, s, aux, gy),
             #[cfg(feature = "cuda")]
             (LlmSaved::Cuda(s), Device::Cuda(dev)) => {
-                self.llm_backward_on(self.cuda_backend(dev)?, state.layer, s, aux, gy)
+                self.llm_backward_on(&self.cuda_backends(dev)?.0, state.layer, s, aux, gy)
+            }
+            #[cfg(feature = "cuda")]
+            (LlmSaved::CudaBf16(s), Device::Cuda(dev)) => {
+                self.llm_backward_on(&self.cuda_backends(dev)?.1, state.layer, s, aux, gy)
             }
             _ => Err(mismatch("decoder layer")),
         }

@@ -134,10 +134,15 @@ pub struct MiniCpmV {
     llm: Llm,
     dropout: Mutex<Rng>,
     block_path: bool,
-    /// The block path's CUDA backend, made on first use on candle's stream.
+    /// The block path's CUDA backends (f32 and bf16 buffers), made on first use on candle's
+    /// stream.
     #[cfg(feature = "cuda")]
-    cuda_blocks: std::sync::OnceLock<cpmv_block::Cuda>,
+    cuda_blocks: std::sync::OnceLock<CudaBackends>,
 }
+
+/// The block path's CUDA backends: f32 and bf16 buffers.
+#[cfg(feature = "cuda")]
+pub(crate) type CudaBackends = (cpmv_block::Cuda<f32>, cpmv_block::Cuda<half::bf16>);
 
 enum Vision {
     Vit(VitSiglip),
@@ -316,15 +321,18 @@ impl MiniCpmV {
         }
     }
 
-    /// The block path's CUDA backend for `dev` (the model's device), on candle's stream so
-    /// that its work is ordered with candle's.
+    /// The block path's CUDA backends for `dev` (the model's device), f32 and bf16, on
+    /// candle's stream so that their work is ordered with candle's.
     #[cfg(feature = "cuda")]
-    pub(crate) fn cuda_backend(&self, dev: &candle_core::CudaDevice) -> Result<&cpmv_block::Cuda> {
+    pub(crate) fn cuda_backends(&self, dev: &candle_core::CudaDevice) -> Result<&CudaBackends> {
         if let Some(b) = self.cuda_blocks.get() {
             return Ok(b);
         }
-        let b = cpmv_block::Cuda::new(dev.cuda_stream())?;
-        // A second thread may have set it meanwhile: either backend serves.
+        let b = (
+            cpmv_block::Cuda::new(dev.cuda_stream())?,
+            cpmv_block::Cuda::new(dev.cuda_stream())?,
+        );
+        // A second thread may have set them meanwhile: either pair serves.
         let _ = self.cuda_blocks.set(b);
         self.cuda_blocks
             .get()

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 
 /// `tests/fixtures/model/<v>` of the repository (`CPMV_REPO` overrides the root, for a test
 /// binary carried to another machine).
-fn fixture_dir(v: &str) -> PathBuf {
+pub(crate) fn fixture_dir(v: &str) -> PathBuf {
     let root = std::env::var_os("CPMV_REPO")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."));
@@ -23,7 +23,7 @@ fn fixture_dir(v: &str) -> PathBuf {
 }
 
 /// Where the layers run: the CPU, or the GPU with `CPMV_TEST_DEVICE=cuda`.
-fn device() -> Device {
+pub(crate) fn device() -> Device {
     match std::env::var("CPMV_TEST_DEVICE").as_deref() {
         Ok("cuda") => {
             Device::new_cuda(0).expect("CPMV_TEST_DEVICE=cuda needs a CUDA build and GPU")
@@ -33,12 +33,12 @@ fn device() -> Device {
 }
 
 /// `max |a − b| / max |b|`.
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+pub(crate) fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
     max_abs(&(a - b).unwrap()) / max_abs(b).max(1e-12)
 }
 
-fn max_abs(t: &Tensor) -> f32 {
+pub(crate) fn max_abs(t: &Tensor) -> f32 {
     t.abs()
         .unwrap()
         .max_all()
@@ -47,20 +47,20 @@ fn max_abs(t: &Tensor) -> f32 {
         .unwrap()
 }
 
-fn seeded(shape: &[usize], seed: u64, device: &Device) -> Tensor {
+pub(crate) fn seeded(shape: &[usize], seed: u64, device: &Device) -> Tensor {
     let mut rng = cpmv_model::Rng(seed);
     let n: usize = shape.iter().product();
     let v: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
     Tensor::from_vec(v, shape, device).unwrap()
 }
 
-struct Setup {
-    name: &'static str,
-    trainable: Trainable,
-    lora: Option<LoraConfig>,
+pub(crate) struct Setup {
+    pub(crate) name: &'static str,
+    pub(crate) trainable: Trainable,
+    pub(crate) lora: Option<LoraConfig>,
 }
 
-fn setups() -> Vec<Setup> {
+pub(crate) fn setups() -> Vec<Setup> {
     let vision_only = Trainable {
         vision: true,
         ..Trainable::NONE
@@ -210,7 +210,7 @@ fn compare_grads(
     assert_eq!(pgrads.len(), want, "{what}: gradients of other tensors");
 }
 
-fn llm_setups() -> Vec<Setup> {
+pub(crate) fn llm_setups() -> Vec<Setup> {
     let llm_only = Trainable {
         llm: true,
         ..Trainable::NONE
