@@ -267,136 +267,72 @@ __device__ void swiglu_backward(T* dgu, const T* dy, const T* gu, size_t goff, s
     dgu[ui] = fromf<T>((float)(d * g * sig));
 }
 
-#define MAX_D 256
-#define PER_LANE (MAX_D / 32)
-
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffff, v, o);
     return v;
 }
 
-// Attention forward, one warp per (query row, head): online softmax over the row's key range
-// [bounds[2r], bounds[2r+1]) of its sequence; lane l holds dims l, l + 32, ...
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    return v;
+}
+
+// Attention's row kernels over one sequence's scores s = [heads][len][len] (src/attention.rs
+// runs the matrix products): one warp per (head, query) row, the query's keys
+// [bounds[2r], bounds[2r+1]) of its sequence, lse at [h · rows + r].
+
+// s := softmax over the key range (0 elsewhere); lse := its log-sum-exp (−∞ if empty).
 template <typename T>
-__device__ void attention(T* out, float* lse, const T* qkv, const uint32_t* bounds, size_t seqs,
-                          size_t len, size_t heads, size_t kv_heads, size_t d, size_t ld,
-                          size_t q_col, size_t k_col, size_t v_col, float scale) {
-    size_t rows = seqs * len;
+__device__ void attn_softmax(T* s, float* lse, const uint32_t* bounds, size_t seq, size_t len,
+                             size_t heads, size_t rows) {
     size_t warp = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     int lane = threadIdx.x % 32;
-    if (warp >= rows * heads) return;
-    size_t row = warp / heads, h = warp % heads;
-    size_t g = h / (heads / kv_heads);
-    size_t base = (row / len) * len;
+    if (warp >= heads * len) return;
+    size_t h = warp / len, row = seq * len + warp % len;
     uint32_t lo = bounds[2 * row], hi = bounds[2 * row + 1];
-    const T* q = qkv + row * ld + q_col + h * d;
-    float qv[PER_LANE], acc[PER_LANE];
-    for (int j = 0; j < PER_LANE; j++) {
-        size_t e = lane + 32 * j;
-        qv[j] = e < d ? tof(q[e]) : 0.0f;
-        acc[j] = 0.0f;
-    }
-    float m = -INFINITY, sum = 0.0f;
-    for (uint32_t t = lo; t < hi; t++) {
-        const T* k = qkv + (base + t) * ld + k_col + g * d;
-        const T* v = qkv + (base + t) * ld + v_col + g * d;
-        float part = 0.0f;
-        for (int j = 0; j < PER_LANE; j++) {
-            size_t e = lane + 32 * j;
-            if (e < d) part += qv[j] * tof(k[e]);
-        }
-        float s = warp_sum(part) * scale;
-        float m_new = fmaxf(m, s);
-        float corr = expf(m - m_new), p = expf(s - m_new);
-        sum = sum * corr + p;
-        for (int j = 0; j < PER_LANE; j++) {
-            size_t e = lane + 32 * j;
-            acc[j] = acc[j] * corr + (e < d ? p * tof(v[e]) : 0.0f);
-        }
-        m = m_new;
-    }
-    T* o = out + row * heads * d + h * d;
-    for (int j = 0; j < PER_LANE; j++) {
-        size_t e = lane + 32 * j;
-        if (e < d) o[e] = fromf<T>(hi > lo ? acc[j] / sum : 0.0f);
-    }
+    T* x = s + warp * len;
+    float m = -INFINITY;
+    for (size_t t = lo + lane; t < hi; t += 32) m = fmaxf(m, tof(x[t]));
+    m = warp_max(m);
+    float sum = 0.0f;
+    for (size_t t = lo + lane; t < hi; t += 32) sum += expf(tof(x[t]) - m);
+    sum = warp_sum(sum);
+    for (size_t t = lane; t < len; t += 32)
+        x[t] = fromf<T>(t >= lo && t < hi ? expf(tof(x[t]) - m) / sum : 0.0f);
     if (lane == 0) lse[h * rows + row] = hi > lo ? m + logf(sum) : -INFINITY;
 }
 
-// Attention backward, one warp per (query row, head): dq written into dqkv; the key and value
-// gradients summed with atomics into the f32 scratch dkv (rows × 2·kv_heads·d, zeroed, k then
-// v), which scatter_kv then writes into dqkv's k and v columns.
+// s := exp(s − lse) over the key range (0 elsewhere): the forward pass's probabilities again.
 template <typename T>
-__device__ void attention_backward(T* dqkv, float* dkv, const T* dout, const T* out,
-                                   const float* lse, const T* qkv, const uint32_t* bounds,
-                                   size_t seqs, size_t len, size_t heads, size_t kv_heads,
-                                   size_t d, size_t ld, size_t q_col, size_t k_col, size_t v_col,
-                                   float scale) {
-    size_t rows = seqs * len;
+__device__ void attn_probs(T* s, const float* lse, const uint32_t* bounds, size_t seq, size_t len,
+                           size_t heads, size_t rows) {
     size_t warp = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     int lane = threadIdx.x % 32;
-    if (warp >= rows * heads) return;
-    size_t row = warp / heads, h = warp % heads;
-    size_t g = h / (heads / kv_heads);
-    size_t base = (row / len) * len;
+    if (warp >= heads * len) return;
+    size_t h = warp / len, row = seq * len + warp % len;
     uint32_t lo = bounds[2 * row], hi = bounds[2 * row + 1];
-    size_t width = heads * d, kvw = kv_heads * d;
-    const T* q = qkv + row * ld + q_col + h * d;
-    const T* go = dout + row * width + h * d;
-    const T* o = out + row * width + h * d;
-    float qv[PER_LANE], gv[PER_LANE], dq[PER_LANE];
-    float part = 0.0f;
-    for (int j = 0; j < PER_LANE; j++) {
-        size_t e = lane + 32 * j;
-        qv[j] = e < d ? tof(q[e]) : 0.0f;
-        gv[j] = e < d ? tof(go[e]) : 0.0f;
-        dq[j] = 0.0f;
-        if (e < d) part += gv[j] * tof(o[e]);
-    }
-    float delta = warp_sum(part);
     float l = lse[h * rows + row];
-    for (uint32_t t = lo; t < hi; t++) {
-        size_t kr = (base + t) * ld;
-        const T* k = qkv + kr + k_col + g * d;
-        const T* v = qkv + kr + v_col + g * d;
-        float qk = 0.0f, gvv = 0.0f;
-        for (int j = 0; j < PER_LANE; j++) {
-            size_t e = lane + 32 * j;
-            if (e < d) {
-                qk += qv[j] * tof(k[e]);
-                gvv += gv[j] * tof(v[e]);
-            }
-        }
-        qk = warp_sum(qk);
-        gvv = warp_sum(gvv);
-        float p = expf(qk * scale - l);
-        float ds = p * (gvv - delta) * scale;
-        float* dk = dkv + (base + t) * 2 * kvw + g * d;
-        for (int j = 0; j < PER_LANE; j++) {
-            size_t e = lane + 32 * j;
-            if (e < d) {
-                atomicAdd(dk + kvw + e, p * gv[j]);
-                atomicAdd(dk + e, ds * qv[j]);
-                dq[j] += ds * tof(k[e]);
-            }
-        }
-    }
-    T* dqo = dqkv + row * ld + q_col + h * d;
-    for (int j = 0; j < PER_LANE; j++) {
-        size_t e = lane + 32 * j;
-        if (e < d) dqo[e] = fromf<T>(dq[j]);
-    }
+    T* x = s + warp * len;
+    for (size_t t = lane; t < len; t += 32)
+        x[t] = fromf<T>(t >= lo && t < hi ? expf(tof(x[t]) - l) : 0.0f);
 }
 
-// dqkv's k and v columns of every row from the scratch dkv (rows × 2·kvw: k then v).
+// d := p · (d − δ) · scale, δ = Σ dout·out over the head's columns of the query's row.
 template <typename T>
-__device__ void scatter_kv(T* dqkv, const float* dkv, size_t rows, size_t ld, size_t k_col,
-                           size_t v_col, size_t kvw) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= rows * 2 * kvw) return;
-    size_t r = i / (2 * kvw), c = i % (2 * kvw);
-    size_t col = c < kvw ? k_col + c : v_col + (c - kvw);
-    dqkv[r * ld + col] = fromf<T>(dkv[i]);
+__device__ void attn_softmax_backward(T* d, const T* p, const T* dout, const T* out, size_t seq,
+                                      size_t len, size_t heads, size_t hd, float scale) {
+    size_t warp = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x % 32;
+    if (warp >= heads * len) return;
+    size_t h = warp / len, row = seq * len + warp % len;
+    size_t at = row * heads * hd + h * hd;
+    float part = 0.0f;
+    for (size_t e = lane; e < hd; e += 32) part += tof(dout[at + e]) * tof(out[at + e]);
+    float delta = warp_sum(part);
+    T* x = d + warp * len;
+    const T* pr = p + warp * len;
+    for (size_t t = lane; t < len; t += 32)
+        x[t] = fromf<T>(tof(pr[t]) * (tof(x[t]) - delta) * scale);
 }
 
 #define INSTANTIATE(T, S)                                                                          \
@@ -459,24 +395,18 @@ __device__ void scatter_kv(T* dqkv, const float* dkv, size_t rows, size_t ld, si
                                                    size_t cols) {                                  \
         swiglu_backward<T>(dgu, dy, gu, goff, uoff, ld, rows, cols);                               \
     }                                                                                              \
-    extern "C" __global__ void attention_##S(T* out, float* lse, const T* qkv,                     \
-                                             const uint32_t* bounds, size_t seqs, size_t len,      \
-                                             size_t heads, size_t kv_heads, size_t d, size_t ld,   \
-                                             size_t q_col, size_t k_col, size_t v_col,             \
-                                             float scale) {                                        \
-        attention<T>(out, lse, qkv, bounds, seqs, len, heads, kv_heads, d, ld, q_col, k_col,       \
-                     v_col, scale);                                                                \
+    extern "C" __global__ void attn_softmax_##S(T* s, float* lse, const uint32_t* bounds,         \
+                                                size_t seq, size_t len, size_t heads, size_t rows) { \
+        attn_softmax<T>(s, lse, bounds, seq, len, heads, rows);                                    \
     }                                                                                              \
-    extern "C" __global__ void attention_backward_##S(                                             \
-        T* dqkv, float* dkv, const T* dout, const T* out, const float* lse, const T* qkv,          \
-        const uint32_t* bounds, size_t seqs, size_t len, size_t heads, size_t kv_heads, size_t d,  \
-        size_t ld, size_t q_col, size_t k_col, size_t v_col, float scale) {                        \
-        attention_backward<T>(dqkv, dkv, dout, out, lse, qkv, bounds, seqs, len, heads, kv_heads,  \
-                              d, ld, q_col, k_col, v_col, scale);                                  \
+    extern "C" __global__ void attn_probs_##S(T* s, const float* lse, const uint32_t* bounds,      \
+                                              size_t seq, size_t len, size_t heads, size_t rows) {   \
+        attn_probs<T>(s, lse, bounds, seq, len, heads, rows);                                      \
     }                                                                                              \
-    extern "C" __global__ void scatter_kv_##S(T* dqkv, const float* dkv, size_t rows, size_t ld,   \
-                                              size_t k_col, size_t v_col, size_t kvw) {            \
-        scatter_kv<T>(dqkv, dkv, rows, ld, k_col, v_col, kvw);                                     \
+    extern "C" __global__ void attn_softmax_backward_##S(T* d, const T* p, const T* dout,          \
+                                                         const T* out, size_t seq, size_t len,     \
+                                                         size_t heads, size_t hd, float scale) {   \
+        attn_softmax_backward<T>(d, p, dout, out, seq, len, heads, hd, scale);                     \
     }
 
 INSTANTIATE(float, f32)

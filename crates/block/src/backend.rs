@@ -3,6 +3,14 @@
 
 use crate::error::{shape, Result};
 
+/// Checks a score buffer of one sequence (`heads × len × len`) and the sequence index.
+pub(crate) fn check_scores(len: usize, a: &Attn, seq: usize, what: &str) -> Result<()> {
+    if seq >= a.seqs {
+        return shape(format!("{what}: sequence {seq} of {}", a.seqs));
+    }
+    same_len(len, a.heads * a.len * a.len, what)
+}
+
 /// Checks that two operands have the same number of elements.
 pub(crate) fn same_len(a: usize, b: usize, what: &str) -> Result<()> {
     if a != b {
@@ -99,6 +107,39 @@ impl Mat {
     }
 }
 
+/// The steps of a batched matrix product: `count` products, the i-th with each operand's view
+/// moved `i·a`, `i·b` and `i·c` elements into its buffer (heads side by side in the columns of
+/// a projection, or score matrices one after another).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batch {
+    pub count: usize,
+    pub a: usize,
+    pub b: usize,
+    pub c: usize,
+}
+
+impl Batch {
+    /// One product.
+    pub fn one() -> Batch {
+        Batch {
+            count: 1,
+            a: 0,
+            b: 0,
+            c: 0,
+        }
+    }
+}
+
+impl Mat {
+    /// The same view `by` elements further into its buffer.
+    pub fn shifted(self, by: usize) -> Mat {
+        Mat {
+            off: self.off + by,
+            ..self
+        }
+    }
+}
+
 /// Attention over rows of a fused projection output: `seqs` sequences of `len` rows each;
 /// query head `h` reads columns `q_col + h·head_dim` of the row, its key/value head
 /// `h / (heads / kv_heads)` columns `k_col + g·head_dim` and `v_col + g·head_dim`. Query row
@@ -131,14 +172,8 @@ impl Attn {
         self.heads * self.head_dim
     }
 
-    /// Checks the layout against a projection buffer of `len` elements.
-    pub fn check(&self, qkv_len: usize) -> Result<()> {
-        let (h, g, d) = (self.heads, self.kv_heads, self.head_dim);
-        if g == 0 || h % g != 0 {
-            return shape(format!(
-                "attention: {h} query heads over {g} key/value heads"
-            ));
-        }
+    /// Checks the key ranges: one per query row, each within its sequence.
+    pub fn check_bounds(&self) -> Result<()> {
         if self.bounds.len() != self.rows() {
             return shape(format!(
                 "attention: {} key ranges for {} query rows",
@@ -154,6 +189,18 @@ impl Attn {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// Checks the layout against a projection buffer of `len` elements.
+    pub fn check(&self, qkv_len: usize) -> Result<()> {
+        let (h, g, d) = (self.heads, self.kv_heads, self.head_dim);
+        if g == 0 || h % g != 0 {
+            return shape(format!(
+                "attention: {h} query heads over {g} key/value heads"
+            ));
+        }
+        self.check_bounds()?;
         let widest = (self.q_col + h * d)
             .max(self.k_col + g * d)
             .max(self.v_col + g * d);
@@ -273,6 +320,40 @@ pub trait Backend {
         beta: f32,
     ) -> Result<()>;
 
+    /// [`Backend::gemm`] `batch.count` times, operand views moved by the batch's strides
+    /// each time (one launch on a device).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_batched(
+        &self,
+        c: &mut Self::Buf,
+        cm: Mat,
+        a: &Self::Buf,
+        am: Mat,
+        ta: bool,
+        b: &Self::Buf,
+        bm: Mat,
+        tb: bool,
+        alpha: f32,
+        beta: f32,
+        batch: Batch,
+    ) -> Result<()> {
+        for i in 0..batch.count {
+            self.gemm(
+                c,
+                cm.shifted(i * batch.c),
+                a,
+                am.shifted(i * batch.a),
+                ta,
+                b,
+                bm.shifted(i * batch.b),
+                tb,
+                alpha,
+                beta,
+            )?;
+        }
+        Ok(())
+    }
+
     /// `y = act(y + bias)` over the view (bias `[cols]`); with an activation, `pre` (dense
     /// `rows × cols`) receives `y + bias`, which the backward pass needs.
     fn bias_act(
@@ -389,6 +470,36 @@ pub trait Backend {
         masks: MaskDraws,
         draw: &mut dyn FnMut() -> u64,
     ) -> Result<Self::Buf>;
+
+    /// Softmax of one sequence's attention scores in place: `s` holds `heads × len × len`
+    /// scores (scaled) of sequence `seq` of `a`; row `i` of head `h` becomes its probabilities
+    /// over the query's key range (0 elsewhere) and `lse[h·rows + seq·len + i]` its
+    /// log-sum-exp (−∞ for an empty range). One step of [`crate::attention::forward`].
+    fn attn_softmax(
+        &self,
+        s: &mut Self::Buf,
+        lse: &mut Self::Stat,
+        a: &Attn,
+        seq: usize,
+    ) -> Result<()>;
+
+    /// The probabilities again from the scores `s` and the forward pass's `lse`, in place
+    /// (as [`Backend::attn_softmax`] left them).
+    fn attn_probs(&self, s: &mut Self::Buf, lse: &Self::Stat, a: &Attn, seq: usize) -> Result<()>;
+
+    /// Softmax backward of one sequence in place: `d` holds `dP` (`heads × len × len`) and
+    /// becomes `dS = P·(dP − δ)·scale`, with `p` the probabilities and `δ` of each query and
+    /// head `Σ dout·out` over the head's columns (`dout`, `out` dense `rows × heads·head_dim`).
+    #[allow(clippy::too_many_arguments)]
+    fn attn_softmax_backward(
+        &self,
+        d: &mut Self::Buf,
+        p: &Self::Buf,
+        dout: &Self::Buf,
+        out: &Self::Buf,
+        a: &Attn,
+        seq: usize,
+    ) -> Result<()>;
 
     /// Attention forward: `out` (dense `rows × heads·head_dim`) and the softmax log-sum-exp
     /// `lse` (`heads × rows`, f32) of every query.

@@ -4,7 +4,7 @@
 use rayon::prelude::*;
 
 use crate::backend::{
-    check_gate, host_mask, rows_of, same_len, Attn, Backend, Gelu, MaskDraws, Mat,
+    check_gate, check_scores, host_mask, rows_of, same_len, Attn, Backend, Gelu, MaskDraws, Mat,
 };
 use crate::error::{shape, Result};
 
@@ -478,6 +478,104 @@ impl Backend for Cpu {
         draw: &mut dyn FnMut() -> u64,
     ) -> Result<Vec<f32>> {
         Ok(host_mask(n, keep, masks, draw))
+    }
+
+    fn attn_softmax(
+        &self,
+        s: &mut Vec<f32>,
+        lse: &mut Vec<f32>,
+        a: &Attn,
+        seq: usize,
+    ) -> Result<()> {
+        check_scores(s.len(), a, seq, "attn_softmax scores")?;
+        same_len(lse.len(), a.heads * a.rows(), "attn_softmax lse")?;
+        a.check_bounds()?;
+        let (len, rows) = (a.len, a.rows());
+        let sums: Vec<(usize, f32)> = s
+            .par_chunks_mut(len.max(1))
+            .enumerate()
+            .map(|(hi_row, x)| {
+                let (h, i) = (hi_row / len, hi_row % len);
+                let row = seq * len + i;
+                let (lo, hi) = (a.bounds[row].0 as usize, a.bounds[row].1 as usize);
+                let m = x[lo..hi].iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for (t, v) in x.iter_mut().enumerate() {
+                    *v = if (lo..hi).contains(&t) {
+                        let e = (*v - m).exp();
+                        sum += e;
+                        e
+                    } else {
+                        0.0
+                    };
+                }
+                if hi > lo {
+                    x.iter_mut().for_each(|v| *v /= sum);
+                }
+                let l = if hi > lo {
+                    m + sum.ln()
+                } else {
+                    f32::NEG_INFINITY
+                };
+                (h * rows + row, l)
+            })
+            .collect();
+        for (k, l) in sums {
+            lse[k] = l;
+        }
+        Ok(())
+    }
+
+    fn attn_probs(&self, s: &mut Vec<f32>, lse: &Vec<f32>, a: &Attn, seq: usize) -> Result<()> {
+        check_scores(s.len(), a, seq, "attn_probs scores")?;
+        same_len(lse.len(), a.heads * a.rows(), "attn_probs lse")?;
+        a.check_bounds()?;
+        let (len, rows) = (a.len, a.rows());
+        s.par_chunks_mut(len.max(1))
+            .enumerate()
+            .for_each(|(hi_row, x)| {
+                let (h, i) = (hi_row / len, hi_row % len);
+                let row = seq * len + i;
+                let (lo, hi) = (a.bounds[row].0 as usize, a.bounds[row].1 as usize);
+                let l = lse[h * rows + row];
+                for (t, v) in x.iter_mut().enumerate() {
+                    *v = if (lo..hi).contains(&t) {
+                        (*v - l).exp()
+                    } else {
+                        0.0
+                    };
+                }
+            });
+        Ok(())
+    }
+
+    fn attn_softmax_backward(
+        &self,
+        d: &mut Vec<f32>,
+        p: &Vec<f32>,
+        dout: &Vec<f32>,
+        out: &Vec<f32>,
+        a: &Attn,
+        seq: usize,
+    ) -> Result<()> {
+        check_scores(d.len(), a, seq, "attn_softmax_backward dP")?;
+        same_len(p.len(), d.len(), "attn_softmax_backward P")?;
+        let w = a.width();
+        same_len(dout.len(), a.rows() * w, "attn_softmax_backward dout")?;
+        same_len(out.len(), a.rows() * w, "attn_softmax_backward out")?;
+        let (len, hd) = (a.len, a.head_dim);
+        d.par_chunks_mut(len.max(1))
+            .zip(p.par_chunks(len.max(1)))
+            .enumerate()
+            .for_each(|(hi_row, (x, pr))| {
+                let (h, i) = (hi_row / len, hi_row % len);
+                let at = (seq * len + i) * w + h * hd;
+                let delta = dot(&dout[at..at + hd], &out[at..at + hd]);
+                for (v, &pv) in x.iter_mut().zip(pr) {
+                    *v = pv * (*v - delta) * a.scale;
+                }
+            });
+        Ok(())
     }
 
     fn attention(

@@ -5,16 +5,15 @@
 //! stream (candle's, when built from a candle device), so it is ordered with the model's other
 //! work.
 //!
-//! A first, straightforward backend: attention is one warp per (query row, head) with an
-//! online softmax (no tiling yet), key/value gradients are summed with f32 atomics into a
-//! scratch buffer (so their last bits vary from run to run). Dropout masks are made on the
+//! Attention is [`crate::attention`]'s formulation: batched cuBLAS products around three row
+//! kernels (scores of a sequence materialised, not saved). Dropout masks are made on the
 //! device from one seed each ([`MaskDraws::PerMask`], as candle's GPU path), or drawn per
 //! element on the host and copied over.
 
 use std::marker::PhantomData;
 use std::sync::Arc;
 
-use candle_core::cuda_backend::cudarc::cublas::result::gemm_ex;
+use candle_core::cuda_backend::cudarc::cublas::result::{gemm_ex, gemm_strided_batched_ex};
 use candle_core::cuda_backend::cudarc::cublas::sys::{
     cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t,
 };
@@ -27,7 +26,8 @@ use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use half::bf16;
 
 use crate::backend::{
-    check_gate, host_mask, rows_of, same_len, Attn, Backend, Gelu, MaskDraws, Mat,
+    check_gate, check_scores, host_mask, rows_of, same_len, Attn, Backend, Batch, Gelu, MaskDraws,
+    Mat,
 };
 use crate::error::{shape, BlockError, Result};
 
@@ -129,6 +129,138 @@ impl<T: Elem> Cuda<T> {
             .load_function(&format!("{name}_{}", T::SUFFIX))
             .map_err(dev)
     }
+
+    /// A (batched) GEMM through cuBLAS: row-major C = op(A)·op(B), f32 scalars and
+    /// accumulation.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_strided(
+        &self,
+        c: &mut CudaSlice<T>,
+        cm: Mat,
+        a: &CudaSlice<T>,
+        am: Mat,
+        ta: bool,
+        b: &CudaSlice<T>,
+        bm: Mat,
+        tb: bool,
+        alpha: f32,
+        beta: f32,
+        batch: Batch,
+    ) -> Result<()> {
+        // The first and the last product's views must fit (those between lie in between).
+        let last = batch.count.saturating_sub(1);
+        for (m, stride, len, what) in [
+            (cm, batch.c, c.len(), "gemm C"),
+            (am, batch.a, a.len(), "gemm A"),
+            (bm, batch.b, b.len(), "gemm B"),
+        ] {
+            m.check(len, what)?;
+            m.shifted(last * stride).check(len, what)?;
+        }
+        let (m, k) = if ta {
+            (am.cols, am.rows)
+        } else {
+            (am.rows, am.cols)
+        };
+        let (k2, n) = if tb {
+            (bm.cols, bm.rows)
+        } else {
+            (bm.rows, bm.cols)
+        };
+        if k != k2 || cm.rows != m || cm.cols != n {
+            return shape(format!(
+                "gemm: op(A) {m}×{k} · op(B) {k2}×{n} into C {}×{}",
+                cm.rows, cm.cols
+            ));
+        }
+        if m == 0 || n == 0 || batch.count == 0 {
+            return Ok(());
+        }
+        let int = |v: usize| {
+            i32::try_from(v).map_err(|_| BlockError::Backend(format!("cuda: gemm size {v}")))
+        };
+        let op = |t: bool| {
+            if t {
+                cublasOperation_t::CUBLAS_OP_T
+            } else {
+                cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ, and a row-major matrix
+        // read column-major is its transpose: so B goes first, each with its own flag.
+        let (gm, gn, gk) = (int(n)?, int(m)?, int(k)?);
+        let (lda, ldb, ldc) = (int(bm.ld.max(1))?, int(am.ld.max(1))?, int(cm.ld.max(1))?);
+        if am.off > a.len() || bm.off > b.len() || cm.off > c.len() {
+            return shape("gemm: a view starts past the end of its buffer");
+        }
+        let av = a.slice(am.off..);
+        let bv = b.slice(bm.off..);
+        let mut cv = c.slice_mut(cm.off..);
+        let (ap, _ra) = av.device_ptr(&self.stream);
+        let (bp, _rb) = bv.device_ptr(&self.stream);
+        let (cp, _rc) = cv.device_ptr_mut(&self.stream);
+        // SAFETY: the first and last views of each operand were checked against their buffers
+        // above, with the leading dimensions passed here (the products between lie between them); `c` is borrowed mutably, so it aliases neither `a` nor `b`.
+        // α and β are f32 (the compute type's scalars) for both element types; f32 computes
+        // in full f32 (no TF32), bf16 accumulates in f32.
+        let stride = |v: usize| {
+            i64::try_from(v).map_err(|_| BlockError::Backend(format!("cuda: gemm stride {v}")))
+        };
+        let (sa, sb, sc) = (stride(batch.b)?, stride(batch.a)?, stride(batch.c)?);
+        let count = int(batch.count)?;
+        unsafe {
+            if count == 1 {
+                gemm_ex(
+                    *self.blas.handle(),
+                    op(tb),
+                    op(ta),
+                    gm,
+                    gn,
+                    gk,
+                    (&alpha) as *const f32 as *const _,
+                    bp as *const _,
+                    T::DATA,
+                    lda,
+                    ap as *const _,
+                    T::DATA,
+                    ldb,
+                    (&beta) as *const f32 as *const _,
+                    cp as *mut _,
+                    T::DATA,
+                    ldc,
+                    cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            } else {
+                gemm_strided_batched_ex(
+                    *self.blas.handle(),
+                    op(tb),
+                    op(ta),
+                    gm,
+                    gn,
+                    gk,
+                    (&alpha) as *const f32 as *const _,
+                    bp as *const _,
+                    T::DATA,
+                    lda,
+                    sa,
+                    ap as *const _,
+                    T::DATA,
+                    ldb,
+                    sb,
+                    (&beta) as *const f32 as *const _,
+                    cp as *mut _,
+                    T::DATA,
+                    ldc,
+                    sc,
+                    count,
+                    cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+        }
+        .map_err(dev)
+    }
 }
 
 // Launch soundness, for every `unsafe` launch below: the kernels' parameter lists in
@@ -186,79 +318,24 @@ impl<T: Elem> Backend for Cuda<T> {
         alpha: f32,
         beta: f32,
     ) -> Result<()> {
-        cm.check(c.len(), "gemm C")?;
-        am.check(a.len(), "gemm A")?;
-        bm.check(b.len(), "gemm B")?;
-        let (m, k) = if ta {
-            (am.cols, am.rows)
-        } else {
-            (am.rows, am.cols)
-        };
-        let (k2, n) = if tb {
-            (bm.cols, bm.rows)
-        } else {
-            (bm.rows, bm.cols)
-        };
-        if k != k2 || cm.rows != m || cm.cols != n {
-            return shape(format!(
-                "gemm: op(A) {m}×{k} · op(B) {k2}×{n} into C {}×{}",
-                cm.rows, cm.cols
-            ));
-        }
-        if m == 0 || n == 0 {
-            return Ok(());
-        }
-        let int = |v: usize| {
-            i32::try_from(v).map_err(|_| BlockError::Backend(format!("cuda: gemm size {v}")))
-        };
-        let op = |t: bool| {
-            if t {
-                cublasOperation_t::CUBLAS_OP_T
-            } else {
-                cublasOperation_t::CUBLAS_OP_N
-            }
-        };
-        // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ, and a row-major matrix
-        // read column-major is its transpose: so B goes first, each with its own flag.
-        let (gm, gn, gk) = (int(n)?, int(m)?, int(k)?);
-        let (lda, ldb, ldc) = (int(bm.ld.max(1))?, int(am.ld.max(1))?, int(cm.ld.max(1))?);
-        if am.off > a.len() || bm.off > b.len() || cm.off > c.len() {
-            return shape("gemm: a view starts past the end of its buffer");
-        }
-        let av = a.slice(am.off..);
-        let bv = b.slice(bm.off..);
-        let mut cv = c.slice_mut(cm.off..);
-        let (ap, _ra) = av.device_ptr(&self.stream);
-        let (bp, _rb) = bv.device_ptr(&self.stream);
-        let (cp, _rc) = cv.device_ptr_mut(&self.stream);
-        // SAFETY: the three views were checked against their buffers above, with the leading
-        // dimensions passed here; `c` is borrowed mutably, so it aliases neither `a` nor `b`.
-        // α and β are f32 (the compute type's scalars) for both element types; f32 computes
-        // in full f32 (no TF32), bf16 accumulates in f32.
-        unsafe {
-            gemm_ex(
-                *self.blas.handle(),
-                op(tb),
-                op(ta),
-                gm,
-                gn,
-                gk,
-                (&alpha) as *const f32 as *const _,
-                bp as *const _,
-                T::DATA,
-                lda,
-                ap as *const _,
-                T::DATA,
-                ldb,
-                (&beta) as *const f32 as *const _,
-                cp as *mut _,
-                T::DATA,
-                ldc,
-                cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }
-        .map_err(dev)
+        self.gemm_strided(c, cm, a, am, ta, b, bm, tb, alpha, beta, Batch::one())
+    }
+
+    fn gemm_batched(
+        &self,
+        c: &mut CudaSlice<T>,
+        cm: Mat,
+        a: &CudaSlice<T>,
+        am: Mat,
+        ta: bool,
+        b: &CudaSlice<T>,
+        bm: Mat,
+        tb: bool,
+        alpha: f32,
+        beta: f32,
+        batch: Batch,
+    ) -> Result<()> {
+        self.gemm_strided(c, cm, a, am, ta, b, bm, tb, alpha, beta, batch)
     }
 
     fn bias_act(
@@ -609,6 +686,93 @@ impl<T: Elem> Backend for Cuda<T> {
         }
     }
 
+    fn attn_softmax(
+        &self,
+        s: &mut CudaSlice<T>,
+        lse: &mut CudaSlice<f32>,
+        a: &Attn,
+        seq: usize,
+    ) -> Result<()> {
+        check_scores(s.len(), a, seq, "attn_softmax scores")?;
+        same_len(lse.len(), a.heads * a.rows(), "attn_softmax lse")?;
+        a.check_bounds()?;
+        let bounds = self.bounds(a)?;
+        let f = self.func("attn_softmax")?;
+        let rows = a.rows();
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(s)
+            .arg(lse)
+            .arg(&bounds)
+            .arg(&seq)
+            .arg(&a.len)
+            .arg(&a.heads)
+            .arg(&rows);
+        // SAFETY: see "Launch soundness" above; one warp per (head, query) row of the
+        // sequence's heads·len·len scores, key ranges within the sequence (check_bounds).
+        unsafe { l.launch(items(a.heads * a.len * 32)?) }.map_err(dev)?;
+        Ok(())
+    }
+
+    fn attn_probs(
+        &self,
+        s: &mut CudaSlice<T>,
+        lse: &CudaSlice<f32>,
+        a: &Attn,
+        seq: usize,
+    ) -> Result<()> {
+        check_scores(s.len(), a, seq, "attn_probs scores")?;
+        same_len(lse.len(), a.heads * a.rows(), "attn_probs lse")?;
+        a.check_bounds()?;
+        let bounds = self.bounds(a)?;
+        let f = self.func("attn_probs")?;
+        let rows = a.rows();
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(s)
+            .arg(lse)
+            .arg(&bounds)
+            .arg(&seq)
+            .arg(&a.len)
+            .arg(&a.heads)
+            .arg(&rows);
+        // SAFETY: as in `attn_softmax`.
+        unsafe { l.launch(items(a.heads * a.len * 32)?) }.map_err(dev)?;
+        Ok(())
+    }
+
+    fn attn_softmax_backward(
+        &self,
+        d: &mut CudaSlice<T>,
+        p: &CudaSlice<T>,
+        dout: &CudaSlice<T>,
+        out: &CudaSlice<T>,
+        a: &Attn,
+        seq: usize,
+    ) -> Result<()> {
+        check_scores(d.len(), a, seq, "attn_softmax_backward dP")?;
+        same_len(p.len(), d.len(), "attn_softmax_backward P")?;
+        same_len(
+            dout.len(),
+            a.rows() * a.width(),
+            "attn_softmax_backward dout",
+        )?;
+        same_len(out.len(), a.rows() * a.width(), "attn_softmax_backward out")?;
+        let f = self.func("attn_softmax_backward")?;
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(d)
+            .arg(p)
+            .arg(dout)
+            .arg(out)
+            .arg(&seq)
+            .arg(&a.len)
+            .arg(&a.heads)
+            .arg(&a.head_dim)
+            .arg(&a.scale);
+        // SAFETY: see "Launch soundness" above; one warp per (head, query) row; the rows of
+        // `dout` and `out` are heads·head_dim wide (checked above).
+        unsafe { l.launch(items(a.heads * a.len * 32)?) }.map_err(dev)?;
+        Ok(())
+    }
+
     fn attention(
         &self,
         out: &mut CudaSlice<T>,
@@ -616,35 +780,7 @@ impl<T: Elem> Backend for Cuda<T> {
         qkv: &CudaSlice<T>,
         a: &Attn,
     ) -> Result<()> {
-        a.check(qkv.len())?;
-        let rows = a.rows();
-        same_len(out.len(), rows * a.width(), "attention out")?;
-        same_len(lse.len(), a.heads * rows, "attention lse")?;
-        self.check_head_dim(a)?;
-        if rows == 0 {
-            return Ok(());
-        }
-        let bounds = self.bounds(a)?;
-        let f = self.func("attention")?;
-        let mut l = self.stream.launch_builder(&f);
-        l.arg(out)
-            .arg(lse)
-            .arg(qkv)
-            .arg(&bounds)
-            .arg(&a.seqs)
-            .arg(&a.len)
-            .arg(&a.heads)
-            .arg(&a.kv_heads)
-            .arg(&a.head_dim)
-            .arg(&a.ld)
-            .arg(&a.q_col)
-            .arg(&a.k_col)
-            .arg(&a.v_col)
-            .arg(&a.scale);
-        // SAFETY: see "Launch soundness" above; one warp per (row, head), head_dim ≤ 256
-        // (check_head_dim), `bounds` holds 2 values per row (Attn::check).
-        unsafe { l.launch(items(rows * a.heads * 32)?) }.map_err(dev)?;
-        Ok(())
+        crate::attention::forward(self, out, lse, qkv, a)
     }
 
     fn attention_backward(
@@ -656,72 +792,11 @@ impl<T: Elem> Backend for Cuda<T> {
         qkv: &CudaSlice<T>,
         a: &Attn,
     ) -> Result<()> {
-        a.check(qkv.len())?;
-        same_len(dqkv.len(), qkv.len(), "attention_backward dqkv")?;
-        let rows = a.rows();
-        same_len(out.len(), rows * a.width(), "attention_backward out")?;
-        same_len(dout.len(), rows * a.width(), "attention_backward dout")?;
-        same_len(lse.len(), a.heads * rows, "attention_backward lse")?;
-        self.check_head_dim(a)?;
-        if rows == 0 {
-            return Ok(());
-        }
-        let bounds = self.bounds(a)?;
-        // Key and value gradients are sums over queries: accumulated in an f32 scratch
-        // (rows × 2·kv_heads·head_dim, k then v), then written into their columns.
-        let kvw = a.kv_heads * a.head_dim;
-        let mut dkv = self
-            .stream
-            .alloc_zeros::<f32>(rows * 2 * kvw)
-            .map_err(dev)?;
-        let f = self.func("attention_backward")?;
-        let mut l = self.stream.launch_builder(&f);
-        l.arg(&mut *dqkv)
-            .arg(&mut dkv)
-            .arg(dout)
-            .arg(out)
-            .arg(lse)
-            .arg(qkv)
-            .arg(&bounds)
-            .arg(&a.seqs)
-            .arg(&a.len)
-            .arg(&a.heads)
-            .arg(&a.kv_heads)
-            .arg(&a.head_dim)
-            .arg(&a.ld)
-            .arg(&a.q_col)
-            .arg(&a.k_col)
-            .arg(&a.v_col)
-            .arg(&a.scale);
-        // SAFETY: as in `attention`; `dkv` holds 2·kvw values per row.
-        unsafe { l.launch(items(rows * a.heads * 32)?) }.map_err(dev)?;
-        let f = self.func("scatter_kv")?;
-        let mut l = self.stream.launch_builder(&f);
-        l.arg(dqkv)
-            .arg(&dkv)
-            .arg(&rows)
-            .arg(&a.ld)
-            .arg(&a.k_col)
-            .arg(&a.v_col)
-            .arg(&kvw);
-        // SAFETY: see "Launch soundness" above; columns k_col.. and v_col.. + kvw of every row
-        // lie inside the buffer (Attn::check).
-        unsafe { l.launch(items(rows * 2 * kvw)?) }.map_err(dev)?;
-        Ok(())
+        crate::attention::backward(self, dqkv, dout, out, lse, qkv, a)
     }
 }
 
 impl<T: Elem> Cuda<T> {
-    fn check_head_dim(&self, a: &Attn) -> Result<()> {
-        if a.head_dim > 256 {
-            return shape(format!(
-                "attention: head dimension {} (the CUDA kernel takes up to 256)",
-                a.head_dim
-            ));
-        }
-        Ok(())
-    }
-
     /// The key ranges on the device, two u32 per query row.
     fn bounds(&self, a: &Attn) -> Result<CudaSlice<u32>> {
         let flat: Vec<u32> = a.bounds.iter().flat_map(|&(lo, hi)| [lo, hi]).collect();

@@ -13,8 +13,10 @@
 //! Layers: [`vision::VisionLayer`] (SigLIP ViT of 2.0 with a fused qkv projection, NaViT of
 //! 2.5 / 2.6 with separate q/k/v) and [`llm::LlmLayer`] (the decoders of all three versions:
 //! RMSNorm, rotary grouped-query attention over packed rows, SiLU-gated MLP, Qwen2's q/k/v
-//! biases, MiniCPM's residual scale). [`linear`] holds the projections with LoRA both share.
+//! biases, MiniCPM's residual scale). [`linear`] holds the projections with LoRA both share;
+//! [`attention`] the matrix-product formulation of attention a device backend runs.
 
+pub mod attention;
 pub mod backend;
 pub mod cpu;
 #[cfg(feature = "cuda")]
@@ -24,7 +26,7 @@ pub mod linear;
 pub mod llm;
 pub mod vision;
 
-pub use backend::{host_mask, Attn, Backend, Gelu, MaskDraws, Mat};
+pub use backend::{host_mask, Attn, Backend, Batch, Gelu, MaskDraws, Mat};
 pub use cpu::Cpu;
 #[cfg(feature = "cuda")]
 pub use cuda::{Cuda, Elem};

@@ -131,6 +131,54 @@ fn gemm_matches_cpu_for_every_transpose_view_and_beta() {
     }
 }
 
+/// Batched products (one cuBLAS call) against the CPU's loop of single ones: heads side by
+/// side in columns (strides within a row) into score matrices one after another.
+#[test]
+fn batched_gemm_matches_cpu_with_column_and_matrix_strides() {
+    let (g, c) = (cuda::<f32>(), Cpu);
+    let (len, d, heads, ld) = (19, 6, 3, 3 * 6 + 5);
+    let q = Mat {
+        off: 2,
+        rows: len,
+        cols: d,
+        ld,
+    };
+    let s = Mat::dense(len, len);
+    let x = vals(len * ld + 8, 4);
+    let c0 = vals(heads * len * len, 5);
+    for (tb, beta) in [(true, 0.0), (true, 1.0), (false, 1.0)] {
+        let bm = if tb {
+            q.shifted(1)
+        } else {
+            Mat { cols: len, ..q }
+        };
+        let (bm, bstride) = if tb {
+            (bm, d)
+        } else {
+            (Mat { rows: d, ..bm }, 0)
+        };
+        let batch = cpmv_block::Batch {
+            count: heads,
+            a: d,
+            b: bstride,
+            c: len * len,
+        };
+        let mut want = c0.clone();
+        c.gemm_batched(&mut want, s, &x, q, false, &x, bm, tb, 0.3, beta, batch)
+            .unwrap();
+        let xd = g.upload(&x).unwrap();
+        let mut got = g.upload(&c0).unwrap();
+        g.gemm_batched(&mut got, s, &xd, q, false, &xd, bm, tb, 0.3, beta, batch)
+            .unwrap();
+        close(
+            &format!("batched gemm tb={tb} beta={beta}"),
+            &g.download(&got).unwrap(),
+            &want,
+            1e-5,
+        );
+    }
+}
+
 #[test]
 fn elementwise_and_norm_primitives_match_cpu() {
     let (g, c) = (cuda::<f32>(), Cpu);
