@@ -11,7 +11,7 @@
 //! element on the host and copied over.
 
 use std::marker::PhantomData;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::cuda_backend::cudarc::cublas::result::{gemm_ex, gemm_strided_batched_ex};
 use candle_core::cuda_backend::cudarc::cublas::sys::{
@@ -70,8 +70,13 @@ pub struct Cuda<T: Elem = f32> {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     module: Arc<CudaModule>,
+    /// The key ranges last copied to the device: every layer of a step has the same ones.
+    bounds: Mutex<Option<DeviceBounds>>,
     elem: PhantomData<T>,
 }
+
+/// Key ranges on the host and their copy on the device.
+type DeviceBounds = (Vec<(u32, u32)>, Arc<CudaSlice<u32>>);
 
 fn dev<E: std::fmt::Debug>(e: E) -> BlockError {
     BlockError::Backend(format!("cuda: {e:?}"))
@@ -114,6 +119,7 @@ impl<T: Elem> Cuda<T> {
             stream,
             blas,
             module,
+            bounds: Mutex::new(None),
             elem: PhantomData,
         })
     }
@@ -702,7 +708,7 @@ impl<T: Elem> Backend for Cuda<T> {
         let mut l = self.stream.launch_builder(&f);
         l.arg(s)
             .arg(lse)
-            .arg(&bounds)
+            .arg(&*bounds)
             .arg(&seq)
             .arg(&a.len)
             .arg(&a.heads)
@@ -729,7 +735,7 @@ impl<T: Elem> Backend for Cuda<T> {
         let mut l = self.stream.launch_builder(&f);
         l.arg(s)
             .arg(lse)
-            .arg(&bounds)
+            .arg(&*bounds)
             .arg(&seq)
             .arg(&a.len)
             .arg(&a.heads)
@@ -797,9 +803,18 @@ impl<T: Elem> Backend for Cuda<T> {
 }
 
 impl<T: Elem> Cuda<T> {
-    /// The key ranges on the device, two u32 per query row.
-    fn bounds(&self, a: &Attn) -> Result<CudaSlice<u32>> {
+    /// The key ranges on the device, two u32 per query row: copied when they differ from the
+    /// last ones copied.
+    fn bounds(&self, a: &Attn) -> Result<Arc<CudaSlice<u32>>> {
+        let mut last = self.bounds.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((host, dev)) = last.as_ref() {
+            if *host == a.bounds {
+                return Ok(dev.clone());
+            }
+        }
         let flat: Vec<u32> = a.bounds.iter().flat_map(|&(lo, hi)| [lo, hi]).collect();
-        self.stream.clone_htod(&flat).map_err(dev)
+        let d = Arc::new(self.stream.clone_htod(&flat).map_err(dev)?);
+        *last = Some((a.bounds.clone(), d.clone()));
+        Ok(d)
     }
 }
