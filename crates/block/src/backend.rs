@@ -4,11 +4,34 @@
 use crate::error::{shape, Result};
 
 /// Checks a score buffer of one sequence (`heads × len × len`) and the sequence index.
-pub(crate) fn check_scores(len: usize, a: &Attn, seq: usize, what: &str) -> Result<()> {
+fn check_scores(len: usize, a: &Attn, seq: usize, what: &str) -> Result<()> {
     if seq >= a.seqs {
         return shape(format!("{what}: sequence {seq} of {}", a.seqs));
     }
     same_len(len, a.heads * a.len * a.len, what)
+}
+
+/// Checks the operands of [`Backend::attn_softmax`] or [`Backend::attn_probs`]: the scores
+/// of sequence `seq`, the log-sum-exp of all rows, the key ranges.
+pub(crate) fn check_softmax(s: usize, lse: usize, a: &Attn, seq: usize) -> Result<()> {
+    check_scores(s, a, seq, "attention scores")?;
+    same_len(lse, a.heads * a.rows(), "attention lse")?;
+    a.check_bounds()
+}
+
+/// Checks the operands of [`Backend::attn_softmax_backward`] by their lengths.
+pub(crate) fn check_softmax_backward(
+    d: usize,
+    p: usize,
+    dout: usize,
+    out: usize,
+    a: &Attn,
+    seq: usize,
+) -> Result<()> {
+    check_scores(d, a, seq, "attn_softmax_backward dP")?;
+    same_len(p, d, "attn_softmax_backward P")?;
+    same_len(dout, a.rows() * a.width(), "attn_softmax_backward dout")?;
+    same_len(out, a.rows() * a.width(), "attn_softmax_backward out")
 }
 
 /// Checks that two operands have the same number of elements.
@@ -318,7 +341,9 @@ pub trait Backend {
         tb: bool,
         alpha: f32,
         beta: f32,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        self.gemm_batched(c, cm, a, am, ta, b, bm, tb, alpha, beta, Batch::one())
+    }
 
     /// [`Backend::gemm`] `batch.count` times, operand views moved by the batch's strides
     /// each time (one launch on a device).
@@ -336,23 +361,7 @@ pub trait Backend {
         alpha: f32,
         beta: f32,
         batch: Batch,
-    ) -> Result<()> {
-        for i in 0..batch.count {
-            self.gemm(
-                c,
-                cm.shifted(i * batch.c),
-                a,
-                am.shifted(i * batch.a),
-                ta,
-                b,
-                bm.shifted(i * batch.b),
-                tb,
-                alpha,
-                beta,
-            )?;
-        }
-        Ok(())
-    }
+    ) -> Result<()>;
 
     /// `y = act(y + bias)` over the view (bias `[cols]`); with an activation, `pre` (dense
     /// `rows × cols`) receives `y + bias`, which the backward pass needs.

@@ -4,7 +4,8 @@
 use rayon::prelude::*;
 
 use crate::backend::{
-    check_gate, check_scores, host_mask, rows_of, same_len, Attn, Backend, Gelu, MaskDraws, Mat,
+    check_gate, check_softmax, check_softmax_backward, host_mask, rows_of, same_len, Attn, Backend,
+    Batch, Gelu, MaskDraws, Mat,
 };
 use crate::error::{shape, Result};
 
@@ -75,7 +76,7 @@ impl Backend for Cpu {
         Ok(b.clone())
     }
 
-    fn gemm(
+    fn gemm_batched(
         &self,
         c: &mut Vec<f32>,
         cm: Mat,
@@ -87,68 +88,21 @@ impl Backend for Cpu {
         tb: bool,
         alpha: f32,
         beta: f32,
+        batch: Batch,
     ) -> Result<()> {
-        cm.check(c.len(), "gemm C")?;
-        am.check(a.len(), "gemm A")?;
-        bm.check(b.len(), "gemm B")?;
-        // op(X)'s (rows, cols, row stride, column stride).
-        let op = |m: Mat, t: bool| -> (usize, usize, isize, isize) {
-            if t {
-                (m.cols, m.rows, 1, m.ld as isize)
-            } else {
-                (m.rows, m.cols, m.ld as isize, 1)
-            }
-        };
-        let (m, k, a_rs, a_cs) = op(am, ta);
-        let (k2, n, b_rs, b_cs) = op(bm, tb);
-        if k != k2 || cm.rows != m || cm.cols != n {
-            return shape(format!(
-                "gemm: op(A) {m}×{k} · op(B) {k2}×{n} into C {}×{}",
-                cm.rows, cm.cols
-            ));
-        }
-        if m == 0 || n == 0 {
-            return Ok(());
-        }
-        if k == 0 {
-            // An empty product: C = β·C.
-            for r in 0..m {
-                let row = &mut c[cm.off + r * cm.ld..cm.off + r * cm.ld + n];
-                row.iter_mut().for_each(|x| *x *= beta);
-            }
-            return Ok(());
-        }
-        let threads = rayon::current_num_threads();
-        let par = if threads > 1 && m * n * k > 1 << 15 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
-        // SAFETY: every view was checked against its buffer above, `c` is borrowed mutably
-        // and so aliases neither `a` nor `b`, and the strides describe exactly those views.
-        // `gemm` computes dst = alpha·dst + beta·lhs·rhs (its names are the other way round).
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                c.as_mut_ptr().add(cm.off),
-                1,
-                cm.ld as isize,
-                beta != 0.0,
-                a.as_ptr().add(am.off),
-                a_cs,
-                a_rs,
-                b.as_ptr().add(bm.off),
-                b_cs,
-                b_rs,
-                beta,
+        for i in 0..batch.count {
+            gemm_one(
+                c,
+                cm.shifted(i * batch.c),
+                a,
+                am.shifted(i * batch.a),
+                ta,
+                b,
+                bm.shifted(i * batch.b),
+                tb,
                 alpha,
-                false,
-                false,
-                false,
-                par,
-            );
+                beta,
+            )?;
         }
         Ok(())
     }
@@ -487,9 +441,7 @@ impl Backend for Cpu {
         a: &Attn,
         seq: usize,
     ) -> Result<()> {
-        check_scores(s.len(), a, seq, "attn_softmax scores")?;
-        same_len(lse.len(), a.heads * a.rows(), "attn_softmax lse")?;
-        a.check_bounds()?;
+        check_softmax(s.len(), lse.len(), a, seq)?;
         let (len, rows) = (a.len, a.rows());
         let sums: Vec<(usize, f32)> = s
             .par_chunks_mut(len.max(1))
@@ -527,9 +479,7 @@ impl Backend for Cpu {
     }
 
     fn attn_probs(&self, s: &mut Vec<f32>, lse: &Vec<f32>, a: &Attn, seq: usize) -> Result<()> {
-        check_scores(s.len(), a, seq, "attn_probs scores")?;
-        same_len(lse.len(), a.heads * a.rows(), "attn_probs lse")?;
-        a.check_bounds()?;
+        check_softmax(s.len(), lse.len(), a, seq)?;
         let (len, rows) = (a.len, a.rows());
         s.par_chunks_mut(len.max(1))
             .enumerate()
@@ -558,11 +508,8 @@ impl Backend for Cpu {
         a: &Attn,
         seq: usize,
     ) -> Result<()> {
-        check_scores(d.len(), a, seq, "attn_softmax_backward dP")?;
-        same_len(p.len(), d.len(), "attn_softmax_backward P")?;
+        check_softmax_backward(d.len(), p.len(), dout.len(), out.len(), a, seq)?;
         let w = a.width();
-        same_len(dout.len(), a.rows() * w, "attn_softmax_backward dout")?;
-        same_len(out.len(), a.rows() * w, "attn_softmax_backward out")?;
         let (len, hd) = (a.len, a.head_dim);
         d.par_chunks_mut(len.max(1))
             .zip(p.par_chunks(len.max(1)))
@@ -743,3 +690,82 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 #[cfg(test)]
 mod tests;
+
+/// One product of [`Backend::gemm`] on host vectors.
+#[allow(clippy::too_many_arguments)]
+fn gemm_one(
+    c: &mut [f32],
+    cm: Mat,
+    a: &[f32],
+    am: Mat,
+    ta: bool,
+    b: &[f32],
+    bm: Mat,
+    tb: bool,
+    alpha: f32,
+    beta: f32,
+) -> Result<()> {
+    cm.check(c.len(), "gemm C")?;
+    am.check(a.len(), "gemm A")?;
+    bm.check(b.len(), "gemm B")?;
+    // op(X)'s (rows, cols, row stride, column stride).
+    let op = |m: Mat, t: bool| -> (usize, usize, isize, isize) {
+        if t {
+            (m.cols, m.rows, 1, m.ld as isize)
+        } else {
+            (m.rows, m.cols, m.ld as isize, 1)
+        }
+    };
+    let (m, k, a_rs, a_cs) = op(am, ta);
+    let (k2, n, b_rs, b_cs) = op(bm, tb);
+    if k != k2 || cm.rows != m || cm.cols != n {
+        return shape(format!(
+            "gemm: op(A) {m}×{k} · op(B) {k2}×{n} into C {}×{}",
+            cm.rows, cm.cols
+        ));
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        // An empty product: C = β·C.
+        for r in 0..m {
+            let row = &mut c[cm.off + r * cm.ld..cm.off + r * cm.ld + n];
+            row.iter_mut().for_each(|x| *x *= beta);
+        }
+        return Ok(());
+    }
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 && m * n * k > 1 << 15 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: every view was checked against its buffer above, `c` is borrowed mutably
+    // and so aliases neither `a` nor `b`, and the strides describe exactly those views.
+    // `gemm` computes dst = alpha·dst + beta·lhs·rhs (its names are the other way round).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr().add(cm.off),
+            1,
+            cm.ld as isize,
+            beta != 0.0,
+            a.as_ptr().add(am.off),
+            a_cs,
+            a_rs,
+            b.as_ptr().add(bm.off),
+            b_cs,
+            b_rs,
+            beta,
+            alpha,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+    Ok(())
+}

@@ -26,8 +26,8 @@ use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use half::bf16;
 
 use crate::backend::{
-    check_gate, check_scores, host_mask, rows_of, same_len, Attn, Backend, Batch, Gelu, MaskDraws,
-    Mat,
+    check_gate, check_softmax, check_softmax_backward, host_mask, rows_of, same_len, Attn, Backend,
+    Batch, Gelu, MaskDraws, Mat,
 };
 use crate::error::{shape, BlockError, Result};
 
@@ -73,6 +73,12 @@ pub struct Cuda<T: Elem = f32> {
     /// The key ranges last copied to the device: every layer of a step has the same ones.
     bounds: Mutex<Option<DeviceBounds>>,
     elem: PhantomData<T>,
+}
+
+/// The log-sum-exp operand of a softmax row kernel: written or read.
+enum Lse<'a> {
+    Write(&'a mut CudaSlice<f32>),
+    Read(&'a CudaSlice<f32>),
 }
 
 /// Key ranges on the host and their copy on the device.
@@ -135,11 +141,51 @@ impl<T: Elem> Cuda<T> {
             .load_function(&format!("{name}_{}", T::SUFFIX))
             .map_err(dev)
     }
+}
 
-    /// A (batched) GEMM through cuBLAS: row-major C = op(A)·op(B), f32 scalars and
-    /// accumulation.
-    #[allow(clippy::too_many_arguments)]
-    fn gemm_strided(
+// Launch soundness, for every `unsafe` launch below: the kernels' parameter lists in
+// cuda/block.cu are matched argument by argument (`T*` ← CudaSlice<T> of the kernel
+// instantiated for T, `float*` ← CudaSlice<f32>, `size_t` ← usize,
+// `int` ← i32, `float` ← f32, `uint64_t` ← u64, `const uint32_t*` ← CudaSlice<u32>); every view and length was
+// checked against its buffer before the launch (Mat::check, same_len, Attn::check), and the
+// kernels return for indices past their counts; work is queued on `self.stream`, which orders
+// it after the writes of its inputs.
+
+impl<T: Elem> Backend for Cuda<T> {
+    type Buf = CudaSlice<T>;
+    type Stat = CudaSlice<f32>;
+
+    fn zeros(&self, n: usize) -> Result<CudaSlice<T>> {
+        self.stream.alloc_zeros::<T>(n).map_err(dev)
+    }
+
+    fn zeros_stat(&self, n: usize) -> Result<CudaSlice<f32>> {
+        self.stream.alloc_zeros::<f32>(n).map_err(dev)
+    }
+
+    fn download_stat(&self, s: &CudaSlice<f32>) -> Result<Vec<f32>> {
+        self.stream.clone_dtoh(s).map_err(dev)
+    }
+
+    fn upload(&self, host: &[f32]) -> Result<CudaSlice<T>> {
+        let vals: Vec<T> = host.iter().map(|&v| T::from_f32(v)).collect();
+        self.stream.clone_htod(&vals).map_err(dev)
+    }
+
+    fn download(&self, b: &CudaSlice<T>) -> Result<Vec<f32>> {
+        let vals = self.stream.clone_dtoh(b).map_err(dev)?;
+        Ok(vals.into_iter().map(T::to_f32).collect())
+    }
+
+    fn len(&self, b: &CudaSlice<T>) -> usize {
+        b.len()
+    }
+
+    fn copy(&self, b: &CudaSlice<T>) -> Result<CudaSlice<T>> {
+        self.stream.clone_dtod(b).map_err(dev)
+    }
+
+    fn gemm_batched(
         &self,
         c: &mut CudaSlice<T>,
         cm: Mat,
@@ -266,82 +312,6 @@ impl<T: Elem> Cuda<T> {
             }
         }
         .map_err(dev)
-    }
-}
-
-// Launch soundness, for every `unsafe` launch below: the kernels' parameter lists in
-// cuda/block.cu are matched argument by argument (`T*` ← CudaSlice<T> of the kernel
-// instantiated for T, `float*` ← CudaSlice<f32>, `size_t` ← usize,
-// `int` ← i32, `float` ← f32, `uint64_t` ← u64, `const uint32_t*` ← CudaSlice<u32>); every view and length was
-// checked against its buffer before the launch (Mat::check, same_len, Attn::check), and the
-// kernels return for indices past their counts; work is queued on `self.stream`, which orders
-// it after the writes of its inputs.
-
-impl<T: Elem> Backend for Cuda<T> {
-    type Buf = CudaSlice<T>;
-    type Stat = CudaSlice<f32>;
-
-    fn zeros(&self, n: usize) -> Result<CudaSlice<T>> {
-        self.stream.alloc_zeros::<T>(n).map_err(dev)
-    }
-
-    fn zeros_stat(&self, n: usize) -> Result<CudaSlice<f32>> {
-        self.stream.alloc_zeros::<f32>(n).map_err(dev)
-    }
-
-    fn download_stat(&self, s: &CudaSlice<f32>) -> Result<Vec<f32>> {
-        self.stream.clone_dtoh(s).map_err(dev)
-    }
-
-    fn upload(&self, host: &[f32]) -> Result<CudaSlice<T>> {
-        let vals: Vec<T> = host.iter().map(|&v| T::from_f32(v)).collect();
-        self.stream.clone_htod(&vals).map_err(dev)
-    }
-
-    fn download(&self, b: &CudaSlice<T>) -> Result<Vec<f32>> {
-        let vals = self.stream.clone_dtoh(b).map_err(dev)?;
-        Ok(vals.into_iter().map(T::to_f32).collect())
-    }
-
-    fn len(&self, b: &CudaSlice<T>) -> usize {
-        b.len()
-    }
-
-    fn copy(&self, b: &CudaSlice<T>) -> Result<CudaSlice<T>> {
-        self.stream.clone_dtod(b).map_err(dev)
-    }
-
-    fn gemm(
-        &self,
-        c: &mut CudaSlice<T>,
-        cm: Mat,
-        a: &CudaSlice<T>,
-        am: Mat,
-        ta: bool,
-        b: &CudaSlice<T>,
-        bm: Mat,
-        tb: bool,
-        alpha: f32,
-        beta: f32,
-    ) -> Result<()> {
-        self.gemm_strided(c, cm, a, am, ta, b, bm, tb, alpha, beta, Batch::one())
-    }
-
-    fn gemm_batched(
-        &self,
-        c: &mut CudaSlice<T>,
-        cm: Mat,
-        a: &CudaSlice<T>,
-        am: Mat,
-        ta: bool,
-        b: &CudaSlice<T>,
-        bm: Mat,
-        tb: bool,
-        alpha: f32,
-        beta: f32,
-        batch: Batch,
-    ) -> Result<()> {
-        self.gemm_strided(c, cm, a, am, ta, b, bm, tb, alpha, beta, batch)
     }
 
     fn bias_act(
@@ -699,24 +669,8 @@ impl<T: Elem> Backend for Cuda<T> {
         a: &Attn,
         seq: usize,
     ) -> Result<()> {
-        check_scores(s.len(), a, seq, "attn_softmax scores")?;
-        same_len(lse.len(), a.heads * a.rows(), "attn_softmax lse")?;
-        a.check_bounds()?;
-        let bounds = self.bounds(a)?;
-        let f = self.func("attn_softmax")?;
-        let rows = a.rows();
-        let mut l = self.stream.launch_builder(&f);
-        l.arg(s)
-            .arg(lse)
-            .arg(&*bounds)
-            .arg(&seq)
-            .arg(&a.len)
-            .arg(&a.heads)
-            .arg(&rows);
-        // SAFETY: see "Launch soundness" above; one warp per (head, query) row of the
-        // sequence's heads·len·len scores, key ranges within the sequence (check_bounds).
-        unsafe { l.launch(items(a.heads * a.len * 32)?) }.map_err(dev)?;
-        Ok(())
+        check_softmax(s.len(), lse.len(), a, seq)?;
+        self.score_rows("attn_softmax", s, Lse::Write(lse), a, seq)
     }
 
     fn attn_probs(
@@ -726,23 +680,8 @@ impl<T: Elem> Backend for Cuda<T> {
         a: &Attn,
         seq: usize,
     ) -> Result<()> {
-        check_scores(s.len(), a, seq, "attn_probs scores")?;
-        same_len(lse.len(), a.heads * a.rows(), "attn_probs lse")?;
-        a.check_bounds()?;
-        let bounds = self.bounds(a)?;
-        let f = self.func("attn_probs")?;
-        let rows = a.rows();
-        let mut l = self.stream.launch_builder(&f);
-        l.arg(s)
-            .arg(lse)
-            .arg(&*bounds)
-            .arg(&seq)
-            .arg(&a.len)
-            .arg(&a.heads)
-            .arg(&rows);
-        // SAFETY: as in `attn_softmax`.
-        unsafe { l.launch(items(a.heads * a.len * 32)?) }.map_err(dev)?;
-        Ok(())
+        check_softmax(s.len(), lse.len(), a, seq)?;
+        self.score_rows("attn_probs", s, Lse::Read(lse), a, seq)
     }
 
     fn attn_softmax_backward(
@@ -754,14 +693,7 @@ impl<T: Elem> Backend for Cuda<T> {
         a: &Attn,
         seq: usize,
     ) -> Result<()> {
-        check_scores(d.len(), a, seq, "attn_softmax_backward dP")?;
-        same_len(p.len(), d.len(), "attn_softmax_backward P")?;
-        same_len(
-            dout.len(),
-            a.rows() * a.width(),
-            "attn_softmax_backward dout",
-        )?;
-        same_len(out.len(), a.rows() * a.width(), "attn_softmax_backward out")?;
+        check_softmax_backward(d.len(), p.len(), dout.len(), out.len(), a, seq)?;
         let f = self.func("attn_softmax_backward")?;
         let mut l = self.stream.launch_builder(&f);
         l.arg(d)
@@ -803,6 +735,36 @@ impl<T: Elem> Backend for Cuda<T> {
 }
 
 impl<T: Elem> Cuda<T> {
+    /// Launches softmax row kernel `name` (`attn_softmax`, which writes the log-sum-exp, or
+    /// `attn_probs`, which reads it) over the scores of sequence `seq`, operands checked.
+    fn score_rows(
+        &self,
+        name: &str,
+        s: &mut CudaSlice<T>,
+        lse: Lse<'_>,
+        a: &Attn,
+        seq: usize,
+    ) -> Result<()> {
+        let bounds = self.bounds(a)?;
+        let f = self.func(name)?;
+        let rows = a.rows();
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(s);
+        match lse {
+            Lse::Write(x) => l.arg(x),
+            Lse::Read(x) => l.arg(x),
+        };
+        l.arg(&*bounds)
+            .arg(&seq)
+            .arg(&a.len)
+            .arg(&a.heads)
+            .arg(&rows);
+        // SAFETY: see "Launch soundness" above; one warp per (head, query) row of the
+        // sequence's heads·len·len scores (checked by the caller, with the key ranges).
+        unsafe { l.launch(items(a.heads * a.len * 32)?) }.map_err(dev)?;
+        Ok(())
+    }
+
     /// The key ranges on the device, two u32 per query row: copied when they differ from the
     /// last ones copied.
     fn bounds(&self, a: &Attn) -> Result<Arc<CudaSlice<u32>>> {

@@ -82,6 +82,30 @@ fn compare_grads(
     assert_eq!(block.len(), want, "{what}: gradients of other tensors");
 }
 
+/// The three runs of one layer: block path bf16, candle bf16, candle f32 (the reference).
+struct Runs<'a> {
+    /// Outputs: block, candle, reference.
+    y: [&'a Tensor; 3],
+    /// The layer inputs of the candle runs (bf16, f32), keys of their input gradients.
+    inputs: [&'a Var; 2],
+    /// Gradients of the candle runs (bf16, f32).
+    grads: [&'a GradStore; 2],
+    block_grads: &'a [(Tensor, Tensor)],
+}
+
+impl Runs<'_> {
+    /// Output, input gradient (`gx` of the block path) and every parameter gradient.
+    fn compare(&self, what: &str, gx: &Tensor, m32: &MiniCpmV, m16: &MiniCpmV) {
+        let [y_b, y_c, y_ref] = self.y;
+        bounded(&format!("{what} output"), y_b, y_c, y_ref);
+        let gx_c = self.grads[0].get(self.inputs[0].as_tensor()).unwrap();
+        let gx_ref = self.grads[1].get(self.inputs[1].as_tensor()).unwrap();
+        bounded(&format!("{what} input gradient"), gx, gx_c, gx_ref);
+        let [g_c, g_ref] = self.grads;
+        compare_grads(what, m32, m16, g_ref, g_c, self.block_grads);
+    }
+}
+
 fn check_vision(version: &str) {
     for s in setups() {
         let (m32, m16) = (
@@ -120,11 +144,13 @@ fn check_vision(version: &str) {
             let (gx_b, pg) = m16.vision_block_backward(&st.unwrap(), &gy16).unwrap();
             assert_eq!(y_b.dtype(), DType::BF16);
 
-            bounded(&format!("{what} output"), &y_b, &y_c, &y_ref);
-            let gx_ref = g_ref.get(xv.as_tensor()).unwrap();
-            let gx_c = g_c.get(xv16.as_tensor()).unwrap();
-            bounded(&format!("{what} input gradient"), &gx_b, gx_c, gx_ref);
-            compare_grads(&what, &m32, &m16, &g_ref, &g_c, &pg);
+            let runs = Runs {
+                y: [&y_b, &y_c, &y_ref],
+                inputs: [&xv16, &xv],
+                grads: [&g_c, &g_ref],
+                block_grads: &pg,
+            };
+            runs.compare(&what, &gx_b, &m32, &m16);
             x = y_ref.detach();
         }
     }
@@ -162,11 +188,13 @@ fn check_llm(version: &str) {
             let (y_b, st) = m16.llm_block_forward(i, &x16, &aux16, true, true).unwrap();
             let (gx_b, pg) = m16.llm_block_backward(&st.unwrap(), &aux16, &gy16).unwrap();
 
-            bounded(&format!("{what} output"), &y_b, &y_c, &y_ref);
-            let gx_ref = g_ref.get(xv.as_tensor()).unwrap();
-            let gx_c = g_c.get(xv16.as_tensor()).unwrap();
-            bounded(&format!("{what} input gradient"), &gx_b, gx_c, gx_ref);
-            compare_grads(&what, &m32, &m16, &g_ref, &g_c, &pg);
+            let runs = Runs {
+                y: [&y_b, &y_c, &y_ref],
+                inputs: [&xv16, &xv],
+                grads: [&g_c, &g_ref],
+                block_grads: &pg,
+            };
+            runs.compare(&what, &gx_b, &m32, &m16);
             x = y_ref.detach();
         }
     }
