@@ -148,8 +148,8 @@ bench() {
         blocks-f32) b=1; dt=(--dtype f32); label=blocks ;;
       esac
       stamp "cpmv $v $m ($p)"
-      CPMV_UNFUSED=$u CPMV_CUDA_BLOCKS=$b CPMV_PROFILE=${CPMV_PROFILE:-0} timeout 150 "$TRAIN" bench --like "$like" --mode "$m" "${dt[@]}" --warmup "$WARMUP" --steps "$STEPS" --out "$OUT/cpmv.jsonl" 2>&1 | tail -3 \
-        || { echo "{\"impl\":\"cpmv\",\"version\":\"$v\",\"mode\":\"$m\",\"seq\":2048,\"path\":\"$label\",\"error\":\"exit status ${PIPESTATUS[0]}\"}" >> "$OUT/cpmv.jsonl"; fail "cpmv bench $v $m $p"; }
+      CPMV_UNFUSED=$u CPMV_CUDA_BLOCKS=$b CPMV_PROFILE=${CPMV_PROFILE:-0} timeout 150 "$TRAIN" bench --like "$like" --mode "$m" ${dt[@]+"${dt[@]}"} --warmup "$WARMUP" --steps "$STEPS" --out "$OUT/cpmv.jsonl" 2>&1 | tail -3 \
+        || { echo "{\"impl\":\"cpmv\",\"version\":\"$v\",\"mode\":\"$m\",\"seq\":2048,\"path\":\"$label\",\"weights\":\"${dt[1]:-bf16}\",\"error\":\"exit status ${PIPESTATUS[0]}\"}" >> "$OUT/cpmv.jsonl"; fail "cpmv bench $v $m $p"; }
     done
     for w in ${TORCH_WEIGHTS:-bf16}; do
       stamp "pytorch $v $m $w"

@@ -69,8 +69,12 @@ def main():
         key = (str(d.get("version")), d.get("mode"), d.get("seq"))
         devices[d["impl"]].add(d.get("device") or "?")
         if d["impl"] == "cpmv":
-            # One row per layer path (`path`: blocks, fused or unfused; older lines: fused).
-            ckey = key + (d.get("path") or "fused",)
+            # One row per layer path (`path`: blocks, fused or unfused; older lines: fused) and
+            # weights dtype (f32 rows of CPMV_PATHS=f32 / blocks-f32 beside the bf16 ones).
+            path = d.get("path") or "fused"
+            if d.get("weights") not in (None, "bf16"):
+                path += f" {d['weights']}"
+            ckey = key + (path,)
             cpmv[ckey] = pick(cpmv.get(ckey), d)
         else:
             wkey = key + (d.get("weights"),)

@@ -241,7 +241,10 @@ impl<T: Elem> Backend for Cuda<T> {
         // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ, and a row-major matrix
         // read column-major is its transpose: so B goes first, each with its own flag.
         let (gm, gn, gk) = (int(n)?, int(m)?, int(k)?);
-        let (lda, ldb, ldc) = (int(bm.ld.max(1))?, int(am.ld.max(1))?, int(cm.ld.max(1))?);
+        // cuBLAS wants a leading dimension of at least the row length even for one row (which
+        // Mat::check lets through with any ld).
+        let lead = |m: Mat| int(if m.rows <= 1 { m.ld.max(m.cols) } else { m.ld }.max(1));
+        let (lda, ldb, ldc) = (lead(bm)?, lead(am)?, lead(cm)?);
         if am.off > a.len() || bm.off > b.len() || cm.off > c.len() {
             return shape("gemm: a view starts past the end of its buffer");
         }
@@ -645,11 +648,13 @@ impl<T: Elem> Backend for Cuda<T> {
             // One draw per element happens on the host.
             MaskDraws::PerElement => self.upload(&host_mask(n, keep, masks, draw)),
             MaskDraws::PerMask => {
+                // The seed is drawn even for an empty mask, as candle's path and host_mask do,
+                // so the generator stays in step.
+                let seed = draw();
                 let mut m = self.zeros(n)?;
                 if n == 0 {
                     return Ok(m);
                 }
-                let seed = draw();
                 let keep = keep as f32;
                 let f = self.func("dropout_mask")?;
                 let mut l = self.stream.launch_builder(&f);
