@@ -70,14 +70,30 @@ template <typename T> __device__ void act_backward(T* d, const T* pre, size_t n,
     if (i < n) d[i] = fromf<T>(tof(d[i]) * gelu_grad_f(tof(pre[i]), act));
 }
 
-// db[c] += Σ_r dy(view)[r, c]: one thread per column, rows in order (deterministic).
+// Column sums (bias gradients, norm weight gradients) in two passes, so that a few thousand
+// columns over ten thousand rows still fill the GPU: the *_part kernels sum CHUNK rows of each
+// column (grid: column blocks × row chunks) into f32 partials [chunk][cols]; col_sum_add adds the
+// partials of each column, in chunk order (deterministic), to the gradient.
+#define CHUNK 64
+
 template <typename T>
-__device__ void bias_grad(T* db, const T* dy, size_t off, size_t rows, size_t cols, size_t ld) {
+__device__ void bias_grad_part(float* part, const T* dy, size_t off, size_t rows, size_t cols,
+                               size_t ld) {
     size_t c = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= cols) return;
+    size_t r0 = (size_t)blockIdx.y * CHUNK, r1 = min(rows, r0 + CHUNK);
     double acc = 0.0;
-    for (size_t r = 0; r < rows; r++) acc += (double)tof(dy[off + r * ld + c]);
-    db[c] = fromf<T>((float)((double)tof(db[c]) + acc));
+    for (size_t r = r0; r < r1; r++) acc += (double)tof(dy[off + r * ld + c]);
+    part[(size_t)blockIdx.y * cols + c] = (float)acc;
+}
+
+template <typename T>
+__device__ void col_sum_add(T* out, const float* part, size_t chunks, size_t cols) {
+    size_t c = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= cols) return;
+    double acc = (double)tof(out[c]);
+    for (size_t k = 0; k < chunks; k++) acc += (double)part[k * cols + c];
+    out[c] = fromf<T>((float)acc);
 }
 
 // One block per row: y = (x − mean)·rstd·w + b; stats = (mean, rstd).
@@ -131,20 +147,22 @@ __device__ void layer_norm_backward_dx(T* dx, const T* dy, const T* x, const T* 
     }
 }
 
-// One thread per column: dw += Σ dy·x̂, db += Σ dy (either may be null).
+// Partials of dw = Σ dy·x̂ (part[0 .. chunks·cols]) and db = Σ dy (the next chunks·cols).
 template <typename T>
-__device__ void layer_norm_backward_dwb(T* dw, T* db, const T* dy, const T* x, const float* stats,
-                                        size_t rows, size_t cols) {
+__device__ void layer_norm_backward_dwb_part(float* part, const T* dy, const T* x,
+                                             const float* stats, size_t rows, size_t cols) {
     size_t c = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= cols) return;
+    size_t r0 = (size_t)blockIdx.y * CHUNK, r1 = min(rows, r0 + CHUNK);
     double gw = 0.0, gb = 0.0;
-    for (size_t r = 0; r < rows; r++) {
+    for (size_t r = r0; r < r1; r++) {
         double d = (double)tof(dy[r * cols + c]);
         gw += d * ((double)tof(x[r * cols + c]) - (double)stats[2 * r]) * (double)stats[2 * r + 1];
         gb += d;
     }
-    if (dw) dw[c] = fromf<T>((float)((double)tof(dw[c]) + gw));
-    if (db) db[c] = fromf<T>((float)((double)tof(db[c]) + gb));
+    size_t chunks = gridDim.y;
+    part[(size_t)blockIdx.y * cols + c] = (float)gw;
+    part[(chunks + blockIdx.y) * cols + c] = (float)gb;
 }
 
 // One block per row: y = x·rstd·w, rstd = 1/√(mean(x²) + eps).
@@ -183,16 +201,17 @@ __device__ void rms_norm_backward_dx(T* dx, const T* dy, const T* x, const T* w,
     }
 }
 
-// One thread per column: dw += Σ dy·x·rstd.
+// Partials of dw = Σ dy·x·rstd.
 template <typename T>
-__device__ void rms_norm_backward_dw(T* dw, const T* dy, const T* x, const float* rstd,
-                                     size_t rows, size_t cols) {
+__device__ void rms_norm_backward_dw_part(float* part, const T* dy, const T* x, const float* rstd,
+                                          size_t rows, size_t cols) {
     size_t c = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= cols) return;
+    size_t r0 = (size_t)blockIdx.y * CHUNK, r1 = min(rows, r0 + CHUNK);
     double acc = 0.0;
-    for (size_t r = 0; r < rows; r++)
+    for (size_t r = r0; r < r1; r++)
         acc += (double)tof(dy[r * cols + c]) * (double)tof(x[r * cols + c]) * (double)rstd[r];
-    dw[c] = fromf<T>((float)((double)tof(dw[c]) + acc));
+    part[(size_t)blockIdx.y * cols + c] = (float)acc;
 }
 
 template <typename T> __device__ void add(T* y, const T* x, size_t n) {
@@ -343,9 +362,13 @@ __device__ void attn_softmax_backward(T* d, const T* p, const T* dout, const T* 
     extern "C" __global__ void act_backward_##S(T* d, const T* pre, size_t n, int act) {           \
         act_backward<T>(d, pre, n, act);                                                           \
     }                                                                                              \
-    extern "C" __global__ void bias_grad_##S(T* db, const T* dy, size_t off, size_t rows,          \
-                                             size_t cols, size_t ld) {                             \
-        bias_grad<T>(db, dy, off, rows, cols, ld);                                                 \
+    extern "C" __global__ void bias_grad_part_##S(float* part, const T* dy, size_t off, size_t rows, \
+                                                  size_t cols, size_t ld) {                        \
+        bias_grad_part<T>(part, dy, off, rows, cols, ld);                                          \
+    }                                                                                              \
+    extern "C" __global__ void col_sum_add_##S(T* out, const float* part, size_t chunks,           \
+                                               size_t cols) {                                      \
+        col_sum_add<T>(out, part, chunks, cols);                                                   \
     }                                                                                              \
     extern "C" __global__ void layer_norm_##S(T* y, float* stats, const T* x, const T* w,          \
                                               const T* b, size_t cols, float eps) {                \
@@ -356,10 +379,10 @@ __device__ void attn_softmax_backward(T* d, const T* p, const T* dout, const T* 
                                                           size_t cols) {                           \
         layer_norm_backward_dx<T>(dx, dy, x, w, stats, cols);                                      \
     }                                                                                              \
-    extern "C" __global__ void layer_norm_backward_dwb_##S(T* dw, T* db, const T* dy, const T* x,  \
-                                                           const float* stats, size_t rows,        \
-                                                           size_t cols) {                          \
-        layer_norm_backward_dwb<T>(dw, db, dy, x, stats, rows, cols);                              \
+    extern "C" __global__ void layer_norm_backward_dwb_part_##S(float* part, const T* dy,          \
+                                                                const T* x, const float* stats,    \
+                                                                size_t rows, size_t cols) {        \
+        layer_norm_backward_dwb_part<T>(part, dy, x, stats, rows, cols);                           \
     }                                                                                              \
     extern "C" __global__ void rms_norm_##S(T* y, float* rstd, const T* x, const T* w, size_t cols, \
                                             float eps) {                                           \
@@ -369,10 +392,10 @@ __device__ void attn_softmax_backward(T* d, const T* p, const T* dout, const T* 
                                                         const float* rstd, size_t cols) {          \
         rms_norm_backward_dx<T>(dx, dy, x, w, rstd, cols);                                         \
     }                                                                                              \
-    extern "C" __global__ void rms_norm_backward_dw_##S(T* dw, const T* dy, const T* x,            \
-                                                        const float* rstd, size_t rows,            \
-                                                        size_t cols) {                             \
-        rms_norm_backward_dw<T>(dw, dy, x, rstd, rows, cols);                                      \
+    extern "C" __global__ void rms_norm_backward_dw_part_##S(float* part, const T* dy, const T* x,  \
+                                                             const float* rstd, size_t rows,       \
+                                                             size_t cols) {                        \
+        rms_norm_backward_dw_part<T>(part, dy, x, rstd, rows, cols);                               \
     }                                                                                              \
     extern "C" __global__ void add_##S(T* y, const T* x, size_t n) { add<T>(y, x, n); }            \
     extern "C" __global__ void mul_##S(T* y, const T* x, const T* m, size_t n) {                   \

@@ -105,6 +105,24 @@ fn blocks(n: usize, threads: u32) -> Result<LaunchConfig> {
     })
 }
 
+/// Rows a column-sum partial covers (`CHUNK` in cuda/block.cu).
+const CHUNK: usize = 64;
+
+/// One thread per column (blocks of 256) times one block row per chunk of `CHUNK` rows.
+fn column_chunks(cols: usize, chunks: usize) -> Result<LaunchConfig> {
+    let big = |what: &str, n: usize| BlockError::Backend(format!("cuda: {n} {what}"));
+    let x = u32::try_from(cols.div_ceil(256).max(1)).map_err(|_| big("column blocks", cols))?;
+    let y = u32::try_from(chunks.max(1))
+        .ok()
+        .filter(|&y| y <= 65_535)
+        .ok_or_else(|| big("row chunks", chunks))?;
+    Ok(LaunchConfig {
+        grid_dim: (x, y, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
 fn act_code(act: Option<Gelu>) -> i32 {
     match act {
         None => 0,
@@ -374,17 +392,23 @@ impl<T: Elem> Backend for Cuda<T> {
     fn bias_grad(&self, db: &mut CudaSlice<T>, dy: &CudaSlice<T>, dym: Mat) -> Result<()> {
         dym.check(dy.len(), "bias_grad dy")?;
         same_len(db.len(), dym.cols, "bias_grad db")?;
-        let f = self.func("bias_grad")?;
+        let (rows, cols) = (dym.rows, dym.cols);
+        if rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        let chunks = rows.div_ceil(CHUNK);
+        let mut part = self.stream.alloc_zeros::<f32>(chunks * cols).map_err(dev)?;
+        let f = self.func("bias_grad_part")?;
         let mut l = self.stream.launch_builder(&f);
-        l.arg(db)
+        l.arg(&mut part)
             .arg(dy)
             .arg(&dym.off)
-            .arg(&dym.rows)
-            .arg(&dym.cols)
+            .arg(&rows)
+            .arg(&cols)
             .arg(&dym.ld);
-        // SAFETY: see "Launch soundness" above.
-        unsafe { l.launch(items(dym.cols)?) }.map_err(dev)?;
-        Ok(())
+        // SAFETY: see "Launch soundness" above; `part` holds a partial per (chunk, column).
+        unsafe { l.launch(column_chunks(cols, chunks)?) }.map_err(dev)?;
+        self.col_sum_add(db, &part, 0, chunks, cols)
     }
 
     fn layer_norm(
@@ -449,21 +473,27 @@ impl<T: Elem> Backend for Cuda<T> {
         if dw.is_none() && db.is_none() {
             return Ok(());
         }
-        let f = self.func("layer_norm_backward_dwb")?;
-        let null = 0u64;
+        let chunks = rows.div_ceil(CHUNK);
+        let mut part = self
+            .stream
+            .alloc_zeros::<f32>(2 * chunks * cols)
+            .map_err(dev)?;
+        let f = self.func("layer_norm_backward_dwb_part")?;
         let mut l = self.stream.launch_builder(&f);
-        match dw {
-            Some(g) => l.arg(g),
-            None => l.arg(&null),
-        };
-        match db {
-            Some(g) => l.arg(g),
-            None => l.arg(&null),
-        };
-        l.arg(dy).arg(x).arg(stats).arg(&rows).arg(&cols);
-        // SAFETY: see "Launch soundness" above; a missing dw or db is a null pointer, which the
-        // kernel tests.
-        unsafe { l.launch(items(cols)?) }.map_err(dev)?;
+        l.arg(&mut part)
+            .arg(dy)
+            .arg(x)
+            .arg(stats)
+            .arg(&rows)
+            .arg(&cols);
+        // SAFETY: see "Launch soundness" above; `part` holds two partials per (chunk, column).
+        unsafe { l.launch(column_chunks(cols, chunks)?) }.map_err(dev)?;
+        if let Some(dw) = dw {
+            self.col_sum_add(dw, &part, 0, chunks, cols)?;
+        }
+        if let Some(db) = db {
+            self.col_sum_add(db, &part, chunks * cols, chunks, cols)?;
+        }
         Ok(())
     }
 
@@ -518,11 +548,19 @@ impl<T: Elem> Backend for Cuda<T> {
         // SAFETY: see "Launch soundness" above; one block of 256 threads per row.
         unsafe { l.launch(blocks(rows, 256)?) }.map_err(dev)?;
         if let Some(dw) = dw {
-            let f = self.func("rms_norm_backward_dw")?;
+            let chunks = rows.div_ceil(CHUNK);
+            let mut part = self.stream.alloc_zeros::<f32>(chunks * cols).map_err(dev)?;
+            let f = self.func("rms_norm_backward_dw_part")?;
             let mut l = self.stream.launch_builder(&f);
-            l.arg(dw).arg(dy).arg(x).arg(rstd).arg(&rows).arg(&cols);
-            // SAFETY: see "Launch soundness" above.
-            unsafe { l.launch(items(cols)?) }.map_err(dev)?;
+            l.arg(&mut part)
+                .arg(dy)
+                .arg(x)
+                .arg(rstd)
+                .arg(&rows)
+                .arg(&cols);
+            // SAFETY: see "Launch soundness" above; `part` holds a partial per (chunk, column).
+            unsafe { l.launch(column_chunks(cols, chunks)?) }.map_err(dev)?;
+            self.col_sum_add(dw, &part, 0, chunks, cols)?;
         }
         Ok(())
     }
@@ -740,6 +778,29 @@ impl<T: Elem> Backend for Cuda<T> {
 }
 
 impl<T: Elem> Cuda<T> {
+    /// `out[c] += Σ_k part[at + k·cols + c]` over the `chunks` partials of each column.
+    fn col_sum_add(
+        &self,
+        out: &mut CudaSlice<T>,
+        part: &CudaSlice<f32>,
+        at: usize,
+        chunks: usize,
+        cols: usize,
+    ) -> Result<()> {
+        same_len(out.len(), cols, "column sums")?;
+        if at + chunks * cols > part.len() {
+            return shape("column sums: partials past their buffer");
+        }
+        let part = part.slice(at..);
+        let f = self.func("col_sum_add")?;
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(out).arg(&part).arg(&chunks).arg(&cols);
+        // SAFETY: see "Launch soundness" above; the partials were checked against their
+        // buffer, `out` holds one value per column.
+        unsafe { l.launch(items(cols)?) }.map_err(dev)?;
+        Ok(())
+    }
+
     /// Launches softmax row kernel `name` (`attn_softmax`, which writes the log-sum-exp, or
     /// `attn_probs`, which reads it) over the scores of sequence `seq`, operands checked.
     fn score_rows(
