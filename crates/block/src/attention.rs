@@ -15,90 +15,60 @@
 use crate::backend::{same_len, Attn, Backend, Batch, Mat};
 use crate::error::Result;
 
-/// The views of one sequence's projection columns and scores, for head `h = g·rep + r`
-/// batched over the key/value groups `g`.
-struct Views {
-    len: usize,
-    d: usize,
-    rep: usize,
-    groups: usize,
-    /// Row stride of the projection buffer and width of the output.
-    ld: usize,
-    width: usize,
-    /// First element of the sequence's rows in the projection and in the output.
-    qkv0: usize,
-    out0: usize,
-    q_col: usize,
-    k_col: usize,
-    v_col: usize,
+/// The views of sequence `seq`'s projection columns, output columns and scores, for query head
+/// `h = g·rep + r` batched over the key/value groups `g`; each with the stride between groups.
+struct Views<'a> {
+    a: &'a Attn,
+    seq: usize,
 }
 
-impl Views {
-    fn new(a: &Attn, seq: usize) -> Views {
-        let rows0 = seq * a.len;
-        Views {
-            len: a.len,
-            d: a.head_dim,
-            rep: a.heads / a.kv_heads,
-            groups: a.kv_heads,
-            ld: a.ld,
-            width: a.width(),
-            qkv0: rows0 * a.ld,
-            out0: rows0 * a.width(),
-            q_col: a.q_col,
-            k_col: a.k_col,
-            v_col: a.v_col,
+impl Views<'_> {
+    fn rep(&self) -> usize {
+        self.a.heads / self.a.kv_heads
+    }
+
+    /// `d` columns at `off` in the sequence's rows of a buffer with rows `ld` apart.
+    fn cols(&self, off: usize, ld: usize) -> Mat {
+        let a = self.a;
+        Mat {
+            off: self.seq * a.len * ld + off,
+            rows: a.len,
+            cols: a.head_dim,
+            ld,
         }
     }
 
-    /// Query head `r` of every group: columns `q_col + (g·rep + r)·d`.
+    /// Query head `r` of every group: projection columns `q_col + (g·rep + r)·d`.
     fn q(&self, r: usize) -> (Mat, usize) {
-        let m = Mat {
-            off: self.qkv0 + self.q_col + r * self.d,
-            rows: self.len,
-            cols: self.d,
-            ld: self.ld,
-        };
-        (m, self.rep * self.d)
+        let d = self.a.head_dim;
+        (self.cols(self.a.q_col + r * d, self.a.ld), self.rep() * d)
     }
 
-    /// Key (or value, `col` = v_col) head of every group.
+    /// The key (`col` = k_col) or value (v_col) head of every group.
     fn kv(&self, col: usize) -> (Mat, usize) {
-        let m = Mat {
-            off: self.qkv0 + col,
-            rows: self.len,
-            cols: self.d,
-            ld: self.ld,
-        };
-        (m, self.d)
-    }
-
-    /// Scores of query head `r` of every group: `[h][len][len]` with `h = g·rep + r`.
-    fn scores(&self, r: usize) -> (Mat, usize) {
-        let sq = self.len * self.len;
-        let m = Mat {
-            off: r * sq,
-            rows: self.len,
-            cols: self.len,
-            ld: self.len,
-        };
-        (m, self.rep * sq)
+        (self.cols(col, self.a.ld), self.a.head_dim)
     }
 
     /// Output (or output gradient) columns of query head `r` of every group.
     fn out(&self, r: usize) -> (Mat, usize) {
-        let m = Mat {
-            off: self.out0 + r * self.d,
-            rows: self.len,
-            cols: self.d,
-            ld: self.width,
-        };
-        (m, self.rep * self.d)
+        let d = self.a.head_dim;
+        (self.cols(r * d, self.a.width()), self.rep() * d)
     }
 
+    /// Scores of query head `r` of every group: `[h][len][len]` with `h = g·rep + r`.
+    fn scores(&self, r: usize) -> (Mat, usize) {
+        let len = self.a.len;
+        let m = Mat {
+            off: r * len * len,
+            ..Mat::dense(len, len)
+        };
+        (m, self.rep() * len * len)
+    }
+
+    /// A product per group, the operands `a`, `b`, `c` elements apart.
     fn batch(&self, a: usize, b: usize, c: usize) -> Batch {
         Batch {
-            count: self.groups,
+            count: self.a.kv_heads,
             a,
             b,
             c,
@@ -107,9 +77,9 @@ impl Views {
 }
 
 /// `s` = scale·Q·Kᵀ of every head of the sequence.
-fn scores<B: Backend>(be: &B, s: &mut B::Buf, qkv: &B::Buf, v: &Views, scale: f32) -> Result<()> {
-    let (km, ks) = v.kv(v.k_col);
-    for r in 0..v.rep {
+fn scores<B: Backend>(be: &B, s: &mut B::Buf, qkv: &B::Buf, v: &Views) -> Result<()> {
+    let (km, ks) = v.kv(v.a.k_col);
+    for r in 0..v.rep() {
         let (qm, qs) = v.q(r);
         let (sm, ss) = v.scores(r);
         be.gemm_batched(
@@ -121,7 +91,7 @@ fn scores<B: Backend>(be: &B, s: &mut B::Buf, qkv: &B::Buf, v: &Views, scale: f3
             qkv,
             km,
             true,
-            scale,
+            v.a.scale,
             0.0,
             v.batch(qs, ks, ss),
         )?;
@@ -145,11 +115,11 @@ pub fn forward<B: Backend>(
     }
     let mut s = be.zeros(a.heads * a.len * a.len)?;
     for seq in 0..a.seqs {
-        let v = Views::new(a, seq);
-        scores(be, &mut s, qkv, &v, a.scale)?;
+        let v = Views { a, seq };
+        scores(be, &mut s, qkv, &v)?;
         be.attn_softmax(&mut s, lse, a, seq)?;
-        let (vm, vs) = v.kv(v.v_col);
-        for r in 0..v.rep {
+        let (vm, vs) = v.kv(a.v_col);
+        for r in 0..v.rep() {
             let (om, os) = v.out(r);
             let (sm, ss) = v.scores(r);
             be.gemm_batched(
@@ -196,13 +166,13 @@ pub fn backward<B: Backend>(
     let n = a.heads * a.len * a.len;
     let (mut p, mut ds) = (be.zeros(n)?, be.zeros(n)?);
     for seq in 0..a.seqs {
-        let v = Views::new(a, seq);
-        scores(be, &mut p, qkv, &v, a.scale)?;
+        let v = Views { a, seq };
+        scores(be, &mut p, qkv, &v)?;
         be.attn_probs(&mut p, lse, a, seq)?;
-        let (km, ks) = v.kv(v.k_col);
-        let (vm, vs) = v.kv(v.v_col);
+        let (km, ks) = v.kv(a.k_col);
+        let (vm, vs) = v.kv(a.v_col);
         // dV of a group = Σ over its query heads Pᵀ·dO; dP = dO·Vᵀ.
-        for r in 0..v.rep {
+        for r in 0..v.rep() {
             let (sm, ss) = v.scores(r);
             let (om, os) = v.out(r);
             let beta = if r == 0 { 0.0 } else { 1.0 };
@@ -235,7 +205,7 @@ pub fn backward<B: Backend>(
         }
         be.attn_softmax_backward(&mut ds, &p, dout, out, a, seq)?;
         // dQ = dS·K; dK of a group = Σ over its query heads dSᵀ·Q.
-        for r in 0..v.rep {
+        for r in 0..v.rep() {
             let (sm, ss) = v.scores(r);
             let (qm, qs) = v.q(r);
             be.gemm_batched(

@@ -95,6 +95,14 @@ impl Mat {
         }
     }
 
+    /// The same view `by` elements further into its buffer.
+    pub fn shifted(self, by: usize) -> Mat {
+        Mat {
+            off: self.off + by,
+            ..self
+        }
+    }
+
     /// Columns `c0 .. c0 + n` of this matrix.
     pub fn cols(self, c0: usize, n: usize) -> Mat {
         Mat {
@@ -149,16 +157,6 @@ impl Batch {
             a: 0,
             b: 0,
             c: 0,
-        }
-    }
-}
-
-impl Mat {
-    /// The same view `by` elements further into its buffer.
-    pub fn shifted(self, by: usize) -> Mat {
-        Mat {
-            off: self.off + by,
-            ..self
         }
     }
 }

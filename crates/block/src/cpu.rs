@@ -688,9 +688,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
-#[cfg(test)]
-mod tests;
-
 /// One product of [`Backend::gemm`] on host vectors.
 #[allow(clippy::too_many_arguments)]
 fn gemm_one(
@@ -769,3 +766,6 @@ fn gemm_one(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

@@ -13,7 +13,7 @@
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex};
 
-use candle_core::cuda_backend::cudarc::cublas::result::{gemm_ex, gemm_strided_batched_ex};
+use candle_core::cuda_backend::cudarc::cublas::result::gemm_strided_batched_ex;
 use candle_core::cuda_backend::cudarc::cublas::sys::{
     cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t,
 };
@@ -163,9 +163,10 @@ impl<T: Elem> Cuda<T> {
 
 // Launch soundness, for every `unsafe` launch below: the kernels' parameter lists in
 // cuda/block.cu are matched argument by argument (`T*` ← CudaSlice<T> of the kernel
-// instantiated for T, `float*` ← CudaSlice<f32>, `size_t` ← usize,
-// `int` ← i32, `float` ← f32, `uint64_t` ← u64, `const uint32_t*` ← CudaSlice<u32>); every view and length was
-// checked against its buffer before the launch (Mat::check, same_len, Attn::check), and the
+// instantiated for T, `float*` ← CudaSlice<f32>, `size_t` ← usize, `int` ← i32, `float` ←
+// f32, `uint64_t` ← u64, `const uint32_t*` ← CudaSlice<u32>; counts checked against the PTX
+// by scripts/check_kernel_launches.py); every view and length was checked against its buffer
+// before the launch (Mat::check, same_len, Attn::check), and the
 // kernels return for indices past their counts; work is queued on `self.stream`, which orders
 // it after the writes of its inputs.
 
@@ -263,6 +264,12 @@ impl<T: Elem> Backend for Cuda<T> {
         // Mat::check lets through with any ld).
         let lead = |m: Mat| int(if m.rows <= 1 { m.ld.max(m.cols) } else { m.ld }.max(1));
         let (lda, ldb, ldc) = (lead(bm)?, lead(am)?, lead(cm)?);
+        let stride = |v: usize| {
+            i64::try_from(v).map_err(|_| BlockError::Backend(format!("cuda: gemm stride {v}")))
+        };
+        // cuBLAS's A is our B (see above): the strides swap with the operands.
+        let (sa, sb, sc) = (stride(batch.b)?, stride(batch.a)?, stride(batch.c)?);
+        let count = int(batch.count)?;
         if am.off > a.len() || bm.off > b.len() || cm.off > c.len() {
             return shape("gemm: a view starts past the end of its buffer");
         }
@@ -273,64 +280,36 @@ impl<T: Elem> Backend for Cuda<T> {
         let (bp, _rb) = bv.device_ptr(&self.stream);
         let (cp, _rc) = cv.device_ptr_mut(&self.stream);
         // SAFETY: the first and last views of each operand were checked against their buffers
-        // above, with the leading dimensions passed here (the products between lie between them); `c` is borrowed mutably, so it aliases neither `a` nor `b`.
-        // α and β are f32 (the compute type's scalars) for both element types; f32 computes
-        // in full f32 (no TF32), bf16 accumulates in f32.
-        let stride = |v: usize| {
-            i64::try_from(v).map_err(|_| BlockError::Backend(format!("cuda: gemm stride {v}")))
-        };
-        let (sa, sb, sc) = (stride(batch.b)?, stride(batch.a)?, stride(batch.c)?);
-        let count = int(batch.count)?;
+        // above, with the leading dimensions passed here (the products between lie between
+        // them); `c` is borrowed mutably, so it aliases neither `a` nor `b`. α and β are f32
+        // (the compute type's scalars) for both element types; f32 computes in full f32 (no
+        // TF32), bf16 accumulates in f32. One product is a batch of one.
         unsafe {
-            if count == 1 {
-                gemm_ex(
-                    *self.blas.handle(),
-                    op(tb),
-                    op(ta),
-                    gm,
-                    gn,
-                    gk,
-                    (&alpha) as *const f32 as *const _,
-                    bp as *const _,
-                    T::DATA,
-                    lda,
-                    ap as *const _,
-                    T::DATA,
-                    ldb,
-                    (&beta) as *const f32 as *const _,
-                    cp as *mut _,
-                    T::DATA,
-                    ldc,
-                    cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                )
-            } else {
-                gemm_strided_batched_ex(
-                    *self.blas.handle(),
-                    op(tb),
-                    op(ta),
-                    gm,
-                    gn,
-                    gk,
-                    (&alpha) as *const f32 as *const _,
-                    bp as *const _,
-                    T::DATA,
-                    lda,
-                    sa,
-                    ap as *const _,
-                    T::DATA,
-                    ldb,
-                    sb,
-                    (&beta) as *const f32 as *const _,
-                    cp as *mut _,
-                    T::DATA,
-                    ldc,
-                    sc,
-                    count,
-                    cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                )
-            }
+            gemm_strided_batched_ex(
+                *self.blas.handle(),
+                op(tb),
+                op(ta),
+                gm,
+                gn,
+                gk,
+                (&alpha) as *const f32 as *const _,
+                bp as *const _,
+                T::DATA,
+                lda,
+                sa,
+                ap as *const _,
+                T::DATA,
+                ldb,
+                sb,
+                (&beta) as *const f32 as *const _,
+                cp as *mut _,
+                T::DATA,
+                ldc,
+                sc,
+                count,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
         }
         .map_err(dev)
     }

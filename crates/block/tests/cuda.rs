@@ -147,15 +147,19 @@ fn batched_gemm_matches_cpu_with_column_and_matrix_strides() {
     let x = vals(len * ld + 8, 4);
     let c0 = vals(heads * len * len, 5);
     for (tb, beta) in [(true, 0.0), (true, 1.0), (false, 1.0)] {
-        let bm = if tb {
-            q.shifted(1)
-        } else {
-            Mat { cols: len, ..q }
-        };
+        // B: per head, the columns next to its q (transposed, like keys), or one d×len block
+        // shared by all products (stride 0).
         let (bm, bstride) = if tb {
-            (bm, d)
+            (q.shifted(1), d)
         } else {
-            (Mat { rows: d, ..bm }, 0)
+            (
+                Mat {
+                    rows: d,
+                    cols: len,
+                    ..q
+                },
+                0,
+            )
         };
         let batch = cpmv_block::Batch {
             count: heads,

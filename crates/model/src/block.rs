@@ -52,8 +52,13 @@ pub(crate) trait Bridge: Backend {
     fn buf(&self, t: &Tensor) -> Result<Self::Buf>;
     /// `b` as a tensor of `shape` on `device`, of the backend's element type.
     fn tensor(&self, b: Self::Buf, shape: Shape, device: &Device) -> Result<Tensor>;
-    /// The rotary tables of a batch, one `[head_dim]` row per token of all rows.
-    fn rope_tables(&self, aux: &LlmAux) -> Result<(Self::Buf, Self::Buf)>;
+    /// Calls `f` with the rotary tables (cos, sin) of a batch, one `[head_dim]` row per token
+    /// of all rows: the host tables themselves on the CPU, copies on a device.
+    fn with_rope<R>(
+        &self,
+        aux: &LlmAux,
+        f: impl FnOnce(&Self::Buf, &Self::Buf) -> Result<R>,
+    ) -> Result<R>;
 }
 
 impl Bridge for Cpu {
@@ -67,8 +72,12 @@ impl Bridge for Cpu {
         Ok(Tensor::from_vec(b, shape, device)?)
     }
 
-    fn rope_tables(&self, aux: &LlmAux) -> Result<(Vec<f32>, Vec<f32>)> {
-        Ok((aux.cos_rows.clone(), aux.sin_rows.clone()))
+    fn with_rope<R>(
+        &self,
+        aux: &LlmAux,
+        f: impl FnOnce(&Vec<f32>, &Vec<f32>) -> Result<R>,
+    ) -> Result<R> {
+        f(&aux.cos_rows, &aux.sin_rows)
     }
 }
 
@@ -125,8 +134,12 @@ mod cuda {
             ))
         }
 
-        fn rope_tables(&self, aux: &LlmAux) -> Result<(CudaSlice<T>, CudaSlice<T>)> {
-            Ok((self.buf(&aux.cos)?, self.buf(&aux.sin)?))
+        fn with_rope<R>(
+            &self,
+            aux: &LlmAux,
+            f: impl FnOnce(&CudaSlice<T>, &CudaSlice<T>) -> Result<R>,
+        ) -> Result<R> {
+            f(&self.buf(&aux.cos)?, &self.buf(&aux.sin)?)
         }
     }
 }
@@ -419,6 +432,23 @@ fn run_with<B: Bridge, T>(model: &MiniCpmV, train: bool, f: impl FnOnce(&mut Run
     f(&mut run)
 }
 
+/// A batch of `seqs` rows of `len` tokens for the decoder block, with its rotary tables.
+fn tokens<'a, B: Bridge>(
+    aux: &'a LlmAux,
+    seqs: usize,
+    len: usize,
+    cos: &'a B::Buf,
+    sin: &'a B::Buf,
+) -> bl::Tokens<'a, B> {
+    bl::Tokens {
+        seqs,
+        len,
+        bounds: &aux.keys,
+        cos,
+        sin,
+    }
+}
+
 /// What [`MiniCpmV::llm_block_backward`] needs of a forward pass.
 pub struct LlmBlockState {
     layer: usize,
@@ -489,16 +519,11 @@ impl MiniCpmV {
         let (b, t, _) = x.dims3()?;
         let layer = self.llm().block_layer(be, i)?;
         let xs = be.buf(x)?;
-        let (cos, sin) = be.rope_tables(aux)?;
-        let tokens = bl::Tokens::<B> {
-            seqs: b,
-            len: t,
-            bounds: &aux.keys,
-            cos: &cos,
-            sin: &sin,
-        };
-        let (y, saved) = run_with::<B, _>(self, train, |run| {
-            layer.layer.forward(be, &xs, &tokens, run, save)
+        let (y, saved) = be.with_rope(aux, |cos, sin| {
+            let tokens = tokens(aux, b, t, cos, sin);
+            Ok(run_with::<B, _>(self, train, |run| {
+                layer.layer.forward(be, &xs, &tokens, run, save)
+            })?)
         })?;
         Ok((be.tensor(y, x.shape().clone(), x.device())?, saved))
     }
@@ -546,16 +571,11 @@ impl MiniCpmV {
         let (b, t, _) = gy.dims3()?;
         let layer = self.llm().block_layer(be, i)?;
         let gys = be.buf(gy)?;
-        let (cos, sin) = be.rope_tables(aux)?;
-        let tokens = bl::Tokens::<B> {
-            seqs: b,
-            len: t,
-            bounds: &aux.keys,
-            cos: &cos,
-            sin: &sin,
-        };
         let mut grads = Grads::<B>::default();
-        let gx = layer.layer.backward(be, saved, &tokens, &gys, &mut grads)?;
+        let gx = be.with_rope(aux, |cos, sin| {
+            let tokens = tokens(aux, b, t, cos, sin);
+            Ok(layer.layer.backward(be, saved, &tokens, &gys, &mut grads)?)
+        })?;
         let gx = be.tensor(gx, gy.shape().clone(), gy.device())?;
         Ok((gx, param_grads(be, &layer.params, grads)?))
     }
