@@ -11,26 +11,13 @@ use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 use cpmv_model::config::Fixes;
 use cpmv_model::{synthetic, LoadOptions, LoraConfig, MiniCpmV, Trainable};
-use std::path::PathBuf;
 
-/// `tests/fixtures/model/<v>` of the repository (`CPMV_REPO` overrides the root, for a test
-/// binary carried to another machine).
-pub(crate) fn fixture_dir(v: &str) -> PathBuf {
-    let root = std::env::var_os("CPMV_REPO")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."));
-    root.join("tests/fixtures/model").join(v)
-}
-
-/// Where the layers run: the CPU, or the GPU with `CPMV_TEST_DEVICE=cuda`.
-pub(crate) fn device() -> Device {
-    match std::env::var("CPMV_TEST_DEVICE").as_deref() {
-        Ok("cuda") => {
-            Device::new_cuda(0).expect("CPMV_TEST_DEVICE=cuda needs a CUDA build and GPU")
-        }
-        _ => Device::Cpu,
-    }
-}
+// The GPU test binary includes this file and its sibling as modules: each brings the shared
+// module along, a copy apiece.
+#[allow(clippy::duplicate_mod)]
+#[path = "common/mod.rs"]
+mod common;
+pub(crate) use common::{device, fixture_dir};
 
 /// `max |a − b| / max |b|`.
 pub(crate) fn rel_err(a: &Tensor, b: &Tensor) -> f32 {

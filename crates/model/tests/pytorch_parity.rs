@@ -6,16 +6,13 @@
 use candle_core::{DType, Device, Tensor};
 use cpmv_model::{Batch, ImageInput, LoadOptions, MiniCpmV, Trainable};
 use std::collections::HashMap;
-use std::path::PathBuf;
 
-/// `tests/fixtures/model/<v>` of the repository (`CPMV_REPO` overrides the root, for a test
-/// binary carried to another machine).
-fn fixture_dir(v: &str) -> PathBuf {
-    let root = std::env::var_os("CPMV_REPO")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."));
-    root.join("tests/fixtures/model").join(v)
-}
+// The GPU test binary includes this file and its sibling as modules: each brings the shared
+// module along, a copy apiece.
+#[allow(clippy::duplicate_mod)]
+#[path = "common/mod.rs"]
+mod common;
+use common::{device, fixture_dir};
 
 struct Case {
     t: HashMap<String, Tensor>,
@@ -111,18 +108,6 @@ fn structurally_zero(name: &str, cfg_d: usize, vis: usize) -> Option<(usize, usi
         "vpm.blocks.0.attn.qkv.bias" => Some((vis, vis)),
         "resampler.attn.in_proj_bias" => Some((cfg_d, cfg_d)),
         _ => None,
-    }
-}
-
-/// Where the parity tests run: the CPU by default; `CPMV_TEST_DEVICE=cuda` (a build with
-/// `--features cuda`, on a GPU machine) runs the same fixtures on the GPU. Every version is
-/// checked in f32 and in bf16.
-fn device() -> Device {
-    match std::env::var("CPMV_TEST_DEVICE").as_deref() {
-        Ok("cuda") => {
-            Device::new_cuda(0).expect("CPMV_TEST_DEVICE=cuda needs a CUDA build and GPU")
-        }
-        _ => Device::Cpu,
     }
 }
 
