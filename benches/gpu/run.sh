@@ -86,7 +86,7 @@ check() {
     CPMV_CUDA_BLOCKS=$blocks timeout 240 "$TRAIN" --config pipelines/tiny-cpu-demo.toml --shards "$C/tiny-shards" --model "$W/model" \
       --output "$W/run-$dev-${run##*:}" --max-steps 50 --save-every 1000 --eval-every 1000 --device "$dev" --dtype "$dt" --quiet 2>&1 | tail -2
   done
-  # One file for the three logs (the device tool returns at most 8 files): each line gets "run".
+  # One file for the five logs (the device tool returns at most 8 files): each line gets "run".
   "$PY" - "$W" "$OUT" <<'PYEOF' | tee -a "$OUT/check.txt"
 import json, sys
 work, out = sys.argv[1], sys.argv[2]
